@@ -1,0 +1,87 @@
+//! A misbehaving peer for the cluster tests, run inside a test namespace:
+//! - `garbage-udp ADDR COUNT`: random datagrams and truncated QUIC-looking
+//!   packets at a gossip port;
+//! - `quic-no-cert ADDR CA_PEM`: a QUIC client that trusts the cluster CA
+//!   but presents no certificate, and tries to send a message.
+//!
+//! Exits 0 when it did what it was asked; for `quic-no-cert`, it prints
+//! `refused: <reason>` or `accepted` and exits 0 either way, so the test
+//! decides what is right.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+
+fn xorshift(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+fn garbage(addr: SocketAddr, count: usize) -> anyhow::Result<()> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_nanos() as u64
+        | 1;
+    let mut buf = [0u8; 1400];
+    for i in 0..count {
+        let len = (xorshift(&mut seed) % buf.len() as u64) as usize + 1;
+        for b in buf[..len].iter_mut() {
+            *b = xorshift(&mut seed) as u8;
+        }
+        // Every third packet looks like a QUIC long header (Initial, v1)
+        // so that it gets past the first checks and fails deeper.
+        if i % 3 == 0 && len > 6 {
+            buf[0] = 0xC0 | (buf[0] & 0x0F);
+            buf[1..5].copy_from_slice(&1u32.to_be_bytes());
+        }
+        // A full socket buffer is not the point of the test: skip errors.
+        let _ = socket.send_to(&buf[..len], addr);
+    }
+    println!("sent {count} garbage datagrams to {addr}");
+    Ok(())
+}
+
+async fn no_cert(addr: SocketAddr, ca_pem: &str) -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(ca_pem)?;
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        roots.add(cert?)?;
+    }
+    let mut tls = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![skein_tls::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
+    let mut endpoint = quinn::Endpoint::client("0.0.0.0:0".parse()?)?;
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let attempt = async {
+        let conn = endpoint.connect(addr, skein_tls::SERVER_NAME)?.await?;
+        let mut s = conn.open_uni().await?;
+        s.write_all(b"not a certificate holder").await?;
+        s.finish()?;
+        // TLS 1.3 lets the client finish before the server checks its
+        // (missing) certificate: the refusal shows as the connection closing.
+        let reason = conn.closed().await;
+        anyhow::Ok(format!("{reason}"))
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(10), attempt).await {
+        Ok(Ok(reason)) => println!("refused: {reason}"),
+        Ok(Err(e)) => println!("refused: {e}"),
+        Err(_) => println!("accepted"),
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("garbage-udp") if args.len() == 4 => garbage(args[2].parse()?, args[3].parse()?),
+        Some("quic-no-cert") if args.len() == 4 => {
+            tokio::runtime::Runtime::new()?.block_on(no_cert(args[2].parse()?, &args[3]))
+        }
+        _ => anyhow::bail!("usage: skein-rogue garbage-udp ADDR COUNT | quic-no-cert ADDR CA_PEM"),
+    }
+}

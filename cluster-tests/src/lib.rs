@@ -1,0 +1,421 @@
+//! Helpers for multi-node tests: real `skein agent` processes, each in a
+//! network namespace the test creates, joined by a bridge in a "switch"
+//! namespace of its own. Nothing touches the host's namespace, and dropping
+//! the [`Cluster`] kills the agents and deletes every namespace.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+
+/// Runs a command, failing with its stderr if it fails.
+pub fn sh(cmd: &[&str]) -> anyhow::Result<Output> {
+    let out = Command::new(cmd[0])
+        .args(&cmd[1..])
+        .output()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out)
+}
+
+/// Polls `check` until it returns `Some` or the deadline passes.
+pub fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<T> {
+    let start = Instant::now();
+    let mut last_err = None;
+    loop {
+        match check() {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last_err = Some(e),
+        }
+        if start.elapsed() > timeout {
+            match last_err {
+                Some(e) => {
+                    bail!("timed out after {timeout:?} waiting for {what}; last error: {e:#}")
+                }
+                None => bail!("timed out after {timeout:?} waiting for {what}"),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The `skein` binary under test: `$SKEIN_BIN`, else next to the test's
+/// own target directory (`cargo build -p skein` first; scripts/test does).
+pub fn skein_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("SKEIN_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/<profile>/skein
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps");
+    let bin = dir.join("skein");
+    assert!(
+        bin.exists(),
+        "{} not found: run `cargo build -p skein` first or set SKEIN_BIN",
+        bin.display()
+    );
+    bin
+}
+
+pub fn require_root() {
+    let uid = unsafe_free_uid();
+    assert_eq!(
+        uid, 0,
+        "cluster tests create network namespaces and need root (uid is {uid})"
+    );
+}
+
+fn unsafe_free_uid() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
+        })
+        .and_then(|u| u.parse().ok())
+        .unwrap_or(u32::MAX)
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A short prefix unique to this process and cluster: interface names are
+/// limited to 15 characters.
+fn unique_prefix() -> String {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("sk{:x}{}", std::process::id() % 0xffff, n)
+}
+
+pub struct Node {
+    pub index: usize,
+    pub name: String,
+    pub netns: String,
+    pub ip: String,
+    pub data_dir: PathBuf,
+    pub tls_dir: PathBuf,
+    pub process: Option<Child>,
+    pub log: PathBuf,
+}
+
+pub struct Cluster {
+    pub prefix: String,
+    pub switch_ns: String,
+    pub dir: tempfile::TempDir,
+    pub nodes: Vec<Node>,
+    pub subnet: String,
+}
+
+pub const GOSSIP_PORT: u16 = 62501;
+pub const API: &str = "http://127.0.0.1:62080";
+
+impl Cluster {
+    /// Creates the switch namespace, `n` node namespaces wired to it, a CA
+    /// and a certificate per node. Agents are not started yet.
+    pub fn new(n: usize) -> anyhow::Result<Cluster> {
+        require_root();
+        let prefix = unique_prefix();
+        let switch_ns = format!("{prefix}sw");
+        let dir = tempfile::Builder::new()
+            .prefix("skein-cluster-")
+            .tempdir()?;
+        let subnet = "10.77.0".to_string();
+        let mut cluster = Cluster {
+            prefix: prefix.clone(),
+            switch_ns: switch_ns.clone(),
+            dir,
+            nodes: Vec::new(),
+            subnet: subnet.clone(),
+        };
+        sh(&["ip", "netns", "add", &switch_ns])?;
+        sh(&[
+            "ip", "-n", &switch_ns, "link", "add", "br0", "type", "bridge",
+        ])?;
+        sh(&["ip", "-n", &switch_ns, "link", "set", "br0", "up"])?;
+        let ca = cluster.dir.path().join("ca");
+        run_skein(&["cert", "init", path_str(&ca)?, "--cluster-id", "test"])?;
+        for i in 1..=n {
+            cluster.add_node(i, &ca)?;
+        }
+        Ok(cluster)
+    }
+
+    fn add_node(&mut self, i: usize, ca: &Path) -> anyhow::Result<()> {
+        let netns = format!("{}n{i}", self.prefix);
+        let ip = format!("{}.{i}", self.subnet);
+        let host_end = format!("{}v{i}", self.prefix);
+        sh(&["ip", "netns", "add", &netns])?;
+        sh(&["ip", "-n", &netns, "link", "set", "lo", "up"])?;
+        sh(&[
+            "ip",
+            "link",
+            "add",
+            &host_end,
+            "netns",
+            &self.switch_ns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &netns,
+        ])?;
+        sh(&[
+            "ip",
+            "-n",
+            &self.switch_ns,
+            "link",
+            "set",
+            &host_end,
+            "master",
+            "br0",
+            "up",
+        ])?;
+        sh(&[
+            "ip",
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{ip}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        sh(&["ip", "-n", &netns, "link", "set", "eth0", "up"])?;
+        let name = format!("node{i}");
+        let data_dir = self.dir.path().join(&name);
+        let tls_dir = data_dir.join("tls");
+        run_skein(&["cert", "issue", path_str(ca)?, &name, path_str(&tls_dir)?])?;
+        self.nodes.push(Node {
+            index: i,
+            name,
+            netns,
+            ip,
+            log: self.dir.path().join(format!("node{i}.log")),
+            data_dir,
+            tls_dir,
+            process: None,
+        });
+        Ok(())
+    }
+
+    pub fn node(&self, i: usize) -> &Node {
+        &self.nodes[i - 1]
+    }
+
+    /// Starts node `i`'s agent with the given seeds and extra flags.
+    pub fn start(&mut self, i: usize, seeds: &[usize], extra: &[&str]) -> anyhow::Result<()> {
+        let seeds: Vec<String> = seeds
+            .iter()
+            .map(|s| format!("{}.{s}:{GOSSIP_PORT}", self.subnet))
+            .collect();
+        let node = &mut self.nodes[i - 1];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log)?;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &node.netns])
+            .arg(skein_bin())
+            .args(["agent", "--node-id", &node.name, "--advertise", &node.ip])
+            .args(["--gossip-listen", &format!("0.0.0.0:{GOSSIP_PORT}")])
+            .arg("--data-dir")
+            .arg(&node.data_dir)
+            .arg("--tls-dir")
+            .arg(&node.tls_dir)
+            .args(["--cluster-id", "test", "--gossip-interval-ms", "100"]);
+        if !seeds.is_empty() {
+            cmd.args(["--seeds", &seeds.join(",")]);
+        }
+        cmd.args(extra)
+            .env("RUST_LOG", "info,quinn=warn,chitchat=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        node.process = Some(cmd.spawn().context("spawning skein agent")?);
+        // Ready once its API answers.
+        let netns = node.netns.clone();
+        wait_for(&format!("node{i}'s API"), Duration::from_secs(15), || {
+            Ok(curl(&netns, &["-sf", &format!("{API}/v1/version")]).ok())
+        })?;
+        Ok(())
+    }
+
+    /// SIGKILLs node `i`'s agent.
+    pub fn kill(&mut self, i: usize) -> anyhow::Result<()> {
+        if let Some(mut p) = self.nodes[i - 1].process.take() {
+            p.kill()?;
+            p.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Takes node `i`'s only link down (or up): a partition.
+    pub fn set_link(&self, i: usize, up: bool) -> anyhow::Result<()> {
+        let host_end = format!("{}v{i}", self.prefix);
+        sh(&[
+            "ip",
+            "-n",
+            &self.switch_ns,
+            "link",
+            "set",
+            &host_end,
+            if up { "up" } else { "down" },
+        ])?;
+        Ok(())
+    }
+
+    /// `GET path` on node `i`'s local API, parsed as JSON.
+    pub fn get(&self, i: usize, path: &str) -> anyhow::Result<Value> {
+        let out = curl(&self.node(i).netns, &["-sf", &format!("{API}{path}")])?;
+        serde_json::from_slice(&out).with_context(|| format!("GET {path} on node{i}: not JSON"))
+    }
+
+    /// Node statuses as node `i` sees them: name → status.
+    pub fn statuses(&self, i: usize) -> anyhow::Result<Vec<(String, String)>> {
+        let nodes = self.get(i, "/v1/nodes")?;
+        let mut out: Vec<(String, String)> = nodes
+            .as_array()
+            .context("nodes is not an array")?
+            .iter()
+            .map(|n| {
+                (
+                    n["node_id"].as_str().unwrap_or_default().to_string(),
+                    n["status"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Task ids as node `i` sees them, with owner and owner status.
+    pub fn tasks(&self, i: usize) -> anyhow::Result<Vec<(String, String, String)>> {
+        let v = self.get(i, "/v1/tasks")?;
+        let mut out: Vec<(String, String, String)> = v["tasks"]
+            .as_array()
+            .context("tasks is not an array")?
+            .iter()
+            .map(|t| {
+                (
+                    t["id"].as_str().unwrap_or_default().to_string(),
+                    t["node_id"].as_str().unwrap_or_default().to_string(),
+                    t["node_status"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Registers a task on node `i` through its API; returns the HTTP code and body.
+    pub fn put_task(&self, i: usize, id: &str, body: &str) -> anyhow::Result<(u16, String)> {
+        let out = curl(
+            &self.node(i).netns,
+            &[
+                "-s",
+                "-o",
+                "-",
+                "-w",
+                "\n%{http_code}",
+                "-X",
+                "PUT",
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                body,
+                &format!("{API}/v1/tasks/{id}"),
+            ],
+        )?;
+        let text = String::from_utf8_lossy(&out).to_string();
+        let (body, code) = text.rsplit_once('\n').context("no status code")?;
+        Ok((code.trim().parse()?, body.to_string()))
+    }
+
+    pub fn delete_task(&self, i: usize, id: &str) -> anyhow::Result<u16> {
+        let out = curl(
+            &self.node(i).netns,
+            &[
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-X",
+                "DELETE",
+                &format!("{API}/v1/tasks/{id}"),
+            ],
+        )?;
+        Ok(String::from_utf8_lossy(&out).trim().parse()?)
+    }
+
+    /// Prints every agent's log tail; call on failure.
+    pub fn dump_logs(&self) {
+        for n in &self.nodes {
+            let log = std::fs::read_to_string(&n.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("----- {} log (last 40 lines) -----", n.name);
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        for n in &mut self.nodes {
+            if let Some(mut p) = n.process.take() {
+                let _ = p.kill();
+                let _ = p.wait();
+            }
+            let _ = Command::new("ip").args(["netns", "del", &n.netns]).status();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.switch_ns])
+            .status();
+    }
+}
+
+/// Runs curl inside a namespace; returns stdout.
+pub fn curl(netns: &str, args: &[&str]) -> anyhow::Result<Vec<u8>> {
+    let mut cmd = vec!["ip", "netns", "exec", netns, "curl", "--max-time", "5"];
+    cmd.extend_from_slice(args);
+    Ok(sh(&cmd)?.stdout)
+}
+
+pub fn run_skein(args: &[&str]) -> anyhow::Result<Output> {
+    let bin = skein_bin();
+    let out = Command::new(&bin).args(args).output()?;
+    if !out.status.success() {
+        bail!(
+            "skein {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out)
+}
+
+fn path_str(p: &Path) -> anyhow::Result<&str> {
+    p.to_str().context("non-UTF-8 temp path")
+}

@@ -1,0 +1,173 @@
+//! Who may not join, and what may not break a node.
+
+use std::time::Duration;
+
+use cluster_tests::{run_skein, sh, wait_for, Cluster, GOSSIP_PORT};
+
+fn metric(c: &Cluster, i: usize, name: &str) -> anyhow::Result<u64> {
+    let out = cluster_tests::curl(
+        &c.node(i).netns,
+        &["-sf", &format!("{}/metrics", cluster_tests::API)],
+    )?;
+    let text = String::from_utf8_lossy(&out);
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+        .ok_or_else(|| anyhow::anyhow!("metric {name} missing"))
+}
+
+fn node_ids(c: &Cluster, i: usize) -> anyhow::Result<Vec<String>> {
+    Ok(c.statuses(i)?.into_iter().map(|(n, _)| n).collect())
+}
+
+fn rogue_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_skein-rogue")
+}
+
+#[test]
+fn foreign_ca_and_certificateless_peers_stay_out() -> anyhow::Result<()> {
+    let mut c = Cluster::new(4)?;
+    c.start(1, &[], &[])?;
+    c.start(2, &[1], &[])?;
+    wait_for("node1 and node2 alive", Duration::from_secs(20), || {
+        Ok(
+            (c.statuses(1)?.len() == 2 && c.statuses(2)?.iter().all(|s| s.1 == "alive"))
+                .then_some(()),
+        )
+    })?;
+
+    // Node 3 holds a certificate from another CA, for the same cluster id.
+    let foreign_ca = c.dir.path().join("foreign-ca");
+    let ca = foreign_ca.to_str().expect("utf8");
+    run_skein(&["cert", "init", ca, "--cluster-id", "test"])?;
+    let tls3 = c.node(3).tls_dir.clone();
+    std::fs::remove_dir_all(&tls3)?;
+    run_skein(&["cert", "issue", ca, "node3", tls3.to_str().expect("utf8")])?;
+    let rejected_before = metric(&c, 1, "skein_gossip_rejected_peers_total")?;
+    c.start(3, &[1], &[])?;
+    wait_for(
+        "node1 to refuse node3's handshake",
+        Duration::from_secs(20),
+        || {
+            Ok(
+                (metric(&c, 1, "skein_gossip_rejected_peers_total")? > rejected_before)
+                    .then_some(()),
+            )
+        },
+    )?;
+
+    // Node 4 tries without any certificate.
+    let ca_pem = c.node(1).tls_dir.join("ca.pem");
+    let rejected_before = metric(&c, 1, "skein_gossip_rejected_peers_total")?;
+    let out = sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &c.node(4).netns,
+        rogue_bin(),
+        "quic-no-cert",
+        &format!("{}:{GOSSIP_PORT}", c.node(1).ip),
+        ca_pem.to_str().expect("utf8"),
+    ])?;
+    let said = String::from_utf8_lossy(&out.stdout);
+    println!("certificate-less client: {}", said.trim());
+    assert!(said.starts_with("refused"), "{said}");
+    wait_for(
+        "node1 to count the certificate-less peer",
+        Duration::from_secs(10),
+        || {
+            Ok(
+                (metric(&c, 1, "skein_gossip_rejected_peers_total")? > rejected_before)
+                    .then_some(()),
+            )
+        },
+    )?;
+
+    // Give the intruders several gossip rounds, then check every member.
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < deadline {
+        for i in [1, 2] {
+            assert_eq!(
+                node_ids(&c, i)?,
+                ["node1", "node2"],
+                "node{i} admitted an intruder"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // And the foreign node sees nobody but itself.
+    assert_eq!(node_ids(&c, 3)?, ["node3"]);
+    Ok(())
+}
+
+#[test]
+fn garbage_on_the_gossip_port_and_bad_task_bodies_change_nothing() -> anyhow::Result<()> {
+    let mut c = Cluster::new(3)?;
+    c.start(1, &[], &[])?;
+    c.start(2, &[1], &[])?;
+    wait_for("2 alive", Duration::from_secs(20), || {
+        Ok(c.statuses(1)?
+            .iter()
+            .filter(|s| s.1 == "alive")
+            .count()
+            .eq(&2)
+            .then_some(()))
+    })?;
+
+    // 20k random datagrams, a third of them QUIC-shaped, from node 3's namespace.
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &c.node(3).netns,
+        rogue_bin(),
+        "garbage-udp",
+        &format!("{}:{GOSSIP_PORT}", c.node(1).ip),
+        "20000",
+    ])?;
+    // Node 1 keeps gossiping: a new write on node 2 still reaches it.
+    let body = r#"{"app":"/after-garbage","ip":"10.77.0.2","ports":[{"port":80}]}"#;
+    assert_eq!(c.put_task(2, "after.1", body)?.0, 201);
+    wait_for("after.1 on node1", Duration::from_secs(10), || {
+        Ok(c.tasks(1)?.iter().any(|t| t.0 == "after.1").then_some(()))
+    })?;
+    assert!(c.statuses(1)?.iter().all(|s| s.1 == "alive"));
+
+    // Malformed bodies: 400 with a message, nothing changes.
+    let before = c.get(2, "/v1/state")?;
+    for (id, body, needle) in [
+        ("bad.1", "{not json", "invalid task body"),
+        ("bad.2", r#"{"app":"/x","ip":"300.1.1.1"}"#, "invalid"),
+        (
+            "bad.3",
+            r#"{"app":"/x","ip":"10.0.0.1","ports":[{"port":0}]}"#,
+            "1..=65535",
+        ),
+        (
+            "bad.4",
+            r#"{"app":"/x","ip":"10.0.0.1","ports":[{"port":70000}]}"#,
+            "invalid value",
+        ),
+        (
+            "bad.5",
+            r#"{"app":"/x","ip":"10.0.0.1","bogus":1}"#,
+            "unknown field",
+        ),
+        ("bad%20id", r#"{"app":"/x","ip":"10.0.0.1"}"#, "task id"),
+        ("bad.6", "", "invalid task body"),
+    ] {
+        let (code, text) = c.put_task(2, id, body)?;
+        assert_eq!(code, 400, "{id}: {text}");
+        let msg: serde_json::Value = serde_json::from_str(&text)?;
+        let msg = msg["error"].as_str().unwrap_or_default();
+        assert!(
+            msg.contains(needle),
+            "{id}: {msg:?} should mention {needle:?}"
+        );
+    }
+    let after = c.get(2, "/v1/state")?;
+    assert_eq!(
+        before["nodes"]["node2"], after["nodes"]["node2"],
+        "a rejected write changed state"
+    );
+    Ok(())
+}

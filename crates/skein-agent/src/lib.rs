@@ -1,0 +1,343 @@
+//! The node agent: one per host. It restores this node's state from the data
+//! dir, gossips with the cluster, keeps a fresh snapshot of the replica for
+//! readers, and persists what must survive a restart.
+
+pub mod metrics;
+pub mod store;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde::Serialize;
+use skein_gossip::{ClusterSnapshot, Gossip, GossipConfig, GossipStats, QuicTransport};
+use skein_state::{
+    task_key, validate_task_id, BadEntry, NodeMeta, NodeStatus, NodeView, TaskSpec, TaskView,
+    META_KEY,
+};
+use tokio::sync::{watch, Mutex};
+
+use crate::store::Store;
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Everything `skein agent` needs, after flags, environment and config file
+/// have been merged by the binary.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub node_id: String,
+    pub hostname: String,
+    pub advertise: IpAddr,
+    pub gossip_listen: SocketAddr,
+    pub seeds: Vec<String>,
+    pub data_dir: PathBuf,
+    pub tls_dir: PathBuf,
+    pub cluster_id: String,
+    pub gossip_interval: Duration,
+    pub phi_threshold: f64,
+    pub suspect_after: Duration,
+    pub dead_node_grace: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("storage failed: {0:#}")]
+    Storage(anyhow::Error),
+}
+
+/// `GET /v1/tasks`.
+#[derive(Debug, Serialize)]
+pub struct TasksView {
+    pub tasks: Vec<TaskView>,
+    /// Published values that did not decode (a newer or broken peer).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub invalid: Vec<BadEntry>,
+}
+
+pub struct Agent {
+    config: AgentConfig,
+    gossip: Gossip,
+    store: Store,
+    stats: Arc<GossipStats>,
+    /// Serializes own-task writes so the file and the gossip keyspace are
+    /// updated in the same order.
+    own_tasks: Mutex<BTreeMap<String, TaskSpec>>,
+    snapshot: watch::Sender<Arc<ClusterSnapshot>>,
+    started: Instant,
+    pub counters: Counters,
+}
+
+#[derive(Default)]
+pub struct Counters {
+    pub task_writes: AtomicU64,
+    pub task_deletes: AtomicU64,
+    pub rejected_writes: AtomicU64,
+    pub status_changes: AtomicU64,
+    pub persist_errors: AtomicU64,
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// How often the snapshot readers see is refreshed; it bounds how stale an
+/// API answer can be relative to gossip.
+const SNAPSHOT_INTERVAL: Duration = Duration::from_millis(50);
+const PERSIST_INTERVAL: Duration = Duration::from_secs(2);
+
+impl Agent {
+    pub async fn start(config: AgentConfig) -> anyhow::Result<Arc<Agent>> {
+        let store = Store::open(&config.data_dir)?;
+        let tls = skein_tls::NodeTls::load(&config.tls_dir)
+            .with_context(|| format!("loading TLS material from {}", config.tls_dir.display()))?;
+        if tls.node_id() != config.node_id {
+            anyhow::bail!(
+                "node id {:?} does not match the certificate in {} (issued for {:?}); \
+                 issue a certificate for this node with `skein cert issue`",
+                config.node_id,
+                config.tls_dir.display(),
+                tls.node_id()
+            );
+        }
+        let generation = store.next_generation(unix_ms())?;
+        let own_tasks = store.load_tasks()?;
+        let persisted = store.load_replica()?;
+
+        let meta = NodeMeta {
+            hostname: config.hostname.clone(),
+            private_ip: config.advertise,
+            agent_version: VERSION.to_string(),
+            started_ms: unix_ms(),
+        };
+        let mut initial = vec![(META_KEY.to_string(), serde_json::to_string(&meta)?)];
+        for (id, spec) in &own_tasks {
+            initial.push((task_key(id), serde_json::to_string(spec)?));
+        }
+
+        let stats = Arc::new(GossipStats::default());
+        let transport = QuicTransport::new(Arc::new(tls), stats.clone());
+        let gossip_config = GossipConfig {
+            node_id: config.node_id.clone(),
+            generation,
+            listen: config.gossip_listen,
+            advertise: SocketAddr::new(config.advertise, config.gossip_listen.port()),
+            seeds: config.seeds.clone(),
+            cluster_id: config.cluster_id.clone(),
+            gossip_interval: config.gossip_interval,
+            phi_threshold: config.phi_threshold,
+            suspect_after: config.suspect_after,
+            dead_node_grace: config.dead_node_grace,
+            // Long enough that a peer partitioned for hours still learns of
+            // deletes, short enough that churn does not pile up tombstones.
+            tombstone_grace: Duration::from_secs(3600),
+        };
+        let gossip = Gossip::start(gossip_config, &transport, initial, persisted).await?;
+        let first = gossip.snapshot().await;
+        let (snapshot, _) = watch::channel(Arc::new(first));
+        tracing::info!(
+            node = %config.node_id,
+            generation,
+            tasks = own_tasks.len(),
+            gossip = %config.gossip_listen,
+            seeds = ?config.seeds,
+            "agent started"
+        );
+        let agent = Arc::new(Agent {
+            config,
+            gossip,
+            store,
+            stats,
+            own_tasks: Mutex::new(own_tasks),
+            snapshot,
+            started: Instant::now(),
+            counters: Counters::default(),
+        });
+        tokio::spawn(refresh_loop(Arc::downgrade(&agent)));
+        Ok(agent)
+    }
+
+    pub fn config(&self) -> &AgentConfig {
+        &self.config
+    }
+
+    pub fn gossip_stats(&self) -> &GossipStats {
+        &self.stats
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// The latest snapshot (at most [`SNAPSHOT_INTERVAL`] old).
+    pub fn snapshot(&self) -> Arc<ClusterSnapshot> {
+        self.snapshot.borrow().clone()
+    }
+
+    /// Waits for the next snapshot refresh; lets a writer read its own write.
+    async fn fresh_snapshot(&self) -> Arc<ClusterSnapshot> {
+        let snap = Arc::new(self.gossip.snapshot().await);
+        self.snapshot.send_replace(snap.clone());
+        snap
+    }
+
+    pub fn nodes(&self) -> Vec<NodeView> {
+        let snap = self.snapshot();
+        skein_state::nodes(&snap.replica, &snap.liveness)
+    }
+
+    pub fn tasks(&self) -> TasksView {
+        let snap = self.snapshot();
+        let (tasks, invalid) = skein_state::tasks(&snap.replica, &snap.liveness);
+        TasksView { tasks, invalid }
+    }
+
+    /// Registers or replaces a task running on this node. Returns once the
+    /// task is durable in the data dir; gossip spreads it from there.
+    pub async fn put_task(&self, id: &str, spec: TaskSpec) -> Result<bool, AgentError> {
+        let reject = |e: String| {
+            self.counters
+                .rejected_writes
+                .fetch_add(1, Ordering::Relaxed);
+            AgentError::BadRequest(e)
+        };
+        validate_task_id(id).map_err(|e| reject(e.to_string()))?;
+        spec.validate().map_err(|e| reject(e.to_string()))?;
+        let value = serde_json::to_string(&spec).map_err(|e| reject(e.to_string()))?;
+        let mut own = self.own_tasks.lock().await;
+        let mut next = own.clone();
+        let created = next.insert(id.to_string(), spec).is_none();
+        self.store.save_tasks(&next).map_err(AgentError::Storage)?;
+        *own = next;
+        self.gossip.set(&task_key(id), &value).await;
+        drop(own);
+        self.counters.task_writes.fetch_add(1, Ordering::Relaxed);
+        self.fresh_snapshot().await;
+        tracing::info!(task = id, created, "task registered");
+        Ok(created)
+    }
+
+    /// Removes a task of this node. Tasks of other nodes are theirs to remove.
+    pub async fn delete_task(&self, id: &str) -> Result<(), AgentError> {
+        validate_task_id(id).map_err(|e| AgentError::BadRequest(e.to_string()))?;
+        let mut own = self.own_tasks.lock().await;
+        if !own.contains_key(id) {
+            let elsewhere = self
+                .tasks()
+                .tasks
+                .into_iter()
+                .find(|t| t.id == id)
+                .map(|t| t.node_id);
+            return Err(match elsewhere {
+                Some(node) => AgentError::BadRequest(format!(
+                    "task {id} belongs to node {node}; delete it through that node's agent"
+                )),
+                None => AgentError::NotFound(format!("task {id}")),
+            });
+        }
+        let mut next = own.clone();
+        next.remove(id);
+        self.store.save_tasks(&next).map_err(AgentError::Storage)?;
+        *own = next;
+        self.gossip.delete(&task_key(id)).await;
+        drop(own);
+        self.counters.task_deletes.fetch_add(1, Ordering::Relaxed);
+        self.fresh_snapshot().await;
+        tracing::info!(task = id, "task removed");
+        Ok(())
+    }
+
+    /// `GET /v1/state`: every node's published keyspace with versions, plus
+    /// this node's view of their liveness.
+    pub fn state_json(&self) -> serde_json::Value {
+        let snap = self.snapshot();
+        let nodes: serde_json::Map<String, serde_json::Value> = snap
+            .replica
+            .nodes()
+            .iter()
+            .map(|(id, ks)| {
+                let entries: serde_json::Map<String, serde_json::Value> = ks
+                    .entries
+                    .iter()
+                    .map(|(k, e)| {
+                        // Values are JSON documents; show them as such.
+                        let value = e.value.as_ref().map(|v| {
+                            serde_json::from_str(v)
+                                .unwrap_or_else(|_| serde_json::Value::String(v.clone()))
+                        });
+                        (
+                            k.clone(),
+                            serde_json::json!({"version": e.version, "value": value, "deleted": e.value.is_none()}),
+                        )
+                    })
+                    .collect();
+                let status = snap
+                    .liveness
+                    .get(id)
+                    .map_or(NodeStatus::Down, |l| l.status);
+                (
+                    id.clone(),
+                    serde_json::json!({
+                        "generation": ks.generation,
+                        "max_version": ks.max_version(),
+                        "status": status,
+                        "keys": entries,
+                    }),
+                )
+            })
+            .collect();
+        serde_json::json!({
+            "node_id": self.config.node_id,
+            "cluster_id": self.config.cluster_id,
+            "nodes": nodes,
+            "removed": snap.replica.removed(),
+        })
+    }
+}
+
+/// Keeps the readers' snapshot fresh, logs membership changes and persists
+/// the replica when it changed. Ends when the agent is dropped.
+async fn refresh_loop(agent: std::sync::Weak<Agent>) {
+    let mut tick = tokio::time::interval(SNAPSHOT_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_persist = Instant::now();
+    let mut persisted: Option<skein_state::Replica> = None;
+    loop {
+        tick.tick().await;
+        let Some(agent) = agent.upgrade() else { return };
+        let previous = agent.snapshot();
+        let next = agent.fresh_snapshot().await;
+        for (node, live) in &next.liveness {
+            let before = previous.liveness.get(node).map(|l| l.status);
+            if before != Some(live.status) {
+                agent
+                    .counters
+                    .status_changes
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::info!(node = %node, status = live.status.as_str(), "membership change");
+            }
+        }
+        if last_persist.elapsed() >= PERSIST_INTERVAL && persisted.as_ref() != Some(&next.replica) {
+            last_persist = Instant::now();
+            match agent.store.save_replica(&next.replica) {
+                Ok(()) => persisted = Some(next.replica.clone()),
+                Err(e) => {
+                    agent
+                        .counters
+                        .persist_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %format!("{e:#}"), "could not persist the replica");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! Prometheus text exposition of the agent's state. Written by hand: a
+//! handful of gauges and counters do not need a metrics framework.
+
+use std::fmt::Write;
+use std::sync::atomic::Ordering;
+
+use skein_state::NodeStatus;
+
+use crate::Agent;
+
+struct Out(String);
+
+impl Out {
+    fn metric(&mut self, name: &str, kind: &str, help: &str, samples: &[(&str, u64)]) {
+        let _ = writeln!(self.0, "# HELP {name} {help}");
+        let _ = writeln!(self.0, "# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            if labels.is_empty() {
+                let _ = writeln!(self.0, "{name} {value}");
+            } else {
+                let _ = writeln!(self.0, "{name}{{{labels}}} {value}");
+            }
+        }
+    }
+}
+
+pub fn render(agent: &Agent) -> String {
+    let snap = agent.snapshot();
+    let mut out = Out(String::new());
+    let count = |s: NodeStatus| snap.liveness.values().filter(|l| l.status == s).count() as u64;
+    out.metric(
+        "skein_members",
+        "gauge",
+        "Nodes in the replica by status as this node sees them.",
+        &[
+            ("status=\"alive\"", count(NodeStatus::Alive)),
+            ("status=\"suspect\"", count(NodeStatus::Suspect)),
+            ("status=\"down\"", count(NodeStatus::Down)),
+        ],
+    );
+    let g = agent.gossip_stats();
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    out.metric(
+        "skein_gossip_bytes_total",
+        "counter",
+        "Gossip payload bytes.",
+        &[
+            ("direction=\"in\"", load(&g.bytes_in)),
+            ("direction=\"out\"", load(&g.bytes_out)),
+        ],
+    );
+    out.metric(
+        "skein_gossip_messages_total",
+        "counter",
+        "Gossip messages.",
+        &[
+            ("direction=\"in\"", load(&g.messages_in)),
+            ("direction=\"out\"", load(&g.messages_out)),
+        ],
+    );
+    out.metric(
+        "skein_gossip_send_dropped_total",
+        "counter",
+        "Gossip messages dropped because a peer's send queue was full.",
+        &[("", load(&g.send_dropped))],
+    );
+    out.metric(
+        "skein_gossip_decode_errors_total",
+        "counter",
+        "Gossip streams that did not decode.",
+        &[("", load(&g.decode_errors))],
+    );
+    out.metric(
+        "skein_gossip_rejected_peers_total",
+        "counter",
+        "Connections refused during the TLS handshake (foreign CA, no certificate).",
+        &[("", load(&g.rejected_peers))],
+    );
+    let tasks = agent.tasks();
+    out.metric(
+        "skein_state_nodes",
+        "gauge",
+        "Node keyspaces in the replica.",
+        &[("", snap.replica.nodes().len() as u64)],
+    );
+    out.metric(
+        "skein_state_entries",
+        "gauge",
+        "Entries (values and tombstones) in the replica.",
+        &[("", snap.replica.entry_count() as u64)],
+    );
+    out.metric(
+        "skein_state_tasks",
+        "gauge",
+        "Tasks in the cluster.",
+        &[("", tasks.tasks.len() as u64)],
+    );
+    out.metric(
+        "skein_state_invalid_entries",
+        "gauge",
+        "Published values that did not decode.",
+        &[("", tasks.invalid.len() as u64)],
+    );
+    let c = &agent.counters;
+    out.metric(
+        "skein_task_writes_total",
+        "counter",
+        "Task registrations accepted on this node.",
+        &[("", load(&c.task_writes))],
+    );
+    out.metric(
+        "skein_task_deletes_total",
+        "counter",
+        "Task removals on this node.",
+        &[("", load(&c.task_deletes))],
+    );
+    out.metric(
+        "skein_task_rejected_total",
+        "counter",
+        "Task writes rejected as invalid.",
+        &[("", load(&c.rejected_writes))],
+    );
+    out.metric(
+        "skein_membership_changes_total",
+        "counter",
+        "Node status changes observed.",
+        &[("", load(&c.status_changes))],
+    );
+    out.metric(
+        "skein_persist_errors_total",
+        "counter",
+        "Failures to persist the replica.",
+        &[("", load(&c.persist_errors))],
+    );
+    out.metric(
+        "skein_uptime_seconds",
+        "gauge",
+        "Seconds since the agent started.",
+        &[("", agent.uptime().as_secs())],
+    );
+    out.0
+}

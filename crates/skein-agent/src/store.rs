@@ -1,0 +1,120 @@
+//! The data dir: what this node must not forget across a restart.
+//!
+//! - `tasks.json`: this node's own tasks. Written (and fsynced) before a
+//!   task write is acknowledged, because this node is their only writer.
+//! - `replica.json`: the last replica seen of the whole cluster, so that a
+//!   whole-cluster restart starts from what everyone knew.
+//! - `generation`: the last gossip generation used, so a restart always
+//!   picks a higher one even if the clock went backwards.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use skein_state::{Replica, TaskSpec};
+
+pub struct Store {
+    dir: PathBuf,
+}
+
+impl Store {
+    pub fn open(dir: &Path) -> anyhow::Result<Store> {
+        fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create data dir {}", dir.display()))?;
+        Ok(Store {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Next generation: above the stored one and, normally, the clock.
+    pub fn next_generation(&self, now_ms: u64) -> anyhow::Result<u64> {
+        let path = self.dir.join("generation");
+        let last = match fs::read_to_string(&path) {
+            Ok(s) => s
+                .trim()
+                .parse::<u64>()
+                .with_context(|| format!("{} is not a number", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        let next = now_ms.max(last.saturating_add(1));
+        write_atomic(&path, next.to_string().as_bytes())?;
+        Ok(next)
+    }
+
+    pub fn load_tasks(&self) -> anyhow::Result<BTreeMap<String, TaskSpec>> {
+        read_json_or_default(&self.dir.join("tasks.json"))
+    }
+
+    pub fn save_tasks(&self, tasks: &BTreeMap<String, TaskSpec>) -> anyhow::Result<()> {
+        let bytes = serde_json::to_vec_pretty(tasks)?;
+        write_atomic(&self.dir.join("tasks.json"), &bytes)
+    }
+
+    pub fn load_replica(&self) -> anyhow::Result<Replica> {
+        read_json_or_default(&self.dir.join("replica.json"))
+    }
+
+    pub fn save_replica(&self, replica: &Replica) -> anyhow::Result<()> {
+        let bytes = serde_json::to_vec(replica)?;
+        write_atomic(&self.dir.join("replica.json"), &bytes)
+    }
+}
+
+fn read_json_or_default<T: serde::de::DeserializeOwned + Default>(
+    path: &Path,
+) -> anyhow::Result<T> {
+    match fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .with_context(|| format!("{} is corrupt; move it away to start fresh", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// Write to a temporary file, fsync it, rename it over the target and fsync
+/// the directory: after this returns, a crash leaves the old or the new
+/// content, never a torn file, and the new content survives power loss.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f =
+            File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))?;
+    File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generation_always_increases_and_tasks_roundtrip() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let g1 = store.next_generation(1000).expect("g1");
+        let g2 = store.next_generation(10).expect("g2"); // clock went backwards
+        assert!(g2 > g1);
+        let mut tasks = BTreeMap::new();
+        tasks.insert(
+            "t1".to_string(),
+            serde_json::from_str::<TaskSpec>(r#"{"app":"/a","ip":"10.0.0.1"}"#).expect("spec"),
+        );
+        store.save_tasks(&tasks).expect("save");
+        assert_eq!(store.load_tasks().expect("load"), tasks);
+        fs::write(dir.path().join("tasks.json"), b"{oops").expect("write");
+        let err = store.load_tasks().expect_err("corrupt").to_string();
+        assert!(err.contains("corrupt"), "{err}");
+    }
+}

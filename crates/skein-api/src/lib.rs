@@ -1,0 +1,191 @@
+//! The agent's HTTP/JSON API: dcos-net-shaped reads, task registration, and
+//! Prometheus metrics. No endpoint evaluates anything a client sends.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+use skein_agent::{Agent, AgentError};
+use skein_state::TaskSpec;
+
+/// Largest request body accepted; a task is far smaller.
+const MAX_BODY: usize = 64 * 1024;
+
+/// Who may change state. Reads are open to whoever can reach the listener
+/// (loopback by default); writes need the bearer token when one is set.
+#[derive(Clone, Default)]
+pub struct ApiAuth {
+    pub token: Option<String>,
+}
+
+#[derive(Clone)]
+struct Ctx {
+    agent: Arc<Agent>,
+    auth: ApiAuth,
+}
+
+pub fn router(agent: Arc<Agent>, auth: ApiAuth) -> Router {
+    Router::new()
+        .route("/v1/version", get(version))
+        .route("/v1/nodes", get(nodes))
+        .route("/v1/tasks", get(tasks))
+        .route(
+            "/v1/tasks/{id}",
+            get(task).put(put_task).delete(delete_task),
+        )
+        .route("/v1/state", get(state))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(Ctx { agent, auth })
+}
+
+/// Serves the router until the future `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    Ok(())
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+impl From<AgentError> for ApiError {
+    fn from(e: AgentError) -> Self {
+        let status = match &e {
+            AgentError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            AgentError::NotFound(_) => StatusCode::NOT_FOUND,
+            AgentError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+/// A failed request: rendered as `{"error": "..."}` with its status.
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        error(self.0, self.1)
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn authorize(ctx: &Ctx, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(expected) = &ctx.auth.token else {
+        return Ok(());
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        Some(t) if constant_time_eq(t.trim().as_bytes(), expected.as_bytes()) => Ok(()),
+        Some(_) => Err(ApiError(StatusCode::UNAUTHORIZED, "invalid token".into())),
+        None => Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            "this API changes state only with `Authorization: Bearer <token>`".into(),
+        )),
+    }
+}
+
+async fn version(State(ctx): State<Ctx>) -> Response {
+    let c = ctx.agent.config();
+    Json(json!({
+        "version": skein_agent::VERSION,
+        "node_id": c.node_id,
+        "cluster_id": c.cluster_id,
+    }))
+    .into_response()
+}
+
+async fn nodes(State(ctx): State<Ctx>) -> Response {
+    Json(ctx.agent.nodes()).into_response()
+}
+
+async fn tasks(State(ctx): State<Ctx>) -> Response {
+    Json(ctx.agent.tasks()).into_response()
+}
+
+async fn task(State(ctx): State<Ctx>, Path(id): Path<String>) -> Response {
+    match ctx.agent.tasks().tasks.into_iter().find(|t| t.id == id) {
+        Some(t) => Json(t).into_response(),
+        None => error(StatusCode::NOT_FOUND, format!("no task {id}")),
+    }
+}
+
+async fn put_task(
+    State(ctx): State<Ctx>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    authorize(&ctx, &headers)?;
+    // Parse by hand: serde's message (field, line, column) is the clearest
+    // thing to tell a client, and axum's Json rejection would hide it.
+    let spec: TaskSpec = serde_json::from_slice(&body)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("invalid task body: {e}")))?;
+    let created = ctx.agent.put_task(&id, spec).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        status,
+        Json(json!({ "id": id, "node_id": ctx.agent.config().node_id })),
+    )
+        .into_response())
+}
+
+async fn delete_task(
+    State(ctx): State<Ctx>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&ctx, &headers)?;
+    ctx.agent.delete_task(&id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn state(State(ctx): State<Ctx>) -> Response {
+    Json(ctx.agent.state_json()).into_response()
+}
+
+async fn metrics(State(ctx): State<Ctx>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        skein_agent::metrics::render(&ctx.agent),
+    )
+        .into_response()
+}
+
+async fn not_found() -> Response {
+    error(StatusCode::NOT_FOUND, "no such endpoint")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+    }
+}

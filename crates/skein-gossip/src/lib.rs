@@ -1,0 +1,307 @@
+//! Membership, failure detection and replication of every node's keyspace.
+//!
+//! chitchat (scuttlebutt + phi-accrual) does the protocol; [`transport`]
+//! carries it over mutually authenticated QUIC. This module turns chitchat's
+//! view into the pure [`skein_state::Replica`] plus per-node liveness, which
+//! is all the rest of the agent reads.
+
+pub mod transport;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use chitchat::transport::Transport;
+use chitchat::{spawn_chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig};
+use skein_state::{Entry, Liveness, NodeId, NodeKeyspace, NodeStatus, Replica};
+
+pub use transport::{GossipStats, QuicTransport};
+
+#[derive(Debug, Clone)]
+pub struct GossipConfig {
+    pub node_id: NodeId,
+    /// Increases on every restart of the agent; peers use it to tell a
+    /// rebooted node from stale gossip about its previous life.
+    pub generation: u64,
+    pub listen: SocketAddr,
+    pub advertise: SocketAddr,
+    pub seeds: Vec<String>,
+    pub cluster_id: String,
+    pub gossip_interval: Duration,
+    pub phi_threshold: f64,
+    /// A node whose heartbeat has not advanced for this long is `suspect`
+    /// before the failure detector declares it `down`.
+    pub suspect_after: Duration,
+    /// How long a down node's keyspace (its tasks) is kept before it is
+    /// forgotten cluster-wide.
+    pub dead_node_grace: Duration,
+    /// How long deletion tombstones are kept so that peers which missed the
+    /// delete still learn of it.
+    pub tombstone_grace: Duration,
+}
+
+impl GossipConfig {
+    pub fn failure_detector(&self) -> FailureDetectorConfig {
+        FailureDetectorConfig {
+            phi_threshold: self.phi_threshold,
+            sampling_window_size: 1_000,
+            // Heartbeats arrive every gossip round or so; intervals longer
+            // than this are outliers (a pause) and would skew phi.
+            max_interval: (self.gossip_interval * 20).max(Duration::from_secs(2)),
+            initial_interval: self.gossip_interval * 2,
+            dead_node_grace_period: self.dead_node_grace,
+        }
+    }
+}
+
+/// A running gossip participant.
+pub struct Gossip {
+    handle: ChitchatHandle,
+    config: GossipConfig,
+    tracker: tokio::sync::Mutex<Tracker>,
+}
+
+/// What this node has seen of each peer, to derive `suspect` and timestamps.
+#[derive(Default)]
+struct Tracker {
+    replica: Replica,
+    /// node → (generation, heartbeat, when it last advanced)
+    heartbeats: HashMap<NodeId, (u64, u64, Instant)>,
+    /// node → (status, unix ms when it changed)
+    statuses: HashMap<NodeId, (NodeStatus, u64)>,
+    /// node → since when it has not been live
+    down_since: HashMap<NodeId, Instant>,
+    /// (node, generation) → max version already merged, to skip unchanged nodes.
+    merged_versions: HashMap<(NodeId, u64), u64>,
+    /// node → when this agent first heard of it, and whether it has been
+    /// live since: a node just heard of is `suspect`, not `down`, until the
+    /// failure detector has had time to judge it.
+    first_seen: HashMap<NodeId, (Instant, bool)>,
+}
+
+/// A consistent read of the cluster as this node sees it.
+#[derive(Debug, Clone)]
+pub struct ClusterSnapshot {
+    pub replica: Replica,
+    pub liveness: BTreeMap<NodeId, Liveness>,
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Gossip {
+    /// Starts gossiping. `initial` is this node's own keyspace (metadata and
+    /// tasks restored from the data dir), published from the first round on;
+    /// `persisted` is the replica saved before a restart, so that a whole
+    /// cluster restart forgets nothing while peers come back.
+    pub async fn start(
+        config: GossipConfig,
+        transport: &dyn Transport,
+        initial: Vec<(String, String)>,
+        persisted: Replica,
+    ) -> anyhow::Result<Gossip> {
+        let chitchat_config = ChitchatConfig {
+            chitchat_id: ChitchatId::new(
+                config.node_id.as_str(),
+                config.generation,
+                config.advertise,
+            ),
+            cluster_id: config.cluster_id.clone(),
+            gossip_interval: config.gossip_interval,
+            listen_addr: config.listen,
+            seed_nodes: config.seeds.clone(),
+            failure_detector_config: config.failure_detector(),
+            marked_for_deletion_grace_period: config.tombstone_grace,
+            catchup_callback: None,
+            extra_liveness_predicate: None,
+        };
+        let handle = spawn_chitchat(chitchat_config, initial, transport).await?;
+        let mut tracker = Tracker {
+            replica: persisted,
+            ..Tracker::default()
+        };
+        // Our own previous life is replaced by this generation.
+        if config.generation > 0 {
+            tracker
+                .replica
+                .remove_node(&config.node_id, config.generation - 1);
+        }
+        Ok(Gossip {
+            handle,
+            config,
+            tracker: tokio::sync::Mutex::new(tracker),
+        })
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.config.node_id
+    }
+
+    pub fn config(&self) -> &GossipConfig {
+        &self.config
+    }
+
+    /// Publishes (or overwrites) a key of this node's keyspace.
+    pub async fn set(&self, key: &str, value: &str) {
+        let chitchat = self.handle.chitchat();
+        let mut guard = chitchat.lock().await;
+        guard.self_node_state().set(key, value);
+    }
+
+    /// Deletes a key of this node's keyspace (a tombstone is gossiped).
+    pub async fn delete(&self, key: &str) {
+        let chitchat = self.handle.chitchat();
+        let mut guard = chitchat.lock().await;
+        guard.self_node_state().delete(key);
+    }
+
+    /// Folds chitchat's current view into the replica and returns a copy with
+    /// each node's liveness. Cheap for nodes that did not change.
+    pub async fn snapshot(&self) -> ClusterSnapshot {
+        let now = Instant::now();
+        let now_ms = unix_ms();
+        let chitchat = self.handle.chitchat();
+        let mut tracker = self.tracker.lock().await;
+        let tracker = &mut *tracker;
+        // Per node id, the newest generation chitchat knows and whether it is live.
+        let mut newest: BTreeMap<NodeId, (u64, bool, u64)> = BTreeMap::new();
+        {
+            let guard = chitchat.lock().await;
+            let live: std::collections::HashSet<&ChitchatId> = guard.live_nodes().collect();
+            for (id, state) in guard.node_states() {
+                let node_id = id.node_id.to_string();
+                let is_live = live.contains(id);
+                let heartbeat = u64::from(state.heartbeat());
+                let entry = newest.entry(node_id.clone()).or_insert((0, false, 0));
+                if id.generation_id >= entry.0 {
+                    *entry = (id.generation_id, is_live, heartbeat);
+                }
+                let key = (node_id.clone(), id.generation_id);
+                let max_version = state.max_version();
+                if tracker.merged_versions.get(&key) == Some(&max_version) {
+                    continue;
+                }
+                let mut keyspace = NodeKeyspace {
+                    generation: id.generation_id,
+                    entries: BTreeMap::new(),
+                };
+                for (k, v) in state.key_values_including_deleted() {
+                    keyspace.entries.insert(
+                        k.to_string(),
+                        Entry {
+                            version: v.version,
+                            value: (!v.is_deleted()).then(|| v.value.clone()),
+                        },
+                    );
+                }
+                tracker.replica.merge_node(&node_id, &keyspace);
+                // chitchat garbage-collects tombstones: a key we hold that it
+                // no longer has, at or below its GC floor, was deleted.
+                let floor = state.last_gc_version();
+                if floor > 0 {
+                    tracker
+                        .replica
+                        .prune_absent(&node_id, id.generation_id, floor, &keyspace);
+                }
+                tracker.merged_versions.insert(key, max_version);
+            }
+        }
+
+        let mut liveness = BTreeMap::new();
+        let mut forget = Vec::new();
+        for (node_id, keyspace) in tracker.replica.nodes() {
+            let status = match newest.get(node_id) {
+                Some(&(generation, true, heartbeat)) if generation >= keyspace.generation => {
+                    tracker.down_since.remove(node_id);
+                    tracker.first_seen.insert(node_id.clone(), (now, true));
+                    let hb = tracker
+                        .heartbeats
+                        .entry(node_id.clone())
+                        .or_insert((generation, heartbeat, now));
+                    if hb.0 != generation || hb.1 != heartbeat {
+                        *hb = (generation, heartbeat, now);
+                    }
+                    let stale = now.duration_since(hb.2) > self.config.suspect_after;
+                    let is_self = *node_id == self.config.node_id;
+                    if stale && !is_self {
+                        NodeStatus::Suspect
+                    } else {
+                        NodeStatus::Alive
+                    }
+                }
+                _ => {
+                    let since = *tracker.down_since.entry(node_id.clone()).or_insert(now);
+                    if now.duration_since(since) > self.config.dead_node_grace {
+                        forget.push((node_id.clone(), keyspace.generation));
+                    }
+                    let (first, ever_live) = *tracker
+                        .first_seen
+                        .entry(node_id.clone())
+                        .or_insert((now, false));
+                    let judging =
+                        !ever_live && now.duration_since(first) < self.config.suspect_after;
+                    if judging {
+                        NodeStatus::Suspect
+                    } else {
+                        NodeStatus::Down
+                    }
+                }
+            };
+            let changed = tracker
+                .statuses
+                .get(node_id)
+                .is_none_or(|&(s, _)| s != status);
+            if changed {
+                tracker.statuses.insert(node_id.clone(), (status, now_ms));
+            }
+            let updated = tracker.statuses.get(node_id).map_or(now_ms, |&(_, t)| t);
+            liveness.insert(node_id.clone(), Liveness { status, updated });
+        }
+        for (node_id, generation) in forget {
+            tracing::info!(node = %node_id, "forgetting node down for longer than the grace period");
+            tracker.replica.remove_node(&node_id, generation);
+            tracker.down_since.remove(&node_id);
+            liveness.remove(&node_id);
+        }
+        ClusterSnapshot {
+            replica: tracker.replica.clone(),
+            liveness,
+        }
+    }
+
+    /// Node ids the failure detector holds live right now (self included).
+    pub async fn live_node_ids(&self) -> Vec<NodeId> {
+        let chitchat = self.handle.chitchat();
+        let guard = chitchat.lock().await;
+        let mut ids: Vec<NodeId> = guard
+            .live_nodes()
+            .map(|id| id.node_id.to_string())
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+
+    /// Calls `callback(node_id, key, value)` whenever a key starting with
+    /// `prefix` is set on any node, as gossip applies it. Used to measure
+    /// propagation without polling; the callback must be quick.
+    pub async fn on_key_change(
+        &self,
+        prefix: &str,
+        callback: impl Fn(&str, &str, &str) + Send + Sync + 'static,
+    ) -> chitchat::ListenerHandle {
+        let chitchat = self.handle.chitchat();
+        let guard = chitchat.lock().await;
+        guard.subscribe_event(prefix, move |event| {
+            callback(&event.node.node_id, event.key, event.value)
+        })
+    }
+
+    /// Stops gossiping (peers will see this node go down).
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.handle.shutdown().await
+    }
+}

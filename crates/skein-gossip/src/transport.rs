@@ -1,0 +1,577 @@
+//! chitchat over mutually authenticated QUIC.
+//!
+//! One [`quinn::Endpoint`], bound to the gossip listen address, both accepts
+//! and dials. Because dialled connections leave from the listen address, the
+//! remote address a receiver sees *is* the sender's gossip address, which is
+//! what chitchat replies to.
+//!
+//! Every chitchat message travels on its own unidirectional stream of a
+//! cached per-peer connection (QUIC datagrams are capped near 1.2 KB, gossip
+//! deltas are not). chitchat's server loop awaits `send` inline, so `send`
+//! must never wait on the network: it only enqueues the message for a
+//! per-peer task that owns dialling and writing. A dead peer thus costs a
+//! full queue and dropped messages — which gossip tolerates — instead of a
+//! stalled gossip loop that would wreck failure detection for everyone else.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use async_trait::async_trait;
+use bytes::Bytes;
+use chitchat::transport::{Socket, Transport};
+use chitchat::{ChitchatMessage, Deserializable, Serializable};
+use quinn::crypto::rustls::{HandshakeData, QuicClientConfig, QuicServerConfig};
+use quinn::{
+    Connection, ConnectionError, Endpoint, IdleTimeout, RecvStream, TransportConfig, VarInt,
+};
+use rustls::pki_types::CertificateDer;
+use skein_tls::NodeTls;
+use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tracing::{debug, trace, warn};
+
+/// Largest message accepted, in either direction: chitchat sizes its
+/// messages for a UDP datagram, so anything bigger is not chitchat.
+pub const MAX_MESSAGE_SIZE: usize = 65_507;
+
+/// Messages waiting for one peer. Several gossip rounds' worth; beyond that
+/// the peer is slow or dead and older state is about to be superseded anyway.
+const PEER_QUEUE_CAPACITY: usize = 64;
+/// Decoded messages waiting for chitchat's `recv`. When full, stream readers
+/// wait, which pushes back on senders through QUIC flow control.
+const RECV_QUEUE_CAPACITY: usize = 1024;
+/// Keeps idle connections (and NAT/conntrack state) alive between rounds.
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(2);
+/// A connection silent for this long (keep-alives included) is dead.
+const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on a handshake, well below the idle timeout: a peer that does not
+/// answer within this is treated as down until the redial backoff expires.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on writing or reading one message. Gossip older than this is stale,
+/// and a connection that cannot move one small message in this time is sick.
+const STREAM_TIMEOUT: Duration = Duration::from_secs(5);
+const MIN_REDIAL_BACKOFF: Duration = Duration::from_millis(250);
+/// Short enough that a restarted node is gossiped with again within a few
+/// rounds (it will usually dial us first anyway).
+const MAX_REDIAL_BACKOFF: Duration = Duration::from_secs(5);
+/// A peer task with nothing to send for this long exits; the next `send` to
+/// that peer starts a new one. Keeps departed peers from pinning tasks.
+const PEER_TASK_IDLE: Duration = Duration::from_secs(60);
+
+/// Application close codes (peers only log them).
+const CLOSE_SHUTDOWN: u32 = 0;
+const CLOSE_REJECTED: u32 = 1;
+const CLOSE_UNHEALTHY: u32 = 2;
+
+/// Transport counters, shared with whoever exports metrics.
+#[derive(Debug, Default)]
+pub struct GossipStats {
+    /// Payload bytes of messages received (before decoding).
+    pub bytes_in: AtomicU64,
+    /// Payload bytes of messages written to a stream.
+    pub bytes_out: AtomicU64,
+    /// Messages decoded and handed to chitchat.
+    pub messages_in: AtomicU64,
+    /// Messages written to a stream.
+    pub messages_out: AtomicU64,
+    /// Messages dropped on the sending side: peer queue full, peer
+    /// unreachable (or in redial backoff), write failure, oversized.
+    pub send_dropped: AtomicU64,
+    /// Received streams that were too long or not a chitchat message.
+    pub decode_errors: AtomicU64,
+    /// Handshakes that failed on authentication, whichever side's TLS
+    /// refused (unknown CA, no client certificate, wrong ALPN), plus
+    /// connections refused after the handshake for the same reasons. Dead or
+    /// unreachable peers are not counted here.
+    pub rejected_peers: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64, by: u64) {
+    counter.fetch_add(by, Ordering::Relaxed);
+}
+
+/// chitchat [`Transport`] over QUIC with mutual TLS from the cluster CA.
+pub struct QuicTransport {
+    tls: Arc<NodeTls>,
+    stats: Arc<GossipStats>,
+}
+
+impl QuicTransport {
+    pub fn new(tls: Arc<NodeTls>, stats: Arc<GossipStats>) -> Self {
+        QuicTransport { tls, stats }
+    }
+}
+
+#[async_trait]
+impl Transport for QuicTransport {
+    async fn open(&self, listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
+        let transport = Arc::new(transport_config()?);
+
+        let server_crypto = QuicServerConfig::try_from(self.tls.server_config()?)
+            .context("TLS server config unusable for QUIC")?;
+        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
+        server_config.transport_config(transport.clone());
+        // The remote address is the peer's gossip identity for chitchat;
+        // it must not change under an established connection.
+        server_config.migration(false);
+
+        let client_crypto = QuicClientConfig::try_from(self.tls.client_config()?)
+            .context("TLS client config unusable for QUIC")?;
+        let mut client_config = quinn::ClientConfig::new(Arc::new(client_crypto));
+        client_config.transport_config(transport);
+
+        let mut endpoint = Endpoint::server(server_config, listen_addr)
+            .with_context(|| format!("failed to bind {listen_addr}/UDP for gossip"))?;
+        endpoint.set_default_client_config(client_config);
+
+        let node = Arc::new(Node {
+            endpoint,
+            stats: self.stats.clone(),
+            conns: Mutex::new(HashMap::new()),
+        });
+        let (inbox_tx, inbox) = mpsc::channel(RECV_QUEUE_CAPACITY);
+        let deliver = inbox_tx.downgrade();
+        let mut tasks = JoinSet::new();
+        // The accept loop owns the only long-lived strong sender: once the
+        // endpoint closes, it and all connection readers end, and `recv`
+        // reports the transport as broken.
+        tasks.spawn(node.clone().accept_loop(inbox_tx));
+        debug!(%listen_addr, node_id = self.tls.node_id(), "gossip QUIC endpoint open");
+        Ok(Box::new(QuicSocket {
+            node,
+            peers: HashMap::new(),
+            inbox,
+            deliver,
+            tasks,
+        }))
+    }
+}
+
+fn transport_config() -> anyhow::Result<TransportConfig> {
+    let mut config = TransportConfig::default();
+    config.keep_alive_interval(Some(KEEP_ALIVE_INTERVAL));
+    config.max_idle_timeout(Some(
+        IdleTimeout::try_from(MAX_IDLE_TIMEOUT).context("idle timeout")?,
+    ));
+    // Only uni streams are used; refuse what we never read.
+    config.datagram_receive_buffer_size(None);
+    config.max_concurrent_bidi_streams(VarInt::from_u32(0));
+    Ok(config)
+}
+
+type Delivery = (SocketAddr, ChitchatMessage);
+
+/// State shared by the socket and its background tasks.
+struct Node {
+    endpoint: Endpoint,
+    stats: Arc<GossipStats>,
+    /// Live connections by (canonical) peer address, incoming or dialled:
+    /// whichever exists is reused for sending, so two nodes usually share
+    /// one connection.
+    conns: Mutex<HashMap<SocketAddr, Connection>>,
+}
+
+impl Node {
+    async fn accept_loop(self: Arc<Self>, deliver: mpsc::Sender<Delivery>) {
+        // `accept` only yields `None` once the endpoint is closed; quinn
+        // itself drops garbage datagrams and malformed packets.
+        while let Some(incoming) = self.endpoint.accept().await {
+            let remote = canonical(incoming.remote_address());
+            let node = self.clone();
+            let deliver = deliver.clone();
+            // Handshakes run concurrently so a slow one can't hold up others.
+            tokio::spawn(async move {
+                let conn = match incoming.await {
+                    Ok(conn) => conn,
+                    Err(err) => return node.handshake_failed(remote, "incoming", &err),
+                };
+                let Some(peer_id) = node.authenticate(&conn, remote, "incoming") else {
+                    return;
+                };
+                debug!(%remote, %peer_id, "accepted gossip connection");
+                node.register(remote, &conn);
+                node.read_connection(conn, remote, deliver).await;
+            });
+        }
+        debug!("gossip endpoint closed; accept loop done");
+    }
+
+    /// Dials `peer` and starts reading from the new connection (the peer may
+    /// send over it). `None` if the peer is unreachable or refused us.
+    async fn dial(
+        self: &Arc<Self>,
+        peer: SocketAddr,
+        deliver: &mpsc::WeakSender<Delivery>,
+    ) -> Option<Connection> {
+        let connecting = match self.endpoint.connect(peer, skein_tls::SERVER_NAME) {
+            Ok(connecting) => connecting,
+            Err(err) => {
+                warn!(%peer, error = %err, "cannot dial gossip peer");
+                return None;
+            }
+        };
+        let conn = match tokio::time::timeout(DIAL_TIMEOUT, connecting).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(err)) => {
+                self.handshake_failed(peer, "outgoing", &err);
+                return None;
+            }
+            Err(_) => {
+                debug!(%peer, "gossip dial timed out");
+                return None;
+            }
+        };
+        let peer_id = self.authenticate(&conn, peer, "outgoing")?;
+        // No strong sender left means the socket is gone; don't start a
+        // reader that nobody would hear.
+        let deliver = deliver.upgrade()?;
+        debug!(%peer, %peer_id, "dialled gossip peer");
+        self.register(peer, &conn);
+        tokio::spawn(self.clone().read_connection(conn.clone(), peer, deliver));
+        Some(conn)
+    }
+
+    /// rustls has verified the chain; this checks what it leaves to us (ALPN
+    /// negotiated, a certificate present) and extracts the peer's node id.
+    /// On failure the connection is closed and counted as rejected.
+    fn authenticate(&self, conn: &Connection, remote: SocketAddr, dir: &str) -> Option<String> {
+        let alpn_ok = conn
+            .handshake_data()
+            .and_then(|data| data.downcast::<HandshakeData>().ok())
+            .is_some_and(|data| data.protocol.as_deref() == Some(skein_tls::ALPN));
+        let peer_id = conn
+            .peer_identity()
+            .and_then(|identity| identity.downcast::<Vec<CertificateDer<'static>>>().ok())
+            .and_then(|certs| certs.first().and_then(|c| skein_tls::peer_node_id(c)));
+        let reason = match (alpn_ok, peer_id) {
+            (true, Some(peer_id)) => return Some(peer_id),
+            (false, _) => "wrong or missing ALPN",
+            (true, None) => "no peer certificate or no node id in it",
+        };
+        warn!(%remote, direction = dir, reason, "rejected gossip peer");
+        bump(&self.stats.rejected_peers, 1);
+        conn.close(VarInt::from_u32(CLOSE_REJECTED), reason.as_bytes());
+        None
+    }
+
+    fn handshake_failed(&self, remote: SocketAddr, dir: &str, err: &ConnectionError) {
+        if is_rejection(err) {
+            warn!(%remote, direction = dir, reason = %err, "rejected gossip peer (TLS handshake failed)");
+            bump(&self.stats.rejected_peers, 1);
+        } else {
+            // Timeouts and resets are what dead peers look like; chitchat's
+            // failure detector reports those, no need to shout here.
+            debug!(%remote, direction = dir, error = %err, "gossip handshake failed");
+        }
+    }
+
+    fn register(&self, peer: SocketAddr, conn: &Connection) {
+        lock(&self.conns).insert(peer, conn.clone());
+    }
+
+    /// Forgets `peer`'s cached connection if it is still the given one (a
+    /// newer connection may have replaced it meanwhile).
+    fn forget(&self, peer: SocketAddr, stable_id: usize) {
+        let mut conns = lock(&self.conns);
+        if conns.get(&peer).is_some_and(|c| c.stable_id() == stable_id) {
+            conns.remove(&peer);
+        }
+    }
+
+    fn cached(&self, peer: SocketAddr) -> Option<Connection> {
+        let mut conns = lock(&self.conns);
+        match conns.get(&peer) {
+            Some(conn) if conn.close_reason().is_none() => Some(conn.clone()),
+            Some(_) => {
+                conns.remove(&peer);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Reads every uni stream of `conn` as one message until it closes.
+    async fn read_connection(
+        self: Arc<Self>,
+        conn: Connection,
+        peer: SocketAddr,
+        deliver: mpsc::Sender<Delivery>,
+    ) {
+        loop {
+            match conn.accept_uni().await {
+                // One task per stream: a message whose packets were lost
+                // must not delay the ones behind it. The peer's stream limit
+                // bounds how many run at once.
+                Ok(stream) => {
+                    tokio::spawn(read_message(
+                        self.stats.clone(),
+                        stream,
+                        peer,
+                        deliver.clone(),
+                    ));
+                }
+                Err(err) => {
+                    debug!(%peer, reason = %err, "gossip connection closed");
+                    break;
+                }
+            }
+        }
+        self.forget(peer, conn.stable_id());
+    }
+
+    /// Per-peer sender: drains `queue`, owning the peer's connection.
+    async fn run_peer(
+        self: Arc<Self>,
+        peer: SocketAddr,
+        mut queue: mpsc::Receiver<Bytes>,
+        deliver: mpsc::WeakSender<Delivery>,
+    ) {
+        let mut conn: Option<Connection> = None;
+        let mut backoff = MIN_REDIAL_BACKOFF;
+        let mut next_dial = Instant::now();
+        loop {
+            let payload = match tokio::time::timeout(PEER_TASK_IDLE, queue.recv()).await {
+                Ok(Some(payload)) => payload,
+                // Socket dropped, or nothing to say to this peer for a while.
+                Ok(None) | Err(_) => return,
+            };
+            if conn.as_ref().is_some_and(|c| c.close_reason().is_some()) {
+                conn = None;
+            }
+            // Prefer any live connection, e.g. one the peer dialled to us.
+            if conn.is_none() {
+                conn = self.cached(peer);
+            }
+            let current = match conn.take() {
+                Some(current) => current,
+                None if Instant::now() < next_dial => {
+                    trace!(%peer, "gossip peer in redial backoff; dropping message");
+                    bump(&self.stats.send_dropped, 1);
+                    continue;
+                }
+                None => match self.dial(peer, &deliver).await {
+                    Some(current) => current,
+                    None => {
+                        next_dial = Instant::now() + backoff;
+                        backoff = (backoff * 2).min(MAX_REDIAL_BACKOFF);
+                        bump(&self.stats.send_dropped, 1);
+                        continue;
+                    }
+                },
+            };
+            match tokio::time::timeout(STREAM_TIMEOUT, write_message(&current, &payload)).await {
+                Ok(Ok(())) => {
+                    bump(&self.stats.messages_out, 1);
+                    bump(&self.stats.bytes_out, payload.len() as u64);
+                    backoff = MIN_REDIAL_BACKOFF;
+                    conn = Some(current);
+                }
+                result => {
+                    let error = match result {
+                        Ok(Err(err)) => err.to_string(),
+                        _ => "timed out".to_owned(),
+                    };
+                    debug!(%peer, %error, "gossip send failed; dropping connection");
+                    bump(&self.stats.send_dropped, 1);
+                    // Close rather than just forget: a connection that can't
+                    // carry one small message is no use to the peer either.
+                    current.close(VarInt::from_u32(CLOSE_UNHEALTHY), b"send failed");
+                    self.forget(peer, current.stable_id());
+                    next_dial = Instant::now() + backoff;
+                    backoff = (backoff * 2).min(MAX_REDIAL_BACKOFF);
+                }
+            }
+        }
+    }
+}
+
+async fn write_message(conn: &Connection, payload: &[u8]) -> anyhow::Result<()> {
+    let mut stream = conn.open_uni().await?;
+    stream.write_all(payload).await?;
+    // quinn keeps delivering a finished stream after the handle is dropped.
+    stream.finish()?;
+    Ok(())
+}
+
+async fn read_message(
+    stats: Arc<GossipStats>,
+    mut stream: RecvStream,
+    peer: SocketAddr,
+    deliver: mpsc::Sender<Delivery>,
+) {
+    let read = tokio::time::timeout(STREAM_TIMEOUT, stream.read_to_end(MAX_MESSAGE_SIZE));
+    let bytes = match read.await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(quinn::ReadToEndError::TooLong)) => {
+            debug!(%peer, "gossip message exceeds {MAX_MESSAGE_SIZE} bytes; discarded");
+            bump(&stats.decode_errors, 1);
+            let _ = stream.stop(VarInt::from_u32(0));
+            return;
+        }
+        Ok(Err(err)) => {
+            // Connection lost or stream reset mid-message: a transport event,
+            // not the peer sending garbage.
+            debug!(%peer, error = %err, "gossip stream aborted");
+            return;
+        }
+        Err(_) => {
+            debug!(%peer, "gossip stream stalled; discarded");
+            let _ = stream.stop(VarInt::from_u32(0));
+            return;
+        }
+    };
+    bump(&stats.bytes_in, bytes.len() as u64);
+    match ChitchatMessage::deserialize(&mut bytes.as_slice()) {
+        Ok(msg) => {
+            bump(&stats.messages_in, 1);
+            // Err only if the socket is gone; nothing left to do then.
+            let _ = deliver.send((peer, msg)).await;
+        }
+        Err(err) => {
+            debug!(%peer, len = bytes.len(), error = %err, "undecodable gossip message");
+            bump(&stats.decode_errors, 1);
+        }
+    }
+}
+
+/// Whether a failed handshake was an authentication refusal (a TLS alert or
+/// protocol error from either side) rather than the peer being unreachable.
+fn is_rejection(err: &ConnectionError) -> bool {
+    match err {
+        // Raised locally: our TLS stack (or QUIC layer) refused the peer.
+        ConnectionError::TransportError(_) | ConnectionError::VersionMismatch => true,
+        // Sent by the peer: crypto error codes are 0x100 + TLS alert.
+        ConnectionError::ConnectionClosed(close) => {
+            (0x100..0x200).contains(&u64::from(close.error_code))
+        }
+        _ => false,
+    }
+}
+
+/// IPv4-mapped IPv6 addresses (seen on a dual-stack socket) are folded to
+/// IPv4 so one peer has one address for chitchat and for the caches.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => addr,
+        },
+        SocketAddr::V4(_) => addr,
+    }
+}
+
+/// The maps behind these mutexes stay consistent even if a holder panicked
+/// (every critical section is a single map operation), so poison is ignored
+/// rather than turned into a panic on the gossip path.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The [`Socket`] chitchat drives.
+struct QuicSocket {
+    node: Arc<Node>,
+    /// Queue of each peer's sender task.
+    peers: HashMap<SocketAddr, mpsc::Sender<Bytes>>,
+    inbox: mpsc::Receiver<Delivery>,
+    /// Handed to peer tasks for readers of the connections they dial; weak
+    /// so that it does not keep `recv` alive after the endpoint closed.
+    deliver: mpsc::WeakSender<Delivery>,
+    /// Accept loop and peer tasks; dropping the set aborts them.
+    tasks: JoinSet<()>,
+}
+
+impl QuicSocket {
+    fn spawn_peer(&mut self, peer: SocketAddr) -> mpsc::Sender<Bytes> {
+        // Reap finished tasks (idle peers) and their dead queues, so that
+        // neither grows with every address ever gossiped to.
+        let mut reaped = false;
+        while let Some(result) = self.tasks.try_join_next() {
+            if let Err(err) = result {
+                warn!(error = %err, "gossip transport task failed");
+            }
+            reaped = true;
+        }
+        if reaped {
+            self.peers.retain(|_, queue| !queue.is_closed());
+        }
+        let (tx, rx) = mpsc::channel(PEER_QUEUE_CAPACITY);
+        self.tasks
+            .spawn(self.node.clone().run_peer(peer, rx, self.deliver.clone()));
+        self.peers.insert(peer, tx.clone());
+        tx
+    }
+}
+
+#[async_trait]
+impl Socket for QuicSocket {
+    /// Never waits on the network; see the module docs.
+    async fn send(&mut self, to: SocketAddr, msg: ChitchatMessage) -> anyhow::Result<()> {
+        let to = canonical(to);
+        let mut buf = Vec::with_capacity(msg.serialized_len());
+        msg.serialize(&mut buf);
+        if buf.len() > MAX_MESSAGE_SIZE {
+            warn!(peer = %to, len = buf.len(), "gossip message too large; dropped");
+            bump(&self.node.stats.send_dropped, 1);
+            return Ok(());
+        }
+        let mut payload = Bytes::from(buf);
+        // A second attempt only if the peer's task had just exited (idle).
+        for _ in 0..2 {
+            let queue = match self.peers.get(&to) {
+                Some(queue) => queue.clone(),
+                None => self.spawn_peer(to),
+            };
+            match queue.try_send(payload) {
+                Ok(()) => return Ok(()),
+                Err(TrySendError::Full(_)) => {
+                    trace!(peer = %to, "gossip peer queue full; dropping message");
+                    break;
+                }
+                Err(TrySendError::Closed(returned)) => {
+                    self.peers.remove(&to);
+                    payload = returned;
+                }
+            }
+        }
+        bump(&self.node.stats.send_dropped, 1);
+        Ok(())
+    }
+
+    async fn recv(&mut self) -> anyhow::Result<(SocketAddr, ChitchatMessage)> {
+        self.inbox
+            .recv()
+            .await
+            .context("gossip QUIC endpoint closed")
+    }
+}
+
+impl Drop for QuicSocket {
+    fn drop(&mut self) {
+        // Closes every connection at once (peers see a clean close instead
+        // of waiting out the idle timeout) and ends the accept loop; the
+        // task set aborts the rest when dropped right after.
+        self.node
+            .endpoint
+            .close(VarInt::from_u32(CLOSE_SHUTDOWN), b"shutting down");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_folds_mapped_ipv4() {
+        let mapped: SocketAddr = "[::ffff:10.0.0.1]:62501".parse().unwrap();
+        assert_eq!(canonical(mapped), "10.0.0.1:62501".parse().unwrap());
+        let v6: SocketAddr = "[fd00::1]:62501".parse().unwrap();
+        assert_eq!(canonical(v6), v6);
+    }
+}

@@ -1,0 +1,15 @@
+//! The replicated data model of a skein cluster.
+//!
+//! Pure and deterministic: no sockets, clocks or files. The gossip layer
+//! feeds it observed writes; the API and the realizers read typed views.
+
+pub mod replica;
+pub mod task;
+pub mod view;
+
+pub use replica::{Entry, NodeId, NodeKeyspace, Replica, Update};
+pub use task::{validate_task_id, PortMapping, Protocol, TaskError, TaskSpec};
+pub use view::{
+    nodes, task_key, tasks, BadEntry, Liveness, NodeMeta, NodeStatus, NodeView, TaskView, META_KEY,
+    TASK_PREFIX,
+};

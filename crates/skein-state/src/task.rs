@@ -1,0 +1,206 @@
+//! Tasks: what runs where. A task is registered on the agent of the node it
+//! runs on and is single-writer data of that node, shaped like a Marathon
+//! port mapping so that DC/OS users can bring their labels unchanged.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// Upper bounds keep one node's keyspace (and so every gossip message about
+/// it) small, whatever a client sends.
+pub const MAX_TASK_ID_LEN: usize = 128;
+pub const MAX_APP_LEN: usize = 255;
+pub const MAX_PORTS: usize = 64;
+pub const MAX_LABELS: usize = 32;
+pub const MAX_LABEL_LEN: usize = 255;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+fn default_protocol() -> Protocol {
+    Protocol::Tcp
+}
+
+fn default_framework() -> String {
+    "marathon".to_string()
+}
+
+/// One port of a task, as Marathon writes a port mapping.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortMapping {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub port: u16,
+    #[serde(default = "default_protocol")]
+    pub protocol: Protocol,
+    /// `VIP_n` labels live here, e.g. `"VIP_0": "/httpi:3141"`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The body of `PUT /v1/tasks/{task-id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSpec {
+    /// Marathon app id, e.g. `/httpi` or `/group/app`.
+    pub app: String,
+    #[serde(default = "default_framework")]
+    pub framework: String,
+    /// The address the task's ports are reachable on.
+    pub ip: IpAddr,
+    #[serde(default)]
+    pub ports: Vec<PortMapping>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TaskError {
+    #[error("task id must be 1 to {MAX_TASK_ID_LEN} characters of [A-Za-z0-9._-], got {0:?}")]
+    BadId(String),
+    #[error("app must be 1 to {MAX_APP_LEN} printable characters")]
+    BadApp,
+    #[error("framework must be 1 to 63 characters of [a-z0-9-]")]
+    BadFramework,
+    #[error("at most {MAX_PORTS} ports per task")]
+    TooManyPorts,
+    #[error("port {index}: port number must be 1..=65535")]
+    PortZero { index: usize },
+    #[error("port {index}: at most {MAX_LABELS} labels, each key and value at most {MAX_LABEL_LEN} characters")]
+    BadLabels { index: usize },
+    #[error("port {index}: name must be at most 63 characters")]
+    BadPortName { index: usize },
+}
+
+pub fn validate_task_id(id: &str) -> Result<(), TaskError> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_TASK_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(TaskError::BadId(
+            id.chars().take(MAX_TASK_ID_LEN + 1).collect(),
+        ))
+    }
+}
+
+impl TaskSpec {
+    /// Checks what serde cannot: lengths, ranges and character sets. A task
+    /// that passes is safe to gossip and to turn into DNS names and rules.
+    pub fn validate(&self) -> Result<(), TaskError> {
+        if self.app.is_empty()
+            || self.app.len() > MAX_APP_LEN
+            || self.app.chars().any(|c| c.is_control())
+        {
+            return Err(TaskError::BadApp);
+        }
+        let framework_ok = !self.framework.is_empty()
+            && self.framework.len() <= 63
+            && self
+                .framework
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !framework_ok {
+            return Err(TaskError::BadFramework);
+        }
+        if self.ports.len() > MAX_PORTS {
+            return Err(TaskError::TooManyPorts);
+        }
+        for (index, port) in self.ports.iter().enumerate() {
+            if port.port == 0 {
+                return Err(TaskError::PortZero { index });
+            }
+            if port.name.as_ref().is_some_and(|n| n.len() > 63) {
+                return Err(TaskError::BadPortName { index });
+            }
+            let labels_ok = port.labels.len() <= MAX_LABELS
+                && port
+                    .labels
+                    .iter()
+                    .all(|(k, v)| k.len() <= MAX_LABEL_LEN && v.len() <= MAX_LABEL_LEN);
+            if !labels_ok {
+                return Err(TaskError::BadLabels { index });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(body: &str) -> Result<TaskSpec, String> {
+        let spec: TaskSpec = serde_json::from_str(body).map_err(|e| e.to_string())?;
+        spec.validate().map_err(|e| e.to_string())?;
+        Ok(spec)
+    }
+
+    #[test]
+    fn marathon_shaped_body_parses_with_defaults() {
+        let spec = parse(
+            r#"{"app":"/httpi","ip":"10.0.0.2","ports":[{"name":"http","port":9896,"labels":{"VIP_0":"/httpi:3141"}}]}"#,
+        )
+        .expect("valid");
+        assert_eq!(spec.framework, "marathon");
+        assert_eq!(spec.ports[0].protocol, Protocol::Tcp);
+        assert_eq!(spec.ports[0].labels["VIP_0"], "/httpi:3141");
+    }
+
+    #[test]
+    fn bad_bodies_are_rejected_with_a_reason() {
+        for (body, needle) in [
+            (r#"{"app":"/a","ip":"10.0.0.300"}"#, "invalid IP"),
+            (
+                r#"{"app":"/a","ip":"10.0.0.3","ports":[{"port":70000}]}"#,
+                "invalid value",
+            ),
+            (
+                r#"{"app":"/a","ip":"10.0.0.3","ports":[{"port":0}]}"#,
+                "1..=65535",
+            ),
+            (r#"{"app":"","ip":"10.0.0.3"}"#, "app must be"),
+            (
+                r#"{"app":"/a","ip":"10.0.0.3","prots":[]}"#,
+                "unknown field",
+            ),
+            (
+                r#"{"app":"/a","ip":"10.0.0.3","framework":"Bad Name"}"#,
+                "framework",
+            ),
+            (r#"{"ip":"10.0.0.3"}"#, "missing field `app`"),
+            (
+                r#"{"app":"/a","ip":"10.0.0.3","ports":[{"port":1,"protocol":"sctp"}]}"#,
+                "unknown variant",
+            ),
+        ] {
+            let err = parse(body).expect_err(body);
+            assert!(err.contains(needle), "{body}: {err}");
+        }
+    }
+
+    #[test]
+    fn task_ids() {
+        assert!(validate_task_id("httpi.1a2b-3_c").is_ok());
+        for bad in ["", "a/b", "a b", &"x".repeat(129), "ü"] {
+            assert!(validate_task_id(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,198 @@
+//! Typed views of the replica: how keys are named, and what the API shows.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::replica::{NodeId, Replica};
+use crate::task::TaskSpec;
+
+/// Key of a node's metadata in its own keyspace.
+pub const META_KEY: &str = "meta";
+/// Prefix of task keys: `task:<task-id>` → JSON [`TaskSpec`].
+pub const TASK_PREFIX: &str = "task:";
+
+pub fn task_key(task_id: &str) -> String {
+    format!("{TASK_PREFIX}{task_id}")
+}
+
+/// What a node says about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeMeta {
+    pub hostname: String,
+    pub private_ip: IpAddr,
+    pub agent_version: String,
+    /// Unix milliseconds of the agent's start.
+    pub started_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeStatus {
+    Alive,
+    /// Live for the failure detector, but its heartbeat has not advanced
+    /// lately: likely going down.
+    Suspect,
+    Down,
+}
+
+impl NodeStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeStatus::Alive => "alive",
+            NodeStatus::Suspect => "suspect",
+            NodeStatus::Down => "down",
+        }
+    }
+}
+
+/// A row of `GET /v1/nodes`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeView {
+    pub node_id: NodeId,
+    pub private_ip: Option<IpAddr>,
+    pub hostname: Option<String>,
+    pub status: NodeStatus,
+    /// Unix milliseconds when this node last saw the status change or the
+    /// node's heartbeat advance.
+    pub updated: u64,
+    pub generation: u64,
+    pub version: u64,
+}
+
+/// A row of `GET /v1/tasks`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskView {
+    pub id: String,
+    pub node_id: NodeId,
+    pub node_status: NodeStatus,
+    #[serde(flatten)]
+    pub spec: TaskSpec,
+}
+
+/// A value published by a node that does not decode. Reported rather than
+/// dropped silently: it means a newer or broken peer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BadEntry {
+    pub node_id: NodeId,
+    pub key: String,
+    pub error: String,
+}
+
+/// Liveness as seen by this node, with when it last changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Liveness {
+    pub status: NodeStatus,
+    pub updated: u64,
+}
+
+/// Nodes of the replica, each with its liveness; a node the failure detector
+/// does not know (e.g. loaded from disk after a restart) counts as down.
+pub fn nodes(replica: &Replica, liveness: &BTreeMap<NodeId, Liveness>) -> Vec<NodeView> {
+    replica
+        .nodes()
+        .iter()
+        .map(|(node_id, keyspace)| {
+            let meta: Option<NodeMeta> = keyspace
+                .get(META_KEY)
+                .and_then(|v| serde_json::from_str(v).ok());
+            let live = liveness.get(node_id).copied().unwrap_or(Liveness {
+                status: NodeStatus::Down,
+                updated: 0,
+            });
+            NodeView {
+                node_id: node_id.clone(),
+                private_ip: meta.as_ref().map(|m| m.private_ip),
+                hostname: meta.map(|m| m.hostname),
+                status: live.status,
+                updated: live.updated,
+                generation: keyspace.generation,
+                version: keyspace.max_version(),
+            }
+        })
+        .collect()
+}
+
+/// Every task of the cluster with its owner and the owner's status, plus the
+/// entries that failed to decode.
+pub fn tasks(
+    replica: &Replica,
+    liveness: &BTreeMap<NodeId, Liveness>,
+) -> (Vec<TaskView>, Vec<BadEntry>) {
+    let mut tasks = Vec::new();
+    let mut bad = Vec::new();
+    for (node_id, keyspace) in replica.nodes() {
+        let node_status = liveness.get(node_id).map_or(NodeStatus::Down, |l| l.status);
+        for (key, value) in keyspace.live() {
+            let Some(id) = key.strip_prefix(TASK_PREFIX) else {
+                continue;
+            };
+            match serde_json::from_str::<TaskSpec>(value) {
+                Ok(spec) => tasks.push(TaskView {
+                    id: id.to_string(),
+                    node_id: node_id.clone(),
+                    node_status,
+                    spec,
+                }),
+                Err(e) => bad.push(BadEntry {
+                    node_id: node_id.clone(),
+                    key: key.to_string(),
+                    error: e.to_string(),
+                }),
+            }
+        }
+    }
+    (tasks, bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replica::Update;
+
+    #[test]
+    fn tasks_carry_owner_status_and_vanish_with_a_removed_node() {
+        let mut r = Replica::new();
+        let spec = r#"{"app":"/a","framework":"marathon","ip":"10.0.0.1","ports":[]}"#;
+        for (node, key, value) in [
+            ("n1", "task:t1", spec),
+            ("n2", "task:t2", spec),
+            ("n2", "task:t3", "{not json"),
+            (
+                "n2",
+                "meta",
+                r#"{"hostname":"h2","private_ip":"10.0.0.2","agent_version":"x","started_ms":1}"#,
+            ),
+        ] {
+            r.apply(&Update {
+                node: node.into(),
+                generation: 1,
+                key: key.into(),
+                version: 1,
+                value: Some(value.into()),
+            });
+        }
+        let mut live = BTreeMap::new();
+        live.insert(
+            "n1".to_string(),
+            Liveness {
+                status: NodeStatus::Alive,
+                updated: 5,
+            },
+        );
+        let (t, bad) = tasks(&r, &live);
+        assert_eq!(t.len(), 2);
+        assert_eq!(t[0].node_status, NodeStatus::Alive);
+        assert_eq!(t[1].node_id, "n2");
+        assert_eq!(t[1].node_status, NodeStatus::Down);
+        assert_eq!(bad.len(), 1);
+        let n = nodes(&r, &live);
+        assert_eq!(n[1].hostname.as_deref(), Some("h2"));
+
+        r.remove_node("n2", 1);
+        let (t, bad) = tasks(&r, &live);
+        assert_eq!(t.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(), ["t1"]);
+        assert!(bad.is_empty());
+    }
+}

@@ -1,0 +1,292 @@
+//! `skein agent` configuration: flags override `SKEIN_*` environment
+//! variables (clap handles both), which override the `--config` TOML file,
+//! which overrides the defaults.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use serde::Deserialize;
+use skein_agent::AgentConfig;
+
+pub const DEFAULT_GOSSIP_PORT: u16 = 62501;
+pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:62080";
+
+#[derive(Debug, Args, Default)]
+pub struct AgentArgs {
+    /// TOML file with any of the settings below (flag names with `_`).
+    #[arg(long, env = "SKEIN_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Unique name of this node [default: hostname].
+    #[arg(long, env = "SKEIN_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Underlay address peers use to reach this node [default: the address
+    /// that routes to the first seed].
+    #[arg(long, env = "SKEIN_ADVERTISE")]
+    pub advertise: Option<IpAddr>,
+    /// QUIC/UDP gossip listener [default: 0.0.0.0:62501].
+    #[arg(long, env = "SKEIN_GOSSIP_LISTEN")]
+    pub gossip_listen: Option<SocketAddr>,
+    /// Comma-separated `host:port` of nodes to join through (names or IPs).
+    #[arg(long, env = "SKEIN_SEEDS", value_delimiter = ',')]
+    pub seeds: Option<Vec<String>>,
+    /// HTTP API listener [default: 127.0.0.1:62080]. On a non-loopback
+    /// address, `--api-token-file` is required.
+    #[arg(long, env = "SKEIN_API_LISTEN")]
+    pub api_listen: Option<SocketAddr>,
+    /// Where the agent keeps its state [default: /var/lib/skein].
+    #[arg(long, env = "SKEIN_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Directory with ca.pem, node.pem, node-key.pem [default: <data-dir>/tls].
+    #[arg(long, env = "SKEIN_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// Name of the cluster; peers of another cluster are refused [default: skein].
+    #[arg(long, env = "SKEIN_CLUSTER_ID")]
+    pub cluster_id: Option<String>,
+    /// File holding the bearer token that state-changing API calls need.
+    #[arg(long, env = "SKEIN_API_TOKEN_FILE")]
+    pub api_token_file: Option<PathBuf>,
+    /// Gossip round interval in milliseconds [default: 200].
+    #[arg(long, env = "SKEIN_GOSSIP_INTERVAL_MS")]
+    pub gossip_interval_ms: Option<u64>,
+    /// Phi-accrual threshold above which a node is down [default: 8].
+    #[arg(long, env = "SKEIN_PHI_THRESHOLD")]
+    pub phi_threshold: Option<f64>,
+    /// Milliseconds without heartbeat progress before a node is `suspect` [default: 1500].
+    #[arg(long, env = "SKEIN_SUSPECT_AFTER_MS")]
+    pub suspect_after_ms: Option<u64>,
+    /// Seconds a down node's state is kept before it is forgotten [default: 86400].
+    #[arg(long, env = "SKEIN_DEAD_NODE_GRACE_S")]
+    pub dead_node_grace_s: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    node_id: Option<String>,
+    advertise: Option<IpAddr>,
+    gossip_listen: Option<SocketAddr>,
+    seeds: Option<Vec<String>>,
+    api_listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    tls_dir: Option<PathBuf>,
+    cluster_id: Option<String>,
+    api_token_file: Option<PathBuf>,
+    gossip_interval_ms: Option<u64>,
+    phi_threshold: Option<f64>,
+    suspect_after_ms: Option<u64>,
+    dead_node_grace_s: Option<u64>,
+}
+
+/// What the binary needs besides [`AgentConfig`].
+pub struct Resolved {
+    pub agent: AgentConfig,
+    pub api_listen: SocketAddr,
+    pub api_token: Option<String>,
+}
+
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+pub fn read_token(path: &Path) -> anyhow::Result<String> {
+    let token = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read API token file {}", path.display()))?
+        .trim()
+        .to_string();
+    if token.len() < 16 {
+        bail!(
+            "API token in {} is shorter than 16 characters; use a random token",
+            path.display()
+        );
+    }
+    Ok(token)
+}
+
+/// The local address the kernel would use to reach `seed` (no packet is sent).
+fn route_source_to(seed: &str) -> Option<IpAddr> {
+    let addr = seed.to_socket_addrs().ok()?.next()?;
+    let bind: SocketAddr = if addr.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = UdpSocket::bind(bind).ok()?;
+    socket.connect(addr).ok()?;
+    let ip = socket.local_addr().ok()?.ip();
+    (!ip.is_unspecified()).then_some(ip)
+}
+
+impl AgentArgs {
+    pub fn resolve(self) -> anyhow::Result<Resolved> {
+        let file: FileConfig = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read config file {}", path.display()))?;
+                toml::from_str(&text)
+                    .with_context(|| format!("invalid config file {}", path.display()))?
+            }
+            None => FileConfig::default(),
+        };
+        let node_id = self.node_id.or(file.node_id).unwrap_or_else(hostname);
+        if node_id.is_empty()
+            || node_id.len() > 253
+            || node_id.chars().any(|c| c.is_control() || c.is_whitespace())
+        {
+            bail!("--node-id must be 1 to 253 characters without spaces, got {node_id:?}");
+        }
+        let gossip_listen = self
+            .gossip_listen
+            .or(file.gossip_listen)
+            .unwrap_or((Ipv4Addr::UNSPECIFIED, DEFAULT_GOSSIP_PORT).into());
+        let seeds: Vec<String> = self
+            .seeds
+            .or(file.seeds)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                // A seed given without a port gossips on the default one.
+                if s.parse::<SocketAddr>().is_ok()
+                    || s.rsplit_once(':')
+                        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+                {
+                    s
+                } else {
+                    format!("{s}:{DEFAULT_GOSSIP_PORT}")
+                }
+            })
+            .collect();
+        let advertise = match self.advertise.or(file.advertise) {
+            Some(ip) => ip,
+            None if !gossip_listen.ip().is_unspecified() => gossip_listen.ip(),
+            None => seeds.iter().find_map(|s| route_source_to(s)).context(
+                "cannot work out the address peers reach this node on; pass --advertise",
+            )?,
+        };
+        if advertise.is_unspecified() {
+            bail!("--advertise must be a concrete address, not {advertise}");
+        }
+        let data_dir = self
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from("/var/lib/skein"));
+        let tls_dir = self
+            .tls_dir
+            .or(file.tls_dir)
+            .unwrap_or_else(|| data_dir.join("tls"));
+        let api_listen = self
+            .api_listen
+            .or(file.api_listen)
+            .unwrap_or_else(|| DEFAULT_API_LISTEN.parse().expect("constant address"));
+        let api_token = match self.api_token_file.or(file.api_token_file) {
+            Some(path) => Some(read_token(&path)?),
+            None => None,
+        };
+        if !api_listen.ip().is_loopback() && api_token.is_none() {
+            bail!(
+                "the API would listen on {api_listen}, beyond loopback, without a token: \
+                 pass --api-token-file so that only holders of the token can change state"
+            );
+        }
+        let gossip_interval = Duration::from_millis(
+            self.gossip_interval_ms
+                .or(file.gossip_interval_ms)
+                .unwrap_or(200),
+        );
+        if gossip_interval < Duration::from_millis(10) {
+            bail!("--gossip-interval-ms must be at least 10");
+        }
+        let phi_threshold = self.phi_threshold.or(file.phi_threshold).unwrap_or(8.0);
+        if !(phi_threshold.is_finite() && phi_threshold > 0.0) {
+            bail!("--phi-threshold must be a positive number");
+        }
+        Ok(Resolved {
+            agent: AgentConfig {
+                hostname: hostname(),
+                node_id,
+                advertise,
+                gossip_listen,
+                seeds,
+                data_dir,
+                tls_dir,
+                cluster_id: self
+                    .cluster_id
+                    .or(file.cluster_id)
+                    .unwrap_or_else(|| "skein".to_string()),
+                gossip_interval,
+                phi_threshold,
+                suspect_after: Duration::from_millis(
+                    self.suspect_after_ms
+                        .or(file.suspect_after_ms)
+                        .unwrap_or(1500),
+                ),
+                dead_node_grace: Duration::from_secs(
+                    self.dead_node_grace_s
+                        .or(file.dead_node_grace_s)
+                        .unwrap_or(86_400),
+                ),
+            },
+            api_listen,
+            api_token,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file_and_defaults_apply() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("skein.toml");
+        std::fs::write(
+            &file,
+            "node_id = \"from-file\"\nseeds = [\"10.0.0.1\"]\ngossip_interval_ms = 500\nadvertise = \"10.0.0.9\"\n",
+        )
+        .expect("write");
+        let args = AgentArgs {
+            config: Some(file),
+            node_id: Some("from-flag".into()),
+            ..AgentArgs::default()
+        };
+        let r = args.resolve().expect("resolve");
+        assert_eq!(r.agent.node_id, "from-flag");
+        assert_eq!(r.agent.seeds, vec!["10.0.0.1:62501".to_string()]);
+        assert_eq!(r.agent.gossip_interval, Duration::from_millis(500));
+        assert_eq!(r.api_listen.to_string(), DEFAULT_API_LISTEN);
+        assert_eq!(r.agent.tls_dir, PathBuf::from("/var/lib/skein/tls"));
+    }
+
+    #[test]
+    fn public_api_without_token_is_refused() {
+        let args = AgentArgs {
+            advertise: Some("10.0.0.9".parse().expect("ip")),
+            api_listen: Some("0.0.0.0:62080".parse().expect("addr")),
+            ..AgentArgs::default()
+        };
+        let err = args.resolve().err().expect("must fail").to_string();
+        assert!(err.contains("without a token"), "{err}");
+    }
+
+    #[test]
+    fn unknown_config_keys_are_errors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("skein.toml");
+        std::fs::write(&file, "nodeid = \"typo\"\n").expect("write");
+        let args = AgentArgs {
+            config: Some(file),
+            ..AgentArgs::default()
+        };
+        let err = format!("{:#}", args.resolve().err().expect("must fail"));
+        assert!(err.contains("unknown field"), "{err}");
+    }
+}

@@ -1,0 +1,214 @@
+//! `skein`: the agent (`skein agent`) and the CLI over its local API.
+
+mod client;
+mod config;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use serde_json::Value;
+
+use crate::client::{ApiArgs, Client, TaskAddArgs};
+use crate::config::AgentArgs;
+
+#[derive(Parser)]
+#[command(
+    name = "skein",
+    version,
+    about = "Decentralised service-networking mesh"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node agent.
+    Agent(AgentArgs),
+    /// Cluster CA and node certificates for mutually authenticated gossip.
+    #[command(subcommand)]
+    Cert(CertCommand),
+    /// Members of the cluster and their status.
+    Nodes(ApiArgs),
+    /// Every task in the cluster and the node it runs on.
+    Tasks(ApiArgs),
+    /// Register or remove a task on this node.
+    Task {
+        #[command(subcommand)]
+        command: TaskCommand,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// The local replica: every node's published keys and versions.
+    State(ApiArgs),
+    /// Version of this binary and of the agent it talks to.
+    Version(ApiArgs),
+}
+
+#[derive(Subcommand)]
+enum CertCommand {
+    /// Create a cluster CA in DIR (ca.pem, ca-key.pem).
+    Init {
+        dir: PathBuf,
+        #[arg(long, default_value = "skein")]
+        cluster_id: String,
+    },
+    /// Issue a node certificate signed by the CA in CA_DIR into OUT_DIR.
+    Issue {
+        ca_dir: PathBuf,
+        node_id: String,
+        out_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum TaskCommand {
+    /// Register (or replace) a task running on this node.
+    Add(TaskAddArgs),
+    /// Remove a task of this node.
+    Rm { id: String },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print(client: &Client, value: &Value, human: impl Fn(&Value) -> String) -> anyhow::Result<()> {
+    if client.json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        println!("{}", human(value));
+    }
+    Ok(())
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Agent(args) => run_agent(args),
+        Command::Cert(CertCommand::Init { dir, cluster_id }) => {
+            skein_tls::init_ca(&dir, &cluster_id)?;
+            println!("cluster CA for {cluster_id:?} written to {}", dir.display());
+            println!(
+                "keep {} secret; issue node certificates with `skein cert issue`",
+                dir.join("ca-key.pem").display()
+            );
+            Ok(())
+        }
+        Command::Cert(CertCommand::Issue {
+            ca_dir,
+            node_id,
+            out_dir,
+        }) => {
+            skein_tls::issue_node(&ca_dir, &node_id, &out_dir)?;
+            println!(
+                "certificate for node {node_id:?} written to {}",
+                out_dir.display()
+            );
+            Ok(())
+        }
+        Command::Nodes(api) => {
+            let c = Client::new(&api)?;
+            print(&c, &c.get("/v1/nodes")?, client::print_nodes)
+        }
+        Command::Tasks(api) => {
+            let c = Client::new(&api)?;
+            print(&c, &c.get("/v1/tasks")?, client::print_tasks)
+        }
+        Command::State(api) => {
+            let c = Client::new(&api)?;
+            print(&c, &c.get("/v1/state")?, client::print_state)
+        }
+        Command::Version(api) => {
+            println!("skein {}", skein_agent::VERSION);
+            let c = Client::new(&api)?;
+            let v = c.get("/v1/version")?;
+            println!(
+                "agent {} on node {} (cluster {})",
+                v.get("version").and_then(Value::as_str).unwrap_or("?"),
+                v.get("node_id").and_then(Value::as_str).unwrap_or("?"),
+                v.get("cluster_id").and_then(Value::as_str).unwrap_or("?"),
+            );
+            Ok(())
+        }
+        Command::Task { command, api } => {
+            let c = Client::new(&api)?;
+            match command {
+                TaskCommand::Add(args) => {
+                    let body = args.body()?;
+                    let v = c.put_json(&format!("/v1/tasks/{}", args.id), &body)?;
+                    print(&c, &v, |_| {
+                        format!("task {} registered on this node", args.id)
+                    })
+                }
+                TaskCommand::Rm { id } => {
+                    c.delete(&format!("/v1/tasks/{id}"))?;
+                    if !c.json {
+                        println!("task {id} removed");
+                    }
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
+fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("info,quinn=warn,chitchat=warn")
+            }),
+        )
+        .init();
+    let resolved = args.resolve()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let agent = skein_agent::Agent::start(resolved.agent).await?;
+        let listener = tokio::net::TcpListener::bind(resolved.api_listen)
+            .await
+            .with_context(|| format!("cannot listen on {} for the API", resolved.api_listen))?;
+        tracing::info!(
+            api = %resolved.api_listen,
+            token_required = resolved.api_token.is_some(),
+            "API listening"
+        );
+        let app = skein_api::router(
+            agent.clone(),
+            skein_api::ApiAuth {
+                token: resolved.api_token,
+            },
+        );
+        skein_api::serve(listener, app, shutdown_signal()).await?;
+        tracing::info!("shutting down");
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -112,6 +112,8 @@ pub struct Node {
     pub tls_dir: PathBuf,
     pub process: Option<Child>,
     pub log: PathBuf,
+    /// Base URL of the agent's API (loopback unless started with `--api-listen`).
+    pub api: String,
 }
 
 pub struct Cluster {
@@ -212,6 +214,7 @@ impl Cluster {
             data_dir,
             tls_dir,
             process: None,
+            api: API.to_string(),
         });
         Ok(())
     }
@@ -250,10 +253,17 @@ impl Cluster {
             .stdout(log.try_clone()?)
             .stderr(log);
         node.process = Some(cmd.spawn().context("spawning skein agent")?);
+        node.api = match extra.iter().position(|a| *a == "--api-listen") {
+            Some(p) => format!(
+                "http://{}",
+                extra.get(p + 1).context("--api-listen needs a value")?
+            ),
+            None => API.to_string(),
+        };
         // Ready once its API answers.
-        let netns = node.netns.clone();
+        let (netns, api) = (node.netns.clone(), node.api.clone());
         wait_for(&format!("node{i}'s API"), Duration::from_secs(15), || {
-            Ok(curl(&netns, &["-sf", &format!("{API}/v1/version")]).ok())
+            Ok(curl(&netns, &["-sf", &format!("{api}/v1/version")]).ok())
         })?;
         Ok(())
     }
@@ -284,7 +294,8 @@ impl Cluster {
 
     /// `GET path` on node `i`'s local API, parsed as JSON.
     pub fn get(&self, i: usize, path: &str) -> anyhow::Result<Value> {
-        let out = curl(&self.node(i).netns, &["-sf", &format!("{API}{path}")])?;
+        let node = self.node(i);
+        let out = curl(&node.netns, &["-sf", &format!("{}{path}", node.api)])?;
         serde_json::from_slice(&out).with_context(|| format!("GET {path} on node{i}: not JSON"))
     }
 
@@ -327,43 +338,44 @@ impl Cluster {
 
     /// Registers a task on node `i` through its API; returns the HTTP code and body.
     pub fn put_task(&self, i: usize, id: &str, body: &str) -> anyhow::Result<(u16, String)> {
-        let out = curl(
-            &self.node(i).netns,
-            &[
-                "-s",
-                "-o",
-                "-",
-                "-w",
-                "\n%{http_code}",
-                "-X",
-                "PUT",
+        self.request(i, "PUT", &format!("/v1/tasks/{id}"), Some(body), &[])
+    }
+
+    pub fn delete_task(&self, i: usize, id: &str) -> anyhow::Result<u16> {
+        Ok(self
+            .request(i, "DELETE", &format!("/v1/tasks/{id}"), None, &[])?
+            .0)
+    }
+
+    /// Any request to node `i`'s API with curl inside its namespace; returns
+    /// the HTTP status and the body.
+    pub fn request(
+        &self,
+        i: usize,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        headers: &[&str],
+    ) -> anyhow::Result<(u16, String)> {
+        let node = self.node(i);
+        let url = format!("{}{path}", node.api);
+        let mut args = vec!["-s", "-o", "-", "-w", "\n%{http_code}", "-X", method];
+        if let Some(body) = body {
+            args.extend_from_slice(&[
                 "-H",
                 "Content-Type: application/json",
                 "--data-binary",
                 body,
-                &format!("{API}/v1/tasks/{id}"),
-            ],
-        )?;
+            ]);
+        }
+        for h in headers {
+            args.extend_from_slice(&["-H", h]);
+        }
+        args.push(&url);
+        let out = curl(&node.netns, &args)?;
         let text = String::from_utf8_lossy(&out).to_string();
         let (body, code) = text.rsplit_once('\n').context("no status code")?;
         Ok((code.trim().parse()?, body.to_string()))
-    }
-
-    pub fn delete_task(&self, i: usize, id: &str) -> anyhow::Result<u16> {
-        let out = curl(
-            &self.node(i).netns,
-            &[
-                "-s",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "-X",
-                "DELETE",
-                &format!("{API}/v1/tasks/{id}"),
-            ],
-        )?;
-        Ok(String::from_utf8_lossy(&out).trim().parse()?)
     }
 
     /// Prints every agent's log tail; call on failure.

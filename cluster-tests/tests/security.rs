@@ -171,3 +171,57 @@ fn garbage_on_the_gossip_port_and_bad_task_bodies_change_nothing() -> anyhow::Re
     );
     Ok(())
 }
+
+#[test]
+fn an_api_beyond_loopback_changes_state_only_with_the_token() -> anyhow::Result<()> {
+    let mut c = Cluster::new(2)?;
+    let token_file = c.dir.path().join("token");
+    std::fs::write(&token_file, "s3cret-token-0123456789\n")?;
+    let token_path = token_file.to_str().expect("utf8").to_string();
+    // Without a token file the agent refuses to expose its API.
+    let refused = std::process::Command::new(cluster_tests::skein_bin())
+        .args(["agent", "--node-id", "node1", "--advertise", "10.77.0.1"])
+        .args(["--api-listen", "10.77.0.1:62080", "--data-dir"])
+        .arg(c.dir.path().join("refused"))
+        .output()?;
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("without a token"), "{stderr}");
+
+    c.start(
+        1,
+        &[],
+        &[
+            "--api-listen",
+            "10.77.0.1:62080",
+            "--api-token-file",
+            &token_path,
+        ],
+    )?;
+    let body = r#"{"app":"/a","ip":"10.77.0.1"}"#;
+    let (code, text) = c.request(1, "PUT", "/v1/tasks/a.1", Some(body), &[])?;
+    assert_eq!(code, 401, "{text}");
+    assert!(text.contains("Bearer"), "{text}");
+    let (code, _) = c.request(
+        1,
+        "PUT",
+        "/v1/tasks/a.1",
+        Some(body),
+        &["Authorization: Bearer wrong"],
+    )?;
+    assert_eq!(code, 401);
+    let (code, _) = c.request(1, "DELETE", "/v1/tasks/a.1", None, &[])?;
+    assert_eq!(code, 401);
+    assert!(
+        c.tasks(1)?.is_empty(),
+        "an unauthorized write changed state"
+    );
+    let auth = "Authorization: Bearer s3cret-token-0123456789";
+    let (code, text) = c.request(1, "PUT", "/v1/tasks/a.1", Some(body), &[auth])?;
+    assert_eq!(code, 201, "{text}");
+    // Reads stay open; the write is there.
+    assert_eq!(c.tasks(1)?.len(), 1);
+    let (code, _) = c.request(1, "DELETE", "/v1/tasks/a.1", None, &[auth])?;
+    assert_eq!(code, 204);
+    Ok(())
+}

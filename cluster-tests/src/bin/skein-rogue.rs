@@ -47,7 +47,8 @@ async fn no_cert(addr: SocketAddr, ca_pem: &str) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut roots = rustls::RootCertStore::empty();
     let pem = std::fs::read(ca_pem)?;
-    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+    use rustls::pki_types::pem::PemObject;
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
         roots.add(cert?)?;
     }
     let mut tls = rustls::ClientConfig::builder()

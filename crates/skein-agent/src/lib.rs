@@ -90,9 +90,9 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// How often the snapshot readers see is refreshed; it bounds how stale an
-/// API answer can be relative to gossip.
-const SNAPSHOT_INTERVAL: Duration = Duration::from_millis(50);
+/// The snapshot readers see is refreshed as soon as gossip applies a change,
+/// and at least this often, so that liveness (`suspect`, `down`) is current.
+const SNAPSHOT_INTERVAL: Duration = Duration::from_millis(250);
 const PERSIST_INTERVAL: Duration = Duration::from_secs(2);
 
 impl Agent {
@@ -311,8 +311,19 @@ async fn refresh_loop(agent: std::sync::Weak<Agent>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_persist = Instant::now();
     let mut persisted: Option<skein_state::Replica> = None;
+    let mut changes = match agent.upgrade() {
+        Some(agent) => agent.gossip.changes().await,
+        None => return,
+    };
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return; // gossip stopped
+                }
+            }
+        }
         let Some(agent) = agent.upgrade() else { return };
         let previous = agent.snapshot();
         let next = agent.fresh_snapshot().await;

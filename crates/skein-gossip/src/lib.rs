@@ -272,6 +272,15 @@ impl Gossip {
         }
     }
 
+    /// Changes whenever a live node joins, leaves or publishes a new
+    /// version: lets readers refresh as soon as gossip applied something,
+    /// instead of on a timer.
+    pub async fn changes(&self) -> tokio::sync::watch::Receiver<impl Send + Sync + 'static> {
+        let chitchat = self.handle.chitchat();
+        let guard = chitchat.lock().await;
+        guard.live_nodes_watcher()
+    }
+
     /// Node ids the failure detector holds live right now (self included).
     pub async fn live_node_ids(&self) -> Vec<NodeId> {
         let chitchat = self.handle.chitchat();

@@ -125,8 +125,19 @@ impl Transport for QuicTransport {
         let mut client_config = quinn::ClientConfig::new(Arc::new(client_crypto));
         client_config.transport_config(transport);
 
-        let mut endpoint = Endpoint::server(server_config, listen_addr)
+        // A reset key that survives restarts (see `stateless_reset_secret`).
+        let reset_key =
+            ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.tls.stateless_reset_secret());
+        let socket = std::net::UdpSocket::bind(listen_addr)
             .with_context(|| format!("failed to bind {listen_addr}/UDP for gossip"))?;
+        let runtime = quinn::default_runtime().context("no async runtime for QUIC")?;
+        let mut endpoint = Endpoint::new(
+            quinn::EndpointConfig::new(Arc::new(reset_key)),
+            Some(server_config),
+            socket,
+            runtime,
+        )
+        .with_context(|| format!("failed to open the gossip endpoint on {listen_addr}"))?;
         endpoint.set_default_client_config(client_config);
 
         let node = Arc::new(Node {
@@ -324,14 +335,14 @@ impl Node {
         self.forget(peer, conn.stable_id());
     }
 
-    /// Per-peer sender: drains `queue`, owning the peer's connection.
+    /// Per-peer sender: drains `queue`, dialling the peer when there is no
+    /// live connection to it.
     async fn run_peer(
         self: Arc<Self>,
         peer: SocketAddr,
         mut queue: mpsc::Receiver<Bytes>,
         deliver: mpsc::WeakSender<Delivery>,
     ) {
-        let mut conn: Option<Connection> = None;
         let mut backoff = MIN_REDIAL_BACKOFF;
         let mut next_dial = Instant::now();
         loop {
@@ -340,14 +351,11 @@ impl Node {
                 // Socket dropped, or nothing to say to this peer for a while.
                 Ok(None) | Err(_) => return,
             };
-            if conn.as_ref().is_some_and(|c| c.close_reason().is_some()) {
-                conn = None;
-            }
-            // Prefer any live connection, e.g. one the peer dialled to us.
-            if conn.is_none() {
-                conn = self.cached(peer);
-            }
-            let current = match conn.take() {
+            // Looked up per message rather than kept here: the map holds the
+            // newest live connection either side opened, so when a restarted
+            // peer dials us, we switch to that at once instead of writing
+            // into the old, dead connection until it times out.
+            let current = match self.cached(peer) {
                 Some(current) => current,
                 None if Instant::now() < next_dial => {
                     trace!(%peer, "gossip peer in redial backoff; dropping message");
@@ -369,7 +377,6 @@ impl Node {
                     bump(&self.stats.messages_out, 1);
                     bump(&self.stats.bytes_out, payload.len() as u64);
                     backoff = MIN_REDIAL_BACKOFF;
-                    conn = Some(current);
                 }
                 result => {
                     let error = match result {

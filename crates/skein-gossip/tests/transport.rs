@@ -468,3 +468,37 @@ async fn chitchat_nodes_find_each_other() {
         }
     }
 }
+
+#[tokio::test]
+async fn peer_restart_on_same_address() {
+    let ca = Ca::new("c1");
+    let mut a = open(ca.node("a")).await;
+    let b_tls = ca.node("b");
+    let mut b = open(b_tls.clone()).await;
+    a.socket.send(b.addr, syn("c1")).await.unwrap();
+    assert_eq!(recv(&mut b).await.0, a.addr);
+
+    // b restarts on the same port; a's cached connection belongs to the old
+    // process. Gossip may lose a few messages but must reach the new one.
+    let b_addr = b.addr;
+    drop(b);
+    let transport = QuicTransport::new(b_tls, Arc::new(GossipStats::default()));
+    let start = Instant::now();
+    let mut b_socket = loop {
+        match transport.open(b_addr).await {
+            Ok(socket) => break socket,
+            Err(err) => {
+                assert!(start.elapsed() < DEADLINE, "port not released: {err:#}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    loop {
+        a.socket.send(b_addr, syn("c1")).await.unwrap();
+        if let Ok(received) = timeout(Duration::from_millis(200), b_socket.recv()).await {
+            assert_eq!(received.unwrap().0, a.addr);
+            break;
+        }
+        assert!(start.elapsed() < DEADLINE, "restarted peer never reached");
+    }
+}

@@ -54,7 +54,7 @@ pub struct AgentArgs {
     /// Phi-accrual threshold above which a node is down [default: 8].
     #[arg(long, env = "SKEIN_PHI_THRESHOLD")]
     pub phi_threshold: Option<f64>,
-    /// Milliseconds without heartbeat progress before a node is `suspect` [default: 1500].
+    /// Milliseconds without heartbeat progress before a node is `suspect` [default: 3000].
     #[arg(long, env = "SKEIN_SUSPECT_AFTER_MS")]
     pub suspect_after_ms: Option<u64>,
     /// Seconds a down node's state is kept before it is forgotten [default: 86400].
@@ -226,7 +226,7 @@ impl AgentArgs {
                 suspect_after: Duration::from_millis(
                     self.suspect_after_ms
                         .or(file.suspect_after_ms)
-                        .unwrap_or(1500),
+                        .unwrap_or(3000),
                 ),
                 dead_node_grace: Duration::from_secs(
                     self.dead_node_grace_s

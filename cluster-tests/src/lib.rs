@@ -243,7 +243,10 @@ impl Cluster {
             .arg(&node.data_dir)
             .arg("--tls-dir")
             .arg(&node.tls_dir)
-            .args(["--cluster-id", "test", "--gossip-interval-ms", "100"]);
+            .args(["--cluster-id", "test"]);
+        if !extra.contains(&"--gossip-interval-ms") {
+            cmd.args(["--gossip-interval-ms", "100"]);
+        }
         if !seeds.is_empty() {
             cmd.args(["--seeds", &seeds.join(",")]);
         }
@@ -275,6 +278,24 @@ impl Cluster {
             p.wait()?;
         }
         Ok(())
+    }
+
+    /// Gives the switch's bridge an address (`<subnet>.254`) so that a
+    /// process inside the switch namespace (see [`enter_netns`]) reaches
+    /// every node directly.
+    pub fn switch_address(&self) -> anyhow::Result<String> {
+        let ip = format!("{}.254", self.subnet);
+        sh(&[
+            "ip",
+            "-n",
+            &self.switch_ns,
+            "addr",
+            "add",
+            &format!("{ip}/24"),
+            "dev",
+            "br0",
+        ])?;
+        Ok(ip)
     }
 
     /// Takes node `i`'s only link down (or up): a partition.
@@ -430,4 +451,19 @@ pub fn run_skein(args: &[&str]) -> anyhow::Result<Output> {
 
 fn path_str(p: &Path) -> anyhow::Result<&str> {
     p.to_str().context("non-UTF-8 temp path")
+}
+
+/// Moves the calling thread (and threads it creates afterwards) into the
+/// named network namespace, so that a benchmark can talk to the nodes with
+/// an in-process HTTP client instead of spawning `curl` per request.
+pub fn enter_netns(name: &str) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(format!("/run/netns/{name}"))
+        .with_context(|| format!("no network namespace {name}"))?;
+    // SAFETY: setns only reads the descriptor, which `file` keeps open.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc != 0 {
+        bail!("setns({name}): {}", std::io::Error::last_os_error());
+    }
+    Ok(())
 }

@@ -311,18 +311,18 @@ async fn refresh_loop(agent: std::sync::Weak<Agent>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_persist = Instant::now();
     let mut persisted: Option<skein_state::Replica> = None;
-    let mut changes = match agent.upgrade() {
-        Some(agent) => agent.gossip.changes().await,
+    let (mut keys, mut members) = match agent.upgrade() {
+        Some(agent) => (
+            agent.gossip.key_changes(),
+            agent.gossip.membership_changes().await,
+        ),
         None => return,
     };
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            changed = changes.changed() => {
-                if changed.is_err() {
-                    return; // gossip stopped
-                }
-            }
+            changed = keys.changed() => if changed.is_err() { return },
+            changed = members.changed() => if changed.is_err() { return },
         }
         let Some(agent) = agent.upgrade() else { return };
         let previous = agent.snapshot();

@@ -9,11 +9,16 @@ pub mod transport;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use chitchat::transport::Transport;
 use chitchat::{spawn_chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig};
 use skein_state::{Entry, Liveness, NodeId, NodeKeyspace, NodeStatus, Replica};
+use tokio::sync::mpsc;
+
+/// Peers a node gossips with at once when it learns something new.
+const EAGER_FANOUT: usize = 3;
 
 pub use transport::{GossipStats, QuicTransport};
 
@@ -56,7 +61,13 @@ impl GossipConfig {
 
 /// A running gossip participant.
 pub struct Gossip {
-    handle: ChitchatHandle,
+    handle: Arc<ChitchatHandle>,
+    /// Keeps the eager-push listener registered for the life of `Gossip`.
+    _push_listener: chitchat::ListenerHandle,
+    push: mpsc::Sender<()>,
+    /// Counts key changes applied (local or from peers), for readers that
+    /// want to refresh the moment something new arrives.
+    key_changes: Arc<tokio::sync::watch::Sender<u64>>,
     config: GossipConfig,
     tracker: tokio::sync::Mutex<Tracker>,
 }
@@ -118,7 +129,26 @@ impl Gossip {
             catchup_callback: None,
             extra_liveness_predicate: None,
         };
-        let handle = spawn_chitchat(chitchat_config, initial, transport).await?;
+        let handle = Arc::new(spawn_chitchat(chitchat_config, initial, transport).await?);
+        // Eager push: whenever a key changes here (a local write, or one
+        // just learned from a peer), start a gossip exchange with a few live
+        // peers right away instead of waiting for the next round. A change
+        // then spreads at network speed, hop by hop, rather than one gossip
+        // interval per hop; the bounded channel coalesces bursts.
+        let (push, push_rx) = mpsc::channel(1);
+        let key_changes = Arc::new(tokio::sync::watch::channel(0u64).0);
+        let push_listener = {
+            let push = push.clone();
+            let key_changes = key_changes.clone();
+            let chitchat = handle.chitchat();
+            let guard = chitchat.lock().await;
+            guard.subscribe_event("", move |_| {
+                key_changes.send_modify(|n| *n = n.wrapping_add(1));
+                let _ = push.try_send(());
+            })
+        };
+        let min_gap = (config.gossip_interval / 4).max(Duration::from_millis(5));
+        tokio::spawn(eager_push_loop(Arc::downgrade(&handle), push_rx, min_gap));
         let mut tracker = Tracker {
             replica: persisted,
             ..Tracker::default()
@@ -131,6 +161,9 @@ impl Gossip {
         }
         Ok(Gossip {
             handle,
+            _push_listener: push_listener,
+            push,
+            key_changes,
             config,
             tracker: tokio::sync::Mutex::new(tracker),
         })
@@ -156,6 +189,9 @@ impl Gossip {
         let chitchat = self.handle.chitchat();
         let mut guard = chitchat.lock().await;
         guard.self_node_state().delete(key);
+        // Listeners do not hear of deletes; push this one ourselves.
+        self.key_changes.send_modify(|n| *n = n.wrapping_add(1));
+        let _ = self.push.try_send(());
     }
 
     /// Folds chitchat's current view into the replica and returns a copy with
@@ -272,10 +308,17 @@ impl Gossip {
         }
     }
 
-    /// Changes whenever a live node joins, leaves or publishes a new
-    /// version: lets readers refresh as soon as gossip applied something,
-    /// instead of on a timer.
-    pub async fn changes(&self) -> tokio::sync::watch::Receiver<impl Send + Sync + 'static> {
+    /// Ticks whenever a key is set here or applied from a peer (and on local
+    /// deletes): lets readers refresh the moment gossip brought something.
+    pub fn key_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.key_changes.subscribe()
+    }
+
+    /// Changes whenever the set of live nodes changes (chitchat updates it
+    /// once per gossip round).
+    pub async fn membership_changes(
+        &self,
+    ) -> tokio::sync::watch::Receiver<impl Send + Sync + 'static> {
         let chitchat = self.handle.chitchat();
         let guard = chitchat.lock().await;
         guard.live_nodes_watcher()
@@ -310,7 +353,45 @@ impl Gossip {
     }
 
     /// Stops gossiping (peers will see this node go down).
-    pub async fn shutdown(self) -> anyhow::Result<()> {
-        self.handle.shutdown().await
+    pub fn shutdown(&self) -> anyhow::Result<()> {
+        self.handle.initiate_shutdown()
+    }
+}
+
+/// Tiny xorshift: picking gossip targets needs spread, not cryptography.
+fn next_random(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+async fn eager_push_loop(
+    handle: Weak<ChitchatHandle>,
+    mut changes: mpsc::Receiver<()>,
+    min_gap: Duration,
+) {
+    let mut seed = unix_ms() | 1;
+    while changes.recv().await.is_some() {
+        let Some(handle) = handle.upgrade() else {
+            return;
+        };
+        let mut peers: Vec<SocketAddr> = {
+            let chitchat = handle.chitchat();
+            let guard = chitchat.lock().await;
+            let me = guard.self_chitchat_id().clone();
+            guard
+                .live_nodes()
+                .filter(|id| **id != me)
+                .map(|id| id.gossip_advertise_addr)
+                .collect()
+        };
+        for _ in 0..EAGER_FANOUT.min(peers.len()) {
+            let pick = (next_random(&mut seed) % peers.len() as u64) as usize;
+            let _ = handle.gossip(peers.swap_remove(pick));
+        }
+        drop(handle);
+        // Changes arriving meanwhile collapse into one more push.
+        tokio::time::sleep(min_gap).await;
     }
 }

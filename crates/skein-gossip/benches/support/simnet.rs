@@ -253,16 +253,16 @@ impl Socket for SimSocket {
         if self.killed() {
             return Ok(());
         }
+        // Draw both numbers for every message so that one node's stream of
+        // draws does not depend on whether its earlier messages were lost.
+        let lost = self.rng.next_f64() < self.net.inner.config.loss;
+        let delay = self.delay();
         let bytes = msg.serialize_to_vec();
         let counters = &self.net.inner.slots[self.index].counters;
         counters
             .bytes_out
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         counters.msgs_out.fetch_add(1, Ordering::Relaxed);
-        // Draw both numbers for every message so that one node's stream of
-        // draws does not depend on whether its earlier messages were lost.
-        let lost = self.rng.next_f64() < self.net.inner.config.loss;
-        let delay = self.delay();
         if lost {
             counters.lost.fetch_add(1, Ordering::Relaxed);
             return Ok(());

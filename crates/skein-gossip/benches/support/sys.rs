@@ -11,7 +11,13 @@ pub fn rss_bytes() -> u64 {
             status
                 .lines()
                 .find_map(|line| line.strip_prefix("VmRSS:"))
-                .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .and_then(|rest| {
+                    rest.trim()
+                        .trim_end_matches("kB")
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                })
         })
         .map_or(0, |kib| kib * 1024)
 }
@@ -27,7 +33,12 @@ pub fn cpu_seconds() -> f64 {
         return 0.0;
     };
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     // rest starts at field 3 (state): utime is field 14 → index 11.
     // USER_HZ is 100 on every Linux architecture /proc exposes it for.
     (ticks(11) + ticks(12)) as f64 / 100.0

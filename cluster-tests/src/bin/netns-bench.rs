@@ -104,21 +104,21 @@ fn main() -> anyhow::Result<()> {
     let urls: Vec<String> = (1..=n)
         .map(|i| format!("http://{}.{i}:62080", c.subnet))
         .collect();
-    for i in 1..=n {
+    let start_node = |c: &mut Cluster, i: usize, seeds: &[usize]| {
         let listen = format!("{}.{i}:62080", c.subnet);
+        let flags = [
+            "--api-listen",
+            &listen,
+            "--api-token-file",
+            &token_path,
+            "--gossip-interval-ms",
+            &interval,
+        ];
+        c.start(i, seeds, &flags)
+    };
+    for i in 1..=n {
         let seeds: Vec<usize> = if i == 1 { vec![] } else { vec![i - 1] };
-        c.start(
-            i,
-            &seeds,
-            &[
-                "--api-listen",
-                &listen,
-                "--api-token-file",
-                &token_path,
-                "--gossip-interval-ms",
-                &interval,
-            ],
-        )?;
+        start_node(&mut c, i, &seeds)?;
     }
     c.switch_address()?;
     enter_netns(&c.switch_ns)?;
@@ -247,19 +247,7 @@ fn main() -> anyhow::Result<()> {
             Ok(Some(()))
         })?;
         detections.push(start.elapsed());
-        let listen = format!("{}.{victim}:62080", c.subnet);
-        c.start(
-            victim,
-            &[1],
-            &[
-                "--api-listen",
-                &listen,
-                "--api-token-file",
-                &token_path,
-                "--gossip-interval-ms",
-                &interval,
-            ],
-        )?;
+        start_node(&mut c, victim, &[1])?;
         wait_for("all alive again", Duration::from_secs(60), || {
             alive_everywhere(&api)
         })?;

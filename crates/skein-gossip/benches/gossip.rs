@@ -62,6 +62,8 @@ usage: cargo bench -p skein-gossip --bench gossip -- [options]
   --write-spacing-ms 1000  time between two writes (default 1000)
   --idle-s 10              idle-bandwidth / false-down window (default 10)
   --seed 1                 seeds loss, jitter and every random choice (default 1)
+  --recv-buffer-kib 2048   bytes queued towards one node beyond which messages
+                           to it are dropped (a full socket buffer; default 2048)
   --quic                   run on the real QUIC transport over 127.0.0.1
                            (mutual TLS, no simulated loss/latency; default --nodes 10)
 ";
@@ -79,6 +81,7 @@ struct Args {
     write_spacing: Duration,
     idle: Duration,
     seed: u64,
+    recv_buffer: u64,
     quic: bool,
     quick: bool,
     formation_timeout: Duration,
@@ -100,6 +103,7 @@ impl Default for Args {
             write_spacing: Duration::from_millis(1000),
             idle: Duration::from_secs(10),
             seed: 1,
+            recv_buffer: 2 << 20,
             quic: false,
             quick: false,
             formation_timeout: Duration::from_secs(120),
@@ -145,6 +149,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--write-spacing-ms" => args.write_spacing = ms(&value()?)?,
             "--idle-s" => args.idle = Duration::from_secs_f64(value()?.parse()?),
             "--seed" => args.seed = value()?.parse()?,
+            "--recv-buffer-kib" => args.recv_buffer = value()?.parse::<u64>()? * 1024,
             other => bail!("unknown argument {other}\n{USAGE}"),
         }
     }
@@ -221,6 +226,7 @@ impl Net {
                     bytes_in: get(&s.bytes_in),
                     msgs_in: get(&s.messages_in),
                     lost: get(&s.send_dropped),
+                    overflowed: 0,
                 }
             }
         }
@@ -324,6 +330,7 @@ impl Cluster {
                     latency: args.latency,
                     jitter: args.jitter,
                     loss: args.loss,
+                    recv_buffer: args.recv_buffer,
                     seed: args.seed,
                 },
                 n,
@@ -445,6 +452,7 @@ struct Report {
     msgs_per_s_mean: f64,
     msgs_in_per_s_mean: f64,
     lost_fraction: f64,
+    overflow_fraction: f64,
     idle_cpu: f64,
     false_down_nodes: usize,
     false_down_samples: usize,
@@ -610,15 +618,17 @@ async fn run_scenario(args: &Args, n: usize) -> anyhow::Result<Report> {
     // Sanity check of the simulated loss (QUIC: messages dropped on send).
     let sent: f64 = per_node(|c| c.msgs_out).iter().sum();
     report.lost_fraction = per_node(|c| c.lost).iter().sum::<f64>() / sent.max(1.0);
+    report.overflow_fraction = per_node(|c| c.overflowed).iter().sum::<f64>() / sent.max(1.0);
     println!(
         "idle bandwidth sent per node: mean {:.1} KB/s, max {:.1} KB/s; received mean {:.1} KB/s; \
-         {:.1} msg/s sent, {:.1} received, {:.1}% lost ({window:.1} s window)   {}",
+         {:.1} msg/s sent, {:.1} received, {:.1}% lost, {:.1}% dropped at full receive buffers ({window:.1} s window)   {}",
         report.out_kbps_mean,
         report.out_kbps_max,
         report.in_kbps_mean,
         report.msgs_per_s_mean,
         report.msgs_in_per_s_mean,
         report.lost_fraction * 100.0,
+        report.overflow_fraction * 100.0,
         cpu_note(report.idle_cpu)
     );
     println!(

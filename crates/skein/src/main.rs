@@ -163,7 +163,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    // Logs go to stderr, coloured only for a terminal (not for
+    // `docker logs` or a journal).
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
                 tracing_subscriber::EnvFilter::new("info,quinn=warn,chitchat=warn")

@@ -70,6 +70,10 @@ pub struct NetConfig {
     pub jitter: Duration,
     /// Probability that a message is lost.
     pub loss: f64,
+    /// Bytes a node may have queued towards it (sent, not yet received)
+    /// before further messages to it are dropped, like a full UDP receive
+    /// buffer. Without a bound, an overloaded run queues gigabytes.
+    pub recv_buffer: u64,
     pub seed: u64,
 }
 
@@ -83,6 +87,9 @@ pub struct NodeCounters {
     pub msgs_in: AtomicU64,
     /// Messages this node sent that the network lost.
     pub lost: AtomicU64,
+    /// Messages to this node dropped because its receive buffer was full:
+    /// the node (i.e. the CPU) is not keeping up.
+    pub overflowed: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -92,6 +99,7 @@ pub struct CounterSnapshot {
     pub bytes_in: u64,
     pub msgs_in: u64,
     pub lost: u64,
+    pub overflowed: u64,
 }
 
 impl NodeCounters {
@@ -102,6 +110,7 @@ impl NodeCounters {
             bytes_in: self.bytes_in.load(Ordering::Relaxed),
             msgs_in: self.msgs_in.load(Ordering::Relaxed),
             lost: self.lost.load(Ordering::Relaxed),
+            overflowed: self.overflowed.load(Ordering::Relaxed),
         }
     }
 }
@@ -137,6 +146,8 @@ struct Slot {
     /// Present while the node's socket is open.
     inbox: Mutex<Option<mpsc::UnboundedSender<Packet>>>,
     killed: AtomicBool,
+    /// Bytes sent to this node and not yet received by it.
+    queued: AtomicU64,
     counters: NodeCounters,
 }
 
@@ -273,8 +284,14 @@ impl Socket for SimSocket {
             return Ok(());
         };
         let slot = &self.net.inner.slots[to_index];
+        let len = bytes.len() as u64;
+        if slot.queued.load(Ordering::Relaxed) + len > self.net.inner.config.recv_buffer {
+            slot.counters.overflowed.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
         let inbox = slot.inbox.lock().expect("inbox lock poisoned");
         if let Some(inbox) = inbox.as_ref() {
+            slot.queued.fetch_add(len, Ordering::Relaxed);
             let packet = Packet {
                 deliver_at: Instant::now() + delay,
                 seq: self.net.inner.seq.fetch_add(1, Ordering::Relaxed),
@@ -298,6 +315,9 @@ impl Socket for SimSocket {
             let now = Instant::now();
             if self.pending.peek().is_some_and(|p| p.0.deliver_at <= now) {
                 let Reverse(packet) = self.pending.pop().expect("peeked just above");
+                self.net.inner.slots[self.index]
+                    .queued
+                    .fetch_sub(packet.bytes.len() as u64, Ordering::Relaxed);
                 if self.killed() || self.net.is_killed(packet.from_index) {
                     continue;
                 }

@@ -204,3 +204,42 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(5_000))]
+
+        /// Any body a client sends is parsed and validated or rejected with
+        /// an error; nothing panics.
+        #[test]
+        fn arbitrary_bodies_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            if let Ok(spec) = serde_json::from_slice::<TaskSpec>(&bytes) {
+                let _ = spec.validate();
+            }
+        }
+
+        #[test]
+        fn json_shaped_bodies_never_panic(
+            app in ".{0,300}",
+            framework in "[a-zA-Z0-9 _-]{0,70}",
+            port in any::<u32>(),
+            label in ".{0,300}",
+        ) {
+            let body = serde_json::json!({
+                "app": app, "framework": framework, "ip": "10.0.0.1",
+                "ports": [{"port": port, "labels": {"VIP_0": label}}],
+            });
+            if let Ok(spec) = serde_json::from_value::<TaskSpec>(body) {
+                if spec.validate().is_ok() {
+                    // What validates is safe to store and read back.
+                    let text = serde_json::to_string(&spec).expect("serializable");
+                    prop_assert_eq!(serde_json::from_str::<TaskSpec>(&text).ok(), Some(spec));
+                }
+            }
+        }
+    }
+}

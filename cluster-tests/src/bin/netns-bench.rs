@@ -18,6 +18,10 @@ struct Args {
     writes: usize,
     kills: usize,
     interval_ms: u64,
+    /// Percent of gossip packets each node drops on input (nftables).
+    loss_pct: usize,
+    /// Seconds of idle soak under loss, counting false `down`/`suspect`.
+    soak_s: usize,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -26,6 +30,8 @@ fn parse_args() -> anyhow::Result<Args> {
         writes: 100,
         kills: 3,
         interval_ms: 100,
+        loss_pct: 0,
+        soak_s: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -40,8 +46,10 @@ fn parse_args() -> anyhow::Result<Args> {
             "--writes" => args.writes = value()?,
             "--kills" => args.kills = value()?,
             "--interval-ms" => args.interval_ms = value()? as u64,
+            "--loss" => args.loss_pct = value()?,
+            "--soak-s" => args.soak_s = value()?,
             other => {
-                bail!("unknown flag {other}; use --nodes N --writes N --kills N --interval-ms MS")
+                bail!("unknown flag {other}; use --nodes N --writes N --kills N --interval-ms MS --loss PCT --soak-s S")
             }
         }
     }
@@ -151,6 +159,54 @@ fn main() -> anyhow::Result<()> {
         args.interval_ms,
         ms(t0.elapsed())
     );
+
+    if args.loss_pct > 0 {
+        // No netem on these kernels: drop gossip packets with nftables.
+        let rules = c.dir.path().join("loss.nft");
+        std::fs::write(
+            &rules,
+            format!(
+                "table inet benchloss {{\n chain input {{\n  type filter hook input priority 0;\n  \
+                 udp dport {} numgen random mod 100 < {} drop\n }}\n}}\n",
+                cluster_tests::GOSSIP_PORT,
+                args.loss_pct
+            ),
+        )?;
+        let rules = rules.to_str().context("utf8")?;
+        for node in &c.nodes {
+            cluster_tests::sh(&["ip", "netns", "exec", &node.netns, "nft", "-f", rules])?;
+        }
+        println!(
+            "loss: every node drops {}% of incoming gossip packets",
+            args.loss_pct
+        );
+    }
+    if args.soak_s > 0 {
+        // Idle soak: every node's view polled 4 times a second; any status
+        // but `alive` for a live node is a false alarm.
+        let start = Instant::now();
+        let (mut polls, mut false_alarms) = (0u64, 0u64);
+        let mut worst = String::new();
+        while start.elapsed() < Duration::from_secs(args.soak_s as u64) {
+            for (i, url) in urls.iter().enumerate() {
+                let nodes = api.json(&format!("{url}/v1/nodes"))?;
+                polls += 1;
+                for x in nodes.as_array().into_iter().flatten() {
+                    if x["status"] != "alive" {
+                        false_alarms += 1;
+                        worst = format!("node{} saw {} as {}", i + 1, x["node_id"], x["status"]);
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        println!(
+            "\nsoak: {} s idle at {}% loss, {polls} polls of /v1/nodes: {false_alarms} false non-alive observations{}",
+            args.soak_s,
+            args.loss_pct,
+            if worst.is_empty() { String::new() } else { format!(" (last: {worst})") }
+        );
+    }
 
     // Propagation: a write acknowledged on one node → readable on all others.
     let mut all = Vec::new();

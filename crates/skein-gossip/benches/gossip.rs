@@ -32,7 +32,6 @@ const CPU_SATURATED: f64 = 0.9;
 /// Seeds each node is started with (random other nodes).
 const SEEDS_PER_NODE: usize = 3;
 const KEY_PREFIX: &str = "task:bench-";
-const PHI_THRESHOLD: f64 = 8.0;
 
 // Figures to beat, from /work/shared/DESIGN.md.
 const SERF_99_99_AT_1000: f64 = 2.2;
@@ -61,6 +60,9 @@ usage: cargo bench -p skein-gossip --bench gossip -- [options]
   --writes 20              writes in the propagation test (default 20)
   --write-spacing-ms 1000  time between two writes (default 1000)
   --idle-s 10              idle-bandwidth / false-down window (default 10)
+  --phi 8                  failure detector threshold; chitchat's phi is the time
+                           since the last heartbeat in mean heartbeat intervals,
+                           so detection takes about phi gossip intervals (default 8)
   --seed 1                 seeds loss, jitter and every random choice (default 1)
   --recv-buffer-kib 2048   bytes queued towards one node beyond which messages
                            to it are dropped (a full socket buffer; default 2048)
@@ -81,6 +83,7 @@ struct Args {
     write_spacing: Duration,
     idle: Duration,
     seed: u64,
+    phi: f64,
     recv_buffer: u64,
     quic: bool,
     quick: bool,
@@ -103,6 +106,7 @@ impl Default for Args {
             write_spacing: Duration::from_millis(1000),
             idle: Duration::from_secs(10),
             seed: 1,
+            phi: 8.0,
             recv_buffer: 2 << 20,
             quic: false,
             quick: false,
@@ -149,6 +153,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--write-spacing-ms" => args.write_spacing = ms(&value()?)?,
             "--idle-s" => args.idle = Duration::from_secs_f64(value()?.parse()?),
             "--seed" => args.seed = value()?.parse()?,
+            "--phi" => args.phi = value()?.parse()?,
             "--recv-buffer-kib" => args.recv_buffer = value()?.parse::<u64>()? * 1024,
             other => bail!("unknown argument {other}\n{USAGE}"),
         }
@@ -253,6 +258,7 @@ fn gossip_config(
     addr: SocketAddr,
     seeds: Vec<String>,
     interval: Duration,
+    phi: f64,
 ) -> GossipConfig {
     GossipConfig {
         node_id: node_id(index),
@@ -262,7 +268,7 @@ fn gossip_config(
         seeds,
         cluster_id: "bench".to_string(),
         gossip_interval: interval,
-        phi_threshold: PHI_THRESHOLD,
+        phi_threshold: phi,
         // Only feeds `snapshot()`'s suspect status, which is not measured.
         suspect_after: Duration::from_secs(5),
         // Long enough that the killed node is never garbage-collected during
@@ -356,7 +362,7 @@ impl Cluster {
                 .into_iter()
                 .map(|s| addrs[s].to_string())
                 .collect();
-            let config = gossip_config(i, addrs[i], seeds, interval);
+            let config = gossip_config(i, addrs[i], seeds, interval, args.phi);
             let gossip = Gossip::start(config, transport.as_ref(), Vec::new(), Replica::new())
                 .await
                 .with_context(|| format!("starting node {i}"))?;
@@ -503,6 +509,11 @@ async fn run_scenario(args: &Args, n: usize) -> anyhow::Result<Report> {
         args.interval
     };
     let poll = poll_interval(n);
+    // Deadlines are counted in gossip rounds too, so that a slow interval
+    // is reported as slow rather than as "did not converge".
+    let formation_timeout = args.formation_timeout.max(interval * 60);
+    let propagation_timeout = args.propagation_timeout.max(interval * 30);
+    let detection_timeout = args.detection_timeout.max(interval * 30);
     let mut report = Report {
         n,
         interval,
@@ -521,8 +532,9 @@ async fn run_scenario(args: &Args, n: usize) -> anyhow::Result<Report> {
     };
     println!();
     println!(
-        "== N = {n} nodes | gossip interval {} ms | fanout 3 | phi {PHI_THRESHOLD} | {network}",
-        interval.as_millis()
+        "== N = {n} nodes | gossip interval {} ms | fanout 3 | phi {} | {network}",
+        interval.as_millis(),
+        args.phi
     );
     let run_cpu = CpuMeter::start();
 
@@ -532,7 +544,7 @@ async fn run_scenario(args: &Args, n: usize) -> anyhow::Result<Report> {
     let started = Instant::now();
     let mut cluster = Cluster::start(args, n, interval).await?;
     let mut formed: Vec<Option<f64>> = vec![None; n];
-    let deadline = started + args.formation_timeout;
+    let deadline = started + formation_timeout;
     while formed.iter().any(Option::is_none) && Instant::now() < deadline {
         for (i, slot) in formed.iter_mut().enumerate() {
             if slot.is_some() {
@@ -562,7 +574,7 @@ async fn run_scenario(args: &Args, n: usize) -> anyhow::Result<Report> {
         ),
         None => println!(
             "formation      NOT CONVERGED after {:.0} s: {} of {n} nodes see all {n} live   {}",
-            args.formation_timeout.as_secs_f64(),
+            formation_timeout.as_secs_f64(),
             report.formed_nodes,
             cpu_note(report.formation_cpu)
         ),
@@ -652,7 +664,7 @@ async fn run_scenario(args: &Args, n: usize) -> anyhow::Result<Report> {
             tokio::time::sleep(args.write_spacing).await;
         }
     }
-    let deadline = Instant::now() + args.propagation_timeout;
+    let deadline = Instant::now() + propagation_timeout;
     loop {
         let done = cluster
             .applied
@@ -700,7 +712,7 @@ async fn run_scenario(args: &Args, n: usize) -> anyhow::Result<Report> {
         format!(
             "; {} writes NOT on all nodes after {:.0} s",
             report.writes - report.writes_complete,
-            args.propagation_timeout.as_secs_f64()
+            propagation_timeout.as_secs_f64()
         )
     } else {
         String::new()
@@ -724,7 +736,7 @@ async fn run_scenario(args: &Args, n: usize) -> anyhow::Result<Report> {
     let killed_at = Instant::now();
     cluster.kill(victim).await;
     let mut detected: Vec<Option<f64>> = vec![None; n];
-    let deadline = killed_at + args.detection_timeout;
+    let deadline = killed_at + detection_timeout;
     loop {
         let mut pending = 0;
         for (i, slot) in detected.iter_mut().enumerate() {
@@ -761,7 +773,7 @@ async fn run_scenario(args: &Args, n: usize) -> anyhow::Result<Report> {
         format!(
             "; {} nodes still see it live after {:.0} s",
             report.observers - report.detected,
-            args.detection_timeout.as_secs_f64()
+            detection_timeout.as_secs_f64()
         )
     } else {
         String::new()

@@ -53,6 +53,27 @@ pub enum AgentError {
     Storage(anyhow::Error),
 }
 
+/// A row of `GET /v1/vips`: dcos-net's shape (`vip`, `protocol`,
+/// `backend[{ip, port}]`) plus what an operator needs to see why traffic
+/// goes where it goes.
+#[derive(Debug, Serialize)]
+pub struct VipView {
+    pub vip: String,
+    pub protocol: skein_state::Protocol,
+    pub backend: Vec<VipBackendView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct VipBackendView {
+    pub ip: IpAddr,
+    pub port: u16,
+    pub task_id: String,
+    pub node_id: String,
+    pub node_status: NodeStatus,
+    /// Whether this node sends new connections to it.
+    pub in_use: bool,
+}
+
 /// `GET /v1/tasks`.
 #[derive(Debug, Serialize)]
 pub struct TasksView {
@@ -199,6 +220,36 @@ impl Agent {
         let snap = self.snapshot();
         let (tasks, invalid) = skein_state::tasks(&snap.replica, &snap.liveness);
         TasksView { tasks, invalid }
+    }
+
+    /// VIPs declared by the cluster's tasks, with their backends, and the
+    /// labels that could not be used.
+    pub fn vips(&self) -> (Vec<VipView>, Vec<skein_l4lb::VipProblem>) {
+        let tasks = self.tasks().tasks;
+        let (vips, problems) = skein_l4lb::vips_of(&tasks);
+        let views = vips
+            .into_iter()
+            .map(|(key, backends)| {
+                let used = skein_l4lb::in_use(&backends);
+                VipView {
+                    vip: key.to_string(),
+                    protocol: key.protocol,
+                    backend: backends
+                        .into_iter()
+                        .zip(used)
+                        .map(|(b, in_use)| VipBackendView {
+                            ip: b.ip,
+                            port: b.port,
+                            task_id: b.task_id,
+                            node_id: b.node_id,
+                            node_status: b.node_status,
+                            in_use,
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
+        (views, problems)
     }
 
     /// Registers or replaces a task running on this node. Returns once the

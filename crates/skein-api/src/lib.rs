@@ -39,6 +39,8 @@ pub fn router(agent: Arc<Agent>, auth: ApiAuth) -> Router {
             get(task).put(put_task).delete(delete_task),
         )
         .route("/v1/state", get(state))
+        .route("/v1/vips", get(vips))
+        .route("/v1/vips/problems", get(vip_problems))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -160,6 +162,14 @@ async fn delete_task(
     authorize(&ctx, &headers)?;
     ctx.agent.delete_task(&id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn vips(State(ctx): State<Ctx>) -> Response {
+    Json(ctx.agent.vips().0).into_response()
+}
+
+async fn vip_problems(State(ctx): State<Ctx>) -> Response {
+    Json(ctx.agent.vips().1).into_response()
 }
 
 async fn state(State(ctx): State<Ctx>) -> Response {

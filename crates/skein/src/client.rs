@@ -271,6 +271,52 @@ pub fn print_state(state: &Value) -> String {
     )
 }
 
+/// `ipvsadm -Ln`-style listing of VIPs and their backends, then any
+/// labels that could not be used.
+pub fn print_vips(vips: &Value, problems: &Value) -> String {
+    let mut out =
+        String::from("Prot VIP\n  -> Backend                Node        Status   InUse  Task");
+    for v in vips.as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "\n{:<4} {}",
+            s(v, "protocol").to_uppercase(),
+            s(v, "vip")
+        ));
+        for b in v
+            .get("backend")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let addr = match b.get("ip").and_then(Value::as_str) {
+                Some(ip) if ip.contains(':') => format!("[{ip}]:{}", s(b, "port")),
+                _ => format!("{}:{}", s(b, "ip"), s(b, "port")),
+            };
+            let in_use = if b.get("in_use") == Some(&Value::Bool(true)) {
+                "yes"
+            } else {
+                "no"
+            };
+            out.push_str(&format!(
+                "\n  -> {addr:<22} {:<11} {:<8} {in_use:<6} {}",
+                s(b, "node_id"),
+                s(b, "node_status"),
+                s(b, "task_id")
+            ));
+        }
+    }
+    for p in problems.as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "\n! task {} on {}: {}: {}",
+            s(p, "task_id"),
+            s(p, "node_id"),
+            s(p, "label"),
+            s(p, "error")
+        ));
+    }
+    out
+}
+
 /// `--port [name:]port[/tcp|udp][,LABEL=VALUE...]`, e.g.
 /// `http:9896/tcp,VIP_0=/httpi:3141`.
 pub fn parse_port(spec: &str) -> anyhow::Result<PortMapping> {

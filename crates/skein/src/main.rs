@@ -44,6 +44,8 @@ enum Command {
     },
     /// The local replica: every node's published keys and versions.
     State(ApiArgs),
+    /// VIPs and their backends, like `ipvsadm -Ln`.
+    Vips(ApiArgs),
     /// Version of this binary and of the agent it talks to.
     Version(ApiArgs),
 }
@@ -123,6 +125,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Tasks(api) => {
             let c = Client::new(&api)?;
             print(&c, &c.get("/v1/tasks")?, client::print_tasks)
+        }
+        Command::Vips(api) => {
+            let c = Client::new(&api)?;
+            let vips = c.get("/v1/vips")?;
+            let problems = c.get("/v1/vips/problems")?;
+            if c.json {
+                let both = serde_json::json!({"vips": vips, "problems": problems});
+                println!("{}", serde_json::to_string_pretty(&both)?);
+            } else {
+                println!("{}", client::print_vips(&vips, &problems));
+            }
+            Ok(())
         }
         Command::State(api) => {
             let c = Client::new(&api)?;

@@ -4,6 +4,7 @@
 //! tasks declare and their backends. Address allocation for named VIPs and
 //! the nftables / IPVS dataplanes build on it.
 
+pub mod alloc;
 pub mod vip;
 
 pub use vip::{

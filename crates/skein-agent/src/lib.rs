@@ -4,6 +4,7 @@
 
 pub mod metrics;
 pub mod store;
+pub mod vips;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -60,6 +61,9 @@ pub enum AgentError {
 pub struct VipView {
     pub vip: String,
     pub protocol: skein_state::Protocol,
+    /// The VIP's address: as given for an IP VIP; for a named VIP, the
+    /// cluster-wide allocation once settled (`null` while pending).
+    pub address: Option<IpAddr>,
     pub backend: Vec<VipBackendView>,
 }
 
@@ -92,6 +96,9 @@ pub struct Agent {
     /// updated in the same order.
     own_tasks: Mutex<BTreeMap<String, TaskSpec>>,
     snapshot: watch::Sender<Arc<ClusterSnapshot>>,
+    /// Named VIP → its address and whether it has settled.
+    vip_addresses: std::sync::RwLock<BTreeMap<String, (std::net::Ipv4Addr, bool)>>,
+    settling: std::sync::Mutex<vips::Settling>,
     started: Instant,
     pub counters: Counters,
 }
@@ -180,6 +187,8 @@ impl Agent {
             stats,
             own_tasks: Mutex::new(own_tasks),
             snapshot,
+            vip_addresses: Default::default(),
+            settling: Default::default(),
             started: Instant::now(),
             counters: Counters::default(),
         });
@@ -222,34 +231,124 @@ impl Agent {
         TasksView { tasks, invalid }
     }
 
-    /// VIPs declared by the cluster's tasks, with their backends, and the
-    /// labels that could not be used.
+    /// VIPs declared by the cluster's tasks, with their backends and
+    /// addresses, and the labels or VIPs that could not be used.
     pub fn vips(&self) -> (Vec<VipView>, Vec<skein_l4lb::VipProblem>) {
         let tasks = self.tasks().tasks;
-        let (vips, problems) = skein_l4lb::vips_of(&tasks);
-        let views = vips
-            .into_iter()
-            .map(|(key, backends)| {
-                let used = skein_l4lb::in_use(&backends);
-                VipView {
-                    vip: key.to_string(),
-                    protocol: key.protocol,
-                    backend: backends
-                        .into_iter()
-                        .zip(used)
-                        .map(|(b, in_use)| VipBackendView {
-                            ip: b.ip,
-                            port: b.port,
-                            task_id: b.task_id,
-                            node_id: b.node_id,
-                            node_status: b.node_status,
-                            in_use,
-                        })
-                        .collect(),
-                }
-            })
+        let (vips, mut problems) = skein_l4lb::vips_of(&tasks);
+        let addresses = self
+            .vip_addresses
+            .read()
+            .map(|a| a.clone())
+            .unwrap_or_default();
+        let named_ips: BTreeMap<IpAddr, &String> = addresses
+            .iter()
+            .map(|(vip, (ip, _))| (IpAddr::V4(*ip), vip))
             .collect();
+        let mut views = Vec::new();
+        for (key, backends) in vips {
+            let address = match vips::vip_id(&key) {
+                Some(id) => addresses
+                    .get(&id)
+                    .and_then(|&(ip, settled)| settled.then_some(IpAddr::V4(ip))),
+                None => match &key.target {
+                    skein_l4lb::VipTarget::Ip { ip } => Some(*ip),
+                    skein_l4lb::VipTarget::Named { .. } => None,
+                },
+            };
+            // An IP VIP on a named VIP's address is refused: the named VIP
+            // had it first (allocation never hands out an IP VIP's address).
+            if let (skein_l4lb::VipTarget::Ip { ip }, Some(named)) =
+                (&key.target, address.and_then(|a| named_ips.get(&a)))
+            {
+                for b in &backends {
+                    problems.push(skein_l4lb::VipProblem {
+                        task_id: b.task_id.clone(),
+                        node_id: b.node_id.clone(),
+                        label: key.to_string(),
+                        error: format!(
+                            "IP VIP {ip} collides with the address of named VIP {named}; rejected"
+                        ),
+                    });
+                }
+                continue;
+            }
+            let used = skein_l4lb::in_use(&backends);
+            views.push(VipView {
+                vip: key.to_string(),
+                protocol: key.protocol,
+                address,
+                backend: backends
+                    .into_iter()
+                    .zip(used)
+                    .map(|(b, in_use)| VipBackendView {
+                        ip: b.ip,
+                        port: b.port,
+                        task_id: b.task_id,
+                        node_id: b.node_id,
+                        node_status: b.node_status,
+                        in_use,
+                    })
+                    .collect(),
+            });
+        }
         (views, problems)
+    }
+
+    /// Publishes this node's VIP address claims for the VIPs it hosts and
+    /// records the cluster's allocation. Runs after every snapshot refresh.
+    async fn reconcile_vip_claims(&self, snap: &ClusterSnapshot) {
+        use skein_l4lb::alloc;
+        let (tasks, _) = skein_state::tasks(&snap.replica, &snap.liveness);
+        let (vip_map, _) = skein_l4lb::vips_of(&tasks);
+        let me = &self.config.node_id;
+        let hosted: std::collections::BTreeSet<String> = vip_map
+            .iter()
+            .filter(|(_, backends)| backends.iter().any(|b| &b.node_id == me))
+            .filter_map(|(key, _)| vips::vip_id(key))
+            .collect();
+        let claims = vips::claims_in(&snap.replica);
+        // IP VIPs already on a named VIP's address do not displace it.
+        let settled_named = alloc::allocate(&claims, &Default::default());
+        let named_ips: std::collections::BTreeSet<_> =
+            settled_named.assigned.values().map(|v| v.ip).collect();
+        let reserved: std::collections::BTreeSet<_> = vips::reserved(vip_map.keys())
+            .into_iter()
+            .filter(|ip| !named_ips.contains(ip))
+            .collect();
+        let desired = alloc::desired_claims(&hosted, &claims, &reserved, unix_ms());
+        let published: BTreeMap<String, alloc::ClaimValue> = claims
+            .iter()
+            .filter(|c| &c.node == me)
+            .map(|c| (c.vip.clone(), c.value.clone()))
+            .collect();
+        for (vip, value) in &desired {
+            if published.get(vip) != Some(value) {
+                match serde_json::to_string(value) {
+                    Ok(json) => {
+                        tracing::info!(vip, ip = %value.ip, "claiming VIP address");
+                        self.gossip
+                            .set(&format!("{}{vip}", vips::CLAIM_PREFIX), &json)
+                            .await;
+                    }
+                    Err(e) => tracing::warn!(vip, error = %e, "cannot encode VIP claim"),
+                }
+            }
+        }
+        for vip in published.keys().filter(|v| !desired.contains_key(*v)) {
+            tracing::info!(vip, "withdrawing VIP address claim");
+            self.gossip
+                .delete(&format!("{}{vip}", vips::CLAIM_PREFIX))
+                .await;
+        }
+        let allocation = alloc::allocate(&claims, &reserved);
+        let addresses = match self.settling.lock() {
+            Ok(mut s) => s.observe(&allocation, Instant::now()),
+            Err(_) => return,
+        };
+        if let Ok(mut a) = self.vip_addresses.write() {
+            *a = addresses;
+        }
     }
 
     /// Registers or replaces a task running on this node. Returns once the
@@ -378,6 +477,7 @@ async fn refresh_loop(agent: std::sync::Weak<Agent>) {
         let Some(agent) = agent.upgrade() else { return };
         let previous = agent.snapshot();
         let next = agent.fresh_snapshot().await;
+        agent.reconcile_vip_claims(&next).await;
         for (node, live) in &next.liveness {
             let before = previous.liveness.get(node).map(|l| l.status);
             if before != Some(live.status) {

@@ -275,7 +275,7 @@ pub fn print_state(state: &Value) -> String {
 /// labels that could not be used.
 pub fn print_vips(vips: &Value, problems: &Value) -> String {
     let mut out =
-        String::from("Prot VIP\n  -> Backend                Node        Status   InUse  Task");
+        String::from("Prot VIP Address\n  -> Backend                Node        Status   InUse  Task");
     for v in vips.as_array().into_iter().flatten() {
         out.push_str(&format!(
             "\n{:<4} {}",

@@ -1,0 +1,89 @@
+//! This node's part in named-VIP address allocation: publish a claim for
+//! every named VIP it hosts a backend of (adopting the cluster's winner, or
+//! proposing an address), withdraw claims for VIPs it no longer hosts, and
+//! report each VIP's address once it has been stable for a settle period.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, Instant};
+
+use skein_l4lb::alloc::{self, Allocation, Claim, ClaimValue};
+use skein_l4lb::{VipKey, VipTarget};
+use skein_state::Replica;
+
+/// Prefix of claim keys in a node's keyspace: `vipip:<name>.<framework>`.
+pub const CLAIM_PREFIX: &str = "vipip:";
+
+/// An address is handed to users (DNS, rules) only after it has been the
+/// winner, unchanged, for this long: longer than propagation takes, so that
+/// concurrent claims from other nodes have arrived and been resolved.
+pub const SETTLE: Duration = Duration::from_secs(2);
+
+/// `name.framework`: one address per named VIP, shared by all its ports.
+pub fn vip_id(key: &VipKey) -> Option<String> {
+    match &key.target {
+        VipTarget::Named { name, framework } => Some(format!("{name}.{framework}")),
+        VipTarget::Ip { .. } => None,
+    }
+}
+
+/// Every claim published in the replica (down nodes' too: their claims keep
+/// the order of VIPs stable until the node is forgotten).
+pub fn claims_in(replica: &Replica) -> Vec<Claim> {
+    let mut out = Vec::new();
+    for (node, keyspace) in replica.nodes() {
+        for (key, value) in keyspace.live() {
+            let Some(vip) = key.strip_prefix(CLAIM_PREFIX) else {
+                continue;
+            };
+            match serde_json::from_str::<ClaimValue>(value) {
+                Ok(value) => out.push(Claim {
+                    vip: vip.to_string(),
+                    node: node.clone(),
+                    value,
+                }),
+                Err(e) => tracing::debug!(%node, key, error = %e, "ignoring undecodable VIP claim"),
+            }
+        }
+    }
+    out
+}
+
+/// IPv4 IP VIPs inside 11.0.0.0/8: taken as given, so never allocated.
+pub fn reserved<'a>(keys: impl Iterator<Item = &'a VipKey>) -> BTreeSet<Ipv4Addr> {
+    keys.filter_map(|k| match k.target {
+        VipTarget::Ip { ip: IpAddr::V4(ip) } if alloc::in_vip_net(ip) => Some(ip),
+        _ => None,
+    })
+    .collect()
+}
+
+/// Tracks how long each VIP's winning address has been unchanged here.
+#[derive(Default)]
+pub struct Settling {
+    seen: HashMap<String, (Ipv4Addr, Instant)>,
+}
+
+impl Settling {
+    /// Updates with the latest allocation; returns VIP → (address, settled).
+    pub fn observe(
+        &mut self,
+        allocation: &Allocation,
+        now: Instant,
+    ) -> BTreeMap<String, (Ipv4Addr, bool)> {
+        self.seen
+            .retain(|vip, _| allocation.assigned.contains_key(vip));
+        allocation
+            .assigned
+            .iter()
+            .map(|(vip, value)| {
+                let entry = self.seen.entry(vip.clone()).or_insert((value.ip, now));
+                if entry.0 != value.ip {
+                    *entry = (value.ip, now);
+                }
+                let settled = now.duration_since(entry.1) >= SETTLE;
+                (vip.clone(), (value.ip, settled))
+            })
+            .collect()
+    }
+}

@@ -201,6 +201,9 @@ impl Cluster {
             "eth0",
         ])?;
         sh(&["ip", "-n", &netns, "link", "set", "eth0", "up"])?;
+        // Like any host, a default route (it only leads to the test's own
+        // bridge): VIP addresses need a route before nftables rewrites them.
+        sh(&["ip", "-n", &netns, "route", "add", "default", "dev", "eth0"])?;
         let name = format!("node{i}");
         let data_dir = self.dir.path().join(&name);
         let tls_dir = data_dir.join("tls");
@@ -466,4 +469,27 @@ pub fn enter_netns(name: &str) -> anyhow::Result<()> {
         bail!("setns({name}): {}", std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// A process started inside a test namespace, killed when dropped.
+pub struct Background(pub Child);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `program args...` inside node `netns`.
+pub fn spawn_in(netns: &str, program: &str, args: &[&str]) -> anyhow::Result<Background> {
+    let child = Command::new("ip")
+        .args(["netns", "exec", netns, program])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot start {program} in {netns}"))?;
+    Ok(Background(child))
 }

@@ -76,6 +76,17 @@ async fn no_cert(addr: SocketAddr, ca_pem: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Sends one datagram and prints the first reply (exit 1 after 2 s without).
+fn udp_ask(addr: SocketAddr) -> anyhow::Result<()> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
+    socket.send_to(b"who?", addr)?;
+    let mut buf = [0u8; 2048];
+    let (n, _) = socket.recv_from(&mut buf)?;
+    println!("{}", String::from_utf8_lossy(&buf[..n]).trim());
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
@@ -83,6 +94,9 @@ fn main() -> anyhow::Result<()> {
         Some("quic-no-cert") if args.len() == 4 => {
             tokio::runtime::Runtime::new()?.block_on(no_cert(args[2].parse()?, &args[3]))
         }
-        _ => anyhow::bail!("usage: skein-rogue garbage-udp ADDR COUNT | quic-no-cert ADDR CA_PEM"),
+        Some("udp-ask") if args.len() == 3 => udp_ask(args[2].parse()?),
+        _ => anyhow::bail!(
+            "usage: skein-rogue garbage-udp ADDR COUNT | quic-no-cert ADDR CA_PEM | udp-ask ADDR"
+        ),
     }
 }

@@ -2,6 +2,7 @@
 //! dir, gossips with the cluster, keeps a fresh snapshot of the replica for
 //! readers, and persists what must survive a restart.
 
+pub mod l4lb;
 pub mod metrics;
 pub mod store;
 pub mod vips;
@@ -42,6 +43,9 @@ pub struct AgentConfig {
     pub phi_threshold: f64,
     pub suspect_after: Duration,
     pub dead_node_grace: Duration,
+    pub l4lb_dataplane: l4lb::Dataplane,
+    /// How often the kernel's VIP rules are checked for drift.
+    pub l4lb_resync: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +65,7 @@ pub enum AgentError {
 pub struct VipView {
     pub vip: String,
     pub protocol: skein_state::Protocol,
+    pub port: u16,
     /// The VIP's address: as given for an IP VIP; for a named VIP, the
     /// cluster-wide allocation once settled (`null` while pending).
     pub address: Option<IpAddr>,
@@ -99,6 +104,9 @@ pub struct Agent {
     /// Named VIP → its address and whether it has settled.
     vip_addresses: std::sync::RwLock<BTreeMap<String, (std::net::Ipv4Addr, bool)>>,
     settling: std::sync::Mutex<vips::Settling>,
+    /// Ticks after every refresh, for the realizers.
+    refreshed: watch::Sender<u64>,
+    pub l4lb_counters: l4lb::L4lbCounters,
     started: Instant,
     pub counters: Counters,
 }
@@ -189,10 +197,24 @@ impl Agent {
             snapshot,
             vip_addresses: Default::default(),
             settling: Default::default(),
+            refreshed: watch::channel(0).0,
+            l4lb_counters: Default::default(),
             started: Instant::now(),
             counters: Counters::default(),
         });
         tokio::spawn(refresh_loop(Arc::downgrade(&agent)));
+        match agent.config.l4lb_dataplane {
+            l4lb::Dataplane::Nftables => {
+                tokio::spawn(l4lb::run(
+                    Arc::downgrade(&agent),
+                    agent.refreshed.subscribe(),
+                    agent.config.l4lb_resync,
+                ));
+            }
+            l4lb::Dataplane::None => {
+                tracing::info!("L4LB dataplane: none (VIPs computed, kernel untouched)")
+            }
+        }
         Ok(agent)
     }
 
@@ -277,6 +299,7 @@ impl Agent {
             views.push(VipView {
                 vip: key.to_string(),
                 protocol: key.protocol,
+                port: key.port,
                 address,
                 backend: backends
                     .into_iter()
@@ -478,6 +501,7 @@ async fn refresh_loop(agent: std::sync::Weak<Agent>) {
         let previous = agent.snapshot();
         let next = agent.fresh_snapshot().await;
         agent.reconcile_vip_claims(&next).await;
+        agent.refreshed.send_modify(|n| *n = n.wrapping_add(1));
         for (node, live) in &next.liveness {
             let before = previous.liveness.get(node).map(|l| l.status);
             if before != Some(live.status) {

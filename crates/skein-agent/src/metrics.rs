@@ -132,6 +132,67 @@ pub fn render(agent: &Agent) -> String {
         "Failures to persist the replica.",
         &[("", load(&c.persist_errors))],
     );
+    let l = &agent.l4lb_counters;
+    out.metric(
+        "skein_l4lb_services",
+        "gauge",
+        "VIP services (address, protocol, port) programmed in the kernel.",
+        &[("", load(&l.services))],
+    );
+    out.metric(
+        "skein_l4lb_backends",
+        "gauge",
+        "Backends programmed across all VIP services.",
+        &[("", load(&l.backends))],
+    );
+    out.metric(
+        "skein_l4lb_rule_applies_total",
+        "counter",
+        "Atomic nftables table replacements applied.",
+        &[("", load(&l.applies))],
+    );
+    out.metric(
+        "skein_l4lb_apply_errors_total",
+        "counter",
+        "Failed attempts to program the kernel.",
+        &[("", load(&l.apply_errors))],
+    );
+    out.metric(
+        "skein_l4lb_drift_repaired_total",
+        "counter",
+        "Times the kernel's VIP rules were found changed behind our back and repaired.",
+        &[("", load(&l.drift_repaired))],
+    );
+    out.metric(
+        "skein_l4lb_reconcile_microseconds",
+        "gauge",
+        "Duration of the last reconcile that changed the kernel.",
+        &[("", load(&l.last_reconcile_us))],
+    );
+    let (vips, problems) = agent.vips();
+    let unreachable = vips
+        .iter()
+        .flat_map(|v| v.backend.iter())
+        .filter(|b| !b.in_use)
+        .count() as u64;
+    out.metric(
+        "skein_vips",
+        "gauge",
+        "VIPs declared by the cluster's tasks.",
+        &[("", vips.len() as u64)],
+    );
+    out.metric(
+        "skein_vip_backends_unreachable",
+        "gauge",
+        "VIP backends not used because their node is down.",
+        &[("", unreachable)],
+    );
+    out.metric(
+        "skein_vip_problems",
+        "gauge",
+        "VIP labels that could not be used.",
+        &[("", problems.len() as u64)],
+    );
     out.metric(
         "skein_uptime_seconds",
         "gauge",

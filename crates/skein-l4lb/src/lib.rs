@@ -5,6 +5,7 @@
 //! the nftables / IPVS dataplanes build on it.
 
 pub mod alloc;
+pub mod nft;
 pub mod vip;
 
 pub use vip::{

@@ -274,8 +274,9 @@ pub fn print_state(state: &Value) -> String {
 /// `ipvsadm -Ln`-style listing of VIPs and their backends, then any
 /// labels that could not be used.
 pub fn print_vips(vips: &Value, problems: &Value) -> String {
-    let mut out =
-        String::from("Prot VIP Address\n  -> Backend                Node        Status   InUse  Task");
+    let mut out = String::from(
+        "Prot VIP Address\n  -> Backend                Node        Status   InUse  Task",
+    );
     for v in vips.as_array().into_iter().flatten() {
         out.push_str(&format!(
             "\n{:<4} {}",

@@ -60,6 +60,12 @@ pub struct AgentArgs {
     /// Seconds a down node's state is kept before it is forgotten [default: 86400].
     #[arg(long, env = "SKEIN_DEAD_NODE_GRACE_S")]
     pub dead_node_grace_s: Option<u64>,
+    /// VIP dataplane: auto, nftables, ipvs or none [default: auto].
+    #[arg(long, env = "SKEIN_L4LB_DATAPLANE")]
+    pub l4lb_dataplane: Option<String>,
+    /// Seconds between checks of the kernel's VIP rules for drift [default: 30].
+    #[arg(long, env = "SKEIN_L4LB_RESYNC_S")]
+    pub l4lb_resync_s: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -78,6 +84,8 @@ struct FileConfig {
     phi_threshold: Option<f64>,
     suspect_after_ms: Option<u64>,
     dead_node_grace_s: Option<u64>,
+    l4lb_dataplane: Option<String>,
+    l4lb_resync_s: Option<u64>,
 }
 
 /// What the binary needs besides [`AgentConfig`].
@@ -208,8 +216,22 @@ impl AgentArgs {
         if !(phi_threshold.is_finite() && phi_threshold > 0.0) {
             bail!("--phi-threshold must be a positive number");
         }
+        let l4lb_dataplane = skein_agent::l4lb::Dataplane::parse(
+            self.l4lb_dataplane
+                .or(file.l4lb_dataplane)
+                .as_deref()
+                .unwrap_or("auto"),
+        )?;
+        let l4lb_resync = Duration::from_secs(
+            self.l4lb_resync_s
+                .or(file.l4lb_resync_s)
+                .unwrap_or(30)
+                .max(1),
+        );
         Ok(Resolved {
             agent: AgentConfig {
+                l4lb_dataplane,
+                l4lb_resync,
                 hostname: hostname(),
                 node_id,
                 advertise,

@@ -1,0 +1,155 @@
+//! Realizes VIPs in this node's kernel: the desired nftables table is
+//! computed from the replica (pure, `skein_l4lb::nft`), compared with what
+//! was last applied, and replaced atomically when it differs. Every resync
+//! period the kernel's actual table is compared with what we applied, so a
+//! table deleted or edited behind our back is repaired.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Weak;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use crate::Agent;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dataplane {
+    Nftables,
+    /// Compute and expose VIPs, change nothing in the kernel.
+    None,
+}
+
+impl Dataplane {
+    /// `auto` picks IPVS where the kernel has it; until the IPVS dataplane
+    /// exists, nftables everywhere.
+    pub fn parse(s: &str) -> anyhow::Result<Dataplane> {
+        match s {
+            "auto" | "nftables" => Ok(Dataplane::Nftables),
+            "none" => Ok(Dataplane::None),
+            "ipvs" => {
+                bail!("the IPVS dataplane is not implemented yet; use --l4lb-dataplane nftables")
+            }
+            other => bail!("--l4lb-dataplane must be auto, nftables, ipvs or none, not {other:?}"),
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct L4lbCounters {
+    pub applies: AtomicU64,
+    pub apply_errors: AtomicU64,
+    pub drift_repaired: AtomicU64,
+    pub last_reconcile_us: AtomicU64,
+    pub services: AtomicU64,
+    pub backends: AtomicU64,
+}
+
+fn nft(args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
+    let mut child = Command::new("nft")
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot run `nft` (is nftables installed?)")?;
+    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(text.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "nft {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn list_table() -> Option<String> {
+    nft(&["list", "table", "ip", skein_l4lb::nft::TABLE], None).ok()
+}
+
+/// Runs until the agent is dropped. `changes` ticks whenever the replica
+/// snapshot was refreshed.
+pub async fn run(
+    agent: Weak<Agent>,
+    mut changes: tokio::sync::watch::Receiver<u64>,
+    resync: Duration,
+) {
+    let mut applied: Option<String> = None;
+    // The kernel's listing right after our last apply: the drift reference.
+    let mut listing: Option<String> = None;
+    let mut tick = tokio::time::interval(resync);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let resyncing = tokio::select! {
+            _ = tick.tick() => true,
+            changed = changes.changed() => {
+                if changed.is_err() { return }
+                false
+            }
+        };
+        let Some(agent) = agent.upgrade() else { return };
+        let started = Instant::now();
+        let (vips, _) = agent.vips();
+        let services = skein_l4lb::nft::services(vips.iter().map(|v| {
+            let backends = v
+                .backend
+                .iter()
+                .filter(|b| b.in_use)
+                .map(|b| (b.ip, b.port))
+                .collect();
+            (v.address, v.protocol, v.port, backends)
+        }));
+        let desired = skein_l4lb::nft::ruleset(&services);
+        let counters = &agent.l4lb_counters;
+        counters
+            .services
+            .store(services.len() as u64, Ordering::Relaxed);
+        counters.backends.store(
+            services.iter().map(|s| s.backends.len() as u64).sum(),
+            Ordering::Relaxed,
+        );
+        let drifted = resyncing && applied.is_some() && list_table() != listing;
+        if applied.as_ref() == Some(&desired) && !drifted {
+            continue;
+        }
+        if drifted {
+            tracing::warn!(
+                "nftables table {} changed behind our back; repairing",
+                skein_l4lb::nft::TABLE
+            );
+            counters.drift_repaired.fetch_add(1, Ordering::Relaxed);
+        }
+        let text = desired.clone();
+        let result = tokio::task::spawn_blocking(move || nft(&["-f", "-"], Some(&text))).await;
+        match result {
+            Ok(Ok(_)) => {
+                counters.applies.fetch_add(1, Ordering::Relaxed);
+                listing = tokio::task::spawn_blocking(list_table).await.ok().flatten();
+                applied = Some(desired);
+                tracing::info!(
+                    services = services.len(),
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "nftables VIP rules applied"
+                );
+            }
+            Ok(Err(e)) => {
+                counters.apply_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %format!("{e:#}"), "cannot apply nftables VIP rules; will retry");
+                applied = None;
+            }
+            Err(e) => tracing::warn!(error = %e, "nft task failed"),
+        }
+        counters
+            .last_reconcile_us
+            .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+    }
+}

@@ -12,6 +12,13 @@ fn task(ip: &str, port: u16, protocol: &str, vip: &str) -> String {
     )
 }
 
+/// A task whose agent checks it over HTTP every second.
+fn checked_task(ip: &str, port: u16, vip: &str) -> String {
+    format!(
+        r#"{{"app":"/httpi","ip":"{ip}","ports":[{{"port":{port},"labels":{{"VIP_0":"{vip}"}}}}],"health_check":{{"protocol":"http","path":"/","interval_s":1,"timeout_s":1,"unhealthy_after":2}}}}"#
+    )
+}
+
 fn vip_address(c: &Cluster, i: usize, vip: &str) -> anyhow::Result<Option<String>> {
     let vips = c.get(i, "/v1/vips")?;
     Ok(vips
@@ -61,12 +68,16 @@ fn vips_load_balance_through_nftables_and_follow_the_cluster() -> anyhow::Result
     c.start(3, &[1], &flags)?;
 
     // Real servers: two on node 2, one on node 3 (TCP and UDP on each).
-    let _a = spawn_in(&c.node(2).netns, httpi, &["10.77.0.2:9896", "backend-a"])?;
+    let server_a = spawn_in(&c.node(2).netns, httpi, &["10.77.0.2:9896", "backend-a"])?;
     let _b = spawn_in(&c.node(2).netns, httpi, &["10.77.0.2:9897", "backend-b"])?;
     let backend_c = spawn_in(&c.node(3).netns, httpi, &["10.77.0.3:9896", "backend-c"])?;
     assert_eq!(
-        c.put_task(2, "httpi.a", &task("10.77.0.2", 9896, "tcp", "/httpi:3141"))?
-            .0,
+        c.put_task(
+            2,
+            "httpi.a",
+            &checked_task("10.77.0.2", 9896, "/httpi:3141")
+        )?
+        .0,
         201
     );
     assert_eq!(
@@ -135,6 +146,26 @@ fn vips_load_balance_through_nftables_and_follow_the_cluster() -> anyhow::Result
         },
     )?;
     assert_eq!(answer, "backend-c");
+
+    // Backend a's server stops: its health check fails, every node stops
+    // sending it new connections, and nothing fails meanwhile.
+    drop(server_a);
+    let tcp_a = "tcp dnat to 10.77.0.2:9896";
+    wait_for(
+        "unhealthy a out of node1's kernel",
+        Duration::from_secs(20),
+        || Ok((!in_kernel(&c, 1, tcp_a)?).then_some(())),
+    )?;
+    let while_sick = hits(&c, 1, &url, 30);
+    println!("with backend a unhealthy ×30: {while_sick:?}");
+    assert_eq!(while_sick.get("backend-a"), None, "{while_sick:?}");
+    assert_eq!(while_sick.get("FAILED"), None, "{while_sick:?}");
+    let _server_a = spawn_in(&c.node(2).netns, httpi, &["10.77.0.2:9896", "backend-a"])?;
+    wait_for(
+        "healthy a back in node1's kernel",
+        Duration::from_secs(20),
+        || Ok(in_kernel(&c, 1, tcp_a)?.then_some(())),
+    )?;
 
     // Deleting a task stops new connections to it.
     assert_eq!(c.delete_task(2, "httpi.b")?, 204);

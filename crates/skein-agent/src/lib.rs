@@ -2,6 +2,7 @@
 //! dir, gossips with the cluster, keeps a fresh snapshot of the replica for
 //! readers, and persists what must survive a restart.
 
+pub mod health;
 pub mod l4lb;
 pub mod metrics;
 pub mod store;
@@ -79,6 +80,7 @@ pub struct VipBackendView {
     pub task_id: String,
     pub node_id: String,
     pub node_status: NodeStatus,
+    pub healthy: bool,
     /// Whether this node sends new connections to it.
     pub in_use: bool,
 }
@@ -118,6 +120,7 @@ pub struct Counters {
     pub rejected_writes: AtomicU64,
     pub status_changes: AtomicU64,
     pub persist_errors: AtomicU64,
+    pub health_changes: AtomicU64,
 }
 
 fn unix_ms() -> u64 {
@@ -203,6 +206,7 @@ impl Agent {
             counters: Counters::default(),
         });
         tokio::spawn(refresh_loop(Arc::downgrade(&agent)));
+        tokio::spawn(health::run(Arc::downgrade(&agent)));
         match agent.config.l4lb_dataplane {
             l4lb::Dataplane::Nftables => {
                 tokio::spawn(l4lb::run(
@@ -228,6 +232,12 @@ impl Agent {
 
     pub fn uptime(&self) -> Duration {
         self.started.elapsed()
+    }
+
+    /// This node's own tasks, as stored.
+    pub async fn own_tasks_snapshot(&self) -> Vec<(String, TaskSpec)> {
+        let own = self.own_tasks.lock().await;
+        own.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 
     /// The latest snapshot (at most [`SNAPSHOT_INTERVAL`] old).
@@ -310,6 +320,7 @@ impl Agent {
                         task_id: b.task_id,
                         node_id: b.node_id,
                         node_status: b.node_status,
+                        healthy: b.healthy,
                         in_use,
                     })
                     .collect(),

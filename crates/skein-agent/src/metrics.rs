@@ -127,6 +127,12 @@ pub fn render(agent: &Agent) -> String {
         &[("", load(&c.status_changes))],
     );
     out.metric(
+        "skein_health_changes_total",
+        "counter",
+        "Health verdict changes of this node's tasks.",
+        &[("", load(&c.health_changes))],
+    );
+    out.metric(
         "skein_persist_errors_total",
         "counter",
         "Failures to persist the replica.",

@@ -128,6 +128,9 @@ pub struct Backend {
     pub task_id: String,
     pub node_id: NodeId,
     pub node_status: NodeStatus,
+    /// The owning agent's health verdict: unhealthy backends get no new
+    /// connections (weight 0); established ones are left alone.
+    pub healthy: bool,
     pub weight: u32,
 }
 
@@ -164,6 +167,7 @@ pub fn vips_of(tasks: &[TaskView]) -> (BTreeMap<VipKey, Vec<Backend>>, Vec<VipPr
                             task_id: task.id.clone(),
                             node_id: task.node_id.clone(),
                             node_status: task.node_status,
+                            healthy: task.healthy,
                             weight: 1,
                         });
                     }
@@ -288,14 +292,17 @@ mod tests {
     }
 }
 
-/// Which backends get new connections on this node: those on nodes it sees
-/// alive. If no backend of a VIP is on an alive node, all of them are kept
-/// (as dcos-net did): a guess at a partition beats black-holing the VIP.
+/// Which backends get new connections on this node: healthy ones on nodes
+/// it sees alive. If no healthy backend of a VIP is on an alive node, all the
+/// healthy ones are kept (as dcos-net did): a guess at a partition beats
+/// black-holing the VIP. Unhealthy backends are never used.
 pub fn in_use(backends: &[Backend]) -> Vec<bool> {
-    let any_alive = backends.iter().any(|b| b.node_status != NodeStatus::Down);
+    let any_alive = backends
+        .iter()
+        .any(|b| b.healthy && b.node_status != NodeStatus::Down);
     backends
         .iter()
-        .map(|b| !any_alive || b.node_status != NodeStatus::Down)
+        .map(|b| b.healthy && (!any_alive || b.node_status != NodeStatus::Down))
         .collect()
 }
 
@@ -310,8 +317,19 @@ mod selection_tests {
             task_id: format!("t-{node}"),
             node_id: node.into(),
             node_status: status,
+            healthy: true,
             weight: 1,
         }
+    }
+
+    #[test]
+    fn unhealthy_backends_are_never_used() {
+        let mut sick = backend("a", NodeStatus::Alive);
+        sick.healthy = false;
+        let b = [sick.clone(), backend("b", NodeStatus::Down)];
+        // The only healthy one is on a down node: kept, the sick one is not.
+        assert_eq!(in_use(&b), [false, true]);
+        assert_eq!(in_use(&[sick]), [false]);
     }
 
     #[test]

@@ -8,8 +8,10 @@ pub mod task;
 pub mod view;
 
 pub use replica::{Entry, NodeId, NodeKeyspace, Replica, Update};
-pub use task::{validate_task_id, PortMapping, Protocol, TaskError, TaskSpec};
+pub use task::{
+    validate_task_id, HealthCheck, HealthProtocol, PortMapping, Protocol, TaskError, TaskSpec,
+};
 pub use view::{
-    nodes, task_key, tasks, BadEntry, Liveness, NodeMeta, NodeStatus, NodeView, TaskView, META_KEY,
-    TASK_PREFIX,
+    health_key, nodes, task_key, tasks, BadEntry, Liveness, NodeMeta, NodeStatus, NodeView,
+    TaskView, HEALTH_PREFIX, META_KEY, TASK_PREFIX, UNHEALTHY,
 };

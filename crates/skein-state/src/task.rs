@@ -66,6 +66,50 @@ pub struct TaskSpec {
     pub ip: IpAddr,
     #[serde(default)]
     pub ports: Vec<PortMapping>,
+    /// Checked by the agent of the node the task runs on; an unhealthy
+    /// task's ports get no new connections through VIPs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheck>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthProtocol {
+    Tcp,
+    Http,
+}
+
+fn default_path() -> String {
+    "/".to_string()
+}
+fn default_interval() -> u32 {
+    2
+}
+fn default_timeout() -> u32 {
+    1
+}
+fn default_unhealthy_after() -> u32 {
+    2
+}
+
+/// `{"protocol":"tcp"|"http","path":"/","interval_s":2,"timeout_s":1,"unhealthy_after":2}`,
+/// probing the task's first port (or `port_index`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    pub protocol: HealthProtocol,
+    #[serde(default = "default_path")]
+    pub path: String,
+    #[serde(default)]
+    pub port_index: usize,
+    #[serde(default = "default_interval")]
+    pub interval_s: u32,
+    #[serde(default = "default_timeout")]
+    pub timeout_s: u32,
+    /// Consecutive failures before the task is unhealthy (one success
+    /// makes it healthy again).
+    #[serde(default = "default_unhealthy_after")]
+    pub unhealthy_after: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -84,6 +128,8 @@ pub enum TaskError {
     BadLabels { index: usize },
     #[error("port {index}: name must be at most 63 characters")]
     BadPortName { index: usize },
+    #[error("health_check: {0}")]
+    BadHealthCheck(&'static str),
 }
 
 pub fn validate_task_id(id: &str) -> Result<(), TaskError> {
@@ -137,6 +183,29 @@ impl TaskSpec {
                     .all(|(k, v)| k.len() <= MAX_LABEL_LEN && v.len() <= MAX_LABEL_LEN);
             if !labels_ok {
                 return Err(TaskError::BadLabels { index });
+            }
+        }
+        if let Some(hc) = &self.health_check {
+            if hc.port_index >= self.ports.len() {
+                return Err(TaskError::BadHealthCheck(
+                    "port_index names no port of the task",
+                ));
+            }
+            if !(1..=3600).contains(&hc.interval_s) || !(1..=60).contains(&hc.timeout_s) {
+                return Err(TaskError::BadHealthCheck(
+                    "interval_s must be 1..=3600 and timeout_s 1..=60",
+                ));
+            }
+            if !(1..=100).contains(&hc.unhealthy_after) {
+                return Err(TaskError::BadHealthCheck("unhealthy_after must be 1..=100"));
+            }
+            if !hc.path.starts_with('/')
+                || hc.path.len() > 1024
+                || hc.path.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
+                return Err(TaskError::BadHealthCheck(
+                    "path must start with / and hold no spaces or control characters",
+                ));
             }
         }
         Ok(())

@@ -12,6 +12,14 @@ use crate::task::TaskSpec;
 pub const META_KEY: &str = "meta";
 /// Prefix of task keys: `task:<task-id>` → JSON [`TaskSpec`].
 pub const TASK_PREFIX: &str = "task:";
+/// Health verdicts of a node's own tasks: `health:<task-id>` → `healthy` |
+/// `unhealthy`. Absent means not checked, which counts as healthy.
+pub const HEALTH_PREFIX: &str = "health:";
+pub const UNHEALTHY: &str = "unhealthy";
+
+pub fn health_key(task_id: &str) -> String {
+    format!("{HEALTH_PREFIX}{task_id}")
+}
 
 pub fn task_key(task_id: &str) -> String {
     format!("{TASK_PREFIX}{task_id}")
@@ -67,6 +75,8 @@ pub struct TaskView {
     pub id: String,
     pub node_id: NodeId,
     pub node_status: NodeStatus,
+    /// The owning agent's latest health-check verdict (true if unchecked).
+    pub healthy: bool,
     #[serde(flatten)]
     pub spec: TaskSpec,
 }
@@ -133,6 +143,7 @@ pub fn tasks(
                     id: id.to_string(),
                     node_id: node_id.clone(),
                     node_status,
+                    healthy: keyspace.get(&health_key(id)) != Some(UNHEALTHY),
                     spec,
                 }),
                 Err(e) => bad.push(BadEntry {

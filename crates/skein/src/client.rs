@@ -395,6 +395,7 @@ impl TaskAddArgs {
                 .iter()
                 .map(|p| parse_port(p))
                 .collect::<anyhow::Result<_>>()?,
+            health_check: None,
         };
         Ok(serde_json::to_value(spec)?)
     }

@@ -76,16 +76,35 @@ fn list_table() -> Option<String> {
     nft(&["list", "table", "ip", skein_l4lb::nft::TABLE], None).ok()
 }
 
+/// What the realizer believes the kernel holds.
+struct Programmed {
+    services: Vec<skein_l4lb::nft::Service>,
+    /// The kernel's listing of our table, the drift reference; `None` after
+    /// an incremental change until the next resync takes a fresh one (so a
+    /// change costs O(changed), and listing the table only happens per
+    /// resync period).
+    listing: Option<String>,
+}
+
+async fn apply(text: String) -> anyhow::Result<()> {
+    tokio::task::spawn_blocking(move || nft(&["-f", "-"], Some(&text)).map(|_| ()))
+        .await
+        .context("nft task failed")?
+}
+
+async fn listing() -> Option<String> {
+    tokio::task::spawn_blocking(list_table).await.ok().flatten()
+}
+
 /// Runs until the agent is dropped. `changes` ticks whenever the replica
-/// snapshot was refreshed.
+/// snapshot was refreshed. The whole table is written at start-up and when
+/// drift is found; otherwise each change is one transaction of what changed.
 pub async fn run(
     agent: Weak<Agent>,
     mut changes: tokio::sync::watch::Receiver<u64>,
     resync: Duration,
 ) {
-    let mut applied: Option<String> = None;
-    // The kernel's listing right after our last apply: the drift reference.
-    let mut listing: Option<String> = None;
+    let mut programmed: Option<Programmed> = None;
     let mut tick = tokio::time::interval(resync);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -108,7 +127,6 @@ pub async fn run(
                 .collect();
             (v.address, v.protocol, v.port, backends)
         }));
-        let desired = skein_l4lb::nft::ruleset(&services);
         let counters = &agent.l4lb_counters;
         counters
             .services
@@ -117,36 +135,49 @@ pub async fn run(
             services.iter().map(|s| s.backends.len() as u64).sum(),
             Ordering::Relaxed,
         );
-        let drifted = resyncing && applied.is_some() && list_table() != listing;
-        if applied.as_ref() == Some(&desired) && !drifted {
-            continue;
+        if resyncing {
+            if let Some(p) = programmed.as_mut() {
+                let now = listing().await;
+                match &p.listing {
+                    // First look since an incremental change: the reference.
+                    None if now.is_some() => p.listing = now,
+                    // Our table is gone, or not what we left.
+                    _ if now.is_none() || now != p.listing => {
+                        tracing::warn!(
+                            "nftables table {} changed behind our back; repairing",
+                            skein_l4lb::nft::TABLE
+                        );
+                        counters.drift_repaired.fetch_add(1, Ordering::Relaxed);
+                        programmed = None;
+                    }
+                    _ => {}
+                }
+            }
         }
-        if drifted {
-            tracing::warn!(
-                "nftables table {} changed behind our back; repairing",
-                skein_l4lb::nft::TABLE
-            );
-            counters.drift_repaired.fetch_add(1, Ordering::Relaxed);
-        }
-        let text = desired.clone();
-        let result = tokio::task::spawn_blocking(move || nft(&["-f", "-"], Some(&text))).await;
-        match result {
-            Ok(Ok(_)) => {
+        let (text, full) = match &programmed {
+            None => (skein_l4lb::nft::ruleset(&services), true),
+            Some(p) => match skein_l4lb::nft::transaction(&p.services, &services) {
+                Some(tx) => (tx, false),
+                None => continue,
+            },
+        };
+        match apply(text).await {
+            Ok(()) => {
                 counters.applies.fetch_add(1, Ordering::Relaxed);
-                listing = tokio::task::spawn_blocking(list_table).await.ok().flatten();
-                applied = Some(desired);
+                let listing = if full { listing().await } else { None };
                 tracing::info!(
                     services = services.len(),
+                    full,
                     took_ms = started.elapsed().as_millis() as u64,
                     "nftables VIP rules applied"
                 );
+                programmed = Some(Programmed { services, listing });
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 counters.apply_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %format!("{e:#}"), "cannot apply nftables VIP rules; will retry");
-                applied = None;
+                tracing::warn!(error = %format!("{e:#}"), "cannot apply nftables VIP rules; rewriting the table next");
+                programmed = None;
             }
-            Err(e) => tracing::warn!(error = %e, "nft task failed"),
         }
         counters
             .last_reconcile_us

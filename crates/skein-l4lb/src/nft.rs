@@ -63,6 +63,112 @@ fn backend_chain(s: &Service, backend: &(Ipv4Addr, u16)) -> String {
     )
 }
 
+/// The service chain's one rule: pick a backend chain.
+fn dispatch_rule(s: &Service) -> String {
+    if s.backends.len() == 1 {
+        return format!("goto {}", backend_chain(s, &s.backends[0]));
+    }
+    let arms: Vec<String> = s
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| format!("{i} : goto {}", backend_chain(s, b)))
+        .collect();
+    format!(
+        "numgen random mod {} vmap {{ {} }}",
+        s.backends.len(),
+        arms.join(", ")
+    )
+}
+
+/// A backend chain's rules: mark hairpin traffic, then DNAT.
+fn backend_rules(s: &Service, b: &(Ipv4Addr, u16)) -> [String; 2] {
+    [
+        format!(
+            "ip saddr {} meta mark set meta mark | {HAIRPIN_MARK:#x}",
+            b.0
+        ),
+        format!("meta l4proto {} dnat to {}:{}", s.protocol, b.0, b.1),
+    ]
+}
+
+fn element(s: &Service) -> String {
+    format!("{} . {} . {}", s.address, s.protocol, s.port)
+}
+
+/// The smallest transaction that turns the table programmed for `old` into
+/// the one for `new`: only services whose backends changed are touched, so
+/// its size (and the kernel's work) does not grow with the number of VIPs.
+/// `None` when nothing changed.
+pub fn transaction(old: &[Service], new: &[Service]) -> Option<String> {
+    type Key = (Ipv4Addr, Protocol, u16);
+    let index = |v: &[Service]| -> BTreeMap<Key, Service> {
+        v.iter()
+            .filter(|s| !s.backends.is_empty())
+            .map(|s| ((s.address, s.protocol, s.port), s.clone()))
+            .collect()
+    };
+    let (old, new) = (index(old), index(new));
+    let mut adds = String::new();
+    let mut swaps = String::new();
+    let mut deletes = String::new();
+    let add_backend = |out: &mut String, s: &Service, b: &(Ipv4Addr, u16)| {
+        let chain = backend_chain(s, b);
+        let [mark, dnat] = backend_rules(s, b);
+        let _ = writeln!(out, "add chain ip {TABLE} {chain}");
+        let _ = writeln!(out, "add rule ip {TABLE} {chain} {mark}");
+        let _ = writeln!(out, "add rule ip {TABLE} {chain} {dnat}");
+    };
+    let delete_chain = |out: &mut String, chain: &str| {
+        let _ = writeln!(out, "flush chain ip {TABLE} {chain}");
+        let _ = writeln!(out, "delete chain ip {TABLE} {chain}");
+    };
+    for (key, s) in &new {
+        match old.get(key) {
+            None => {
+                for b in &s.backends {
+                    add_backend(&mut adds, s, b);
+                }
+                let chain = service_chain(s);
+                let _ = writeln!(adds, "add chain ip {TABLE} {chain}");
+                let _ = writeln!(adds, "add rule ip {TABLE} {chain} {}", dispatch_rule(s));
+                let _ = writeln!(
+                    adds,
+                    "add element ip {TABLE} vips {{ {} : goto {chain} }}",
+                    element(s)
+                );
+            }
+            Some(before) if before.backends != s.backends => {
+                for b in s.backends.iter().filter(|b| !before.backends.contains(b)) {
+                    add_backend(&mut adds, s, b);
+                }
+                let chain = service_chain(s);
+                let _ = writeln!(swaps, "flush chain ip {TABLE} {chain}");
+                let _ = writeln!(swaps, "add rule ip {TABLE} {chain} {}", dispatch_rule(s));
+                for b in before.backends.iter().filter(|b| !s.backends.contains(b)) {
+                    delete_chain(&mut deletes, &backend_chain(before, b));
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    for (key, s) in &old {
+        if !new.contains_key(key) {
+            let _ = writeln!(
+                deletes,
+                "delete element ip {TABLE} vips {{ {} }}",
+                element(s)
+            );
+            delete_chain(&mut deletes, &service_chain(s));
+            for b in &s.backends {
+                delete_chain(&mut deletes, &backend_chain(s, b));
+            }
+        }
+    }
+    let text = adds + &swaps + &deletes;
+    (!text.is_empty()).then_some(text)
+}
+
 /// The complete desired table. Services without backends are left out: a
 /// connection to them is refused by the host (no DNAT) rather than hanging.
 pub fn ruleset(services: &[Service]) -> String {
@@ -224,6 +330,24 @@ mod tests {
             service_chain(&svc(1, &[(9, 9)])),
             "a service keeps its chain name when its backends change"
         );
+    }
+
+    #[test]
+    fn transactions_touch_only_what_changed() {
+        let many: Vec<Service> = (1..=50).map(|p| svc(p, &[(2, 80)])).collect();
+        assert_eq!(transaction(&many, &many), None);
+        let mut changed = many.clone();
+        changed[9].backends.push((Ipv4Addr::new(10, 0, 0, 9), 81));
+        let tx = transaction(&many, &changed).expect("a change");
+        // One new backend chain (3 lines) and the service chain swapped (2).
+        assert_eq!(tx.lines().count(), 5, "{tx}");
+        assert!(tx.contains("dnat to 10.0.0.9:81"));
+        let removed = transaction(&changed, &many[1..]).expect("a change");
+        assert!(
+            removed.contains("delete element ip skein vips { 11.1.2.3 . tcp . 1 }"),
+            "{removed}"
+        );
+        assert!(removed.contains("delete chain ip skein be-"), "{removed}");
     }
 
     #[test]

@@ -42,6 +42,40 @@ fn hits(c: &Cluster, i: usize, url: &str, n: usize) -> BTreeMap<String, usize> {
     out
 }
 
+/// Whether node `i`'s table DNATs `proto` traffic to `backend` (`ip:port`).
+fn dnat_in_kernel(c: &Cluster, i: usize, proto: &str, backend: &str) -> anyhow::Result<bool> {
+    let netns = &c.node(i).netns;
+    let Ok(out) = sh(&[
+        "ip", "netns", "exec", netns, "nft", "list", "table", "ip", "skein",
+    ]) else {
+        return Ok(false);
+    };
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    // nft lists a single target as `dnat to`, a map as `dnat ip to`.
+    let prefix = format!("meta l4proto {proto} dnat ");
+    let found = text.lines().any(|line| {
+        let Some(rest) = line.trim().strip_prefix(prefix.as_str()) else {
+            return false;
+        };
+        let Some(target) = rest
+            .strip_prefix("ip to ")
+            .or_else(|| rest.strip_prefix("to "))
+        else {
+            return false;
+        };
+        match target.split_once('{') {
+            // numgen random mod N map { 0 : ip . port, 1 : ... }
+            Some((_, arms)) => arms
+                .trim_end_matches('}')
+                .split(',')
+                .filter_map(|arm| arm.split_once(':').map(|(_, t)| t.replace(" . ", ":")))
+                .any(|t| t.trim() == backend),
+            None => target.trim() == backend,
+        }
+    });
+    Ok(found)
+}
+
 fn in_kernel(c: &Cluster, i: usize, needle: &str) -> anyhow::Result<bool> {
     let out = sh(&[
         "ip",
@@ -103,7 +137,7 @@ fn vips_load_balance_through_nftables_and_follow_the_cluster() -> anyhow::Result
     let url = format!("http://{addr}:3141/");
     wait_for("the VIP in node1's kernel", Duration::from_secs(20), || {
         Ok(
-            (in_kernel(&c, 1, &addr)? && in_kernel(&c, 1, "tcp dnat to 10.77.0.3:9896")?)
+            (in_kernel(&c, 1, &addr)? && dnat_in_kernel(&c, 1, "tcp", "10.77.0.3:9896")?)
                 .then_some(()),
         )
     })?;
@@ -150,11 +184,11 @@ fn vips_load_balance_through_nftables_and_follow_the_cluster() -> anyhow::Result
     // Backend a's server stops: its health check fails, every node stops
     // sending it new connections, and nothing fails meanwhile.
     drop(server_a);
-    let tcp_a = "tcp dnat to 10.77.0.2:9896";
+    let tcp_a = "10.77.0.2:9896";
     wait_for(
         "unhealthy a out of node1's kernel",
         Duration::from_secs(20),
-        || Ok((!in_kernel(&c, 1, tcp_a)?).then_some(())),
+        || Ok((!dnat_in_kernel(&c, 1, "tcp", tcp_a)?).then_some(())),
     )?;
     let while_sick = hits(&c, 1, &url, 30);
     println!("with backend a unhealthy ×30: {while_sick:?}");
@@ -164,7 +198,7 @@ fn vips_load_balance_through_nftables_and_follow_the_cluster() -> anyhow::Result
     wait_for(
         "healthy a back in node1's kernel",
         Duration::from_secs(20),
-        || Ok(in_kernel(&c, 1, tcp_a)?.then_some(())),
+        || Ok(dnat_in_kernel(&c, 1, "tcp", tcp_a)?.then_some(())),
     )?;
 
     // Deleting a task stops new connections to it.
@@ -172,7 +206,7 @@ fn vips_load_balance_through_nftables_and_follow_the_cluster() -> anyhow::Result
     wait_for(
         "backend b out of node1's kernel",
         Duration::from_secs(20),
-        || Ok((!in_kernel(&c, 1, "tcp dnat to 10.77.0.2:9897")?).then_some(())),
+        || Ok((!dnat_in_kernel(&c, 1, "tcp", "10.77.0.2:9897")?).then_some(())),
     )?;
     let after_delete = hits(&c, 1, &url, 30);
     assert_eq!(after_delete.get("backend-b"), None, "{after_delete:?}");
@@ -183,13 +217,18 @@ fn vips_load_balance_through_nftables_and_follow_the_cluster() -> anyhow::Result
     drop(backend_c);
     // (The UDP echo VIP keeps its only backend: when every backend is on a
     // down node they are all kept rather than black-holing the VIP.)
-    let tcp_c = "tcp dnat to 10.77.0.3:9896";
+    let tcp_c = "10.77.0.3:9896";
     wait_for(
         "backend c out of node1's and node2's kernels",
         Duration::from_secs(30),
-        || Ok((!in_kernel(&c, 1, tcp_c)? && !in_kernel(&c, 2, tcp_c)?).then_some(())),
+        || {
+            Ok(
+                (!dnat_in_kernel(&c, 1, "tcp", tcp_c)? && !dnat_in_kernel(&c, 2, "tcp", tcp_c)?)
+                    .then_some(()),
+            )
+        },
     )?;
-    assert!(in_kernel(&c, 1, "udp dnat to 10.77.0.3:9896")?);
+    assert!(dnat_in_kernel(&c, 1, "udp", "10.77.0.3:9896")?);
     let after_kill = hits(&c, 1, &url, 30);
     assert_eq!(
         after_kill,

@@ -1,9 +1,12 @@
 //! The nftables dataplane's pure half: the ruleset a node should have for a
 //! set of VIPs, as `nft -f` text. kube-proxy's nftables mode is the model:
 //! one private table, a verdict map from `daddr . l4proto . dport` to a
-//! per-service chain, and in it `numgen random mod N` over per-backend
-//! chains that DNAT. The whole table is replaced in one `nft -f`
-//! transaction, which the kernel applies atomically.
+//! per-service chain, which DNATs to `numgen random mod N` over an inline map
+//! of backends. One chain per service and none per backend: nft's cost grows
+//! with the number of chains (a 10,000-VIP table with a chain per backend
+//! took a minute to load here). The whole table is replaced in one `nft -f`
+//! transaction, which the kernel applies atomically, at start-up and on
+//! drift; changes are small transactions ([`transaction`]).
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -27,69 +30,46 @@ pub struct Service {
     pub backends: Vec<(Ipv4Addr, u16)>,
 }
 
-/// A stable, short chain-name suffix for a service or backend.
-fn tag(parts: &[&str]) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for p in parts {
-        for b in p.bytes().chain(std::iter::once(0)) {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-    format!("{:012x}", h & 0xffff_ffff_ffff)
-}
-
+/// A stable, short chain name for a service: it keeps its name when its
+/// backends change, so a change rewrites one chain in place.
 fn service_chain(s: &Service) -> String {
-    format!(
-        "svc-{}",
-        tag(&[
-            &s.address.to_string(),
-            &s.protocol.to_string(),
-            &s.port.to_string()
-        ])
-    )
-}
-
-fn backend_chain(s: &Service, backend: &(Ipv4Addr, u16)) -> String {
-    format!(
-        "be-{}",
-        tag(&[
-            &s.address.to_string(),
-            &s.protocol.to_string(),
-            &s.port.to_string(),
-            &backend.0.to_string(),
-            &backend.1.to_string(),
-        ])
-    )
-}
-
-/// The service chain's one rule: pick a backend chain.
-fn dispatch_rule(s: &Service) -> String {
-    if s.backends.len() == 1 {
-        return format!("goto {}", backend_chain(s, &s.backends[0]));
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let key = format!("{}/{}/{}", s.address, s.protocol, s.port);
+    for b in key.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
     }
-    let arms: Vec<String> = s
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| format!("{i} : goto {}", backend_chain(s, b)))
-        .collect();
-    format!(
-        "numgen random mod {} vmap {{ {} }}",
-        s.backends.len(),
-        arms.join(", ")
-    )
+    format!("svc-{:012x}", h & 0xffff_ffff_ffff)
 }
 
-/// A backend chain's rules: mark hairpin traffic, then DNAT.
-fn backend_rules(s: &Service, b: &(Ipv4Addr, u16)) -> [String; 2] {
-    [
-        format!(
-            "ip saddr {} meta mark set meta mark | {HAIRPIN_MARK:#x}",
-            b.0
-        ),
-        format!("meta l4proto {} dnat to {}:{}", s.protocol, b.0, b.1),
-    ]
+/// The service chain's rules: mark traffic coming from a backend (so that a
+/// backend reaching its own VIP is masqueraded and the reply returns through
+/// the DNAT), then DNAT to a random backend.
+fn service_rules(s: &Service) -> [String; 2] {
+    let mut sources: Vec<String> = s.backends.iter().map(|b| b.0.to_string()).collect();
+    sources.sort();
+    sources.dedup();
+    let mark = format!(
+        "ip saddr {{ {} }} meta mark set meta mark | {HAIRPIN_MARK:#x}",
+        sources.join(", ")
+    );
+    let dnat = match s.backends.as_slice() {
+        [(ip, port)] => format!("meta l4proto {} dnat ip to {ip}:{port}", s.protocol),
+        backends => {
+            let arms: Vec<String> = backends
+                .iter()
+                .enumerate()
+                .map(|(i, (ip, port))| format!("{i} : {ip} . {port}"))
+                .collect();
+            format!(
+                "meta l4proto {} dnat ip to numgen random mod {} map {{ {} }}",
+                s.protocol,
+                backends.len(),
+                arms.join(", ")
+            )
+        }
+    };
+    [mark, dnat]
 }
 
 fn element(s: &Service) -> String {
@@ -97,9 +77,8 @@ fn element(s: &Service) -> String {
 }
 
 /// The smallest transaction that turns the table programmed for `old` into
-/// the one for `new`: only services whose backends changed are touched, so
-/// its size (and the kernel's work) does not grow with the number of VIPs.
-/// `None` when nothing changed.
+/// the one for `new`: only services that appeared, disappeared or changed
+/// backends are touched. `None` when nothing changed.
 pub fn transaction(old: &[Service], new: &[Service]) -> Option<String> {
     type Key = (Ipv4Addr, Protocol, u16);
     let index = |v: &[Service]| -> BTreeMap<Key, Service> {
@@ -109,44 +88,25 @@ pub fn transaction(old: &[Service], new: &[Service]) -> Option<String> {
             .collect()
     };
     let (old, new) = (index(old), index(new));
-    let mut adds = String::new();
-    let mut swaps = String::new();
-    let mut deletes = String::new();
-    let add_backend = |out: &mut String, s: &Service, b: &(Ipv4Addr, u16)| {
-        let chain = backend_chain(s, b);
-        let [mark, dnat] = backend_rules(s, b);
-        let _ = writeln!(out, "add chain ip {TABLE} {chain}");
-        let _ = writeln!(out, "add rule ip {TABLE} {chain} {mark}");
-        let _ = writeln!(out, "add rule ip {TABLE} {chain} {dnat}");
-    };
-    let delete_chain = |out: &mut String, chain: &str| {
-        let _ = writeln!(out, "flush chain ip {TABLE} {chain}");
-        let _ = writeln!(out, "delete chain ip {TABLE} {chain}");
-    };
+    let mut out = String::new();
     for (key, s) in &new {
+        let chain = service_chain(s);
         match old.get(key) {
             None => {
-                for b in &s.backends {
-                    add_backend(&mut adds, s, b);
+                let _ = writeln!(out, "add chain ip {TABLE} {chain}");
+                for rule in service_rules(s) {
+                    let _ = writeln!(out, "add rule ip {TABLE} {chain} {rule}");
                 }
-                let chain = service_chain(s);
-                let _ = writeln!(adds, "add chain ip {TABLE} {chain}");
-                let _ = writeln!(adds, "add rule ip {TABLE} {chain} {}", dispatch_rule(s));
                 let _ = writeln!(
-                    adds,
+                    out,
                     "add element ip {TABLE} vips {{ {} : goto {chain} }}",
                     element(s)
                 );
             }
             Some(before) if before.backends != s.backends => {
-                for b in s.backends.iter().filter(|b| !before.backends.contains(b)) {
-                    add_backend(&mut adds, s, b);
-                }
-                let chain = service_chain(s);
-                let _ = writeln!(swaps, "flush chain ip {TABLE} {chain}");
-                let _ = writeln!(swaps, "add rule ip {TABLE} {chain} {}", dispatch_rule(s));
-                for b in before.backends.iter().filter(|b| !s.backends.contains(b)) {
-                    delete_chain(&mut deletes, &backend_chain(before, b));
+                let _ = writeln!(out, "flush chain ip {TABLE} {chain}");
+                for rule in service_rules(s) {
+                    let _ = writeln!(out, "add rule ip {TABLE} {chain} {rule}");
                 }
             }
             Some(_) => {}
@@ -154,19 +114,13 @@ pub fn transaction(old: &[Service], new: &[Service]) -> Option<String> {
     }
     for (key, s) in &old {
         if !new.contains_key(key) {
-            let _ = writeln!(
-                deletes,
-                "delete element ip {TABLE} vips {{ {} }}",
-                element(s)
-            );
-            delete_chain(&mut deletes, &service_chain(s));
-            for b in &s.backends {
-                delete_chain(&mut deletes, &backend_chain(s, b));
-            }
+            let chain = service_chain(s);
+            let _ = writeln!(out, "delete element ip {TABLE} vips {{ {} }}", element(s));
+            let _ = writeln!(out, "flush chain ip {TABLE} {chain}");
+            let _ = writeln!(out, "delete chain ip {TABLE} {chain}");
         }
     }
-    let text = adds + &swaps + &deletes;
-    (!text.is_empty()).then_some(text)
+    (!out.is_empty()).then_some(out)
 }
 
 /// The complete desired table. Services without backends are left out: a
@@ -176,8 +130,7 @@ pub fn ruleset(services: &[Service]) -> String {
     services.sort();
     let mut out = String::new();
     // `table` + `delete table` + the definition in one file is one
-    // transaction: atomic replacement, and it works whether or not the
-    // table existed before.
+    // transaction: atomic replacement, whether or not the table existed.
     let _ = writeln!(out, "table ip {TABLE} {{}}");
     let _ = writeln!(out, "delete table ip {TABLE}");
     let _ = writeln!(out, "table ip {TABLE} {{");
@@ -188,61 +141,26 @@ pub fn ruleset(services: &[Service]) -> String {
     if !services.is_empty() {
         let elements: Vec<String> = services
             .iter()
-            .map(|s| {
-                format!(
-                    "{} . {} . {} : goto {}",
-                    s.address,
-                    s.protocol,
-                    s.port,
-                    service_chain(s)
-                )
-            })
+            .map(|s| format!("{} : goto {}", element(s), service_chain(s)))
             .collect();
         let _ = writeln!(out, "    elements = {{ {} }}", elements.join(", "));
     }
     let _ = writeln!(out, "  }}");
     for s in &services {
-        let chain = service_chain(s);
-        let _ = writeln!(out, "  chain {chain} {{");
-        if s.backends.len() == 1 {
-            let _ = writeln!(out, "    goto {}", backend_chain(s, &s.backends[0]));
-        } else {
-            let arms: Vec<String> = s
-                .backends
-                .iter()
-                .enumerate()
-                .map(|(i, b)| format!("{i} : goto {}", backend_chain(s, b)))
-                .collect();
-            let _ = writeln!(
-                out,
-                "    numgen random mod {} vmap {{ {} }}",
-                s.backends.len(),
-                arms.join(", ")
-            );
-        }
-        let _ = writeln!(out, "  }}");
-        for b in &s.backends {
-            let _ = writeln!(out, "  chain {} {{", backend_chain(s, b));
-            let _ = writeln!(
-                out,
-                "    ip saddr {} meta mark set meta mark | {HAIRPIN_MARK:#x}",
-                b.0
-            );
-            let _ = writeln!(
-                out,
-                "    meta l4proto {} dnat to {}:{}",
-                s.protocol, b.0, b.1
-            );
-            let _ = writeln!(out, "  }}");
-        }
+        let [mark, dnat] = service_rules(s);
+        let _ = writeln!(
+            out,
+            "  chain {} {{\n    {mark}\n    {dnat}\n  }}",
+            service_chain(s)
+        );
     }
     // Locally generated traffic (output) and traffic routed through this
     // node, e.g. from local containers (prerouting). nft 1.0.6 rejects the
     // `dstnat` keyword on output, hence the numeric priority.
-    for (chain, hook) in [("prerouting", "prerouting"), ("output", "output")] {
+    for hook in ["prerouting", "output"] {
         let _ = writeln!(
             out,
-            "  chain {chain} {{\n    type nat hook {hook} priority -100; policy accept;\n    \
+            "  chain {hook} {{\n    type nat hook {hook} priority -100; policy accept;\n    \
              ip daddr . meta l4proto . th dport vmap @vips\n  }}"
         );
     }
@@ -307,17 +225,26 @@ mod tests {
         let text = ruleset(&[svc(3141, &[(2, 9896), (3, 9896)]), svc(80, &[])]);
         assert!(text.contains("11.1.2.3 . tcp . 3141 : goto svc-"), "{text}");
         assert!(
-            text.contains("numgen random mod 2 vmap { 0 : goto be-"),
+            text.contains(
+                "dnat ip to numgen random mod 2 map { 0 : 10.0.0.2 . 9896, 1 : 10.0.0.3 . 9896 }"
+            ),
             "{text}"
         );
-        assert!(text.contains("dnat to 10.0.0.2:9896"), "{text}");
-        assert!(text.contains("dnat to 10.0.0.3:9896"), "{text}");
+        assert!(
+            text.contains("ip saddr { 10.0.0.2, 10.0.0.3 } meta mark set"),
+            "{text}"
+        );
         assert!(
             !text.contains(". 80 :"),
             "a VIP without backends gets no rule: {text}"
         );
         assert!(text.contains("type nat hook output priority -100"));
         assert!(text.contains("masquerade"));
+        let single = ruleset(&[svc(1, &[(4, 81)])]);
+        assert!(
+            single.contains("meta l4proto tcp dnat ip to 10.0.0.4:81"),
+            "{single}"
+        );
     }
 
     #[test]
@@ -339,15 +266,15 @@ mod tests {
         let mut changed = many.clone();
         changed[9].backends.push((Ipv4Addr::new(10, 0, 0, 9), 81));
         let tx = transaction(&many, &changed).expect("a change");
-        // One new backend chain (3 lines) and the service chain swapped (2).
-        assert_eq!(tx.lines().count(), 5, "{tx}");
-        assert!(tx.contains("dnat to 10.0.0.9:81"));
+        // Only the changed service's chain is rewritten: flush + 2 rules.
+        assert_eq!(tx.lines().count(), 3, "{tx}");
+        assert!(tx.contains("1 : 10.0.0.9 . 81"), "{tx}");
         let removed = transaction(&changed, &many[1..]).expect("a change");
         assert!(
             removed.contains("delete element ip skein vips { 11.1.2.3 . tcp . 1 }"),
             "{removed}"
         );
-        assert!(removed.contains("delete chain ip skein be-"), "{removed}");
+        assert!(removed.contains("delete chain ip skein svc-"), "{removed}");
     }
 
     #[test]

@@ -1,0 +1,266 @@
+//! The nftables VIP dataplane on the real kernel, in namespaces made here:
+//!
+//! 1. time to program 1,000 and 10,000 VIPs × 10 backends from empty (one
+//!    atomic `nft -f` of the whole table, as at agent start-up);
+//! 2. time to apply one backend change with 1,000 and with 10,000 VIPs
+//!    present (one incremental transaction: must not grow with the VIPs);
+//! 3. connections per second and throughput client → server directly and
+//!    through a VIP (DNAT in the client's namespace), in the same run.
+//!
+//!   cargo build --release -p cluster-tests && target/release/l4lb-bench
+//!
+//! Reference figures (DESIGN.md): iptables took 1.3 s / 9.5 s to add one
+//! rule at 1k / 10k services; IPVS ≈ 1 ms per change.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use cluster_tests::{enter_netns, sh};
+use skein_l4lb::nft::{ruleset, transaction, Service};
+use skein_state::Protocol;
+
+struct Netns(String);
+
+impl Netns {
+    fn new(tag: &str) -> anyhow::Result<Netns> {
+        let name = format!("skb{}{tag}", std::process::id() % 100_000);
+        sh(&["ip", "netns", "add", &name])?;
+        sh(&["ip", "-n", &name, "link", "set", "lo", "up"])?;
+        Ok(Netns(name))
+    }
+
+    fn nft(&self, text: &str) -> anyhow::Result<Duration> {
+        let start = Instant::now();
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.0, "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(text.as_bytes())?;
+        let out = child.wait_with_output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "nft: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(start.elapsed())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn services(n: usize, backends: usize) -> Vec<Service> {
+    (0..n)
+        .map(|i| Service {
+            address: Ipv4Addr::from(u32::from(Ipv4Addr::new(11, 0, 0, 1)) + i as u32),
+            protocol: Protocol::Tcp,
+            port: 80,
+            backends: (0..backends)
+                .map(|b| {
+                    (
+                        Ipv4Addr::new(10, 1, (i / 250) as u8, (i % 250) as u8 + 1),
+                        8000 + b as u16,
+                    )
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// Median of `runs` timings of `f`.
+fn median(
+    runs: usize,
+    mut f: impl FnMut() -> anyhow::Result<Duration>,
+) -> anyhow::Result<Duration> {
+    let mut v: Vec<Duration> = (0..runs).map(|_| f()).collect::<anyhow::Result<_>>()?;
+    v.sort();
+    Ok(v[v.len() / 2])
+}
+
+fn programming() -> anyhow::Result<()> {
+    println!("== rule programming (nftables, real kernel, one namespace per size)");
+    for n in [1_000usize, 10_000] {
+        let ns = Netns::new(&format!("p{n}"))?;
+        let table = services(n, 10);
+        let text = ruleset(&table);
+        let full = ns.nft(&text)?;
+        // One backend of one VIP replaced, then put back: two transactions.
+        let mut changed = table.clone();
+        changed[n / 2].backends[3].1 = 9999;
+        let tx_there = transaction(&table, &changed).context("a change")?;
+        let tx_back = transaction(&changed, &table).context("a change")?;
+        let mut flip = false;
+        let one = median(21, || {
+            flip = !flip;
+            ns.nft(if flip { &tx_there } else { &tx_back })
+        })?;
+        println!(
+            "  {n:>6} VIPs x 10 backends: whole table from empty {:>10} ({} lines); one backend change {:>8} ({} lines, median of 21)",
+            ms(full),
+            text.lines().count(),
+            ms(one),
+            tx_there.lines().count()
+        );
+        let iptables = if n == 1_000 { 1.3 } else { 9.5 };
+        println!(
+            "         vs iptables adding one rule at {n} services ({iptables} s): {:.4}x; vs IPVS ~1 ms: {:.1}x",
+            one.as_secs_f64() / iptables,
+            one.as_secs_f64() / 0.001
+        );
+    }
+    println!("  (a change is one `nft -f` process: most of its time is process start and netlink round trips, not the table's size)");
+    Ok(())
+}
+
+/// Client namespace with the VIP rules, server namespace with a sink,
+/// joined by a veth pair.
+fn datapath() -> anyhow::Result<()> {
+    println!(
+        "\n== data path: client → server directly vs through a VIP (same run, same namespaces)"
+    );
+    let client = Netns::new("c")?;
+    let server = Netns::new("s")?;
+    let (a, b) = (format!("{}a", client.0), format!("{}b", client.0));
+    sh(&[
+        "ip", "link", "add", &a, "netns", &client.0, "type", "veth", "peer", "name", &b, "netns",
+        &server.0,
+    ])?;
+    sh(&[
+        "ip",
+        "-n",
+        &client.0,
+        "addr",
+        "add",
+        "10.99.0.1/24",
+        "dev",
+        &a,
+    ])?;
+    sh(&[
+        "ip",
+        "-n",
+        &server.0,
+        "addr",
+        "add",
+        "10.99.0.2/24",
+        "dev",
+        &b,
+    ])?;
+    sh(&["ip", "-n", &client.0, "link", "set", &a, "up"])?;
+    sh(&["ip", "-n", &server.0, "link", "set", &b, "up"])?;
+    sh(&["ip", "-n", &client.0, "route", "add", "default", "dev", &a])?;
+    let vip = Service {
+        address: Ipv4Addr::new(11, 9, 9, 9),
+        protocol: Protocol::Tcp,
+        port: 3141,
+        backends: vec![(Ipv4Addr::new(10, 99, 0, 2), 9000)],
+    };
+    client.nft(&ruleset(&[vip]))?;
+
+    // The sink: reads everything, answers one byte per connection.
+    let server_ns = server.0.clone();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || -> anyhow::Result<()> {
+        enter_netns(&server_ns)?;
+        let listener = TcpListener::bind("10.99.0.2:9000")?;
+        let _ = ready_tx.send(());
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 256 * 1024];
+                loop {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) if n > 0 && buf[n - 1] == b'\n' => {
+                            let _ = s.write_all(b"k");
+                        }
+                        Ok(_) => {}
+                    }
+                }
+            });
+        }
+        Ok(())
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .context("sink did not start")?;
+
+    let client_ns = client.0.clone();
+    let result = std::thread::spawn(move || -> anyhow::Result<()> {
+        enter_netns(&client_ns)?;
+        let direct: SocketAddr = "10.99.0.2:9000".parse()?;
+        let via: SocketAddr = "11.9.9.9:3141".parse()?;
+        let conns = |to: SocketAddr, n: usize| -> anyhow::Result<f64> {
+            let start = Instant::now();
+            for _ in 0..n {
+                let mut s = TcpStream::connect(to)?;
+                s.write_all(b"x\n")?;
+                let mut k = [0u8; 1];
+                s.read_exact(&mut k)?;
+            }
+            Ok(n as f64 / start.elapsed().as_secs_f64())
+        };
+        let throughput = |to: SocketAddr, bytes: usize| -> anyhow::Result<f64> {
+            let mut s = TcpStream::connect(to)?;
+            let chunk = vec![7u8; 256 * 1024];
+            let start = Instant::now();
+            let mut sent = 0;
+            while sent < bytes {
+                s.write_all(&chunk)?;
+                sent += chunk.len();
+            }
+            s.write_all(b"\n")?;
+            let mut k = [0u8; 1];
+            s.read_exact(&mut k)?;
+            Ok(sent as f64 / start.elapsed().as_secs_f64() / 1e6)
+        };
+        // Warm up both paths, then alternate so drift hits both alike.
+        conns(direct, 200)?;
+        conns(via, 200)?;
+        let (mut cd, mut cv, mut td, mut tv) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..5 {
+            cd.push(conns(direct, 2000)?);
+            cv.push(conns(via, 2000)?);
+            td.push(throughput(direct, 1 << 30)?);
+            tv.push(throughput(via, 1 << 30)?);
+        }
+        let med = |v: &mut Vec<f64>| {
+            v.sort_by(|a, b| a.total_cmp(b));
+            v[v.len() / 2]
+        };
+        let (cd, cv, td, tv) = (med(&mut cd), med(&mut cv), med(&mut td), med(&mut tv));
+        println!("  connections/s (connect, 2 bytes, 1-byte answer, close; median of 5 × 2000):");
+        println!(
+            "    direct {cd:>9.0}/s   via VIP {cv:>9.0}/s   ratio VIP/direct {:.3} (target ≥ 0.9)",
+            cv / cd
+        );
+        println!("  throughput, one connection, 1 GiB (median of 5):");
+        println!("    direct {td:>7.0} MB/s  via VIP {tv:>7.0} MB/s  ratio VIP/direct {:.3} (target ≥ 0.9)", tv / td);
+        Ok(())
+    });
+    result
+        .join()
+        .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    cluster_tests::require_root();
+    programming()?;
+    datapath()?;
+    Ok(())
+}

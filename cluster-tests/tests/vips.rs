@@ -169,6 +169,18 @@ fn vips_follow_tasks_and_liveness() -> anyhow::Result<()> {
             .contains("port \"99999\""),
         "{problems:?}"
     );
+    // ...and in the logs of the nodes that see it.
+    wait_for(
+        "the bad label in node1's log",
+        Duration::from_secs(10),
+        || {
+            let log = std::fs::read_to_string(&c.node(1).log)?;
+            Ok(log
+                .lines()
+                .any(|l| l.contains("VIP label not used") && l.contains("broken.1"))
+                .then_some(()))
+        },
+    )?;
 
     // Node 3 dies: its backend stays listed but gets no new connections.
     c.kill(3)?;

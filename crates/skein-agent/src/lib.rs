@@ -106,6 +106,8 @@ pub struct Agent {
     /// Named VIP → its address and whether it has settled.
     vip_addresses: std::sync::RwLock<BTreeMap<String, (std::net::Ipv4Addr, bool)>>,
     settling: std::sync::Mutex<vips::Settling>,
+    /// VIP problems already logged, so each is logged once when it appears.
+    logged_problems: std::sync::Mutex<std::collections::BTreeSet<String>>,
     /// Ticks after every refresh, for the realizers.
     refreshed: watch::Sender<u64>,
     pub l4lb_counters: l4lb::L4lbCounters,
@@ -200,6 +202,7 @@ impl Agent {
             snapshot,
             vip_addresses: Default::default(),
             settling: Default::default(),
+            logged_problems: Default::default(),
             refreshed: watch::channel(0).0,
             l4lb_counters: Default::default(),
             started: Instant::now(),
@@ -327,6 +330,28 @@ impl Agent {
             });
         }
         (views, problems)
+    }
+
+    /// Logs each VIP problem (bad label, colliding IP VIP) once, when it
+    /// first appears, so operators see it in the logs as well as the API.
+    fn log_new_vip_problems(&self) {
+        let (_, problems) = self.vips();
+        let Ok(mut logged) = self.logged_problems.lock() else {
+            return;
+        };
+        let current: std::collections::BTreeSet<String> = problems
+            .iter()
+            .map(|p| {
+                format!(
+                    "task {} on {}: {}: {}",
+                    p.task_id, p.node_id, p.label, p.error
+                )
+            })
+            .collect();
+        for line in current.difference(&logged) {
+            tracing::warn!(problem = %line, "VIP label not used");
+        }
+        *logged = current;
     }
 
     /// Publishes this node's VIP address claims for the VIPs it hosts and
@@ -512,6 +537,7 @@ async fn refresh_loop(agent: std::sync::Weak<Agent>) {
         let previous = agent.snapshot();
         let next = agent.fresh_snapshot().await;
         agent.reconcile_vip_claims(&next).await;
+        agent.log_new_vip_problems();
         agent.refreshed.send_modify(|n| *n = n.wrapping_add(1));
         for (node, live) in &next.liveness {
             let before = previous.liveness.get(node).map(|l| l.status);

@@ -402,6 +402,18 @@ impl Cluster {
         Ok((code.trim().parse()?, body.to_string()))
     }
 
+    /// The settled address node `i` reports for `vip` (`host:port` as in
+    /// `/v1/vips`), if any.
+    pub fn vip_address(&self, i: usize, vip: &str) -> anyhow::Result<Option<String>> {
+        let vips = self.get(i, "/v1/vips")?;
+        Ok(vips
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|v| v["vip"] == vip)
+            .and_then(|v| v["address"].as_str().map(str::to_string)))
+    }
+
     /// Prints every agent's log tail; call on failure.
     pub fn dump_logs(&self) {
         for n in &self.nodes {
@@ -492,4 +504,44 @@ pub fn spawn_in(netns: &str, program: &str, args: &[&str]) -> anyhow::Result<Bac
         .spawn()
         .with_context(|| format!("cannot start {program} in {netns}"))?;
     Ok(Background(child))
+}
+
+/// A bare network namespace for kernel-level tests and benchmarks, deleted
+/// when dropped.
+pub struct ScratchNetns(pub String);
+
+impl ScratchNetns {
+    pub fn new(tag: &str) -> anyhow::Result<ScratchNetns> {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let name = format!("sks{}{n}{tag}", std::process::id() % 100_000);
+        sh(&["ip", "netns", "add", &name])?;
+        sh(&["ip", "-n", &name, "link", "set", "lo", "up"])?;
+        Ok(ScratchNetns(name))
+    }
+
+    /// Feeds `text` to `nft -f -` inside the namespace.
+    pub fn nft(&self, text: &str) -> anyhow::Result<()> {
+        use std::io::Write;
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.0, "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        child
+            .stdin
+            .take()
+            .context("nft stdin")?
+            .write_all(text.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!("nft: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ScratchNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
 }

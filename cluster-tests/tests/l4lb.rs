@@ -19,16 +19,6 @@ fn checked_task(ip: &str, port: u16, vip: &str) -> String {
     )
 }
 
-fn vip_address(c: &Cluster, i: usize, vip: &str) -> anyhow::Result<Option<String>> {
-    let vips = c.get(i, "/v1/vips")?;
-    Ok(vips
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|v| v["vip"] == vip)
-        .and_then(|v| v["address"].as_str().map(str::to_string)))
-}
-
 /// `n` requests from node `i` to `url`; answers counted by backend name,
 /// failures under "FAILED".
 fn hits(c: &Cluster, i: usize, url: &str, n: usize) -> BTreeMap<String, usize> {
@@ -132,7 +122,7 @@ fn vips_load_balance_through_nftables_and_follow_the_cluster() -> anyhow::Result
 
     let name = "httpi.marathon.l4lb.thisdcos.directory:3141";
     let addr = wait_for("httpi's VIP address", Duration::from_secs(20), || {
-        vip_address(&c, 1, name)
+        c.vip_address(1, name)
     })?;
     let url = format!("http://{addr}:3141/");
     wait_for("the VIP in node1's kernel", Duration::from_secs(20), || {
@@ -159,7 +149,7 @@ fn vips_load_balance_through_nftables_and_follow_the_cluster() -> anyhow::Result
 
     // A UDP VIP.
     let echo = wait_for("echo's VIP address", Duration::from_secs(20), || {
-        vip_address(&c, 1, "echo.marathon.l4lb.thisdcos.directory:5353")
+        c.vip_address(1, "echo.marathon.l4lb.thisdcos.directory:5353")
     })?;
     let answer = wait_for(
         "a UDP answer through the VIP",

@@ -81,15 +81,7 @@ fn vips_follow_tasks_and_liveness() -> anyhow::Result<()> {
         || Ok((httpi_backends(&c)? == want(true, true, true)).then_some(())),
     )?;
     // Every node agrees on one settled address in 11.0.0.0/8 for httpi.
-    let address_on = |i: usize, vip: &str| -> anyhow::Result<Option<String>> {
-        let vips = c.get(i, "/v1/vips")?;
-        Ok(vips
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|v| v["vip"] == vip)
-            .and_then(|v| v["address"].as_str().map(str::to_string)))
-    };
+    let address_on = |i: usize, vip: &str| c.vip_address(i, vip);
     let httpi = "httpi.marathon.l4lb.thisdcos.directory:3141";
     let addr = wait_for(
         "httpi's address settled everywhere",

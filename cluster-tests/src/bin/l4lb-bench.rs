@@ -14,50 +14,18 @@
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use cluster_tests::{enter_netns, sh};
+use cluster_tests::{enter_netns, sh, ScratchNetns};
 use skein_l4lb::nft::{ruleset, transaction, Service};
 use skein_state::Protocol;
 
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> anyhow::Result<Netns> {
-        let name = format!("skb{}{tag}", std::process::id() % 100_000);
-        sh(&["ip", "netns", "add", &name])?;
-        sh(&["ip", "-n", &name, "link", "set", "lo", "up"])?;
-        Ok(Netns(name))
-    }
-
-    fn nft(&self, text: &str) -> anyhow::Result<Duration> {
-        let start = Instant::now();
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.0, "nft", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        child
-            .stdin
-            .take()
-            .context("stdin")?
-            .write_all(text.as_bytes())?;
-        let out = child.wait_with_output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "nft: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(start.elapsed())
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
+/// Times one `nft -f` of `text` in `ns`.
+fn timed_nft(ns: &ScratchNetns, text: &str) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    ns.nft(text)?;
+    Ok(start.elapsed())
 }
 
 fn services(n: usize, backends: usize) -> Vec<Service> {
@@ -95,10 +63,10 @@ fn median(
 fn programming() -> anyhow::Result<()> {
     println!("== rule programming (nftables, real kernel, one namespace per size)");
     for n in [1_000usize, 10_000] {
-        let ns = Netns::new(&format!("p{n}"))?;
+        let ns = ScratchNetns::new(&format!("p{n}"))?;
         let table = services(n, 10);
         let text = ruleset(&table);
-        let full = ns.nft(&text)?;
+        let full = timed_nft(&ns, &text)?;
         // One backend of one VIP replaced, then put back: two transactions.
         let mut changed = table.clone();
         changed[n / 2].backends[3].1 = 9999;
@@ -107,7 +75,7 @@ fn programming() -> anyhow::Result<()> {
         let mut flip = false;
         let one = median(21, || {
             flip = !flip;
-            ns.nft(if flip { &tx_there } else { &tx_back })
+            timed_nft(&ns, if flip { &tx_there } else { &tx_back })
         })?;
         println!(
             "  {n:>6} VIPs x 10 backends: whole table from empty {:>10} ({} lines); one backend change {:>8} ({} lines, median of 21)",
@@ -133,8 +101,8 @@ fn datapath() -> anyhow::Result<()> {
     println!(
         "\n== data path: client → server directly vs through a VIP (same run, same namespaces)"
     );
-    let client = Netns::new("c")?;
-    let server = Netns::new("s")?;
+    let client = ScratchNetns::new("c")?;
+    let server = ScratchNetns::new("s")?;
     let (a, b) = (format!("{}a", client.0), format!("{}b", client.0));
     sh(&[
         "ip", "link", "add", &a, "netns", &client.0, "type", "veth", "peer", "name", &b, "netns",

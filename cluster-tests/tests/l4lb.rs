@@ -171,6 +171,41 @@ fn vips_load_balance_through_nftables_and_follow_the_cluster() -> anyhow::Result
     )?;
     assert_eq!(answer, "backend-c");
 
+    // Restarting node 1's agent neither flushes its rules nor breaks an
+    // established connection through the VIP.
+    let hold = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &c.node(1).netns,
+            rogue,
+            "tcp-hold",
+            &format!("{addr}:3141"),
+            "5",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(500));
+    c.kill(1)?;
+    assert!(
+        in_kernel(&c, 1, &addr)?,
+        "a dead agent's rules must stay in place"
+    );
+    c.start(1, &[2], &flags)?;
+    // New connections keep working right after the restart, too.
+    let fresh = hits(&c, 1, &url, 10);
+    assert_eq!(fresh.get("FAILED"), None, "{fresh:?}");
+    let held = hold.wait_with_output()?;
+    let said =
+        String::from_utf8_lossy(&held.stdout).to_string() + &String::from_utf8_lossy(&held.stderr);
+    println!(
+        "connection held across node1's agent restart: {}",
+        said.trim()
+    );
+    assert!(held.status.success(), "{said}");
+    assert_eq!(hits(&c, 1, &url, 10).get("FAILED"), None);
+
     // Backend a's server stops: its health check fails, every node stops
     // sending it new connections, and nothing fails meanwhile.
     drop(server_a);

@@ -1,6 +1,8 @@
 //! A test backend, like the seed article's `httpi`: answers every HTTP
 //! request on TCP `ADDR` with its own NAME, and every UDP datagram on the
 //! same address with NAME too, so a test can tell which backend a VIP chose.
+//! A TCP connection that starts with `ECHO\n` instead stays open and gets
+//! `NAME` back for every line it sends (a long-lived connection).
 //!
 //!   skein-httpi 10.77.0.2:9896 backend-a
 
@@ -30,6 +32,11 @@ fn main() -> std::io::Result<()> {
             // answer does not depend on it.
             let mut buf = [0u8; 4096];
             let mut seen = Vec::new();
+            let mut first = [0u8; 5];
+            if stream.peek(&mut first).is_ok_and(|n| n == 5) && &first == b"ECHO\n" {
+                echo(stream, &name);
+                return;
+            }
             while let Ok(n) = stream.read(&mut buf) {
                 if n == 0 {
                     break;
@@ -48,4 +55,20 @@ fn main() -> std::io::Result<()> {
         });
     }
     Ok(())
+}
+
+/// Answers every line with the backend's name until the peer closes.
+fn echo(mut stream: std::net::TcpStream, name: &str) {
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = stream.read(&mut buf) {
+        if n == 0 {
+            return;
+        }
+        let lines = buf[..n].iter().filter(|&&b| b == b'\n').count();
+        for _ in 0..lines {
+            if stream.write_all(format!("{name}\n").as_bytes()).is_err() {
+                return;
+            }
+        }
+    }
 }

@@ -87,6 +87,32 @@ fn udp_ask(addr: SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Holds one TCP connection to an echoing backend for SECS seconds, one
+/// request every 100 ms; fails at the first request without an answer.
+/// Prints how many round trips succeeded and which backend answered.
+fn tcp_hold(addr: SocketAddr, secs: u64) -> anyhow::Result<()> {
+    use std::io::{BufRead, BufReader, Write};
+    let stream = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    writer.write_all(b"ECHO\n")?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    let (mut trips, mut backend) = (0u64, String::new());
+    while std::time::Instant::now() < deadline {
+        writer.write_all(b"x\n")?;
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            anyhow::bail!("connection closed after {trips} round trips");
+        }
+        backend = line.trim().to_string();
+        trips += 1;
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    println!("{trips} round trips, all answered by {backend}");
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
@@ -95,8 +121,9 @@ fn main() -> anyhow::Result<()> {
             tokio::runtime::Runtime::new()?.block_on(no_cert(args[2].parse()?, &args[3]))
         }
         Some("udp-ask") if args.len() == 3 => udp_ask(args[2].parse()?),
+        Some("tcp-hold") if args.len() == 4 => tcp_hold(args[2].parse()?, args[3].parse()?),
         _ => anyhow::bail!(
-            "usage: skein-rogue garbage-udp ADDR COUNT | quic-no-cert ADDR CA_PEM | udp-ask ADDR"
+            "usage: skein-rogue garbage-udp ADDR COUNT | quic-no-cert ADDR CA_PEM | udp-ask ADDR | tcp-hold ADDR SECS"
         ),
     }
 }

@@ -104,6 +104,15 @@ pub async fn run(
     mut changes: tokio::sync::watch::Receiver<u64>,
     resync: Duration,
 ) {
+    // After a restart the kernel still holds the previous agent's rules,
+    // which keep serving. Do not replace them before VIP addresses have had
+    // time to settle again, or the first rewrite would drop every VIP.
+    let warm_up = crate::vips::SETTLE + Duration::from_secs(1);
+    if let Some(agent) = agent.upgrade() {
+        let wait = warm_up.saturating_sub(agent.uptime());
+        drop(agent);
+        tokio::time::sleep(wait).await;
+    }
     let mut programmed: Option<Programmed> = None;
     let mut tick = tokio::time::interval(resync);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

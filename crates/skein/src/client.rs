@@ -278,8 +278,12 @@ pub fn print_vips(vips: &Value, problems: &Value) -> String {
         "Prot VIP Address\n  -> Backend                Node        Status   InUse  Task",
     );
     for v in vips.as_array().into_iter().flatten() {
+        let address = match v.get("address").and_then(Value::as_str) {
+            Some(a) => a.to_string(),
+            None => "(address pending)".to_string(),
+        };
         out.push_str(&format!(
-            "\n{:<4} {}",
+            "\n{:<4} {} {address}",
             s(v, "protocol").to_uppercase(),
             s(v, "vip")
         ));
@@ -415,6 +419,24 @@ mod tests {
         assert!(parse_port("http:99999").is_err());
         assert!(parse_port("1/sctp").is_err());
         assert!(parse_port("1,novalue").is_err());
+    }
+
+    #[test]
+    fn vips_print_like_ipvsadm() {
+        let vips = serde_json::json!([{"vip":"httpi.marathon.l4lb.thisdcos.directory:3141","protocol":"tcp",
+            "address":"11.0.0.9","backend":[{"ip":"10.0.0.2","port":9896,"task_id":"t1","node_id":"n1",
+            "node_status":"alive","in_use":true}]},
+            {"vip":"x.marathon.l4lb.thisdcos.directory:80","protocol":"udp","address":null,"backend":[]}]);
+        let out = print_vips(&vips, &serde_json::json!([]));
+        assert!(
+            out.contains("TCP  httpi.marathon.l4lb.thisdcos.directory:3141 11.0.0.9"),
+            "{out}"
+        );
+        assert!(out.contains("  -> 10.0.0.2:9896"), "{out}");
+        assert!(
+            out.contains("UDP  x.marathon.l4lb.thisdcos.directory:80 (address pending)"),
+            "{out}"
+        );
     }
 
     #[test]

@@ -98,6 +98,42 @@ fn vips_follow_tasks_and_liveness() -> anyhow::Result<()> {
     )?;
     assert!(addr.starts_with("11."), "{addr}");
     println!("httpi settled on {addr} on all 3 nodes");
+    // The Mesos-DNS-shaped API answers from every node's own replica.
+    let hosts = c.get(3, "/v1/hosts/httpi.marathon.mesos")?;
+    let mut ips: Vec<&str> = hosts
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|h| h["ip"].as_str())
+        .collect();
+    ips.sort();
+    ips.dedup();
+    assert_eq!(ips, ["10.77.0.2", "10.77.0.3"], "{hosts}");
+    let services = c.get(1, "/v1/services/_httpi._tcp.marathon.mesos")?;
+    let mut ports: Vec<String> = services
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| {
+            format!(
+                "{}:{}",
+                s["ip"].as_str().unwrap_or(""),
+                s["port"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    ports.sort();
+    assert_eq!(
+        ports,
+        ["10.77.0.2:9896", "10.77.0.2:9897", "10.77.0.3:80", "10.77.0.3:9896"],
+        "{services}"
+    );
+    let vip_host = c.get(2, "/v1/hosts/httpi.marathon.l4lb.thisdcos.directory")?;
+    assert_eq!(
+        vip_host[0]["ip"].as_str(),
+        Some(addr.as_str()),
+        "{vip_host}"
+    );
     // Another port of the same name shares the address; another name gets its own.
     assert_eq!(
         c.put_task(1, "httpi.d", &task("10.77.0.1", 8443, "/httpi:443"))?

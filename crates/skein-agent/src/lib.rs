@@ -332,6 +332,34 @@ impl Agent {
         (views, problems)
     }
 
+    /// The cluster's DNS records as this node derives them (Mesos-DNS and
+    /// dcos-dns names; named VIPs only once their address settled).
+    pub fn records(&self) -> skein_dns::Records {
+        let snap = self.snapshot();
+        let (tasks, _) = skein_state::tasks(&snap.replica, &snap.liveness);
+        let nodes = skein_state::nodes(&snap.replica, &snap.liveness);
+        let (vips, _) = self.vips();
+        let names: Vec<(String, String, IpAddr)> = vips
+            .iter()
+            .filter_map(|v| {
+                let address = v.address?;
+                let host = v.vip.rsplit_once(':')?.0;
+                let rest = host.strip_suffix(".l4lb.thisdcos.directory")?;
+                let (name, framework) = rest.split_once('.')?;
+                Some((name.to_string(), framework.to_string(), address))
+            })
+            .collect();
+        let vip_names: Vec<skein_dns::VipName<'_>> = names
+            .iter()
+            .map(|(name, framework, address)| skein_dns::VipName {
+                name,
+                framework,
+                address: *address,
+            })
+            .collect();
+        skein_dns::build(&tasks, &nodes, &vip_names)
+    }
+
     /// Logs each VIP problem (bad label, colliding IP VIP) once, when it
     /// first appears, so operators see it in the logs as well as the API.
     fn log_new_vip_problems(&self) {

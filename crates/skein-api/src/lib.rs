@@ -40,6 +40,9 @@ pub fn router(agent: Arc<Agent>, auth: ApiAuth) -> Router {
         )
         .route("/v1/state", get(state))
         .route("/v1/vips", get(vips))
+        .route("/v1/records", get(records))
+        .route("/v1/hosts/{host}", get(hosts))
+        .route("/v1/services/{service}", get(services))
         .route("/v1/vips/problems", get(vip_problems))
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -162,6 +165,88 @@ async fn delete_task(
     authorize(&ctx, &headers)?;
     ctx.agent.delete_task(&id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// dcos-net's `/v1/records`: every record as `{name, type, rdata}`.
+async fn records(State(ctx): State<Ctx>) -> Response {
+    let records = ctx.agent.records();
+    let rows: Vec<serde_json::Value> = records
+        .names
+        .iter()
+        .flat_map(|(name, set)| {
+            set.iter().map(move |r| {
+                let (kind, rdata) = match r {
+                    skein_dns::RData::A { ip } => ("A", ip.to_string()),
+                    skein_dns::RData::Aaaa { ip } => ("AAAA", ip.to_string()),
+                    skein_dns::RData::Srv {
+                        priority,
+                        weight,
+                        port,
+                        target,
+                    } => ("SRV", format!("{priority} {weight} {port} {target}")),
+                };
+                json!({"name": name, "type": kind, "rdata": rdata})
+            })
+        })
+        .collect();
+    Json(rows).into_response()
+}
+
+fn fqdn(name: &str) -> String {
+    let lower = name.to_ascii_lowercase();
+    if lower.ends_with('.') {
+        lower
+    } else {
+        format!("{lower}.")
+    }
+}
+
+fn addresses(records: &skein_dns::Records, name: &str) -> Vec<String> {
+    records
+        .get(name)
+        .into_iter()
+        .flatten()
+        .filter_map(|r| match r {
+            skein_dns::RData::A { ip } => Some(ip.to_string()),
+            skein_dns::RData::Aaaa { ip } => Some(ip.to_string()),
+            skein_dns::RData::Srv { .. } => None,
+        })
+        .collect()
+}
+
+/// Mesos-DNS's `/v1/hosts/{host}`: `[{"host", "ip"}]` (empty `ip` if none).
+async fn hosts(State(ctx): State<Ctx>, Path(host): Path<String>) -> Response {
+    let name = fqdn(&host);
+    let records = ctx.agent.records();
+    let ips = addresses(&records, &name);
+    let rows: Vec<serde_json::Value> = if ips.is_empty() {
+        vec![json!({"host": "", "ip": ""})]
+    } else {
+        ips.into_iter()
+            .map(|ip| json!({"host": name, "ip": ip}))
+            .collect()
+    };
+    Json(rows).into_response()
+}
+
+/// Mesos-DNS's `/v1/services/{service}`: `[{"service", "host", "ip", "port"}]`.
+async fn services(State(ctx): State<Ctx>, Path(service): Path<String>) -> Response {
+    let name = fqdn(&service);
+    let records = ctx.agent.records();
+    let mut rows = Vec::new();
+    for r in records.get(&name).into_iter().flatten() {
+        if let skein_dns::RData::Srv { port, target, .. } = r {
+            for ip in addresses(&records, target) {
+                rows.push(
+                    json!({"service": name, "host": target, "ip": ip, "port": port.to_string()}),
+                );
+            }
+        }
+    }
+    if rows.is_empty() {
+        rows.push(json!({"service": "", "host": "", "ip": "", "port": ""}));
+    }
+    Json(rows).into_response()
 }
 
 async fn vips(State(ctx): State<Ctx>) -> Response {

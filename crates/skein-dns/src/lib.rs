@@ -1,0 +1,7 @@
+//! Node-local DNS (Spartan / dcos-dns and Mesos-DNS's job). Starts with the
+//! pure part: the records every node derives from its replica. The server
+//! (hickory), the forwarder and the cache build on it.
+
+pub mod records;
+
+pub use records::{app_label, build, label, RData, Records, VipName, TTL};

@@ -2,6 +2,7 @@
 //! pure part: the records every node derives from its replica. The server
 //! (hickory), the forwarder and the cache build on it.
 
+pub mod answer;
 pub mod records;
 
 pub use records::{app_label, build, label, RData, Records, VipName, TTL};

@@ -44,6 +44,10 @@ pub struct AgentConfig {
     pub phi_threshold: f64,
     pub suspect_after: Duration,
     pub dead_node_grace: Duration,
+    /// Where the DNS server listens (UDP and TCP); empty: no DNS server.
+    pub dns_listen: Vec<SocketAddr>,
+    /// Where names outside the cluster zones are forwarded.
+    pub dns_upstreams: Vec<SocketAddr>,
     pub l4lb_dataplane: l4lb::Dataplane,
     /// How often the kernel's VIP rules are checked for drift.
     pub l4lb_resync: Duration,
@@ -108,6 +112,9 @@ pub struct Agent {
     settling: std::sync::Mutex<vips::Settling>,
     /// VIP problems already logged, so each is logged once when it appears.
     logged_problems: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// The cluster's DNS records, republished after every refresh.
+    records: watch::Sender<Arc<skein_dns::Records>>,
+    pub dns: Option<Arc<skein_dns::server::DnsServer>>,
     /// Ticks after every refresh, for the realizers.
     refreshed: watch::Sender<u64>,
     pub l4lb_counters: l4lb::L4lbCounters,
@@ -185,6 +192,20 @@ impl Agent {
         let gossip = Gossip::start(gossip_config, &transport, initial, persisted).await?;
         let first = gossip.snapshot().await;
         let (snapshot, _) = watch::channel(Arc::new(first));
+        let (records, records_rx) = watch::channel(Arc::new(skein_dns::Records::default()));
+        let dns = if config.dns_listen.is_empty() {
+            None
+        } else {
+            let server =
+                skein_dns::server::DnsServer::new(records_rx, config.dns_upstreams.clone());
+            server.listen(&config.dns_listen).await.with_context(|| {
+                format!(
+                    "cannot serve DNS on {:?} (pass --dns-listen '' to run without DNS)",
+                    config.dns_listen
+                )
+            })?;
+            Some(server)
+        };
         tracing::info!(
             node = %config.node_id,
             generation,
@@ -203,6 +224,8 @@ impl Agent {
             vip_addresses: Default::default(),
             settling: Default::default(),
             logged_problems: Default::default(),
+            records,
+            dns,
             refreshed: watch::channel(0).0,
             l4lb_counters: Default::default(),
             started: Instant::now(),
@@ -336,7 +359,10 @@ impl Agent {
     /// dcos-dns names; named VIPs only once their address settled).
     pub fn records(&self) -> skein_dns::Records {
         let snap = self.snapshot();
-        let (tasks, _) = skein_state::tasks(&snap.replica, &snap.liveness);
+        let (mut tasks, _) = skein_state::tasks(&snap.replica, &snap.liveness);
+        // A down node's tasks are not answered for (Mesos-DNS listed only
+        // running tasks); they come back with the node.
+        tasks.retain(|t| t.node_status != NodeStatus::Down);
         let nodes = skein_state::nodes(&snap.replica, &snap.liveness);
         let (vips, _) = self.vips();
         let names: Vec<(String, String, IpAddr)> = vips
@@ -566,6 +592,7 @@ async fn refresh_loop(agent: std::sync::Weak<Agent>) {
         let next = agent.fresh_snapshot().await;
         agent.reconcile_vip_claims(&next).await;
         agent.log_new_vip_problems();
+        agent.records.send_replace(Arc::new(agent.records()));
         agent.refreshed.send_modify(|n| *n = n.wrapping_add(1));
         for (node, live) in &next.liveness {
             let before = previous.liveness.get(node).map(|l| l.status);

@@ -199,6 +199,33 @@ pub fn render(agent: &Agent) -> String {
         "VIP labels that could not be used.",
         &[("", problems.len() as u64)],
     );
+    if let Some(dns) = &agent.dns {
+        let d = &dns.stats;
+        out.metric(
+            "skein_dns_queries_total",
+            "counter",
+            "DNS queries by outcome.",
+            &[
+                ("result=\"local\"", load(&d.local_answers)),
+                ("result=\"nxdomain\"", load(&d.nxdomain)),
+                ("result=\"forwarded\"", load(&d.forwarded)),
+                ("result=\"servfail\"", load(&d.servfail)),
+                ("result=\"dropped\"", load(&d.dropped)),
+            ],
+        );
+        out.metric(
+            "skein_dns_upstream_failures_total",
+            "counter",
+            "Forwarded queries an upstream failed to answer.",
+            &[("", load(&d.upstream_failures))],
+        );
+    }
+    out.metric(
+        "skein_dns_records",
+        "gauge",
+        "Cluster DNS records this node serves.",
+        &[("", agent.records().len() as u64)],
+    );
     out.metric(
         "skein_uptime_seconds",
         "gauge",

@@ -4,5 +4,6 @@
 
 pub mod answer;
 pub mod records;
+pub mod server;
 
 pub use records::{app_label, build, label, RData, Records, VipName, TTL};

@@ -60,6 +60,12 @@ pub struct AgentArgs {
     /// Seconds a down node's state is kept before it is forgotten [default: 86400].
     #[arg(long, env = "SKEIN_DEAD_NODE_GRACE_S")]
     pub dead_node_grace_s: Option<u64>,
+    /// DNS listen addresses, comma-separated; '' for none [default: 127.0.0.1:53].
+    #[arg(long, env = "SKEIN_DNS_LISTEN")]
+    pub dns_listen: Option<String>,
+    /// Upstream resolvers `ip[:port]`, comma-separated [default: resolv.conf's].
+    #[arg(long, env = "SKEIN_DNS_UPSTREAM")]
+    pub dns_upstream: Option<String>,
     /// VIP dataplane: auto, nftables, ipvs or none [default: auto].
     #[arg(long, env = "SKEIN_L4LB_DATAPLANE")]
     pub l4lb_dataplane: Option<String>,
@@ -86,6 +92,8 @@ struct FileConfig {
     dead_node_grace_s: Option<u64>,
     l4lb_dataplane: Option<String>,
     l4lb_resync_s: Option<u64>,
+    dns_listen: Option<String>,
+    dns_upstream: Option<String>,
 }
 
 /// What the binary needs besides [`AgentConfig`].
@@ -129,6 +137,22 @@ fn route_source_to(seed: &str) -> Option<IpAddr> {
     socket.connect(addr).ok()?;
     let ip = socket.local_addr().ok()?.ip();
     (!ip.is_unspecified()).then_some(ip)
+}
+
+/// `ip[:port],...`; an empty list is allowed (feature off).
+fn parse_addrs(list: &str, default_port: u16, flag: &str) -> anyhow::Result<Vec<SocketAddr>> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<SocketAddr>()
+                .or_else(|_| {
+                    s.parse::<IpAddr>()
+                        .map(|ip| SocketAddr::new(ip, default_port))
+                })
+                .map_err(|_| anyhow::anyhow!("{flag}: {s:?} is not ip[:port]"))
+        })
+        .collect()
 }
 
 impl AgentArgs {
@@ -228,8 +252,25 @@ impl AgentArgs {
                 .unwrap_or(30)
                 .max(1),
         );
+        let dns_listen = parse_addrs(
+            self.dns_listen
+                .or(file.dns_listen)
+                .as_deref()
+                .unwrap_or("127.0.0.1:53"),
+            53,
+            "--dns-listen",
+        )?;
+        let dns_upstreams = match self.dns_upstream.or(file.dns_upstream) {
+            Some(list) => parse_addrs(&list, 53, "--dns-upstream")?,
+            None => skein_dns::server::upstreams_from_resolv_conf(
+                &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+                &dns_listen,
+            ),
+        };
         Ok(Resolved {
             agent: AgentConfig {
+                dns_listen,
+                dns_upstreams,
                 l4lb_dataplane,
                 l4lb_resync,
                 hostname: hostname(),

@@ -27,7 +27,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the node agent.
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Cluster CA and node certificates for mutually authenticated gossip.
     #[command(subcommand)]
     Cert(CertCommand),
@@ -96,7 +96,7 @@ fn print(client: &Client, value: &Value, human: impl Fn(&Value) -> String) -> an
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Agent(args) => run_agent(args),
+        Command::Agent(args) => run_agent(*args),
         Command::Cert(CertCommand::Init { dir, cluster_id }) => {
             skein_tls::init_ca(&dir, &cluster_id)?;
             println!("cluster CA for {cluster_id:?} written to {}", dir.display());

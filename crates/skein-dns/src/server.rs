@@ -1,0 +1,239 @@
+//! The DNS server's IO edge: UDP and TCP listeners around [`respond`], and a
+//! forwarder that races the upstreams for names outside the cluster zones
+//! (as Spartan did: the first answer wins).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_proto::op::{Message, ResponseCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::watch;
+
+use crate::answer::{respond, Outcome, Transport};
+use crate::records::Records;
+
+/// How long a forwarded query may take before the client gets SERVFAIL.
+pub const FORWARD_DEADLINE: Duration = Duration::from_secs(2);
+/// Upstreams raced per query.
+const RACE: usize = 2;
+/// A TCP client that sends nothing for this long is disconnected.
+const TCP_IDLE: Duration = Duration::from_secs(10);
+
+#[derive(Default, Debug)]
+pub struct DnsStats {
+    pub local_answers: AtomicU64,
+    pub nxdomain: AtomicU64,
+    pub forwarded: AtomicU64,
+    pub servfail: AtomicU64,
+    pub dropped: AtomicU64,
+    pub upstream_failures: AtomicU64,
+}
+
+pub struct DnsServer {
+    records: watch::Receiver<Arc<Records>>,
+    upstreams: Vec<SocketAddr>,
+    pub stats: Arc<DnsStats>,
+    rotation: AtomicU64,
+}
+
+impl DnsServer {
+    pub fn new(records: watch::Receiver<Arc<Records>>, upstreams: Vec<SocketAddr>) -> Arc<Self> {
+        Arc::new(DnsServer {
+            records,
+            upstreams,
+            stats: Arc::default(),
+            rotation: AtomicU64::new(0),
+        })
+    }
+
+    /// Binds every address (UDP and TCP) and serves until the runtime ends.
+    pub async fn listen(self: &Arc<Self>, addrs: &[SocketAddr]) -> std::io::Result<()> {
+        for addr in addrs {
+            let udp = UdpSocket::bind(addr).await?;
+            let tcp = TcpListener::bind(addr).await?;
+            tokio::spawn(self.clone().serve_udp(Arc::new(udp)));
+            tokio::spawn(self.clone().serve_tcp(tcp));
+            tracing::info!(%addr, upstreams = ?self.upstreams, "DNS listening (UDP and TCP)");
+        }
+        Ok(())
+    }
+
+    /// Answers one message; `None` means send nothing.
+    async fn handle(&self, request: &[u8], transport: Transport) -> Option<Vec<u8>> {
+        let records = self.records.borrow().clone();
+        let rotate = self.rotation.fetch_add(1, Ordering::Relaxed) as usize;
+        match respond(&records, request, transport, rotate) {
+            Outcome::Reply(bytes) => {
+                let nx = Message::from_vec(&bytes)
+                    .is_ok_and(|m| m.metadata.response_code == ResponseCode::NXDomain);
+                let counter = if nx {
+                    &self.stats.nxdomain
+                } else {
+                    &self.stats.local_answers
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                Some(bytes)
+            }
+            Outcome::Drop => {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            Outcome::Forward(query) => {
+                self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+                match self.forward(request).await {
+                    Some(answer) => Some(answer),
+                    None => {
+                        self.stats.servfail.fetch_add(1, Ordering::Relaxed);
+                        let mut fail = Message::error_msg(
+                            query.metadata.id,
+                            query.metadata.op_code,
+                            ResponseCode::ServFail,
+                        );
+                        fail.add_queries(query.queries.iter().cloned());
+                        fail.to_vec().ok()
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends the query to up to [`RACE`] upstreams at once and returns the
+    /// first answer carrying the query's id, within the deadline.
+    async fn forward(&self, request: &[u8]) -> Option<Vec<u8>> {
+        if request.len() < 2 || self.upstreams.is_empty() {
+            return None;
+        }
+        let id = [request[0], request[1]];
+        let mut race = tokio::task::JoinSet::new();
+        for upstream in self.upstreams.iter().take(RACE).copied() {
+            let request = request.to_vec();
+            race.spawn(async move { ask_upstream(upstream, &request, id).await });
+        }
+        let deadline = tokio::time::sleep(FORWARD_DEADLINE);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                _ = &mut deadline => return None,
+                next = race.join_next() => match next {
+                    Some(Ok(Ok(answer))) => return Some(answer),
+                    Some(Ok(Err(e))) => {
+                        self.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(error = %e, "upstream failed");
+                    }
+                    Some(Err(_)) => {}
+                    None => return None,
+                },
+            }
+        }
+    }
+
+    async fn serve_udp(self: Arc<Self>, socket: Arc<UdpSocket>) {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let (n, from) = match socket.recv_from(&mut buf).await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::debug!(error = %e, "DNS UDP receive error");
+                    continue;
+                }
+            };
+            let request = buf[..n].to_vec();
+            let (server, socket) = (self.clone(), socket.clone());
+            // Each query in its own task: a slow upstream must not hold up
+            // the cluster answers behind it.
+            tokio::spawn(async move {
+                if let Some(reply) = server.handle(&request, Transport::Udp).await {
+                    let _ = socket.send_to(&reply, from).await;
+                }
+            });
+        }
+    }
+
+    async fn serve_tcp(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(self.clone().serve_tcp_client(stream));
+        }
+    }
+
+    async fn serve_tcp_client(self: Arc<Self>, mut stream: TcpStream) {
+        loop {
+            let mut len = [0u8; 2];
+            match tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut len)).await {
+                Ok(Ok(_)) => {}
+                _ => return, // idle, closed or broken
+            }
+            let mut request = vec![0u8; usize::from(u16::from_be_bytes(len))];
+            match tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut request)).await {
+                Ok(Ok(_)) => {}
+                _ => return,
+            }
+            let Some(reply) = self.handle(&request, Transport::Tcp).await else {
+                continue;
+            };
+            let Ok(n) = u16::try_from(reply.len()) else {
+                return;
+            };
+            let mut framed = n.to_be_bytes().to_vec();
+            framed.extend_from_slice(&reply);
+            if stream.write_all(&framed).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+async fn ask_upstream(
+    upstream: SocketAddr,
+    request: &[u8],
+    id: [u8; 2],
+) -> std::io::Result<Vec<u8>> {
+    let bind: SocketAddr = if upstream.is_ipv4() {
+        "0.0.0.0:0".parse().expect("constant")
+    } else {
+        "[::]:0".parse().expect("constant")
+    };
+    let socket = UdpSocket::bind(bind).await?;
+    socket.connect(upstream).await?;
+    socket.send(request).await?;
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let n = socket.recv(&mut buf).await?;
+        // Ignore anything that is not the answer to this query.
+        if n >= 12 && buf[..2] == id {
+            return Ok(buf[..n].to_vec());
+        }
+    }
+}
+
+/// The nameservers of a resolv.conf, minus our own listen addresses (to
+/// avoid forwarding to ourselves).
+pub fn upstreams_from_resolv_conf(text: &str, ours: &[SocketAddr]) -> Vec<SocketAddr> {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|ip| ip.trim().parse::<std::net::IpAddr>().ok())
+        .map(|ip| SocketAddr::new(ip, 53))
+        .filter(|a| !ours.contains(a))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolv_conf_upstreams_skip_ourselves() {
+        let ours: Vec<SocketAddr> = vec!["127.0.0.1:53".parse().expect("addr")];
+        let text =
+            "# comment\nnameserver 127.0.0.1\nnameserver 10.0.0.2\nsearch x\nnameserver bogus\n";
+        assert_eq!(
+            upstreams_from_resolv_conf(text, &ours),
+            vec!["10.0.0.2:53".parse::<SocketAddr>().expect("addr")]
+        );
+    }
+}

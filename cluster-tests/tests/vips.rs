@@ -125,7 +125,12 @@ fn vips_follow_tasks_and_liveness() -> anyhow::Result<()> {
     ports.sort();
     assert_eq!(
         ports,
-        ["10.77.0.2:9896", "10.77.0.2:9897", "10.77.0.3:80", "10.77.0.3:9896"],
+        [
+            "10.77.0.2:9896",
+            "10.77.0.2:9897",
+            "10.77.0.3:80",
+            "10.77.0.3:9896"
+        ],
         "{services}"
     );
     let vip_host = c.get(2, "/v1/hosts/httpi.marathon.l4lb.thisdcos.directory")?;

@@ -495,11 +495,30 @@ impl Drop for Background {
 
 /// Starts `program args...` inside node `netns`.
 pub fn spawn_in(netns: &str, program: &str, args: &[&str]) -> anyhow::Result<Background> {
+    spawn_in_logged(netns, program, args, None)
+}
+
+/// Like [`spawn_in`], with the program's stdout appended to `log`.
+pub fn spawn_in_logged(
+    netns: &str,
+    program: &str,
+    args: &[&str],
+    log: Option<&Path>,
+) -> anyhow::Result<Background> {
+    let stdout = match log {
+        Some(path) => Stdio::from(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)?,
+        ),
+        None => Stdio::null(),
+    };
     let child = Command::new("ip")
         .args(["netns", "exec", netns, program])
         .args(args)
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(stdout)
         .stderr(Stdio::null())
         .spawn()
         .with_context(|| format!("cannot start {program} in {netns}"))?;

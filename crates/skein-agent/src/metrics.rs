@@ -214,6 +214,15 @@ pub fn render(agent: &Agent) -> String {
             ],
         );
         out.metric(
+            "skein_dns_cache_total",
+            "counter",
+            "Forwarded-name lookups answered from the cache (hit) or not (miss).",
+            &[
+                ("result=\"hit\"", load(&d.cache_hits)),
+                ("result=\"miss\"", load(&d.cache_misses)),
+            ],
+        );
+        out.metric(
             "skein_dns_upstream_failures_total",
             "counter",
             "Forwarded queries an upstream failed to answer.",

@@ -3,6 +3,7 @@
 //! (hickory), the forwarder and the cache build on it.
 
 pub mod answer;
+pub mod cache;
 pub mod records;
 pub mod server;
 

@@ -30,6 +30,8 @@ pub struct DnsStats {
     pub servfail: AtomicU64,
     pub dropped: AtomicU64,
     pub upstream_failures: AtomicU64,
+    pub cache_hits: AtomicU64,
+    pub cache_misses: AtomicU64,
 }
 
 pub struct DnsServer {
@@ -37,7 +39,11 @@ pub struct DnsServer {
     upstreams: Vec<SocketAddr>,
     pub stats: Arc<DnsStats>,
     rotation: AtomicU64,
+    cache: std::sync::Mutex<crate::cache::Cache>,
 }
+
+/// Forwarded answers kept at most (each a few hundred bytes).
+pub const CACHE_ENTRIES: usize = 10_000;
 
 impl DnsServer {
     pub fn new(records: watch::Receiver<Arc<Records>>, upstreams: Vec<SocketAddr>) -> Arc<Self> {
@@ -46,6 +52,7 @@ impl DnsServer {
             upstreams,
             stats: Arc::default(),
             rotation: AtomicU64::new(0),
+            cache: std::sync::Mutex::new(crate::cache::Cache::new(CACHE_ENTRIES)),
         })
     }
 
@@ -81,23 +88,42 @@ impl DnsServer {
                 self.stats.dropped.fetch_add(1, Ordering::Relaxed);
                 None
             }
-            Outcome::Forward(query) => {
-                self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
-                match self.forward(request).await {
-                    Some(answer) => Some(answer),
-                    None => {
-                        self.stats.servfail.fetch_add(1, Ordering::Relaxed);
-                        let mut fail = Message::error_msg(
-                            query.metadata.id,
-                            query.metadata.op_code,
-                            ResponseCode::ServFail,
-                        );
-                        fail.add_queries(query.queries.iter().cloned());
-                        fail.to_vec().ok()
-                    }
-                }
+            Outcome::Forward(query) => Some(self.forwarded(&query, request, transport).await),
+        }
+    }
+
+    /// The answer for a name outside our zones: from the cache, else from
+    /// the fastest upstream (then cached), else SERVFAIL.
+    async fn forwarded(&self, query: &Message, request: &[u8], transport: Transport) -> Vec<u8> {
+        let cached = self
+            .cache
+            .lock()
+            .ok()
+            .and_then(|mut c| c.get(query, std::time::Instant::now()));
+        if let Some(answer) = cached {
+            self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+            if let Some(bytes) = fit(&answer, query, transport) {
+                return bytes;
             }
         }
+        self.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
+        self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+        if let Some(bytes) = self.forward(request).await {
+            if let Ok(answer) = Message::from_vec(&bytes) {
+                if let Ok(mut c) = self.cache.lock() {
+                    c.put(query, &answer, std::time::Instant::now());
+                }
+            }
+            return bytes;
+        }
+        self.stats.servfail.fetch_add(1, Ordering::Relaxed);
+        let mut fail = Message::error_msg(
+            query.metadata.id,
+            query.metadata.op_code,
+            ResponseCode::ServFail,
+        );
+        fail.add_queries(query.queries.iter().cloned());
+        fail.to_vec().unwrap_or_default()
     }
 
     /// Sends the query to up to [`RACE`] upstreams at once and returns the
@@ -209,6 +235,22 @@ async fn ask_upstream(
             return Ok(buf[..n].to_vec());
         }
     }
+}
+
+/// Serializes a cached answer for this client: truncated over UDP when it
+/// does not fit the client's buffer.
+fn fit(answer: &Message, query: &Message, transport: Transport) -> Option<Vec<u8>> {
+    let bytes = answer.to_vec().ok()?;
+    let limit = query
+        .edns
+        .as_ref()
+        .map_or(crate::answer::PLAIN_UDP_SIZE, |e| {
+            usize::from(e.max_payload().max(512))
+        });
+    if transport == Transport::Udp && bytes.len() > limit {
+        return answer.truncate().to_vec().ok();
+    }
+    Some(bytes)
 }
 
 /// The nameservers of a resolv.conf, minus our own listen addresses (to

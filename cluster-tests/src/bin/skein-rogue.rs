@@ -113,6 +113,78 @@ fn tcp_hold(addr: SocketAddr, secs: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Opens `n` TCP connections and keeps them silent for `secs` seconds (a
+/// slowloris against the DNS server's TCP listener).
+fn tcp_idle(addr: SocketAddr, n: usize, secs: u64) -> anyhow::Result<()> {
+    let mut held = Vec::new();
+    for _ in 0..n {
+        if let Ok(s) =
+            std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(1))
+        {
+            held.push(s);
+        }
+    }
+    println!("holding {} idle connections", held.len());
+    std::thread::sleep(std::time::Duration::from_secs(secs));
+    Ok(())
+}
+
+/// Malformed DNS messages: each is sent and whatever comes back within
+/// 500 ms is summarised (`-` for nothing, else the response code).
+fn dns_weird(addr: SocketAddr) -> anyhow::Result<()> {
+    let header = |id: u16, qd: u16| {
+        let mut h = id.to_be_bytes().to_vec();
+        h.extend_from_slice(&[0x01, 0x00]); // RD
+        h.extend_from_slice(&qd.to_be_bytes());
+        h.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        h
+    };
+    let mut cases: Vec<(&str, Vec<u8>)> = vec![
+        ("empty", vec![]),
+        ("half-header", vec![0x12, 0x34, 0x01]),
+        ("header-only-claims-100-questions", header(1, 100)),
+    ];
+    // A name longer than 255 bytes: 5 labels of 63.
+    let mut long = header(2, 1);
+    for _ in 0..5 {
+        long.push(63);
+        long.extend(std::iter::repeat_n(b'a', 63));
+    }
+    long.extend_from_slice(&[0, 0, 1, 0, 1]);
+    cases.push(("name-over-255-bytes", long));
+    // A label claiming 64 bytes (over the 63 limit).
+    let mut big_label = header(3, 1);
+    big_label.push(64);
+    big_label.extend(std::iter::repeat_n(b'b', 64));
+    big_label.extend_from_slice(&[0, 0, 1, 0, 1]);
+    cases.push(("label-of-64", big_label));
+    // A compression pointer to itself.
+    let mut looped = header(4, 1);
+    looped.extend_from_slice(&[0xC0, 12, 0, 1, 0, 1]);
+    cases.push(("compression-loop", looped));
+    // Many real questions in one message.
+    let mut many = header(5, 50);
+    for _ in 0..50 {
+        many.extend_from_slice(&[5, b'r', b'e', b'a', b'd', b'y', 7]);
+        many.extend_from_slice(b"spartan");
+        many.extend_from_slice(&[0, 0, 1, 0, 1]);
+    }
+    cases.push(("fifty-questions", many));
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(std::time::Duration::from_millis(500)))?;
+    for (name, bytes) in cases {
+        socket.send_to(&bytes, addr)?;
+        let mut buf = [0u8; 4096];
+        let said = match socket.recv_from(&mut buf) {
+            Ok((n, _)) if n >= 4 => format!("rcode={}", buf[3] & 0x0F),
+            Ok(_) => "short".to_string(),
+            Err(_) => "-".to_string(),
+        };
+        println!("{name}: {said}");
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
@@ -122,8 +194,12 @@ fn main() -> anyhow::Result<()> {
         }
         Some("udp-ask") if args.len() == 3 => udp_ask(args[2].parse()?),
         Some("tcp-hold") if args.len() == 4 => tcp_hold(args[2].parse()?, args[3].parse()?),
+        Some("tcp-idle") if args.len() == 5 => {
+            tcp_idle(args[2].parse()?, args[3].parse()?, args[4].parse()?)
+        }
+        Some("dns-weird") if args.len() == 3 => dns_weird(args[2].parse()?),
         _ => anyhow::bail!(
-            "usage: skein-rogue garbage-udp ADDR COUNT | quic-no-cert ADDR CA_PEM | udp-ask ADDR | tcp-hold ADDR SECS"
+            "usage: skein-rogue garbage-udp ADDR COUNT | quic-no-cert ADDR CA_PEM | udp-ask ADDR | tcp-hold ADDR SECS | tcp-idle ADDR N SECS | dns-weird ADDR"
         ),
     }
 }

@@ -4,6 +4,8 @@
 //! it reads queries and never answers (a dead upstream that drops packets).
 //!
 //!   skein-fakedns 10.77.0.9:53 example.com. 93.184.216.34 [--silent]
+//!
+//! NAME `*` answers every A question (for benchmarks of cached names).
 
 use std::io::Write;
 use std::net::UdpSocket;
@@ -31,8 +33,10 @@ fn main() -> anyhow::Result<()> {
         let Some(q) = query.queries.first() else {
             continue;
         };
-        println!("query {} {}", q.name(), q.query_type());
-        let _ = std::io::stdout().flush();
+        if name != "*" {
+            println!("query {} {}", q.name(), q.query_type());
+            let _ = std::io::stdout().flush();
+        }
         if silent {
             continue;
         }
@@ -40,7 +44,8 @@ fn main() -> anyhow::Result<()> {
         reply.metadata.recursion_desired = query.metadata.recursion_desired;
         reply.metadata.recursion_available = true;
         reply.add_query(q.clone());
-        if q.name().to_ascii().to_ascii_lowercase() == name && q.query_type() == RecordType::A {
+        let asked = q.name().to_ascii().to_ascii_lowercase();
+        if (name == "*" || asked == name) && q.query_type() == RecordType::A {
             reply.add_answer(Record::from_rdata(q.name().clone(), 60, RData::A(A(ip))));
         } else {
             reply.metadata.response_code = ResponseCode::NXDomain;

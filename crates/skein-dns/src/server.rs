@@ -58,10 +58,17 @@ impl DnsServer {
 
     /// Binds every address (UDP and TCP) and serves until the runtime ends.
     pub async fn listen(self: &Arc<Self>, addrs: &[SocketAddr]) -> std::io::Result<()> {
+        // One UDP socket per core on the same address (SO_REUSEPORT): the
+        // kernel spreads queries over them and each has its own loop.
+        let sockets = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .clamp(1, 8);
         for addr in addrs {
-            let udp = UdpSocket::bind(addr).await?;
+            for _ in 0..sockets {
+                let udp = reuseport_udp(*addr)?;
+                tokio::spawn(self.clone().serve_udp(Arc::new(udp)));
+            }
             let tcp = TcpListener::bind(addr).await?;
-            tokio::spawn(self.clone().serve_udp(Arc::new(udp)));
             tokio::spawn(self.clone().serve_tcp(tcp));
             tracing::info!(%addr, upstreams = ?self.upstreams, "DNS listening (UDP and TCP)");
         }
@@ -70,41 +77,54 @@ impl DnsServer {
 
     /// Answers one message; `None` means send nothing.
     async fn handle(&self, request: &[u8], transport: Transport) -> Option<Vec<u8>> {
+        match self.local(request, transport) {
+            Ok(reply) => reply,
+            Err(query) => Some(self.forwarded(&query, request, transport).await),
+        }
+    }
+
+    /// Answers from the cluster records without waiting on anything;
+    /// `Err` hands back a question to forward.
+    fn local(&self, request: &[u8], transport: Transport) -> Result<Option<Vec<u8>>, Box<Message>> {
         let records = self.records.borrow().clone();
         let rotate = self.rotation.fetch_add(1, Ordering::Relaxed) as usize;
         match respond(&records, request, transport, rotate) {
             Outcome::Reply(bytes) => {
-                let nx = Message::from_vec(&bytes)
-                    .is_ok_and(|m| m.metadata.response_code == ResponseCode::NXDomain);
+                // RCODE is the low nibble of the 4th byte: no need to decode.
+                let nx = bytes.get(3).is_some_and(|b| b & 0x0F == 3);
                 let counter = if nx {
                     &self.stats.nxdomain
                 } else {
                     &self.stats.local_answers
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
-                Some(bytes)
+                Ok(Some(bytes))
             }
             Outcome::Drop => {
                 self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                None
+                Ok(None)
             }
-            Outcome::Forward(query) => Some(self.forwarded(&query, request, transport).await),
+            Outcome::Forward(query) => Err(query),
         }
+    }
+
+    /// A cached answer to a forwarded question, ready to send.
+    fn cached(&self, query: &Message, transport: Transport) -> Option<Vec<u8>> {
+        let answer = self
+            .cache
+            .lock()
+            .ok()
+            .and_then(|mut c| c.get(query, std::time::Instant::now()))?;
+        let bytes = fit(&answer, query, transport)?;
+        self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+        Some(bytes)
     }
 
     /// The answer for a name outside our zones: from the cache, else from
     /// the fastest upstream (then cached), else SERVFAIL.
     async fn forwarded(&self, query: &Message, request: &[u8], transport: Transport) -> Vec<u8> {
-        let cached = self
-            .cache
-            .lock()
-            .ok()
-            .and_then(|mut c| c.get(query, std::time::Instant::now()));
-        if let Some(answer) = cached {
-            self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
-            if let Some(bytes) = fit(&answer, query, transport) {
-                return bytes;
-            }
+        if let Some(bytes) = self.cached(query, transport) {
+            return bytes;
         }
         self.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
         self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
@@ -166,15 +186,26 @@ impl DnsServer {
                     continue;
                 }
             };
-            let request = buf[..n].to_vec();
-            let (server, socket) = (self.clone(), socket.clone());
-            // Each query in its own task: a slow upstream must not hold up
-            // the cluster answers behind it.
-            tokio::spawn(async move {
-                if let Some(reply) = server.handle(&request, Transport::Udp).await {
+            // Cluster answers inline (no task per query); only forwarded
+            // questions get a task, so a slow upstream holds up nothing.
+            match self.local(&buf[..n], Transport::Udp) {
+                Ok(Some(reply)) => {
                     let _ = socket.send_to(&reply, from).await;
                 }
-            });
+                Ok(None) => {}
+                Err(query) => {
+                    if let Some(reply) = self.cached(&query, Transport::Udp) {
+                        let _ = socket.send_to(&reply, from).await;
+                        continue;
+                    }
+                    let request = buf[..n].to_vec();
+                    let (server, socket) = (self.clone(), socket.clone());
+                    tokio::spawn(async move {
+                        let reply = server.forwarded(&query, &request, Transport::Udp).await;
+                        let _ = socket.send_to(&reply, from).await;
+                    });
+                }
+            }
         }
     }
 
@@ -212,6 +243,15 @@ impl DnsServer {
             }
         }
     }
+}
+
+fn reuseport_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, None)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    UdpSocket::from_std(socket.into())
 }
 
 async fn ask_upstream(

@@ -108,6 +108,20 @@ fn cluster_records_are_answered_on_every_node() -> anyhow::Result<()> {
         "over TCP too"
     );
     assert_eq!(status(&c, 1, "nothing.marathon.mesos")?, "NXDOMAIN");
+    // Mesos-DNS's HTTP API on another node.
+    let e = c.get(3, "/v1/enumerate")?;
+    let app = &e["frameworks"][0]["tasks"][0];
+    assert_eq!(e["frameworks"][0]["name"], "marathon", "{e}");
+    assert_eq!(app["name"], "httpi", "{e}");
+    assert!(
+        app["records"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|r| r["rtype"] == "SRV")),
+        "{e}"
+    );
+    let config = c.get(3, "/v1/config")?;
+    assert_eq!(config["TTL"], 5);
+    assert_eq!(config["Domain"], "mesos");
 
     // Removing the task removes its records everywhere.
     assert_eq!(c.delete_task(2, "httpi.1")?, 204);

@@ -41,6 +41,8 @@ pub fn router(agent: Arc<Agent>, auth: ApiAuth) -> Router {
         .route("/v1/state", get(state))
         .route("/v1/vips", get(vips))
         .route("/v1/records", get(records))
+        .route("/v1/enumerate", get(enumerate))
+        .route("/v1/config", get(config))
         .route("/v1/hosts/{host}", get(hosts))
         .route("/v1/services/{service}", get(services))
         .route("/v1/vips/problems", get(vip_problems))
@@ -190,6 +192,75 @@ async fn records(State(ctx): State<Ctx>) -> Response {
         })
         .collect();
     Json(rows).into_response()
+}
+
+/// Mesos-DNS's `/v1/enumerate`: per framework, per app, its records.
+async fn enumerate(State(ctx): State<Ctx>) -> Response {
+    let records = ctx.agent.records();
+    let mut frameworks: std::collections::BTreeMap<
+        String,
+        std::collections::BTreeMap<String, Vec<serde_json::Value>>,
+    > = Default::default();
+    for (name, set) in &records.names {
+        // <app>.<framework>.mesos. and _<app>._proto.<framework>.mesos.
+        let Some(rest) = name.strip_suffix(".mesos.") else {
+            continue;
+        };
+        let parts: Vec<&str> = rest.split('.').collect();
+        let (app, framework) = match parts.as_slice() {
+            [app, framework] => (app.to_string(), framework.to_string()),
+            [app, framework, "slave"] => (app.to_string(), framework.to_string()),
+            [srv_app, _proto, framework] => (
+                srv_app.trim_start_matches('_').to_string(),
+                framework.to_string(),
+            ),
+            _ => continue,
+        };
+        for r in set {
+            let (rtype, host) = match r {
+                skein_dns::RData::A { ip } => ("A", ip.to_string()),
+                skein_dns::RData::Aaaa { ip } => ("AAAA", ip.to_string()),
+                skein_dns::RData::Srv { port, target, .. } => ("SRV", format!("{target}:{port}")),
+            };
+            frameworks
+                .entry(framework.clone())
+                .or_default()
+                .entry(app.clone())
+                .or_default()
+                .push(json!({"name": name, "host": host, "rtype": rtype}));
+        }
+    }
+    let frameworks: Vec<serde_json::Value> = frameworks
+        .into_iter()
+        .map(|(name, apps)| {
+            let tasks: Vec<serde_json::Value> = apps
+                .into_iter()
+                .map(|(app, records)| json!({"name": app, "records": records}))
+                .collect();
+            json!({"name": name, "tasks": tasks})
+        })
+        .collect();
+    Json(json!({ "frameworks": frameworks })).into_response()
+}
+
+/// Mesos-DNS's `/v1/config`, from this agent's settings (no secrets).
+async fn config(State(ctx): State<Ctx>) -> Response {
+    let c = ctx.agent.config();
+    Json(json!({
+        "Domain": "mesos",
+        "TTL": skein_dns::TTL,
+        "RefreshSeconds": 0,
+        "Listeners": c.dns_listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+        "Resolvers": c.dns_upstreams.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+        "Timeout": skein_dns::server::FORWARD_DEADLINE.as_secs(),
+        "SOAMname": "ns.mesos.",
+        "SOARname": "hostmaster.mesos.",
+        "DnsOn": !c.dns_listen.is_empty(),
+        "HttpOn": true,
+        "ExternalOn": !c.dns_upstreams.is_empty(),
+        "Zones": skein_dns::answer::ZONES,
+    }))
+    .into_response()
 }
 
 fn fqdn(name: &str) -> String {

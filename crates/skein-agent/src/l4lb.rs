@@ -17,20 +17,20 @@ use crate::Agent;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dataplane {
     Nftables,
+    Ipvs,
     /// Compute and expose VIPs, change nothing in the kernel.
     None,
 }
 
 impl Dataplane {
-    /// `auto` picks IPVS where the kernel has it; until the IPVS dataplane
-    /// exists, nftables everywhere.
+    /// `auto` picks IPVS where the kernel has it (as DC/OS did), else
+    /// nftables.
     pub fn parse(s: &str) -> anyhow::Result<Dataplane> {
         match s {
+            "auto" if std::path::Path::new("/proc/net/ip_vs").exists() => Ok(Dataplane::Ipvs),
             "auto" | "nftables" => Ok(Dataplane::Nftables),
+            "ipvs" => Ok(Dataplane::Ipvs),
             "none" => Ok(Dataplane::None),
-            "ipvs" => {
-                bail!("the IPVS dataplane is not implemented yet; use --l4lb-dataplane nftables")
-            }
             other => bail!("--l4lb-dataplane must be auto, nftables, ipvs or none, not {other:?}"),
         }
     }

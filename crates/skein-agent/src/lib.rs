@@ -3,6 +3,7 @@
 //! readers, and persists what must survive a restart.
 
 pub mod health;
+pub mod ipvs;
 pub mod l4lb;
 pub mod metrics;
 pub mod store;
@@ -241,10 +242,18 @@ impl Agent {
                     agent.config.l4lb_resync,
                 ));
             }
+            l4lb::Dataplane::Ipvs => {
+                tokio::spawn(ipvs::run(
+                    Arc::downgrade(&agent),
+                    agent.refreshed.subscribe(),
+                    agent.config.l4lb_resync,
+                ));
+            }
             l4lb::Dataplane::None => {
                 tracing::info!("L4LB dataplane: none (VIPs computed, kernel untouched)")
             }
         }
+        tracing::info!(dataplane = ?agent.config.l4lb_dataplane, "L4LB dataplane");
         Ok(agent)
     }
 

@@ -48,7 +48,7 @@ fn queries_seen(log: &std::path::Path) -> usize {
 #[test]
 fn forwarding_races_upstreams_fails_in_time_and_caches() -> anyhow::Result<()> {
     let fakedns = env!("CARGO_BIN_EXE_skein-fakedns");
-    let mut c = Cluster::new(3)?;
+    let mut c = Cluster::new(4)?;
     let good_log = c.dir.path().join("good-upstream.log");
     let dead_log = c.dir.path().join("dead-upstream.log");
     // Upstreams live in node 2's and node 3's namespaces (no agents there).
@@ -64,8 +64,24 @@ fn forwarding_races_upstreams_fails_in_time_and_caches() -> anyhow::Result<()> {
         &["10.77.0.3:53", "example.com.", "93.184.216.34", "--silent"],
         Some(&dead_log),
     )?;
+    // A zone with its own forwarder, in node 4's namespace.
+    let _corp = spawn_in_logged(
+        &c.node(4).netns,
+        fakedns,
+        &["10.77.0.4:53", "db.corp.test.", "10.1.1.1"],
+        None,
+    )?;
     // The dead one first: the race, not the order, must save the answer.
-    c.start(1, &[], &["--dns-upstream", "10.77.0.3,10.77.0.2"])?;
+    c.start(
+        1,
+        &[],
+        &[
+            "--dns-upstream",
+            "10.77.0.3,10.77.0.2",
+            "--dns-forward-zones",
+            "corp.test=10.77.0.4",
+        ],
+    )?;
 
     let (status, answers, took) = wait_for("a forwarded answer", Duration::from_secs(10), || {
         let r = dig(&c, 1, "example.com")?;
@@ -79,6 +95,30 @@ fn forwarding_races_upstreams_fails_in_time_and_caches() -> anyhow::Result<()> {
     );
     let (status, _, _) = dig(&c, 1, "missing.example.com")?;
     assert_eq!(status, "NXDOMAIN", "upstream NXDOMAIN passed through");
+
+    // Names under a forwarded zone go to that zone's server only.
+    let before = queries_seen(&good_log);
+    let (status, answers, _) = dig(&c, 1, "db.corp.test")?;
+    assert_eq!(
+        (status.as_str(), answers.as_slice()),
+        ("NOERROR", &["10.1.1.1".to_string()][..])
+    );
+    assert_eq!(
+        queries_seen(&good_log),
+        before,
+        "a zone-forwarded name reached the default upstream"
+    );
+    let metrics = String::from_utf8_lossy(&cluster_tests::curl(
+        &c.node(1).netns,
+        &["-sf", &format!("{}/metrics", cluster_tests::API)],
+    )?)
+    .to_string();
+    assert!(
+        metrics.lines().any(|l| l
+            .starts_with("skein_dns_upstream_answers_total{upstream=\"10.77.0.2:53\"}")
+            && !l.ends_with(" 0")),
+        "per-upstream answers missing:\n{metrics}"
+    );
 
     // Cached: answered again without the upstream hearing of it.
     let before = queries_seen(&good_log);

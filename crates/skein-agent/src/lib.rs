@@ -49,6 +49,8 @@ pub struct AgentConfig {
     pub dns_listen: Vec<SocketAddr>,
     /// Where names outside the cluster zones are forwarded.
     pub dns_upstreams: Vec<SocketAddr>,
+    /// Per-zone forwarders: names under a zone go to its upstreams.
+    pub dns_zone_upstreams: Vec<(String, Vec<SocketAddr>)>,
     pub l4lb_dataplane: l4lb::Dataplane,
     /// How often the kernel's VIP rules are checked for drift.
     pub l4lb_resync: Duration,
@@ -197,8 +199,11 @@ impl Agent {
         let dns = if config.dns_listen.is_empty() {
             None
         } else {
-            let server =
-                skein_dns::server::DnsServer::new(records_rx, config.dns_upstreams.clone());
+            let forwarders = skein_dns::server::Forwarders::new(
+                &config.dns_upstreams,
+                &config.dns_zone_upstreams,
+            );
+            let server = skein_dns::server::DnsServer::new(records_rx, forwarders);
             server.listen(&config.dns_listen).await.with_context(|| {
                 format!(
                     "cannot serve DNS on {:?} (pass --dns-listen '' to run without DNS)",

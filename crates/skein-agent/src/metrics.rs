@@ -228,6 +228,56 @@ pub fn render(agent: &Agent) -> String {
             "Forwarded queries an upstream failed to answer.",
             &[("", load(&d.upstream_failures))],
         );
+        let labels: Vec<String> = dns
+            .forwarders
+            .all()
+            .map(|u| format!("upstream=\"{}\"", u.addr))
+            .collect();
+        let per = |f: &dyn Fn(&skein_dns::server::Upstream) -> u64| -> Vec<(&str, u64)> {
+            dns.forwarders
+                .all()
+                .zip(&labels)
+                .map(|(u, l)| (l.as_str(), f(u)))
+                .collect()
+        };
+        out.metric(
+            "skein_dns_upstream_answers_total",
+            "counter",
+            "Answers per upstream (the race's winner).",
+            &per(&|u| load(&u.answers)),
+        );
+        out.metric(
+            "skein_dns_upstream_errors_total",
+            "counter",
+            "Failures or silences past the deadline per upstream.",
+            &per(&|u| load(&u.failures)),
+        );
+        out.metric(
+            "skein_dns_upstream_latency_microseconds_total",
+            "counter",
+            "Sum of winning answers' latency per upstream (divide by answers for the mean).",
+            &per(&|u| load(&u.latency_us)),
+        );
+        {
+            let records = agent.records();
+            let mut zones: std::collections::BTreeMap<&str, u64> = Default::default();
+            for (name, set) in &records.names {
+                let zone = skein_dns::answer::zone_of(name).unwrap_or("other");
+                *zones.entry(zone).or_default() += set.len() as u64;
+            }
+            let rows: Vec<String> = zones.keys().map(|z| format!("zone=\"{z}\"")).collect();
+            let samples: Vec<(&str, u64)> = rows
+                .iter()
+                .map(String::as_str)
+                .zip(zones.values().copied())
+                .collect();
+            out.metric(
+                "skein_dns_zone_records",
+                "gauge",
+                "Cluster DNS records per zone.",
+                &samples,
+            );
+        }
     }
     out.metric(
         "skein_dns_records",

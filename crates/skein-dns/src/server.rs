@@ -34,9 +34,83 @@ pub struct DnsStats {
     pub cache_misses: AtomicU64,
 }
 
+/// One upstream resolver and what we have seen of it.
+#[derive(Debug)]
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub answers: AtomicU64,
+    pub failures: AtomicU64,
+    /// Sum of answer latencies, for the mean in /metrics.
+    pub latency_us: AtomicU64,
+    /// A failing upstream is tried after the others until this time (ms
+    /// since the server started): demoted, not dropped, so it recovers.
+    demoted_until_ms: AtomicU64,
+}
+
+impl Upstream {
+    fn new(addr: SocketAddr) -> Arc<Upstream> {
+        Arc::new(Upstream {
+            addr,
+            answers: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            latency_us: AtomicU64::new(0),
+            demoted_until_ms: AtomicU64::new(0),
+        })
+    }
+}
+
+/// How long a failed upstream goes to the back of the line.
+const DEMOTION: Duration = Duration::from_secs(10);
+
+/// Where to forward: per-zone upstreams (longest suffix wins) and the rest.
+#[derive(Debug, Default)]
+pub struct Forwarders {
+    pub default: Vec<Arc<Upstream>>,
+    pub zones: Vec<(String, Vec<Arc<Upstream>>)>,
+}
+
+impl Forwarders {
+    pub fn new(default: &[SocketAddr], zones: &[(String, Vec<SocketAddr>)]) -> Forwarders {
+        let mut zones: Vec<(String, Vec<Arc<Upstream>>)> = zones
+            .iter()
+            .map(|(z, addrs)| {
+                let mut z = z.trim_end_matches('.').to_ascii_lowercase();
+                z.push('.');
+                (z, addrs.iter().map(|a| Upstream::new(*a)).collect())
+            })
+            .collect();
+        // Longest zone first, so the most specific one matches.
+        zones.sort_by_key(|(z, _)| std::cmp::Reverse(z.len()));
+        Forwarders {
+            default: default.iter().map(|a| Upstream::new(*a)).collect(),
+            zones,
+        }
+    }
+
+    /// The upstreams for `qname` (lowercase fqdn), healthy ones first.
+    fn pick(&self, qname: &str, now_ms: u64) -> Vec<Arc<Upstream>> {
+        let list = self
+            .zones
+            .iter()
+            .find(|(z, _)| qname == z || qname.ends_with(&format!(".{z}")))
+            .map_or(&self.default, |(_, l)| l);
+        let mut ordered: Vec<Arc<Upstream>> = list.clone();
+        // Stable: configuration order among equals.
+        ordered.sort_by_key(|u| u.demoted_until_ms.load(Ordering::Relaxed) > now_ms);
+        ordered
+    }
+
+    pub fn all(&self) -> impl Iterator<Item = &Arc<Upstream>> {
+        self.default
+            .iter()
+            .chain(self.zones.iter().flat_map(|(_, l)| l.iter()))
+    }
+}
+
 pub struct DnsServer {
     records: watch::Receiver<Arc<Records>>,
-    upstreams: Vec<SocketAddr>,
+    pub forwarders: Forwarders,
+    started: std::time::Instant,
     pub stats: Arc<DnsStats>,
     rotation: AtomicU64,
     cache: std::sync::Mutex<crate::cache::Cache>,
@@ -46,10 +120,11 @@ pub struct DnsServer {
 pub const CACHE_ENTRIES: usize = 10_000;
 
 impl DnsServer {
-    pub fn new(records: watch::Receiver<Arc<Records>>, upstreams: Vec<SocketAddr>) -> Arc<Self> {
+    pub fn new(records: watch::Receiver<Arc<Records>>, forwarders: Forwarders) -> Arc<Self> {
         Arc::new(DnsServer {
             records,
-            upstreams,
+            forwarders,
+            started: std::time::Instant::now(),
             stats: Arc::default(),
             rotation: AtomicU64::new(0),
             cache: std::sync::Mutex::new(crate::cache::Cache::new(CACHE_ENTRIES)),
@@ -70,7 +145,12 @@ impl DnsServer {
             }
             let tcp = TcpListener::bind(addr).await?;
             tokio::spawn(self.clone().serve_tcp(tcp));
-            tracing::info!(%addr, upstreams = ?self.upstreams, "DNS listening (UDP and TCP)");
+            tracing::info!(
+                %addr,
+                upstreams = ?self.forwarders.default.iter().map(|u| u.addr).collect::<Vec<_>>(),
+                zones = self.forwarders.zones.len(),
+                "DNS listening (UDP and TCP)"
+            );
         }
         Ok(())
     }
@@ -128,7 +208,12 @@ impl DnsServer {
         }
         self.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
         self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
-        if let Some(bytes) = self.forward(request).await {
+        let qname = query
+            .queries
+            .first()
+            .map(|q| q.name().to_ascii().to_ascii_lowercase())
+            .unwrap_or_default();
+        if let Some(bytes) = self.forward(request, &qname).await {
             if let Ok(answer) = Message::from_vec(&bytes) {
                 if let Ok(mut c) = self.cache.lock() {
                     c.put(query, &answer, std::time::Instant::now());
@@ -146,28 +231,65 @@ impl DnsServer {
         fail.to_vec().unwrap_or_default()
     }
 
-    /// Sends the query to up to [`RACE`] upstreams at once and returns the
-    /// first answer carrying the query's id, within the deadline.
-    async fn forward(&self, request: &[u8]) -> Option<Vec<u8>> {
-        if request.len() < 2 || self.upstreams.is_empty() {
+    /// Sends the query to up to [`RACE`] upstreams at once (healthy ones
+    /// first) and returns the first answer carrying the query's id, within
+    /// the deadline. Upstreams that fail or stay silent are demoted.
+    async fn forward(&self, request: &[u8], qname: &str) -> Option<Vec<u8>> {
+        if request.len() < 2 {
+            return None;
+        }
+        let now_ms = self.started.elapsed().as_millis() as u64;
+        let raced: Vec<Arc<Upstream>> = self
+            .forwarders
+            .pick(qname, now_ms)
+            .into_iter()
+            .take(RACE)
+            .collect();
+        if raced.is_empty() {
             return None;
         }
         let id = [request[0], request[1]];
         let mut race = tokio::task::JoinSet::new();
-        for upstream in self.upstreams.iter().take(RACE).copied() {
-            let request = request.to_vec();
-            race.spawn(async move { ask_upstream(upstream, &request, id).await });
+        for (i, upstream) in raced.iter().enumerate() {
+            let (request, addr) = (request.to_vec(), upstream.addr);
+            race.spawn(async move {
+                let start = std::time::Instant::now();
+                (i, ask_upstream(addr, &request, id).await, start.elapsed())
+            });
         }
+        let demote = |u: &Upstream| {
+            u.failures.fetch_add(1, Ordering::Relaxed);
+            self.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
+            let until = self.started.elapsed() + DEMOTION;
+            u.demoted_until_ms
+                .store(until.as_millis() as u64, Ordering::Relaxed);
+        };
+        let mut reported = vec![false; raced.len()];
         let deadline = tokio::time::sleep(FORWARD_DEADLINE);
         tokio::pin!(deadline);
         loop {
             tokio::select! {
-                _ = &mut deadline => return None,
+                _ = &mut deadline => {
+                    for (u, done) in raced.iter().zip(&reported) {
+                        if !done {
+                            tracing::debug!(upstream = %u.addr, "upstream silent past the deadline");
+                            demote(u);
+                        }
+                    }
+                    return None;
+                }
                 next = race.join_next() => match next {
-                    Some(Ok(Ok(answer))) => return Some(answer),
-                    Some(Ok(Err(e))) => {
-                        self.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(error = %e, "upstream failed");
+                    Some(Ok((i, Ok(answer), took))) => {
+                        let u = &raced[i];
+                        u.answers.fetch_add(1, Ordering::Relaxed);
+                        u.latency_us.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+                        u.demoted_until_ms.store(0, Ordering::Relaxed);
+                        return Some(answer);
+                    }
+                    Some(Ok((i, Err(e), _))) => {
+                        reported[i] = true;
+                        tracing::debug!(upstream = %raced[i].addr, error = %e, "upstream failed");
+                        demote(&raced[i]);
                     }
                     Some(Err(_)) => {}
                     None => return None,
@@ -307,6 +429,27 @@ pub fn upstreams_from_resolv_conf(text: &str, ours: &[SocketAddr]) -> Vec<Socket
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zones_pick_their_upstreams_and_failing_ones_go_last() {
+        let a: SocketAddr = "10.0.0.1:53".parse().expect("addr");
+        let b: SocketAddr = "10.0.0.2:53".parse().expect("addr");
+        let corp: SocketAddr = "10.9.9.9:53".parse().expect("addr");
+        let f = Forwarders::new(&[a, b], &[("Corp.Example".to_string(), vec![corp])]);
+        let addrs = |v: Vec<Arc<Upstream>>| v.iter().map(|u| u.addr).collect::<Vec<_>>();
+        assert_eq!(addrs(f.pick("db.corp.example.", 0)), [corp]);
+        assert_eq!(addrs(f.pick("corp.example.", 0)), [corp]);
+        assert_eq!(addrs(f.pick("notcorp.example.", 0)), [a, b]);
+        f.default[0]
+            .demoted_until_ms
+            .store(5_000, Ordering::Relaxed);
+        assert_eq!(
+            addrs(f.pick("x.", 1_000)),
+            [b, a],
+            "demoted while the demotion lasts"
+        );
+        assert_eq!(addrs(f.pick("x.", 6_000)), [a, b], "and forgiven after");
+    }
 
     #[test]
     fn resolv_conf_upstreams_skip_ourselves() {

@@ -66,6 +66,10 @@ pub struct AgentArgs {
     /// Upstream resolvers `ip[:port]`, comma-separated [default: resolv.conf's].
     #[arg(long, env = "SKEIN_DNS_UPSTREAM")]
     pub dns_upstream: Option<String>,
+    /// Per-zone forwarders: `zone=ip[:port]+ip[:port],...`, e.g.
+    /// `corp.example=10.0.0.53`.
+    #[arg(long, env = "SKEIN_DNS_FORWARD_ZONES")]
+    pub dns_forward_zones: Option<String>,
     /// VIP dataplane: auto, nftables, ipvs or none [default: auto].
     #[arg(long, env = "SKEIN_L4LB_DATAPLANE")]
     pub l4lb_dataplane: Option<String>,
@@ -94,6 +98,7 @@ struct FileConfig {
     l4lb_resync_s: Option<u64>,
     dns_listen: Option<String>,
     dns_upstream: Option<String>,
+    dns_forward_zones: Option<String>,
 }
 
 /// What the binary needs besides [`AgentConfig`].
@@ -267,9 +272,28 @@ impl AgentArgs {
                 &dns_listen,
             ),
         };
+        let mut dns_zone_upstreams = Vec::new();
+        for entry in self
+            .dns_forward_zones
+            .or(file.dns_forward_zones)
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+        {
+            let (zone, servers) = entry
+                .split_once('=')
+                .with_context(|| format!("--dns-forward-zones: {entry:?} is not zone=ip[:port]"))?;
+            let servers = parse_addrs(&servers.replace('+', ","), 53, "--dns-forward-zones")?;
+            if zone.trim().is_empty() || servers.is_empty() {
+                bail!("--dns-forward-zones: {entry:?} needs a zone and at least one server");
+            }
+            dns_zone_upstreams.push((zone.trim().to_string(), servers));
+        }
         Ok(Resolved {
             agent: AgentConfig {
                 dns_listen,
+                dns_zone_upstreams,
                 dns_upstreams,
                 l4lb_dataplane,
                 l4lb_resync,

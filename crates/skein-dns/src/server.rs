@@ -114,6 +114,23 @@ pub struct DnsServer {
     pub stats: Arc<DnsStats>,
     rotation: AtomicU64,
     cache: std::sync::Mutex<crate::cache::Cache>,
+    /// Encoded cluster answers by (records version, request bytes after the
+    /// id, rotation slot): the same question asked again is a lookup and an
+    /// id patch instead of building and encoding a message.
+    encoded: std::sync::Mutex<EncodedAnswers>,
+}
+
+/// Rotation variants kept per question (answers still spread over the
+/// first ROTATIONS positions).
+const ROTATIONS: usize = 12;
+const ENCODED_MAX: usize = 20_000;
+
+#[derive(Default)]
+struct EncodedAnswers {
+    /// The record set the entries were built from; holding it (not just its
+    /// address) means a later set can never be mistaken for it.
+    records: Option<Arc<Records>>,
+    map: std::collections::HashMap<(usize, Vec<u8>), Vec<u8>>,
 }
 
 /// Forwarded answers kept at most (each a few hundred bytes).
@@ -128,6 +145,7 @@ impl DnsServer {
             stats: Arc::default(),
             rotation: AtomicU64::new(0),
             cache: std::sync::Mutex::new(crate::cache::Cache::new(CACHE_ENTRIES)),
+            encoded: std::sync::Mutex::new(EncodedAnswers::default()),
         })
     }
 
@@ -167,9 +185,50 @@ impl DnsServer {
     /// `Err` hands back a question to forward.
     fn local(&self, request: &[u8], transport: Transport) -> Result<Option<Vec<u8>>, Box<Message>> {
         let records = self.records.borrow().clone();
-        let rotate = self.rotation.fetch_add(1, Ordering::Relaxed) as usize;
+        let rotate = self.rotation.fetch_add(1, Ordering::Relaxed) as usize % ROTATIONS;
+        // Transport changes the answer (truncation), so it is part of the key.
+        let key = (rotate, {
+            let mut k = request.get(2..).unwrap_or_default().to_vec();
+            k.push(transport as u8);
+            k
+        });
+        if request.len() >= 12 {
+            if let Ok(enc) = self.encoded.lock() {
+                if enc
+                    .records
+                    .as_ref()
+                    .is_some_and(|r| Arc::ptr_eq(r, &records))
+                {
+                    if let Some(cached) = enc.map.get(&key) {
+                        let mut bytes = cached.clone();
+                        bytes[..2].copy_from_slice(&request[..2]);
+                        let nx = bytes[3] & 0x0F == 3;
+                        let counter = if nx {
+                            &self.stats.nxdomain
+                        } else {
+                            &self.stats.local_answers
+                        };
+                        counter.fetch_add(1, Ordering::Relaxed);
+                        return Ok(Some(bytes));
+                    }
+                }
+            }
+        }
         match respond(&records, request, transport, rotate) {
             Outcome::Reply(bytes) => {
+                if bytes.len() >= 12 && request.len() >= 12 {
+                    if let Ok(mut enc) = self.encoded.lock() {
+                        let same = enc
+                            .records
+                            .as_ref()
+                            .is_some_and(|r| Arc::ptr_eq(r, &records));
+                        if !same || enc.map.len() >= ENCODED_MAX {
+                            enc.map.clear();
+                            enc.records = Some(records.clone());
+                        }
+                        enc.map.insert(key, bytes.clone());
+                    }
+                }
                 // RCODE is the low nibble of the 4th byte: no need to decode.
                 let nx = bytes.get(3).is_some_and(|b| b & 0x0F == 3);
                 let counter = if nx {

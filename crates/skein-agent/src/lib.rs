@@ -6,6 +6,7 @@ pub mod health;
 pub mod ipvs;
 pub mod l4lb;
 pub mod metrics;
+pub mod overlay;
 pub mod store;
 pub mod vips;
 
@@ -118,6 +119,9 @@ pub struct Agent {
     /// The cluster's DNS records, republished after every refresh.
     records: watch::Sender<Arc<skein_dns::Records>>,
     pub dns: Option<Arc<skein_dns::server::DnsServer>>,
+    pub overlay: overlay::OverlayConfig,
+    /// This node's lease claims as published (pool → claim).
+    own_leases: Mutex<BTreeMap<String, skein_overlay::Claim>>,
     /// Ticks after every refresh, for the realizers.
     refreshed: watch::Sender<u64>,
     pub l4lb_counters: l4lb::L4lbCounters,
@@ -162,6 +166,9 @@ impl Agent {
         }
         let generation = store.next_generation(unix_ms())?;
         let own_tasks = store.load_tasks()?;
+        let own_leases = store.load_leases()?;
+        let overlay = overlay::OverlayConfig::default();
+        overlay.pools()?;
         let persisted = store.load_replica()?;
 
         let meta = NodeMeta {
@@ -173,6 +180,14 @@ impl Agent {
         let mut initial = vec![(META_KEY.to_string(), serde_json::to_string(&meta)?)];
         for (id, spec) in &own_tasks {
             initial.push((task_key(id), serde_json::to_string(spec)?));
+        }
+        // Leases come back with the node, with their original `since`, so
+        // they win again over anyone who claimed the same slot later.
+        for (pool, claim) in &own_leases {
+            initial.push((
+                format!("{}{pool}", overlay::LEASE_PREFIX),
+                serde_json::to_string(claim)?,
+            ));
         }
 
         let stats = Arc::new(GossipStats::default());
@@ -230,6 +245,8 @@ impl Agent {
             vip_addresses: Default::default(),
             settling: Default::default(),
             logged_problems: Default::default(),
+            overlay,
+            own_leases: Mutex::new(own_leases),
             records,
             dns,
             refreshed: watch::channel(0).0,
@@ -398,6 +415,52 @@ impl Agent {
             })
             .collect();
         skein_dns::build(&tasks, &nodes, &vip_names)
+    }
+
+    /// Claims (or keeps) this node's overlay leases; persisted before they
+    /// are published so a restart reclaims the same ones.
+    async fn reconcile_leases(&self, snap: &ClusterSnapshot) {
+        let desired = match overlay::desired(
+            &self.overlay,
+            &snap.replica,
+            &self.config.node_id,
+            unix_ms(),
+        ) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "cannot lease an overlay subnet");
+                return;
+            }
+        };
+        let mut own = self.own_leases.lock().await;
+        if *own == desired {
+            return;
+        }
+        if let Err(e) = self.store.save_leases(&desired) {
+            tracing::warn!(error = %format!("{e:#}"), "cannot persist overlay leases");
+            return;
+        }
+        for (pool, claim) in &desired {
+            if own.get(pool) != Some(claim) {
+                if let Ok(json) = serde_json::to_string(claim) {
+                    tracing::info!(pool, slot = claim.slot, "claiming overlay lease");
+                    self.gossip
+                        .set(&format!("{}{pool}", overlay::LEASE_PREFIX), &json)
+                        .await;
+                }
+            }
+        }
+        *own = desired;
+    }
+
+    /// DC/OS's `/overlay-master/state`, from this node's replica.
+    pub fn overlay_state(&self) -> anyhow::Result<serde_json::Value> {
+        let snap = self.snapshot();
+        let ips: BTreeMap<String, IpAddr> = skein_state::nodes(&snap.replica, &snap.liveness)
+            .into_iter()
+            .filter_map(|n| n.private_ip.map(|ip| (n.node_id, ip)))
+            .collect();
+        overlay::master_state(&self.overlay, &snap.replica, &ips)
     }
 
     /// Logs each VIP problem (bad label, colliding IP VIP) once, when it
@@ -606,6 +669,7 @@ async fn refresh_loop(agent: std::sync::Weak<Agent>) {
         let next = agent.fresh_snapshot().await;
         agent.reconcile_vip_claims(&next).await;
         agent.log_new_vip_problems();
+        agent.reconcile_leases(&next).await;
         agent.records.send_replace(Arc::new(agent.records()));
         agent.refreshed.send_modify(|n| *n = n.wrapping_add(1));
         for (node, live) in &next.liveness {

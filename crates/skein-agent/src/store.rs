@@ -57,6 +57,20 @@ impl Store {
         write_atomic(&self.dir.join("tasks.json"), &bytes)
     }
 
+    /// This node's overlay lease claims (pool name → claim), kept so that a
+    /// restarted node reclaims the same subnet and VTEP address.
+    pub fn load_leases(&self) -> anyhow::Result<BTreeMap<String, skein_overlay::Claim>> {
+        read_json_or_default(&self.dir.join("leases.json"))
+    }
+
+    pub fn save_leases(
+        &self,
+        leases: &BTreeMap<String, skein_overlay::Claim>,
+    ) -> anyhow::Result<()> {
+        let bytes = serde_json::to_vec_pretty(leases)?;
+        write_atomic(&self.dir.join("leases.json"), &bytes)
+    }
+
     pub fn load_replica(&self) -> anyhow::Result<Replica> {
         read_json_or_default(&self.dir.join("replica.json"))
     }

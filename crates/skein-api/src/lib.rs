@@ -40,6 +40,8 @@ pub fn router(agent: Arc<Agent>, auth: ApiAuth) -> Router {
         )
         .route("/v1/state", get(state))
         .route("/v1/vips", get(vips))
+        .route("/overlay-master/state", get(overlay_master))
+        .route("/overlay-agent/overlay", get(overlay_agent))
         .route("/v1/records", get(records))
         .route("/v1/enumerate", get(enumerate))
         .route("/v1/config", get(config))
@@ -318,6 +320,33 @@ async fn services(State(ctx): State<Ctx>, Path(service): Path<String>) -> Respon
         rows.push(json!({"service": "", "host": "", "ip": "", "port": ""}));
     }
     Json(rows).into_response()
+}
+
+async fn overlay_master(State(ctx): State<Ctx>) -> Response {
+    match ctx.agent.overlay_state() {
+        Ok(state) => Json(state).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+    }
+}
+
+/// This agent's own entry of the overlay state.
+async fn overlay_agent(State(ctx): State<Ctx>) -> Response {
+    let me = ctx.agent.config().node_id.clone();
+    match ctx.agent.overlay_state() {
+        Ok(state) => {
+            let mine = state["agents"]
+                .as_array()
+                .and_then(|a| a.iter().find(|x| x["node_id"] == me.as_str()).cloned());
+            match mine {
+                Some(agent) => Json(agent).into_response(),
+                None => error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "this agent holds no overlay lease yet",
+                ),
+            }
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+    }
 }
 
 async fn vips(State(ctx): State<Ctx>) -> Response {

@@ -1,0 +1,110 @@
+//! Overlay leases across real agents: every node agrees on each agent's
+//! subnet and VTEP, they are distinct, and a restarted agent keeps its own.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use cluster_tests::{wait_for, Cluster};
+use serde_json::Value;
+
+/// node id → (subnet, vtep ip, vtep mac) as node `i` reports them.
+fn leases(c: &Cluster, i: usize) -> anyhow::Result<Vec<(String, String, String, String)>> {
+    let state = c.get(i, "/overlay-master/state")?;
+    let mut out: Vec<(String, String, String, String)> = state["agents"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| {
+            let o = a["overlays"].as_array()?.first()?;
+            let vx = &o["backend"]["vxlan"];
+            Some((
+                a["node_id"].as_str()?.to_string(),
+                o["subnet"].as_str()?.to_string(),
+                vx["vtep_ip"].as_str()?.to_string(),
+                vx["vtep_mac"].as_str()?.to_string(),
+            ))
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// node2's generation as node1 sees it.
+fn node2_generation(c: &Cluster) -> anyhow::Result<u64> {
+    let nodes = c.get(1, "/v1/nodes")?;
+    Ok(nodes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|n| n["node_id"] == "node2")
+        .and_then(|n| n["generation"].as_u64())
+        .unwrap_or(0))
+}
+
+#[test]
+fn every_node_agrees_on_leases_and_a_restart_keeps_them() -> anyhow::Result<()> {
+    let mut c = Cluster::new(3)?;
+    c.start(1, &[], &[])?;
+    c.start(2, &[1], &[])?;
+    c.start(3, &[1], &[])?;
+    let agreed = wait_for(
+        "3 leases, the same on every node",
+        Duration::from_secs(20),
+        || {
+            let views: Vec<_> = (1..=3)
+                .map(|i| leases(&c, i))
+                .collect::<anyhow::Result<_>>()?;
+            Ok(
+                (views[0].len() == 3 && views.iter().all(|v| *v == views[0]))
+                    .then(|| views[0].clone()),
+            )
+        },
+    )?;
+    println!("leases: {agreed:?}");
+    let subnets: BTreeSet<&String> = agreed.iter().map(|l| &l.1).collect();
+    let vteps: BTreeSet<&String> = agreed.iter().map(|l| &l.2).collect();
+    assert_eq!(
+        (subnets.len(), vteps.len()),
+        (3, 3),
+        "leases must be distinct: {agreed:?}"
+    );
+    for (_, subnet, vtep, mac) in &agreed {
+        assert!(
+            subnet.starts_with("9.") && subnet.ends_with("/24"),
+            "{subnet}"
+        );
+        assert!(
+            vtep.starts_with("44.128.") && vtep.ends_with("/20"),
+            "{vtep}"
+        );
+        assert!(mac.starts_with("70:B3:D5:"), "{mac}");
+    }
+    let network: Value = c.get(2, "/overlay-master/state")?["network"].clone();
+    assert_eq!(network["vtep_subnet"], "44.128.0.0/20");
+    assert_eq!(network["overlays"][0]["name"], "dcos");
+    let mine = c.get(3, "/overlay-agent/overlay")?;
+    assert_eq!(mine["node_id"], "node3");
+
+    // Node 2 restarts with its data dir: same subnet, same VTEP, published
+    // by its new generation (not a leftover of the old one).
+    let before = node2_generation(&c)?;
+    c.kill(2)?;
+    c.start(2, &[1], &[])?;
+    wait_for(
+        "node1 to see node2's new generation",
+        Duration::from_secs(20),
+        || Ok((node2_generation(&c)? > before).then_some(())),
+    )?;
+    let state = c.get(1, "/v1/state")?;
+    assert!(
+        state["nodes"]["node2"]["keys"]["lease:vtep"]["value"].is_object(),
+        "the new generation publishes its lease: {}",
+        state["nodes"]["node2"]
+    );
+    wait_for(
+        "node2 back with its leases",
+        Duration::from_secs(20),
+        || Ok((leases(&c, 1)? == agreed && leases(&c, 2)? == agreed).then_some(())),
+    )?;
+    Ok(())
+}

@@ -106,5 +106,41 @@ fn every_node_agrees_on_leases_and_a_restart_keeps_them() -> anyhow::Result<()> 
         Duration::from_secs(20),
         || Ok((leases(&c, 1)? == agreed && leases(&c, 2)? == agreed).then_some(())),
     )?;
+    // Node 3 leaves for good: deleting it frees its leases on every node.
+    let delete = r#"{"agents":["10.77.0.3"]}"#;
+    let (code, text) = c.request(
+        1,
+        "POST",
+        "/overlay-master/agents/delete",
+        Some(delete),
+        &[],
+    )?;
+    assert_eq!(code, 400, "an alive agent cannot be deleted: {text}");
+    c.kill(3)?;
+    wait_for("node3 down on node1", Duration::from_secs(30), || {
+        Ok(c.statuses(1)?
+            .contains(&("node3".to_string(), "down".to_string()))
+            .then_some(()))
+    })?;
+    let (code, text) = c.request(
+        1,
+        "POST",
+        "/overlay-master/agents/delete",
+        Some(delete),
+        &[],
+    )?;
+    assert_eq!(code, 200, "{text}");
+    let bad = r#"{"agents":["nope"]}"#;
+    let (code, _) = c.request(1, "POST", "/overlay-master/agents/delete", Some(bad), &[])?;
+    assert_eq!(code, 400, "malformed body");
+    wait_for(
+        "node3 gone from node2's overlay state and members",
+        Duration::from_secs(20),
+        || {
+            let nodes: Vec<String> = leases(&c, 2)?.into_iter().map(|l| l.0).collect();
+            let members: Vec<String> = c.statuses(2)?.into_iter().map(|s| s.0).collect();
+            Ok((nodes == ["node1", "node2"] && members == ["node1", "node2"]).then_some(()))
+        },
+    )?;
     Ok(())
 }

@@ -453,6 +453,38 @@ impl Agent {
         *own = desired;
     }
 
+    /// Removes departed nodes for good, cluster-wide (their tasks, leases
+    /// and VIP claims), as `POST /overlay-master/agents/delete` does in
+    /// DC/OS. Refuses nodes this node does not see down.
+    pub async fn forget_agents(&self, ips: &[IpAddr]) -> Result<Vec<String>, AgentError> {
+        let snap = self.snapshot();
+        let nodes = skein_state::nodes(&snap.replica, &snap.liveness);
+        let mut forgotten = Vec::new();
+        for ip in ips {
+            let node = nodes
+                .iter()
+                .find(|n| n.private_ip == Some(*ip))
+                .ok_or_else(|| AgentError::NotFound(format!("agent {ip}")))?;
+            if node.status != NodeStatus::Down {
+                return Err(AgentError::BadRequest(format!(
+                    "agent {ip} ({}) is {}: stop it before deleting it",
+                    node.node_id,
+                    node.status.as_str()
+                )));
+            }
+            self.gossip
+                .set(
+                    &format!("{}{}", skein_gossip::FORGET_PREFIX, node.node_id),
+                    &node.generation.to_string(),
+                )
+                .await;
+            tracing::info!(node = %node.node_id, %ip, "agent deleted by an operator");
+            forgotten.push(node.node_id.clone());
+        }
+        self.fresh_snapshot().await;
+        Ok(forgotten)
+    }
+
     /// DC/OS's `/overlay-master/state`, from this node's replica.
     pub fn overlay_state(&self) -> anyhow::Result<serde_json::Value> {
         let snap = self.snapshot();

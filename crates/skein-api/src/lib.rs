@@ -42,6 +42,10 @@ pub fn router(agent: Arc<Agent>, auth: ApiAuth) -> Router {
         .route("/v1/vips", get(vips))
         .route("/overlay-master/state", get(overlay_master))
         .route("/overlay-agent/overlay", get(overlay_agent))
+        .route(
+            "/overlay-master/agents/delete",
+            axum::routing::post(delete_agents),
+        )
         .route("/v1/records", get(records))
         .route("/v1/enumerate", get(enumerate))
         .route("/v1/config", get(config))
@@ -327,6 +331,28 @@ async fn overlay_master(State(ctx): State<Ctx>) -> Response {
         Ok(state) => Json(state).into_response(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
     }
+}
+
+/// `POST /overlay-master/agents/delete {"agents": ["<ip>", ...]}`.
+async fn delete_agents(
+    State(ctx): State<Ctx>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    authorize(&ctx, &headers)?;
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Request {
+        agents: Vec<std::net::IpAddr>,
+    }
+    let req: Request = serde_json::from_slice(&body).map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("invalid body (want {{\"agents\": [\"<ip>\"]}}): {e}"),
+        )
+    })?;
+    let forgotten = ctx.agent.forget_agents(&req.agents).await?;
+    Ok(Json(json!({ "deleted": forgotten })).into_response())
 }
 
 /// This agent's own entry of the overlay state.

@@ -17,6 +17,9 @@ use chitchat::{spawn_chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, Failu
 use skein_state::{Entry, Liveness, NodeId, NodeKeyspace, NodeStatus, Replica};
 use tokio::sync::mpsc;
 
+/// `forget:<node>` = generation: the node is gone for good (see snapshot).
+pub const FORGET_PREFIX: &str = "forget:";
+
 /// Peers a node gossips with at once when it learns something new.
 const EAGER_FANOUT: usize = 3;
 
@@ -245,6 +248,29 @@ impl Gossip {
                         .prune_absent(&node_id, id.generation_id, floor, &keyspace);
                 }
                 tracker.merged_versions.insert(key, max_version);
+            }
+        }
+
+        // Nodes an operator removed for good (`forget:<node>` = generation,
+        // published by whichever agent took the request): every node drops
+        // them, and stale gossip about them cannot bring them back.
+        let forgotten: Vec<(NodeId, u64)> = tracker
+            .replica
+            .nodes()
+            .values()
+            .flat_map(|ks| ks.live())
+            .filter_map(|(k, v)| {
+                Some((k.strip_prefix(FORGET_PREFIX)?.to_string(), v.parse().ok()?))
+            })
+            .collect();
+        for (node, generation) in forgotten {
+            if tracker
+                .replica
+                .node(&node)
+                .is_some_and(|k| k.generation <= generation)
+            {
+                tracing::info!(node = %node, "forgetting a node removed by an operator");
+                tracker.replica.remove_node(&node, generation);
             }
         }
 

@@ -32,38 +32,26 @@ fn hits(c: &Cluster, i: usize, url: &str, n: usize) -> BTreeMap<String, usize> {
     out
 }
 
-/// Whether node `i`'s table DNATs `proto` traffic to `backend` (`ip:port`).
+/// Whether node `i`'s table DNATs `proto` traffic to `backend` (`ip:port`):
+/// whether it is a target in the protocol's backend map.
 fn dnat_in_kernel(c: &Cluster, i: usize, proto: &str, backend: &str) -> anyhow::Result<bool> {
     let netns = &c.node(i).netns;
+    let map = format!("{proto}_backends");
     let Ok(out) = sh(&[
-        "ip", "netns", "exec", netns, "nft", "list", "table", "ip", "skein",
+        "ip", "netns", "exec", netns, "nft", "list", "map", "ip", "skein", &map,
     ]) else {
         return Ok(false);
     };
     let text = String::from_utf8_lossy(&out.stdout).to_string();
-    // nft lists a single target as `dnat to`, a map as `dnat ip to`.
-    let prefix = format!("meta l4proto {proto} dnat ");
-    let found = text.lines().any(|line| {
-        let Some(rest) = line.trim().strip_prefix(prefix.as_str()) else {
-            return false;
-        };
-        let Some(target) = rest
-            .strip_prefix("ip to ")
-            .or_else(|| rest.strip_prefix("to "))
-        else {
-            return false;
-        };
-        match target.split_once('{') {
-            // numgen random mod N map { 0 : ip . port, 1 : ... }
-            Some((_, arms)) => arms
-                .trim_end_matches('}')
-                .split(',')
-                .filter_map(|arm| arm.split_once(':').map(|(_, t)| t.replace(" . ", ":")))
-                .any(|t| t.trim() == backend),
-            None => target.trim() == backend,
-        }
-    });
-    Ok(found)
+    let Some((_, elements)) = text.split_once("elements = {") else {
+        return Ok(false);
+    };
+    let elements = elements.split('}').next().unwrap_or_default();
+    // `vip . port . slot : backend . port`, comma-separated, over lines.
+    Ok(elements
+        .split(',')
+        .filter_map(|e| e.split_once(':'))
+        .any(|(_, target)| target.trim().replace(" . ", ":") == backend))
 }
 
 fn in_kernel(c: &Cluster, i: usize, needle: &str) -> anyhow::Result<bool> {

@@ -5,7 +5,7 @@
 use std::net::Ipv4Addr;
 
 use cluster_tests::{require_root, sh, ScratchNetns};
-use skein_l4lb::nft::{ruleset, transaction, Service};
+use skein_l4lb::nft::{ruleset, Service, Table, PRESET_CLASSES};
 use skein_state::Protocol;
 
 /// The table's lines in a namespace, trimmed and sorted: chain order may
@@ -43,6 +43,7 @@ fn svc(last: u8, port: u16, protocol: Protocol, backends: &[(u8, u16)]) -> Servi
 fn incremental_transactions_equal_a_full_rewrite_in_the_kernel() -> anyhow::Result<()> {
     require_root();
     let incremental = ScratchNetns::new("i")?;
+    let many: Vec<(u8, u16)> = (1..=PRESET_CLASSES as u8 + 1).map(|b| (b, 80)).collect();
     let states: Vec<Vec<Service>> = vec![
         vec![],
         vec![svc(1, 80, Protocol::Tcp, &[(1, 8080)])],
@@ -60,10 +61,13 @@ fn incremental_transactions_equal_a_full_rewrite_in_the_kernel() -> anyhow::Resu
         ],
         vec![svc(3, 443, Protocol::Tcp, &[])],
         vec![],
+        // More backends than the preset classes: the class rule is added.
+        vec![svc(4, 80, Protocol::Tcp, &many)],
     ];
-    incremental.nft(&ruleset(&states[0]))?;
+    let mut table = Table::new(&states[0]);
+    incremental.nft(&table.ruleset())?;
     for pair in states.windows(2) {
-        if let Some(tx) = transaction(&pair[0], &pair[1]) {
+        if let Some(tx) = table.update(&pair[1]) {
             incremental.nft(&tx)?;
         }
         let full = ScratchNetns::new("f")?;
@@ -75,7 +79,8 @@ fn incremental_transactions_equal_a_full_rewrite_in_the_kernel() -> anyhow::Resu
             pair[1]
         );
         // A full rewrite over an existing table also lands on the same table.
-        incremental.nft(&ruleset(&pair[1]))?;
+        table = Table::new(&pair[1]);
+        incremental.nft(&table.ruleset())?;
         assert_eq!(listing(&incremental)?, listing(&full)?);
     }
     Ok(())

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use cluster_tests::{enter_netns, sh, ScratchNetns};
-use skein_l4lb::nft::{ruleset, transaction, Service};
+use skein_l4lb::nft::{ruleset, Service, Table};
 use skein_state::Protocol;
 
 /// Times one `nft -f` of `text` in `ns`.
@@ -70,8 +70,8 @@ fn programming() -> anyhow::Result<()> {
         // One backend of one VIP replaced, then put back: two transactions.
         let mut changed = table.clone();
         changed[n / 2].backends[3].1 = 9999;
-        let tx_there = transaction(&table, &changed).context("a change")?;
-        let tx_back = transaction(&changed, &table).context("a change")?;
+        let tx_there = Table::new(&table).update(&changed).context("a change")?;
+        let tx_back = Table::new(&changed).update(&table).context("a change")?;
         let mut flip = false;
         let one = median(21, || {
             flip = !flip;

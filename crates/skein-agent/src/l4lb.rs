@@ -78,7 +78,7 @@ fn list_table() -> Option<String> {
 
 /// What the realizer believes the kernel holds.
 struct Programmed {
-    services: Vec<skein_l4lb::nft::Service>,
+    table: skein_l4lb::nft::Table,
     /// The kernel's listing of our table, the drift reference; `None` after
     /// an incremental change until the next resync takes a fresh one (so a
     /// change costs O(changed), and listing the table only happens per
@@ -163,11 +163,20 @@ pub async fn run(
                 }
             }
         }
-        let (text, full) = match &programmed {
-            None => (skein_l4lb::nft::ruleset(&services), true),
-            Some(p) => match skein_l4lb::nft::transaction(&p.services, &services) {
-                Some(tx) => (tx, false),
-                None => continue,
+        // An incremental update moves `table` before the kernel confirms;
+        // on failure it is dropped and the next round rewrites everything.
+        let (table, text, full) = match programmed.take() {
+            None => {
+                let table = skein_l4lb::nft::Table::new(&services);
+                let text = table.ruleset();
+                (table, text, true)
+            }
+            Some(mut p) => match p.table.update(&services) {
+                Some(tx) => (p.table, tx, false),
+                None => {
+                    programmed = Some(p);
+                    continue;
+                }
             },
         };
         match apply(text).await {
@@ -180,7 +189,7 @@ pub async fn run(
                     took_ms = started.elapsed().as_millis() as u64,
                     "nftables VIP rules applied"
                 );
-                programmed = Some(Programmed { services, listing });
+                programmed = Some(Programmed { table, listing });
             }
             Err(e) => {
                 counters.apply_errors.fetch_add(1, Ordering::Relaxed);

@@ -59,16 +59,29 @@ pub fn skein_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("SKEIN_BIN") {
         return PathBuf::from(p);
     }
+    workspace_bin("skein", "skein")
+}
+
+/// The CNI plugin under test: `$SKEIN_CNI_BIN`, else next to the tests
+/// (`cargo build -p skein-cni` first; scripts/test does).
+pub fn skein_cni_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("SKEIN_CNI_BIN") {
+        return PathBuf::from(p);
+    }
+    workspace_bin("skein-cni", "skein-cni")
+}
+
+fn workspace_bin(name: &str, package: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> → target/<profile>/skein
+    // target/<profile>/deps/<test> → target/<profile>/<name>
     let dir = exe
         .parent()
         .and_then(Path::parent)
         .expect("test binary lives in target/<profile>/deps");
-    let bin = dir.join("skein");
+    let bin = dir.join(name);
     assert!(
         bin.exists(),
-        "{} not found: run `cargo build -p skein` first or set SKEIN_BIN",
+        "{} not found: run `cargo build -p {package}` first",
         bin.display()
     );
     bin

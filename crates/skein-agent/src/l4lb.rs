@@ -46,7 +46,7 @@ pub struct L4lbCounters {
     pub backends: AtomicU64,
 }
 
-fn nft(args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
+pub(crate) fn nft(args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
     let mut child = Command::new("nft")
         .args(args)
         .stdin(if stdin.is_some() {

@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod overlay;
 pub mod store;
 pub mod vips;
+pub mod vxlan;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -55,6 +56,11 @@ pub struct AgentConfig {
     pub l4lb_dataplane: l4lb::Dataplane,
     /// How often the kernel's VIP rules are checked for drift.
     pub l4lb_resync: Duration,
+    /// The overlay networks, identical on every node.
+    pub overlay: overlay::OverlayConfig,
+    pub overlay_dataplane: vxlan::OverlayDataplane,
+    /// How often the kernel's overlay entries are checked for drift.
+    pub overlay_resync: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +131,9 @@ pub struct Agent {
     /// Ticks after every refresh, for the realizers.
     refreshed: watch::Sender<u64>,
     pub l4lb_counters: l4lb::L4lbCounters,
+    pub overlay_counters: vxlan::OverlayCounters,
+    /// What this node last published under `overlay:status`.
+    overlay_status: Mutex<String>,
     started: Instant,
     pub counters: Counters,
 }
@@ -167,7 +176,7 @@ impl Agent {
         let generation = store.next_generation(unix_ms())?;
         let own_tasks = store.load_tasks()?;
         let own_leases = store.load_leases()?;
-        let overlay = overlay::OverlayConfig::default();
+        let overlay = config.overlay.clone();
         overlay.pools()?;
         let persisted = store.load_replica()?;
 
@@ -177,7 +186,10 @@ impl Agent {
             agent_version: VERSION.to_string(),
             started_ms: unix_ms(),
         };
-        let mut initial = vec![(META_KEY.to_string(), serde_json::to_string(&meta)?)];
+        let mut initial = vec![
+            (META_KEY.to_string(), serde_json::to_string(&meta)?),
+            (overlay::CONFIG_KEY.to_string(), overlay.fingerprint()),
+        ];
         for (id, spec) in &own_tasks {
             initial.push((task_key(id), serde_json::to_string(spec)?));
         }
@@ -251,6 +263,8 @@ impl Agent {
             dns,
             refreshed: watch::channel(0).0,
             l4lb_counters: Default::default(),
+            overlay_counters: Default::default(),
+            overlay_status: Mutex::new(String::new()),
             started: Instant::now(),
             counters: Counters::default(),
         });
@@ -276,6 +290,13 @@ impl Agent {
             }
         }
         tracing::info!(dataplane = ?agent.config.l4lb_dataplane, "L4LB dataplane");
+        if agent.config.overlay_dataplane == vxlan::OverlayDataplane::Vxlan {
+            tokio::spawn(vxlan::run(
+                Arc::downgrade(&agent),
+                agent.refreshed.subscribe(),
+                agent.config.overlay_resync,
+            ));
+        }
         Ok(agent)
     }
 
@@ -483,6 +504,21 @@ impl Agent {
         }
         self.fresh_snapshot().await;
         Ok(forgotten)
+    }
+
+    /// Publishes how realizing the overlay went (`ok` or the error), when
+    /// it changed; `/overlay-master/state` shows it for every agent.
+    pub async fn set_overlay_status(&self, status: &str) {
+        let mut current = self.overlay_status.lock().await;
+        if *current != status {
+            if status != "ok" {
+                tracing::warn!(status, "overlay not realized");
+            } else {
+                tracing::info!("overlay realized");
+            }
+            self.gossip.set(overlay::STATUS_KEY, status).await;
+            *current = status.to_string();
+        }
     }
 
     /// DC/OS's `/overlay-master/state`, from this node's replica.

@@ -175,6 +175,46 @@ pub fn render(agent: &Agent) -> String {
         "Duration of the last reconcile that changed the kernel.",
         &[("", load(&l.last_reconcile_us))],
     );
+    let o = &agent.overlay_counters;
+    let leases = crate::overlay::node_leases(&agent.overlay, &snap.replica)
+        .map(|l| l.len() as u64)
+        .unwrap_or(0);
+    out.metric(
+        "skein_overlay_leases",
+        "gauge",
+        "Agents holding a VTEP lease (and their agent subnets) in this node's view.",
+        &[("", leases)],
+    );
+    out.metric(
+        "skein_overlay_peers_programmed",
+        "gauge",
+        "Remote agents whose neighbour, FDB and route entries are in the kernel.",
+        &[("", load(&o.peers_programmed))],
+    );
+    out.metric(
+        "skein_overlay_entries_programmed",
+        "gauge",
+        "Neighbour + FDB + route entries of ours on vtep1024.",
+        &[("", load(&o.entries_programmed))],
+    );
+    out.metric(
+        "skein_overlay_netlink_errors_total",
+        "counter",
+        "Failed netlink requests while realizing the overlay.",
+        &[("", load(&o.netlink_errors))],
+    );
+    out.metric(
+        "skein_overlay_drift_repaired_total",
+        "counter",
+        "Times the overlay entries were found changed behind our back and repaired.",
+        &[("", load(&o.drift_repaired))],
+    );
+    out.metric(
+        "skein_overlay_reconcile_microseconds",
+        "gauge",
+        "Duration of the last overlay reconcile.",
+        &[("", load(&o.last_reconcile_us))],
+    );
     let (vips, problems) = agent.vips();
     let unreachable = vips
         .iter()

@@ -7,29 +7,85 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use skein_overlay::lease::{propose, resolve};
-use skein_overlay::{vtep_mac, Claim, Pool};
+use skein_overlay::{Claim, Pool};
 use skein_state::Replica;
 
 /// Prefix of lease claim keys: `lease:<pool>` where pool is `vtep` or
 /// `overlay/<name>`.
 pub const LEASE_PREFIX: &str = "lease:";
 pub const VTEP_POOL: &str = "vtep";
+/// Each node publishes a fingerprint of its overlay configuration here;
+/// claims of a node whose configuration differs are ignored (its slot
+/// numbers would mean other addresses) and the node is reported.
+pub const CONFIG_KEY: &str = "overlay:config";
+/// Each node publishes how realizing its overlay went: `ok` or an error.
+pub const STATUS_KEY: &str = "overlay:status";
 
-/// The overlay configuration, identical on every node (DC/OS's defaults).
-#[derive(Debug, Clone)]
+/// The overlay configuration, identical on every node (DC/OS's shape and
+/// defaults); read from `--overlay-config <file.json>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct OverlayConfig {
+    #[serde(with = "cidr")]
     pub vtep_subnet: (Ipv4Addr, u8),
     pub vtep_mac_oui: String,
+    #[serde(default = "default_vtep_mtu")]
+    pub vtep_mtu: u32,
+    /// MTU of container interfaces (written into the CNI configuration).
+    #[serde(default = "default_container_mtu")]
+    pub container_mtu: u32,
     pub overlays: Vec<OverlayNet>,
 }
 
-#[derive(Debug, Clone)]
+fn default_vtep_mtu() -> u32 {
+    1450
+}
+
+fn default_container_mtu() -> u32 {
+    1420
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct OverlayNet {
     pub name: String,
+    #[serde(with = "cidr")]
     pub subnet: (Ipv4Addr, u8),
     pub prefix: u8,
+}
+
+mod cidr {
+    use std::net::Ipv4Addr;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &(Ipv4Addr, u8), s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{}/{}", v.0, v.1))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<(Ipv4Addr, u8), D::Error> {
+        let text = String::deserialize(d)?;
+        super::parse_cidr(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+pub fn parse_cidr(text: &str) -> Result<(Ipv4Addr, u8), String> {
+    let (ip, len) = text
+        .split_once('/')
+        .ok_or_else(|| format!("{text:?} is not an IPv4 CIDR like 9.0.0.0/8"))?;
+    let ip: Ipv4Addr = ip
+        .parse()
+        .map_err(|_| format!("{text:?}: {ip:?} is not an IPv4 address"))?;
+    let len: u8 = len
+        .parse()
+        .ok()
+        .filter(|l| *l <= 32)
+        .ok_or_else(|| format!("{text:?}: prefix length must be 0..=32"))?;
+    Ok((ip, len))
 }
 
 impl Default for OverlayConfig {
@@ -37,6 +93,8 @@ impl Default for OverlayConfig {
         OverlayConfig {
             vtep_subnet: (Ipv4Addr::new(44, 128, 0, 0), 20),
             vtep_mac_oui: "70:B3:D5:00:00:00".to_string(),
+            vtep_mtu: default_vtep_mtu(),
+            container_mtu: default_container_mtu(),
             overlays: vec![OverlayNet {
                 name: "dcos".to_string(),
                 subnet: (Ipv4Addr::new(9, 0, 0, 0), 8),
@@ -47,9 +105,81 @@ impl Default for OverlayConfig {
 }
 
 impl OverlayConfig {
+    /// Reads and checks a JSON configuration file.
+    pub fn load(path: &std::path::Path) -> anyhow::Result<OverlayConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read overlay configuration {}", path.display()))?;
+        let config: OverlayConfig = serde_json::from_str(&text)
+            .with_context(|| format!("overlay configuration {}", path.display()))?;
+        config
+            .pools()
+            .with_context(|| format!("overlay configuration {}", path.display()))?;
+        Ok(config)
+    }
+
+    /// The OUI's three bytes.
+    pub fn oui(&self) -> anyhow::Result<[u8; 3]> {
+        let bytes: Vec<u8> = self
+            .vtep_mac_oui
+            .split(':')
+            .map(|b| u8::from_str_radix(b, 16))
+            .collect::<Result<_, _>>()
+            .map_err(|_| anyhow::anyhow!("vtep_mac_oui {:?} is not a MAC", self.vtep_mac_oui))?;
+        match bytes.as_slice() {
+            [a, b, c, 0, 0, 0] | [a, b, c] => Ok([*a, *b, *c]),
+            _ => anyhow::bail!(
+                "vtep_mac_oui {:?} must be three bytes followed by :00:00:00",
+                self.vtep_mac_oui
+            ),
+        }
+    }
+
+    /// A VTEP's MAC: the OUI and the low 24 bits of its IP.
+    pub fn vtep_mac(&self, vtep_ip: Ipv4Addr) -> [u8; 6] {
+        let oui = self.oui().unwrap_or([0x70, 0xB3, 0xD5]);
+        let o = vtep_ip.octets();
+        [oui[0], oui[1], oui[2], o[1], o[2], o[3]]
+    }
+
+    /// Short fingerprint of everything that must be equal cluster-wide.
+    pub fn fingerprint(&self) -> String {
+        let canonical = serde_json::to_string(self).unwrap_or_default();
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in canonical.bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        format!("{h:016x}")
+    }
+
     /// Every pool by name, or a clear error for a configuration that
     /// cannot work (overlapping or malformed subnets).
     pub fn pools(&self) -> anyhow::Result<Vec<(String, Pool)>> {
+        self.oui()?;
+        for o in &self.overlays {
+            if o.name.is_empty()
+                || o.name.len() > 13
+                || !o
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-')
+            {
+                anyhow::bail!(
+                    "overlay name {:?} must be 1-13 letters, digits or '-' (bridges are m-<name>)",
+                    o.name
+                );
+            }
+            if o.prefix >= 31 || o.prefix < o.subnet.1 {
+                anyhow::bail!(
+                    "overlay {}: prefix /{} does not fit in {}/{} (it must be longer than the \
+                     subnet's and at most /30, as each agent subnet is split in two bridges)",
+                    o.name,
+                    o.prefix,
+                    o.subnet.0,
+                    o.subnet.1
+                );
+            }
+        }
         let mut pools = vec![(
             VTEP_POOL.to_string(),
             Pool::addresses(self.vtep_subnet.0, self.vtep_subnet.1)?,
@@ -86,12 +216,24 @@ impl OverlayConfig {
     }
 }
 
-/// Claims of one pool across the replica: node → claim.
-pub fn claims(replica: &Replica, pool: &str) -> BTreeMap<String, Claim> {
+/// Whether `node` publishes the same overlay configuration as ours. A node
+/// that publishes none (yet) is taken to agree.
+fn same_config(replica: &Replica, node: &str, fingerprint: &str) -> bool {
+    replica
+        .nodes()
+        .get(node)
+        .and_then(|ks| ks.get(CONFIG_KEY))
+        .is_none_or(|fp| fp == fingerprint)
+}
+
+/// Claims of one pool across the replica: node → claim, from the nodes that
+/// share our configuration.
+pub fn claims(replica: &Replica, pool: &str, fingerprint: &str) -> BTreeMap<String, Claim> {
     let key = format!("{LEASE_PREFIX}{pool}");
     replica
         .nodes()
         .iter()
+        .filter(|(node, _)| same_config(replica, node, fingerprint))
         .filter_map(|(node, ks)| {
             let claim = serde_json::from_str(ks.get(&key)?).ok()?;
             Some((node.clone(), claim))
@@ -106,11 +248,54 @@ pub fn desired(
     me: &str,
     now_ms: u64,
 ) -> anyhow::Result<BTreeMap<String, Claim>> {
+    let fingerprint = config.fingerprint();
     let mut out = BTreeMap::new();
     for (name, pool) in config.pools()? {
-        let claim = propose(&pool, me, &claims(replica, &name), now_ms)
+        let claim = propose(&pool, me, &claims(replica, &name, &fingerprint), now_ms)
             .map_err(|e| anyhow::anyhow!("overlay pool {name}: {e}"))?;
         out.insert(name, claim);
+    }
+    Ok(out)
+}
+
+/// One node's winning leases.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct NodeLeases {
+    pub vtep_ip: Ipv4Addr,
+    /// (overlay name, agent subnet, prefix) for each overlay it won one of.
+    pub subnets: Vec<(String, Ipv4Addr, u8)>,
+}
+
+/// Every node's winning leases (nodes without a VTEP lease are left out:
+/// nothing can reach them over the overlay).
+pub fn node_leases(
+    config: &OverlayConfig,
+    replica: &Replica,
+) -> anyhow::Result<BTreeMap<String, NodeLeases>> {
+    let fingerprint = config.fingerprint();
+    let pools = config.pools()?;
+    let resolved: Vec<BTreeMap<String, u32>> = pools
+        .iter()
+        .map(|(name, pool)| resolve(pool, &claims(replica, name, &fingerprint)))
+        .collect();
+    let vtep_pool = pools[0].1;
+    let mut out = BTreeMap::new();
+    for (node, slot) in &resolved[0] {
+        let subnets = config
+            .overlays
+            .iter()
+            .zip(pools[1..].iter().zip(&resolved[1..]))
+            .filter_map(|(o, ((_, pool), leases))| {
+                Some((o.name.clone(), pool.address(*leases.get(node)?), o.prefix))
+            })
+            .collect();
+        out.insert(
+            node.clone(),
+            NodeLeases {
+                vtep_ip: vtep_pool.address(*slot),
+                subnets,
+            },
+        );
     }
     Ok(out)
 }
@@ -122,47 +307,54 @@ fn mac_string(mac: [u8; 6]) -> String {
         .join(":")
 }
 
-/// DC/OS's `/overlay-master/state` from the replica.
+/// DC/OS's `/overlay-master/state` from the replica. `state.status` is each
+/// agent's own report: `STATUS_OK` once it has realized its overlay,
+/// `STATUS_LEASED` before, `STATUS_ERROR` (with `error`) when realizing
+/// failed, `STATUS_CONFIG_MISMATCH` for an agent configured differently.
 pub fn master_state(
     config: &OverlayConfig,
     replica: &Replica,
     agent_ips: &BTreeMap<String, IpAddr>,
 ) -> anyhow::Result<Value> {
-    let pools = config.pools()?;
-    let leases: BTreeMap<String, BTreeMap<String, u32>> = pools
-        .iter()
-        .map(|(name, pool)| (name.clone(), resolve(pool, &claims(replica, name))))
-        .collect();
-    let vtep_pool = pools[0].1;
+    let fingerprint = config.fingerprint();
+    let leases = node_leases(config, replica)?;
     let mut agents = Vec::new();
     for (node, ip) in agent_ips {
-        let Some(vtep_slot) = leases.get(VTEP_POOL).and_then(|l| l.get(node)) else {
+        if !same_config(replica, node, &fingerprint) {
+            agents.push(json!({
+                "ip": ip.to_string(), "node_id": node, "overlays": [],
+                "state": {"status": "STATUS_CONFIG_MISMATCH",
+                          "error": "this agent's overlay configuration differs from the cluster's; its leases are ignored"},
+            }));
+            continue;
+        }
+        let Some(lease) = leases.get(node) else {
             continue;
         };
-        let vtep_ip = vtep_pool.address(*vtep_slot);
+        let reported = replica.nodes().get(node).and_then(|ks| ks.get(STATUS_KEY));
+        let state = match reported {
+            Some("ok") => json!({"status": "STATUS_OK"}),
+            Some(err) => json!({"status": "STATUS_ERROR", "error": err}),
+            None => json!({"status": "STATUS_LEASED"}),
+        };
         let overlays: Vec<Value> = config
             .overlays
             .iter()
-            .zip(&pools[1..])
-            .filter_map(|(o, (name, pool))| {
-                let slot = leases.get(name)?.get(node)?;
-                let subnet = pool.address(*slot);
-                let half = pool.size / 2;
-                let gw = |offset: u32| Ipv4Addr::from(u32::from(subnet) + offset + 1);
+            .filter_map(|o| {
+                let (_, subnet, prefix) = lease.subnets.iter().find(|(n, _, _)| *n == o.name)?;
+                let [m, d] = skein_overlay::realize::bridge_halves(*subnet, *prefix);
                 Some(json!({
                     "info": {"name": o.name, "subnet": format!("{}/{}", o.subnet.0, o.subnet.1), "prefix": o.prefix},
-                    "subnet": format!("{subnet}/{}", o.prefix),
-                    "mesos_bridge": {"name": format!("m-{}", o.name), "ip": format!("{}/{}", gw(0), o.prefix + 1)},
-                    "docker_bridge": {"name": format!("d-{}", o.name), "ip": format!("{}/{}", gw(half), o.prefix + 1)},
+                    "subnet": format!("{subnet}/{prefix}"),
+                    "mesos_bridge": {"name": format!("m-{}", o.name), "ip": format!("{}/{}", m.2, m.1)},
+                    "docker_bridge": {"name": format!("d-{}", o.name), "ip": format!("{}/{}", d.2, d.1)},
                     "backend": {"vxlan": {
-                        "vni": 1024,
-                        "vtep_name": "vtep1024",
-                        "vtep_ip": format!("{vtep_ip}/{}", config.vtep_subnet.1),
-                        "vtep_mac": mac_string(vtep_mac(vtep_ip)),
+                        "vni": crate::vxlan::VNI,
+                        "vtep_name": crate::vxlan::VTEP_NAME,
+                        "vtep_ip": format!("{}/{}", lease.vtep_ip, config.vtep_subnet.1),
+                        "vtep_mac": mac_string(config.vtep_mac(lease.vtep_ip)),
                     }},
-                    // Leased, not yet programmed into the kernel: DC/OS
-                    // reported STATUS_OK only once the overlay was realized.
-                    "state": {"status": "STATUS_LEASED"},
+                    "state": state,
                 }))
             })
             .collect();
@@ -172,6 +364,7 @@ pub fn master_state(
         "network": {
             "vtep_subnet": format!("{}/{}", config.vtep_subnet.0, config.vtep_subnet.1),
             "vtep_mac_oui": config.vtep_mac_oui,
+            "vtep_mtu": config.vtep_mtu,
             "overlays": config.overlays.iter().map(|o| json!({
                 "name": o.name,
                 "subnet": format!("{}/{}", o.subnet.0, o.subnet.1),
@@ -185,6 +378,49 @@ pub fn master_state(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn configuration_files_in_dcos_shape() {
+        let c: OverlayConfig = serde_json::from_str(
+            r#"{"vtep_subnet":"44.128.0.0/20","vtep_mac_oui":"70:B3:D5:00:00:00",
+                "overlays":[{"name":"dcos","subnet":"9.0.0.0/8","prefix":24}]}"#,
+        )
+        .expect("parses");
+        assert_eq!(c, OverlayConfig::default());
+        assert_eq!(c.fingerprint(), OverlayConfig::default().fingerprint());
+        let mut other = c.clone();
+        other.vtep_mtu = 9000;
+        assert_ne!(c.fingerprint(), other.fingerprint());
+        for (bad, says) in [
+            (
+                r#"{"vtep_subnet":"44.128.0/20","vtep_mac_oui":"70:B3:D5:00:00:00","overlays":[]}"#,
+                "not an IPv4 address",
+            ),
+            (
+                r#"{"vtep_subnet":"44.128.0.0/20","vtep_mac_oui":"x","overlays":[],"mtu":1}"#,
+                "unknown field",
+            ),
+        ] {
+            let err = serde_json::from_str::<OverlayConfig>(bad)
+                .expect_err(bad)
+                .to_string();
+            assert!(err.contains(says), "{err}");
+        }
+        let mut short = c.clone();
+        short.overlays[0].prefix = 8;
+        assert!(short
+            .pools()
+            .expect_err("prefix")
+            .to_string()
+            .contains("does not fit"));
+        let mut oui = c.clone();
+        oui.vtep_mac_oui = "70:B3".into();
+        assert!(oui.pools().is_err());
+        assert_eq!(
+            c.vtep_mac(Ipv4Addr::new(44, 128, 0, 3)),
+            [0x70, 0xB3, 0xD5, 0x80, 0, 3]
+        );
+    }
 
     #[test]
     fn overlapping_overlays_are_refused() {

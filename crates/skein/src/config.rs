@@ -76,6 +76,17 @@ pub struct AgentArgs {
     /// Seconds between checks of the kernel's VIP rules for drift [default: 30].
     #[arg(long, env = "SKEIN_L4LB_RESYNC_S")]
     pub l4lb_resync_s: Option<u64>,
+    /// Overlay configuration, JSON in DC/OS's shape (`vtep_subnet`,
+    /// `vtep_mac_oui`, `vtep_mtu`, `container_mtu`, `overlays[{name, subnet,
+    /// prefix}]`) [default: DC/OS's: dcos 9.0.0.0/8 /24, VTEPs 44.128.0.0/20].
+    #[arg(long, env = "SKEIN_OVERLAY_CONFIG")]
+    pub overlay_config: Option<PathBuf>,
+    /// Overlay dataplane: vxlan or none [default: vxlan].
+    #[arg(long, env = "SKEIN_OVERLAY_DATAPLANE")]
+    pub overlay_dataplane: Option<String>,
+    /// Seconds between checks of the kernel's overlay entries for drift [default: 10].
+    #[arg(long, env = "SKEIN_OVERLAY_RESYNC_S")]
+    pub overlay_resync_s: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -96,6 +107,9 @@ struct FileConfig {
     dead_node_grace_s: Option<u64>,
     l4lb_dataplane: Option<String>,
     l4lb_resync_s: Option<u64>,
+    overlay_config: Option<PathBuf>,
+    overlay_dataplane: Option<String>,
+    overlay_resync_s: Option<u64>,
     dns_listen: Option<String>,
     dns_upstream: Option<String>,
     dns_forward_zones: Option<String>,
@@ -257,6 +271,22 @@ impl AgentArgs {
                 .unwrap_or(30)
                 .max(1),
         );
+        let overlay = match self.overlay_config.or(file.overlay_config) {
+            Some(path) => skein_agent::overlay::OverlayConfig::load(&path)?,
+            None => skein_agent::overlay::OverlayConfig::default(),
+        };
+        let overlay_dataplane = skein_agent::vxlan::OverlayDataplane::parse(
+            self.overlay_dataplane
+                .or(file.overlay_dataplane)
+                .as_deref()
+                .unwrap_or("vxlan"),
+        )?;
+        let overlay_resync = Duration::from_secs(
+            self.overlay_resync_s
+                .or(file.overlay_resync_s)
+                .unwrap_or(10)
+                .max(1),
+        );
         let dns_listen = parse_addrs(
             self.dns_listen
                 .or(file.dns_listen)
@@ -297,6 +327,9 @@ impl AgentArgs {
                 dns_upstreams,
                 l4lb_dataplane,
                 l4lb_resync,
+                overlay,
+                overlay_dataplane,
+                overlay_resync,
                 hostname: hostname(),
                 node_id,
                 advertise,

@@ -73,11 +73,14 @@ pub fn skein_cni_bin() -> PathBuf {
 
 fn workspace_bin(name: &str, package: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> → target/<profile>/<name>
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binary lives in target/<profile>/deps");
+    // A test lives in target/<profile>/deps/, a benchmark binary in
+    // target/<profile>/: the binary under test is in target/<profile>/.
+    let dir = exe.parent().expect("executable has a directory");
+    let dir = if dir.ends_with("deps") {
+        dir.parent().unwrap_or(dir)
+    } else {
+        dir
+    };
     let bin = dir.join(name);
     assert!(
         bin.exists(),
@@ -285,6 +288,73 @@ impl Cluster {
             Ok(curl(&netns, &["-sf", &format!("{api}/v1/version")]).ok())
         })?;
         Ok(())
+    }
+
+    /// Runs `skein-cni` inside node `i`'s namespace exactly as a container
+    /// runtime would: CNI_* environment, the network file the agent wrote
+    /// (`cni/dcos.conf`) on stdin, for the container namespace `container`.
+    /// Returns whether it succeeded and its JSON output (result or error).
+    pub fn cni(
+        &self,
+        i: usize,
+        command: &str,
+        id: &str,
+        container: &str,
+    ) -> anyhow::Result<(bool, Value)> {
+        use std::io::Write;
+        let conf = std::fs::read_to_string(self.node(i).data_dir.join("cni/dcos.conf"))
+            .context("the agent writes cni/dcos.conf once its lease is settled")?;
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.node(i).netns])
+            .arg(skein_cni_bin())
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", id)
+            .env("CNI_NETNS", format!("/var/run/netns/{container}"))
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", "/opt/cni/bin")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(conf.as_bytes())?;
+        let out = child.wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let value = if text.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).with_context(|| format!("CNI output {text:?}"))?
+        };
+        Ok((out.status.success(), value))
+    }
+
+    /// CNI ADD of `container` on node `i`; its overlay address.
+    pub fn attach(&self, i: usize, id: &str, container: &ScratchNetns) -> anyhow::Result<String> {
+        let (ok, result) = self.cni(i, "ADD", id, &container.0)?;
+        if !ok {
+            bail!("CNI ADD on node{i} failed: {result}");
+        }
+        let address = result["ips"][0]["address"]
+            .as_str()
+            .with_context(|| format!("no address in {result}"))?;
+        Ok(address.split('/').next().unwrap_or_default().to_string())
+    }
+
+    /// Waits until node `i` sees `node` with `status`.
+    pub fn wait_status(&self, i: usize, node: &str, status: &str) -> anyhow::Result<()> {
+        wait_for(
+            &format!("{node} {status} on node{i}"),
+            Duration::from_secs(30),
+            || {
+                Ok(self
+                    .statuses(i)?
+                    .contains(&(node.to_string(), status.to_string()))
+                    .then_some(()))
+            },
+        )
     }
 
     /// SIGKILLs node `i`'s agent.
@@ -553,23 +623,34 @@ impl ScratchNetns {
 
     /// Feeds `text` to `nft -f -` inside the namespace.
     pub fn nft(&self, text: &str) -> anyhow::Result<()> {
-        use std::io::Write;
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.0, "nft", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        child
-            .stdin
-            .take()
-            .context("nft stdin")?
-            .write_all(text.as_bytes())?;
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            bail!("nft: {}", String::from_utf8_lossy(&out.stderr).trim());
-        }
-        Ok(())
+        pipe_in(&self.0, &["nft", "-f", "-"], text)
     }
+}
+
+/// Runs `cmd` inside namespace `ns` with `text` on its stdin; its stderr
+/// is the error when it fails.
+pub fn pipe_in(ns: &str, cmd: &[&str], text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(cmd)
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(text.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "{}: {}",
+            cmd.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
 }
 
 impl Drop for ScratchNetns {

@@ -117,11 +117,7 @@ fn every_node_agrees_on_leases_and_a_restart_keeps_them() -> anyhow::Result<()> 
     )?;
     assert_eq!(code, 400, "an alive agent cannot be deleted: {text}");
     c.kill(3)?;
-    wait_for("node3 down on node1", Duration::from_secs(30), || {
-        Ok(c.statuses(1)?
-            .contains(&("node3".to_string(), "down".to_string()))
-            .then_some(()))
-    })?;
+    c.wait_status(1, "node3", "down")?;
     let (code, text) = c.request(
         1,
         "POST",

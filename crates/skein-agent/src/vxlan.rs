@@ -408,6 +408,11 @@ fn tolerate_missing(r: Result<(), rtnetlink::Error>) -> anyhow::Result<()> {
 fn neigh_ip(n: &NeighbourMessage) -> Option<Ipv4Addr> {
     n.attributes.iter().find_map(|a| match a {
         NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
+        // FDB entries (family AF_BRIDGE) carry their IPv4 destination as
+        // raw bytes: the decoder does not know the address family.
+        NeighbourAttribute::Destination(NeighbourAddress::Other(raw)) => {
+            <[u8; 4]>::try_from(raw.as_slice()).ok().map(Ipv4Addr::from)
+        }
         _ => None,
     })
 }
@@ -437,9 +442,15 @@ pub fn overlay_nat_ruleset(overlays: &[(Ipv4Addr, u8)]) -> String {
 }
 
 pub fn enable_forwarding() -> anyhow::Result<()> {
-    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
-        .context("cannot enable IPv4 forwarding")?;
-    Ok(())
+    const PATH: &str = "/proc/sys/net/ipv4/ip_forward";
+    if std::fs::read_to_string(PATH).is_ok_and(|v| v.trim() == "1") {
+        return Ok(());
+    }
+    // A container's /proc/sys is often read-only: say how to set it there.
+    std::fs::write(PATH, "1").context(
+        "cannot enable IPv4 forwarding (in a container, set the sysctl \
+         net.ipv4.ip_forward=1 from outside, e.g. compose `sysctls`)",
+    )
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

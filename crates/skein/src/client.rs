@@ -273,6 +273,54 @@ pub fn print_state(state: &Value) -> String {
 
 /// `ipvsadm -Ln`-style listing of VIPs and their backends, then any
 /// labels that could not be used.
+/// `/overlay-master/state` as a table: one row per agent and overlay.
+pub fn print_overlay(state: &Value) -> String {
+    let mut rows = Vec::new();
+    for a in state["agents"].as_array().into_iter().flatten() {
+        let overlays = a["overlays"].as_array().cloned().unwrap_or_default();
+        if overlays.is_empty() {
+            rows.push(vec![
+                s(a, "node_id"),
+                s(a, "ip"),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                s(&a["state"], "status"),
+            ]);
+        }
+        for o in overlays {
+            let vx = &o["backend"]["vxlan"];
+            let mut status = s(&o["state"], "status");
+            if let Some(err) = o["state"]["error"].as_str() {
+                status = format!("{status}: {err}");
+            }
+            rows.push(vec![
+                s(a, "node_id"),
+                s(a, "ip"),
+                s(&o["info"], "name"),
+                s(&o, "subnet"),
+                s(vx, "vtep_ip"),
+                s(vx, "vtep_mac"),
+                status,
+            ]);
+        }
+    }
+    let network = &state["network"];
+    let mut out = format!(
+        "VTEP subnet {}  OUI {}  VNI 1024  UDP 64000\n",
+        s(network, "vtep_subnet"),
+        s(network, "vtep_mac_oui")
+    );
+    out.push_str(&table(
+        &[
+            "NODE", "IP", "OVERLAY", "SUBNET", "VTEP IP", "VTEP MAC", "STATUS",
+        ],
+        rows,
+    ));
+    out
+}
+
 pub fn print_vips(vips: &Value, problems: &Value) -> String {
     let mut out = String::from(
         "Prot VIP Address\n  -> Backend                Node        Status   InUse  Task",
@@ -408,6 +456,27 @@ impl TaskAddArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn overlay_table() {
+        let state = serde_json::json!({
+            "network": {"vtep_subnet": "44.128.0.0/20", "vtep_mac_oui": "70:B3:D5:00:00:00"},
+            "agents": [{"ip": "10.0.0.1", "node_id": "node1", "overlays": [{
+                "info": {"name": "dcos"}, "subnet": "9.0.1.0/24",
+                "backend": {"vxlan": {"vtep_ip": "44.128.0.1/20", "vtep_mac": "70:B3:D5:80:00:01"}},
+                "state": {"status": "STATUS_OK"}}]},
+                {"ip": "10.0.0.9", "node_id": "odd", "overlays": [],
+                 "state": {"status": "STATUS_CONFIG_MISMATCH"}}]
+        });
+        let text = print_overlay(&state);
+        assert!(
+            text.contains(
+                "node1  10.0.0.1  dcos     9.0.1.0/24  44.128.0.1/20  70:B3:D5:80:00:01  STATUS_OK"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("STATUS_CONFIG_MISMATCH"), "{text}");
+    }
 
     #[test]
     fn port_flag_parses() {

@@ -46,6 +46,8 @@ enum Command {
     State(ApiArgs),
     /// VIPs and their backends, like `ipvsadm -Ln`.
     Vips(ApiArgs),
+    /// Overlay leases and status of every agent (`/overlay-master/state`).
+    Overlay(ApiArgs),
     /// Version of this binary and of the agent it talks to.
     Version(ApiArgs),
 }
@@ -137,6 +139,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", client::print_vips(&vips, &problems));
             }
             Ok(())
+        }
+        Command::Overlay(api) => {
+            let c = Client::new(&api)?;
+            print(&c, &c.get("/overlay-master/state")?, client::print_overlay)
         }
         Command::State(api) => {
             let c = Client::new(&api)?;

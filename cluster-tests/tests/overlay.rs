@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use cluster_tests::{wait_for, Cluster};
+use cluster_tests::{sh, wait_for, Cluster};
 use serde_json::Value;
 
 /// node id → (subnet, vtep ip, vtep mac) as node `i` reports them.
@@ -138,5 +138,103 @@ fn every_node_agrees_on_leases_and_a_restart_keeps_them() -> anyhow::Result<()> 
             Ok((nodes == ["node1", "node2"] && members == ["node1", "node2"]).then_some(()))
         },
     )?;
+    Ok(())
+}
+
+/// agent node id → (status, error) in node `i`'s `/overlay-master/state`,
+/// from the agent-level state or its first overlay's.
+fn statuses(c: &Cluster, i: usize) -> anyhow::Result<Vec<(String, String, String)>> {
+    let state = c.get(i, "/overlay-master/state")?;
+    Ok(state["agents"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|a| {
+            let st = if a["state"].is_object() {
+                &a["state"]
+            } else {
+                &a["overlays"][0]["state"]
+            };
+            (
+                a["node_id"].as_str().unwrap_or_default().to_string(),
+                st["status"].as_str().unwrap_or_default().to_string(),
+                st["error"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect())
+}
+
+#[test]
+fn an_exhausted_overlay_and_a_differently_configured_node_are_reported() -> anyhow::Result<()> {
+    let mut c = Cluster::new(4)?;
+    // Room for two agent subnets only.
+    let tiny = c.dir.path().join("tiny.json");
+    std::fs::write(
+        &tiny,
+        r#"{"vtep_subnet":"44.128.0.0/20","vtep_mac_oui":"70:B3:D5:00:00:00",
+            "overlays":[{"name":"dcos","subnet":"9.0.0.0/23","prefix":24}]}"#,
+    )?;
+    let tiny = tiny.to_string_lossy().to_string();
+    let bad = c.dir.path().join("bad.json");
+    std::fs::write(&bad, r#"{"vtep_subnet":"44.128.0.0/20","overlays":[]}"#)?;
+    // A configuration that cannot be read stops the agent with a clear error.
+    let out = std::process::Command::new(cluster_tests::skein_bin())
+        .args(["agent", "--advertise", "10.77.0.9", "--node-id", "x"])
+        .args(["--overlay-config", &bad.to_string_lossy()])
+        .output()?;
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && said.contains("vtep_mac_oui"),
+        "{said}"
+    );
+
+    let args = ["--overlay-config", tiny.as_str(), "--overlay-resync-s", "1"];
+    c.start(1, &[], &args)?;
+    c.start(2, &[1], &args)?;
+    c.start(3, &[1], &args)?;
+    // Node 4 runs DC/OS's default overlay: not the cluster's.
+    c.start(4, &[1], &["--overlay-resync-s", "1"])?;
+    let seen = wait_for(
+        "two agents OK, one out of subnets, node4 mismatched (node1's view)",
+        Duration::from_secs(30),
+        || {
+            let s = statuses(&c, 1)?;
+            let ok = s.iter().filter(|x| x.1 == "STATUS_OK").count();
+            let exhausted = s
+                .iter()
+                .filter(|x| x.1 == "STATUS_ERROR" && x.2.contains("leases of the pool are taken"))
+                .count();
+            let mismatch = s
+                .iter()
+                .any(|x| x.0 == "node4" && x.1 == "STATUS_CONFIG_MISMATCH");
+            Ok((ok == 2 && exhausted == 1 && mismatch).then_some(s))
+        },
+    )?;
+    println!("node1's view: {seen:?}");
+    // Node 4 sees the three others as differently configured.
+    wait_for("node4 reports the others", Duration::from_secs(20), || {
+        let s = statuses(&c, 4)?;
+        let others = s
+            .iter()
+            .filter(|x| x.0 != "node4" && x.1 == "STATUS_CONFIG_MISMATCH")
+            .count();
+        Ok((others == 3).then_some(()))
+    })?;
+    // Node 4's claims corrupt nothing: node1 routes only to the other
+    // leased node of its own configuration.
+    let routes = sh(&["ip", "-n", &c.node(1).netns, "route", "show", "proto", "83"])?;
+    let routes = String::from_utf8_lossy(&routes.stdout).to_string();
+    let leased_by_others = seen
+        .iter()
+        .filter(|x| x.0 != "node1" && x.1 == "STATUS_OK")
+        .count();
+    let expected_routes = if seen.iter().any(|x| x.0 == "node1" && x.1 == "STATUS_OK") {
+        leased_by_others
+    } else {
+        // node1 is the one without a subnet: it still routes to both.
+        2
+    };
+    assert_eq!(routes.lines().count(), expected_routes, "{routes}");
+    assert!(routes.lines().all(|l| l.starts_with("9.0.")), "{routes}");
     Ok(())
 }

@@ -134,6 +134,8 @@ pub struct Agent {
     pub overlay_counters: vxlan::OverlayCounters,
     /// What this node last published under `overlay:status`.
     overlay_status: Mutex<String>,
+    /// Pools with no lease left for this node (shown in its status).
+    lease_errors: Mutex<Vec<String>>,
     started: Instant,
     pub counters: Counters,
 }
@@ -265,6 +267,7 @@ impl Agent {
             l4lb_counters: Default::default(),
             overlay_counters: Default::default(),
             overlay_status: Mutex::new(String::new()),
+            lease_errors: Mutex::new(Vec::new()),
             started: Instant::now(),
             counters: Counters::default(),
         });
@@ -441,7 +444,7 @@ impl Agent {
     /// Claims (or keeps) this node's overlay leases; persisted before they
     /// are published so a restart reclaims the same ones.
     async fn reconcile_leases(&self, snap: &ClusterSnapshot) {
-        let desired = match overlay::desired(
+        let (desired, exhausted) = match overlay::desired(
             &self.overlay,
             &snap.replica,
             &self.config.node_id,
@@ -453,6 +456,15 @@ impl Agent {
                 return;
             }
         };
+        {
+            let mut errors = self.lease_errors.lock().await;
+            if *errors != exhausted {
+                for e in &exhausted {
+                    tracing::error!(error = %e, "overlay lease exhausted");
+                }
+                *errors = exhausted;
+            }
+        }
         let mut own = self.own_leases.lock().await;
         if *own == desired {
             return;
@@ -504,6 +516,11 @@ impl Agent {
         }
         self.fresh_snapshot().await;
         Ok(forgotten)
+    }
+
+    /// Pools this node could not lease from, as messages.
+    pub async fn lease_errors(&self) -> Vec<String> {
+        self.lease_errors.lock().await.clone()
     }
 
     /// Publishes how realizing the overlay went (`ok` or the error), when

@@ -241,21 +241,27 @@ pub fn claims(replica: &Replica, pool: &str, fingerprint: &str) -> BTreeMap<Stri
         .collect()
 }
 
-/// What this node should claim in every pool, given the replica.
+/// What this node should claim in every pool, given the replica, and a
+/// clear message for each pool that has nothing left for it (the other
+/// pools are still claimed).
 pub fn desired(
     config: &OverlayConfig,
     replica: &Replica,
     me: &str,
     now_ms: u64,
-) -> anyhow::Result<BTreeMap<String, Claim>> {
+) -> anyhow::Result<(BTreeMap<String, Claim>, Vec<String>)> {
     let fingerprint = config.fingerprint();
     let mut out = BTreeMap::new();
+    let mut exhausted = Vec::new();
     for (name, pool) in config.pools()? {
-        let claim = propose(&pool, me, &claims(replica, &name, &fingerprint), now_ms)
-            .map_err(|e| anyhow::anyhow!("overlay pool {name}: {e}"))?;
-        out.insert(name, claim);
+        match propose(&pool, me, &claims(replica, &name, &fingerprint), now_ms) {
+            Ok(claim) => {
+                out.insert(name, claim);
+            }
+            Err(e) => exhausted.push(format!("cannot lease from {name}: {e}")),
+        }
     }
-    Ok(out)
+    Ok((out, exhausted))
 }
 
 /// One node's winning leases.
@@ -328,10 +334,18 @@ pub fn master_state(
             }));
             continue;
         }
+        let reported = replica.nodes().get(node).and_then(|ks| ks.get(STATUS_KEY));
         let Some(lease) = leases.get(node) else {
+            // No VTEP lease (yet, or none left): listed, with why.
+            let state = match reported {
+                Some(err) if err != "ok" => json!({"status": "STATUS_ERROR", "error": err}),
+                _ => json!({"status": "STATUS_PENDING"}),
+            };
+            agents.push(
+                json!({"ip": ip.to_string(), "node_id": node, "overlays": [], "state": state}),
+            );
             continue;
         };
-        let reported = replica.nodes().get(node).and_then(|ks| ks.get(STATUS_KEY));
         let state = match reported {
             Some("ok") => json!({"status": "STATUS_OK"}),
             Some(err) => json!({"status": "STATUS_ERROR", "error": err}),
@@ -358,7 +372,9 @@ pub fn master_state(
                 }))
             })
             .collect();
-        agents.push(json!({"ip": ip.to_string(), "node_id": node, "overlays": overlays}));
+        // Also at the agent's level: an agent that has a VTEP but no subnet
+        // of some overlay (all leased) has no overlay entry to carry it.
+        agents.push(json!({"ip": ip.to_string(), "node_id": node, "overlays": overlays, "state": state}));
     }
     Ok(json!({
         "network": {

@@ -637,7 +637,11 @@ pub async fn run(
             }
         };
         let settled = settling.observe(leases, started);
+        let lease_errors = agent.lease_errors().await;
         let Some(mine) = settled.get(&agent.config().node_id).cloned() else {
+            if !lease_errors.is_empty() {
+                agent.set_overlay_status(&lease_errors.join("; ")).await;
+            }
             continue;
         };
         let IpAddr::V4(underlay) = agent.config().advertise else {
@@ -748,7 +752,12 @@ pub async fn run(
                     .entries_programmed
                     .store(desired.len() as u64, Ordering::Relaxed);
                 programmed = Some((index, desired));
-                agent.set_overlay_status("ok").await;
+                // Realized, but an overlay without a subnet for us is not OK.
+                if lease_errors.is_empty() {
+                    agent.set_overlay_status("ok").await;
+                } else {
+                    agent.set_overlay_status(&lease_errors.join("; ")).await;
+                }
             }
             Err((done, e)) => {
                 counters.netlink_errors.fetch_add(1, Ordering::Relaxed);

@@ -374,7 +374,9 @@ pub fn master_state(
             .collect();
         // Also at the agent's level: an agent that has a VTEP but no subnet
         // of some overlay (all leased) has no overlay entry to carry it.
-        agents.push(json!({"ip": ip.to_string(), "node_id": node, "overlays": overlays, "state": state}));
+        agents.push(
+            json!({"ip": ip.to_string(), "node_id": node, "overlays": overlays, "state": state}),
+        );
     }
     Ok(json!({
         "network": {

@@ -1,7 +1,10 @@
 #!/bin/sh
 # Entrypoint of the compose nodes: copy this node's TLS material and the API token from the
-# shared, read-only certs volume (written by the one-shot `certs` service), then exec the agent.
-# The CA private key is never in that volume.
+# shared, read-only certs volume (written by the one-shot `certs` service), point the node's
+# resolver at the agents' DNS, start the demo app (skein-demo-apps) and run the agent under
+# a small supervisor: `skein-restart-agent` restarts the agent process alone, as restarting
+# the service on a real host would, while the kernel state and the apps keep running.
+# The CA private key is never in the certs volume.
 set -eu
 
 NODE_ID=${SKEIN_NODE_ID:?SKEIN_NODE_ID must be set}
@@ -20,5 +23,28 @@ mkdir -p "$TLS_DIR" "$(dirname "$TOKEN_FILE")" "${SKEIN_DATA_DIR:-/var/lib/skein
 cp "$CERTS/$NODE_ID/ca.pem" "$CERTS/$NODE_ID/node.pem" "$CERTS/$NODE_ID/node-key.pem" "$TLS_DIR/"
 cp "$CERTS/api-token" "$TOKEN_FILE"
 chmod 0644 "$TLS_DIR/ca.pem" "$TLS_DIR/node.pem"
+umask 022
 
-exec skein agent "$@"
+# Names resolve through this node's agent first, then the other agents (so a restarting
+# agent costs a one-second retry, not a failure), like DC/OS's three spartan addresses.
+# Other names are forwarded by the agents to Docker's resolver (SKEIN_DNS_UPSTREAM).
+{
+    echo "nameserver 127.0.0.1"
+    for ns in ${SKEIN_RESOLVERS:-}; do echo "nameserver $ns"; done
+    echo "options timeout:1 attempts:3"
+} >/etc/resolv.conf
+
+skein-demo-apps &
+
+stopping=0
+agent=
+trap 'stopping=1; [ -n "$agent" ] && kill -TERM "$agent" 2>/dev/null; wait' TERM INT
+while :; do
+    skein agent "$@" &
+    agent=$!
+    echo "$agent" >/run/skein-agent.pid
+    rc=0
+    wait "$agent" || rc=$?
+    [ "$stopping" = 1 ] && exit 0
+    echo "node-entrypoint: agent exited ($rc); starting it again" >&2
+done

@@ -618,7 +618,7 @@ impl Agent {
         }
         let allocation = alloc::allocate(&claims, &reserved);
         let addresses = match self.settling.lock() {
-            Ok(mut s) => s.observe(&allocation, Instant::now()),
+            Ok(mut s) => s.observe(&allocation, Instant::now(), unix_ms()),
             Err(_) => return,
         };
         if let Ok(mut a) = self.vip_addresses.write() {

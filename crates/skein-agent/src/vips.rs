@@ -59,9 +59,13 @@ pub fn reserved<'a>(keys: impl Iterator<Item = &'a VipKey>) -> BTreeSet<Ipv4Addr
 }
 
 /// Tracks how long each VIP's winning address has been unchanged here.
+/// An address this process sees for the first time whose claim is already
+/// older than `SETTLE` (a restarted agent reading its persisted replica) is
+/// settled at once: it was settled cluster-wide before, and answering
+/// NXDOMAIN for it during a restart would fail clients that hit this node.
 #[derive(Default)]
 pub struct Settling {
-    seen: HashMap<String, (Ipv4Addr, Instant)>,
+    seen: HashMap<String, (Ipv4Addr, Instant, bool)>,
 }
 
 impl Settling {
@@ -70,20 +74,63 @@ impl Settling {
         &mut self,
         allocation: &Allocation,
         now: Instant,
+        now_unix_ms: u64,
     ) -> BTreeMap<String, (Ipv4Addr, bool)> {
         self.seen
             .retain(|vip, _| allocation.assigned.contains_key(vip));
+        let old = |since: u64| now_unix_ms.saturating_sub(since) >= SETTLE.as_millis() as u64;
         allocation
             .assigned
             .iter()
             .map(|(vip, value)| {
-                let entry = self.seen.entry(vip.clone()).or_insert((value.ip, now));
+                let entry =
+                    self.seen
+                        .entry(vip.clone())
+                        .or_insert((value.ip, now, old(value.since)));
                 if entry.0 != value.ip {
-                    *entry = (value.ip, now);
+                    *entry = (value.ip, now, false);
                 }
-                let settled = now.duration_since(entry.1) >= SETTLE;
+                let settled = entry.2 || now.duration_since(entry.1) >= SETTLE;
                 (vip.clone(), (value.ip, settled))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn allocation(ip: Ipv4Addr, since: u64) -> Allocation {
+        let mut a = Allocation::default();
+        a.assigned
+            .insert("web.marathon".into(), ClaimValue { ip, since });
+        a
+    }
+
+    #[test]
+    fn new_claims_settle_after_a_while_and_old_ones_at_once() {
+        let t0 = Instant::now();
+        let ip = Ipv4Addr::new(11, 0, 0, 1);
+        let mut fresh = Settling::default();
+        let got = fresh.observe(&allocation(ip, 10_000), t0, 10_500);
+        assert_eq!(
+            got["web.marathon"],
+            (ip, false),
+            "a claim made 0.5 s ago waits"
+        );
+        let got = fresh.observe(&allocation(ip, 10_000), t0 + SETTLE, 12_500);
+        assert_eq!(got["web.marathon"], (ip, true));
+        let mut restarted = Settling::default();
+        let got = restarted.observe(&allocation(ip, 10_000), t0, 60_000);
+        assert_eq!(
+            got["web.marathon"],
+            (ip, true),
+            "an old claim is settled at once"
+        );
+        // A different winner always waits, however old its claim.
+        let other = Ipv4Addr::new(11, 0, 0, 2);
+        let got = restarted.observe(&allocation(other, 1_000), t0, 60_000);
+        assert_eq!(got["web.marathon"], (other, false));
     }
 }

@@ -482,10 +482,16 @@ pub struct OverlayCounters {
 
 /// Leases become usable only after they have been the winner, unchanged,
 /// for `SETTLE` on this node: a claim still in flight from a partitioned
-/// node could otherwise move a subnet under a running container.
+/// node could otherwise move a subnet under a running container. Leaving is
+/// settled the same way: a peer whose leases vanish from the view for less
+/// than `SETTLE` (its agent restarting with a new generation, whose keys
+/// arrive a moment later) keeps its entries, so its containers stay
+/// reachable throughout.
 #[derive(Default)]
 struct Settling {
     seen: BTreeMap<String, (NodeLeases, Instant)>,
+    settled: BTreeMap<String, NodeLeases>,
+    absent_since: BTreeMap<String, Instant>,
 }
 
 impl Settling {
@@ -494,21 +500,35 @@ impl Settling {
         leases: BTreeMap<String, NodeLeases>,
         now: Instant,
     ) -> BTreeMap<String, NodeLeases> {
+        let settle = crate::vips::SETTLE;
         self.seen.retain(|node, _| leases.contains_key(node));
-        let mut settled = BTreeMap::new();
-        for (node, lease) in leases {
+        for (node, lease) in &leases {
+            self.absent_since.remove(node);
             let entry = self
                 .seen
                 .entry(node.clone())
                 .or_insert_with(|| (lease.clone(), now));
-            if entry.0 != lease {
+            if entry.0 != *lease {
                 *entry = (lease.clone(), now);
             }
-            if now.duration_since(entry.1) >= crate::vips::SETTLE {
-                settled.insert(node, lease);
+            if now.duration_since(entry.1) >= settle {
+                self.settled.insert(node.clone(), lease.clone());
             }
         }
-        settled
+        let gone: Vec<String> = self
+            .settled
+            .keys()
+            .filter(|node| !leases.contains_key(*node))
+            .cloned()
+            .collect();
+        for node in gone {
+            let since = *self.absent_since.entry(node.clone()).or_insert(now);
+            if now.duration_since(since) >= settle {
+                self.settled.remove(&node);
+                self.absent_since.remove(&node);
+            }
+        }
+        self.settled.clone()
     }
 }
 
@@ -772,5 +792,44 @@ pub async fn run(
         counters
             .last_reconcile_us
             .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(vtep: u8) -> NodeLeases {
+        NodeLeases {
+            vtep_ip: Ipv4Addr::new(44, 128, 0, vtep),
+            subnets: vec![("dcos".into(), Ipv4Addr::new(9, 0, vtep, 0), 24)],
+        }
+    }
+
+    #[test]
+    fn leases_settle_arriving_and_leaving() {
+        let mut s = Settling::default();
+        let t0 = Instant::now();
+        let settle = crate::vips::SETTLE;
+        let both = BTreeMap::from([("a".to_string(), lease(1)), ("b".to_string(), lease(2))]);
+        assert!(
+            s.observe(both.clone(), t0).is_empty(),
+            "nothing is used at once"
+        );
+        assert_eq!(s.observe(both.clone(), t0 + settle).len(), 2);
+        // b vanishes briefly (a restart): still there.
+        let only_a = BTreeMap::from([("a".to_string(), lease(1))]);
+        let t1 = t0 + settle + Duration::from_millis(100);
+        assert_eq!(s.observe(only_a.clone(), t1).len(), 2);
+        assert_eq!(s.observe(both.clone(), t1 + settle / 2).len(), 2);
+        // b gone for good: removed after SETTLE.
+        let t2 = t1 + settle;
+        assert_eq!(s.observe(only_a.clone(), t2).len(), 2);
+        assert_eq!(s.observe(only_a.clone(), t2 + settle).len(), 1);
+        // A changed lease keeps the old value until the new one settled.
+        let moved = BTreeMap::from([("a".to_string(), lease(9))]);
+        let t3 = t2 + settle * 2;
+        assert_eq!(s.observe(moved.clone(), t3)["a"], lease(1));
+        assert_eq!(s.observe(moved, t3 + settle)["a"], lease(9));
     }
 }

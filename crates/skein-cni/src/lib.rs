@@ -59,6 +59,7 @@
 //! Modules: [`config`] (decoding, pure), [`ipam`] (allocation: the choice is
 //! pure, the store is files), [`netlink`] (the kernel), [`error`] (codes).
 
+pub mod cli;
 pub mod config;
 pub mod error;
 pub mod ipam;

@@ -1,56 +1,5 @@
-//! The `skein-cni` executable: environment and stdin in, one JSON document
-//! out, exit status 0 or 1 (see the library's docs for what it does).
+//! The `skein-cni` executable (see the library's docs for what it does).
 
-use std::io::{self, Read, Write};
-use std::process::ExitCode;
-
-use skein_cni::{code, config, CniError};
-
-fn main() -> ExitCode {
-    let env = |key: &str| std::env::var_os(key).map(|v| v.to_string_lossy().into_owned());
-
-    // Without CNI_COMMAND this is not a runtime calling; report that instead
-    // of waiting on a stdin nobody will close.
-    let mut stdin = Vec::new();
-    if env("CNI_COMMAND").is_some_and(|c| !c.is_empty()) {
-        if let Err(e) = io::stdin().read_to_end(&mut stdin) {
-            return fail(
-                &CniError::io("reading the network configuration from stdin", e),
-                &stdin,
-            );
-        }
-    }
-
-    let outcome = config::parse_request(&env, &stdin).and_then(|req| skein_cni::run(&req));
-    match outcome {
-        Ok(outcome) => {
-            if let Some(note) = outcome.note {
-                eprintln!("{note}");
-            }
-            if let Some(out) = outcome.stdout {
-                let mut stdout = io::stdout().lock();
-                if writeln!(stdout, "{out}")
-                    .and_then(|_| stdout.flush())
-                    .is_err()
-                {
-                    return ExitCode::FAILURE;
-                }
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => fail(&e, &stdin),
-    }
-}
-
-fn fail(e: &CniError, stdin: &[u8]) -> ExitCode {
-    let mut stdout = io::stdout().lock();
-    let _ = writeln!(stdout, "{}", e.to_json(config::reply_version(stdin)));
-    let _ = stdout.flush();
-    // The runtime logs stderr; the code makes grepping easier there.
-    if e.code != code::DECODE {
-        eprintln!("skein-cni: {e}");
-    } else {
-        eprintln!("skein-cni: {}: {}", e.msg, e.details);
-    }
-    ExitCode::FAILURE
+fn main() -> std::process::ExitCode {
+    skein_cni::cli::cli_main()
 }

@@ -2,6 +2,7 @@
 
 mod client;
 mod config;
+mod httpi;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -50,6 +51,16 @@ enum Command {
     Overlay(ApiArgs),
     /// Version of this binary and of the agent it talks to.
     Version(ApiArgs),
+    /// The seed article's demo app: an HTTP server answering pi to ten
+    /// decimals (with the instance's name in `X-Instance`).
+    Httpi {
+        /// Address to listen on, e.g. 0.0.0.0:9896.
+        #[arg(long, default_value = "0.0.0.0:9896")]
+        listen: std::net::SocketAddr,
+        /// Name reported in the `X-Instance` header.
+        #[arg(long, default_value = "httpi")]
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -77,6 +88,15 @@ enum TaskCommand {
 }
 
 fn main() -> ExitCode {
+    // One static binary in the image: installed (or linked) as `skein-cni`
+    // it is the CNI plugin, called by container runtimes.
+    let invoked_as = std::env::args_os()
+        .next()
+        .map(std::path::PathBuf::from)
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+    if invoked_as.as_deref() == Some("skein-cni") {
+        return skein_cni::cli::cli_main();
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -140,6 +160,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Httpi { listen, name } => httpi::serve(listen, &name),
         Command::Overlay(api) => {
             let c = Client::new(&api)?;
             print(&c, &c.get("/overlay-master/state")?, client::print_overlay)

@@ -1,0 +1,104 @@
+#!/bin/sh
+# The seed documents' labs against the docker-compose cluster, as a newcomer would type them
+# (`docker-compose exec nodeN dig ...`, `curl ...`), checked:
+#   Lab 6a: dig httpi.marathon.mesos (A) and _httpi._tcp.marathon.mesos (SRV) on every node,
+#           and the Mesos-DNS API (/v1/version, /v1/config, /v1/enumerate, /v1/hosts/...,
+#           /v1/services/...);
+#   Lab 6c: curl httpi.marathon.l4lb.thisdcos.directory:3141 from every node answers
+#           3.1415926536, spread over every instance;
+#   Lab 6d: curl a container's overlay address from another node; /overlay-master/state.
+#
+#   cluster-tests/labs.sh               against a running cluster (scripts/cluster-up)
+#   LABS_UP=1 cluster-tests/labs.sh     bring the cluster up first and tear it down after
+set -eu
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+if docker compose version >/dev/null 2>&1; then DC="docker compose"; else DC="docker-compose"; fi
+TIMEOUT=${LABS_TIMEOUT:-90}
+NODES="node1 node2 node3"
+INSTANCES=5   # host mode on node1-3, container mode on node2-3 (docker-compose.yml)
+
+say()  { printf '[labs] %s\n' "$*"; }
+fail() { printf '[labs] FAIL: %s\n' "$*" >&2; exit 1; }
+ex()   { n=$1; shift; $DC exec -T "$n" "$@"; }
+show() { # node, command...: print it as typed, then its output
+    n=$1; shift
+    printf '\n$ %s exec %s %s\n' "$DC" "$n" "$*"
+    ex "$n" "$@"
+}
+# Retry a check until it passes (the cluster may still be settling), then print it.
+until_ok() { # what, command...
+    what=$1; shift
+    deadline=$(( $(date +%s) + TIMEOUT ))
+    until "$@" >/dev/null 2>&1; do
+        [ "$(date +%s)" -lt "$deadline" ] || { "$@" || true; fail "$what (after ${TIMEOUT}s)"; }
+        sleep 1
+    done
+    say "ok: $what"
+}
+
+if [ "${LABS_UP:-0}" = 1 ]; then
+    cleanup() {
+        rc=$?
+        trap - EXIT INT TERM
+        [ "$rc" = 0 ] || { $DC ps || true; $DC logs --tail=40 || true; }
+        "$ROOT/scripts/cluster-down" >/dev/null 2>&1 || true
+        exit "$rc"
+    }
+    trap cleanup EXIT
+    trap 'exit 130' INT TERM
+    "$ROOT/scripts/cluster-down" >/dev/null 2>&1 || true
+    "$ROOT/scripts/cluster-up" >/dev/null || fail "cluster-up failed"
+fi
+
+a_count() { [ "$(ex "$1" dig +short httpi.marathon.mesos | grep -c .)" -eq "$INSTANCES" ]; }
+srv_count() { [ "$(ex "$1" dig +short _httpi._tcp.marathon.mesos SRV | grep -c ' 9896 ')" -eq "$INSTANCES" ]; }
+
+say "Lab 6a: Mesos-DNS names on every node"
+for n in $NODES; do
+    until_ok "$n: $INSTANCES A records for httpi.marathon.mesos" a_count "$n"
+    until_ok "$n: $INSTANCES SRV records for _httpi._tcp.marathon.mesos" srv_count "$n"
+done
+show node1 dig +short httpi.marathon.mesos
+show node3 dig +short _httpi._tcp.marathon.mesos SRV
+for path in /v1/version /v1/config /v1/enumerate /v1/hosts/httpi.marathon.mesos \
+            /v1/services/_httpi._tcp.marathon.mesos; do
+    out=$(ex node2 curl -sf "http://127.0.0.1:62080$path") || fail "GET $path"
+    printf '\n$ %s exec node2 curl -s http://127.0.0.1:62080%s\n%s\n' "$DC" "$path" \
+        "$(printf '%s' "$out" | cut -c1-300)"
+done
+hosts=$(ex node2 curl -sf http://127.0.0.1:62080/v1/hosts/httpi.marathon.mesos | grep -o '"ip"' | wc -l)
+[ "$hosts" -eq "$INSTANCES" ] || fail "/v1/hosts lists $hosts addresses, want $INSTANCES"
+services=$(ex node2 curl -sf http://127.0.0.1:62080/v1/services/_httpi._tcp.marathon.mesos | grep -o '"port"' | wc -l)
+[ "$services" -eq "$INSTANCES" ] || fail "/v1/services lists $services, want $INSTANCES"
+say "ok: the Mesos-DNS API lists $INSTANCES hosts and services"
+
+say "Lab 6c: the named VIP from every node"
+VIP=httpi.marathon.l4lb.thisdcos.directory
+vip_ok() { [ "$(ex "$1" curl -s --max-time 3 "http://$VIP:3141/")" = 3.1415926536 ]; }
+for n in $NODES; do until_ok "$n: curl $VIP:3141 answers pi" vip_ok "$n"; done
+show node1 curl -s "http://$VIP:3141/"
+show node1 dig +short "$VIP"
+for n in $NODES; do
+    seen=$(ex "$n" sh -c "for i in \$(seq 60); do curl -si --max-time 3 http://$VIP:3141/ | grep -i '^x-instance'; done" \
+        | tr -d '\r' | awk '{print $2}' | sort | uniq -c)
+    distinct=$(printf '%s\n' "$seen" | grep -c .)
+    say "$n: 60 requests spread over $distinct instances: $(printf '%s' "$seen" | tr '\n' ' ')"
+    [ "$distinct" -eq "$INSTANCES" ] || fail "$n reached $distinct of $INSTANCES instances"
+done
+show node2 skein vips
+
+say "Lab 6d: a container's own address on the overlay, from another node"
+overlay_ok() {
+    [ "$(ex node1 skein overlay | grep -c 'STATUS_OK$')" -eq 3 ]
+}
+until_ok "3 agents STATUS_OK in /overlay-master/state" overlay_ok
+show node1 skein overlay
+CIP=$(ex node1 skein tasks | awk '$1 == "httpi-node3-overlay" {print $0}' | grep -o '9\.[0-9.]*' | head -1)
+[ -n "$CIP" ] || fail "no overlay address for httpi-node3-overlay in skein tasks"
+container_ok() { [ "$(ex node1 curl -s --max-time 3 "http://$CIP:9896/")" = 3.1415926536 ]; }
+until_ok "node1 → node3's container at $CIP over VXLAN" container_ok
+show node1 curl -s "http://$CIP:9896/"
+show node2 curl -s http://127.0.0.1:62080/overlay-master/state
+echo
+say "PASS"

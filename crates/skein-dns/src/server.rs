@@ -2,6 +2,7 @@
 //! forwarder that races the upstreams for names outside the cluster zones
 //! (as Spartan did: the first answer wins).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -14,11 +15,21 @@ use tokio::sync::watch;
 
 use crate::answer::{respond, Outcome, Transport};
 use crate::records::Records;
+use crate::wire;
 
 /// How long a forwarded query may take before the client gets SERVFAIL.
 pub const FORWARD_DEADLINE: Duration = Duration::from_secs(2);
 /// Upstreams raced per query.
 const RACE: usize = 2;
+/// Receive buffer asked for each UDP socket.
+const UDP_RECV_BUFFER: usize = 4 << 20;
+/// Tasks reading each UDP socket. The kernel spreads clients over the
+/// SO_REUSEPORT sockets by hashing their address and port, so a few busy
+/// clients can land on one socket while another idles; with a single
+/// reader that socket is served by one core at a time. A second reader
+/// lets the other core help (measured with dns-bench: 4 dnsperf sockets,
+/// 2 cores).
+const TASKS_PER_SOCKET: usize = 2;
 /// A TCP client that sends nothing for this long is disconnected.
 const TCP_IDLE: Duration = Duration::from_secs(10);
 
@@ -112,25 +123,64 @@ pub struct DnsServer {
     pub forwarders: Forwarders,
     started: std::time::Instant,
     pub stats: Arc<DnsStats>,
-    rotation: AtomicU64,
+    /// Forwarded answers in wire format, shared by every socket.
     cache: std::sync::Mutex<crate::cache::Cache>,
-    /// Encoded cluster answers by (records version, request bytes after the
-    /// id, rotation slot): the same question asked again is a lookup and an
-    /// id patch instead of building and encoding a message.
-    encoded: std::sync::Mutex<EncodedAnswers>,
+    /// UDP sockets per address (one per core).
+    sockets: usize,
 }
 
 /// Rotation variants kept per question (answers still spread over the
 /// first ROTATIONS positions).
 const ROTATIONS: usize = 12;
+/// Encoded cluster answers kept, over all UDP socket readers.
 const ENCODED_MAX: usize = 20_000;
+/// Encoded cluster answers a TCP connection keeps for itself.
+const ENCODED_TCP: usize = 64;
 
-#[derive(Default)]
-struct EncodedAnswers {
-    /// The record set the entries were built from; holding it (not just its
-    /// address) means a later set can never be mistaken for it.
-    records: Option<Arc<Records>>,
-    map: std::collections::HashMap<(usize, Vec<u8>), Vec<u8>>,
+/// What one UDP socket loop (or one TCP connection) keeps to itself, so
+/// that answering takes no shared lock and allocates nothing once warm:
+/// its view of the records, its rotation counter, the cluster answers it
+/// has encoded, and buffers.
+struct Worker {
+    records: watch::Receiver<Arc<Records>>,
+    /// The record set `encoded` was built from.
+    current: Arc<Records>,
+    rotation: usize,
+    /// Encoded cluster answers by (rotation slot, transport, request bytes
+    /// after the id): the same question asked again is a lookup and an id
+    /// patch instead of building and encoding a message. Emptied whenever
+    /// the records change (not merely get republished).
+    encoded: HashMap<Box<[u8]>, Box<[u8]>>,
+    capacity: usize,
+    /// Scratch for lookup keys.
+    key: Vec<u8>,
+    /// The reply being sent.
+    out: Vec<u8>,
+}
+
+impl Worker {
+    fn new(records: &watch::Receiver<Arc<Records>>, capacity: usize) -> Worker {
+        let mut records = records.clone();
+        let current = records.borrow_and_update().clone();
+        Worker {
+            records,
+            current,
+            rotation: 0,
+            encoded: HashMap::new(),
+            capacity: capacity.max(1),
+            key: Vec::with_capacity(512),
+            out: Vec::with_capacity(4096),
+        }
+    }
+}
+
+/// What [`DnsServer::local`] made of a message.
+enum Local {
+    /// The reply is in the worker's `out`.
+    Reply,
+    Drop,
+    /// A question for a name outside our zones.
+    Forward(Box<Message>),
 }
 
 /// Forwarded answers kept at most (each a few hundred bytes).
@@ -143,23 +193,23 @@ impl DnsServer {
             forwarders,
             started: std::time::Instant::now(),
             stats: Arc::default(),
-            rotation: AtomicU64::new(0),
             cache: std::sync::Mutex::new(crate::cache::Cache::new(CACHE_ENTRIES)),
-            encoded: std::sync::Mutex::new(EncodedAnswers::default()),
+            // One UDP socket per core on the same address (SO_REUSEPORT):
+            // the kernel spreads queries over them and each has its own loop.
+            sockets: std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .clamp(1, 8),
         })
     }
 
     /// Binds every address (UDP and TCP) and serves until the runtime ends.
     pub async fn listen(self: &Arc<Self>, addrs: &[SocketAddr]) -> std::io::Result<()> {
-        // One UDP socket per core on the same address (SO_REUSEPORT): the
-        // kernel spreads queries over them and each has its own loop.
-        let sockets = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .clamp(1, 8);
         for addr in addrs {
-            for _ in 0..sockets {
-                let udp = reuseport_udp(*addr)?;
-                tokio::spawn(self.clone().serve_udp(Arc::new(udp)));
+            for _ in 0..self.sockets {
+                let udp = Arc::new(reuseport_udp(*addr)?);
+                for _ in 0..TASKS_PER_SOCKET {
+                    tokio::spawn(self.clone().serve_udp(udp.clone()));
+                }
             }
             let tcp = TcpListener::bind(addr).await?;
             tokio::spawn(self.clone().serve_tcp(tcp));
@@ -173,97 +223,99 @@ impl DnsServer {
         Ok(())
     }
 
-    /// Answers one message; `None` means send nothing.
-    async fn handle(&self, request: &[u8], transport: Transport) -> Option<Vec<u8>> {
-        match self.local(request, transport) {
-            Ok(reply) => reply,
-            Err(query) => Some(self.forwarded(&query, request, transport).await),
-        }
-    }
-
-    /// Answers from the cluster records without waiting on anything;
-    /// `Err` hands back a question to forward.
-    fn local(&self, request: &[u8], transport: Transport) -> Result<Option<Vec<u8>>, Box<Message>> {
-        let records = self.records.borrow().clone();
-        let rotate = self.rotation.fetch_add(1, Ordering::Relaxed) as usize % ROTATIONS;
-        // Transport changes the answer (truncation), so it is part of the key.
-        let key = (rotate, {
-            let mut k = request.get(2..).unwrap_or_default().to_vec();
-            k.push(transport as u8);
-            k
-        });
-        if request.len() >= 12 {
-            if let Ok(enc) = self.encoded.lock() {
-                if enc
-                    .records
-                    .as_ref()
-                    .is_some_and(|r| Arc::ptr_eq(r, &records))
-                {
-                    if let Some(cached) = enc.map.get(&key) {
-                        let mut bytes = cached.clone();
-                        bytes[..2].copy_from_slice(&request[..2]);
-                        let nx = bytes[3] & 0x0F == 3;
-                        let counter = if nx {
-                            &self.stats.nxdomain
-                        } else {
-                            &self.stats.local_answers
-                        };
-                        counter.fetch_add(1, Ordering::Relaxed);
-                        return Ok(Some(bytes));
-                    }
-                }
+    /// Answers without waiting on anything: a cluster name, or a forwarded
+    /// name in the cache. A miss is decoded by [`respond`], which hands it
+    /// back to forward.
+    fn immediate(&self, w: &mut Worker, request: &[u8], transport: Transport) -> Local {
+        if let Some(q) = wire::parse_query(request) {
+            if !wire::in_our_zones(q.name()) && self.cached(&q, transport, &mut w.out) {
+                return Local::Reply;
             }
         }
-        match respond(&records, request, transport, rotate) {
+        self.local(w, request, transport)
+    }
+
+    /// Answers from the cluster records.
+    fn local(&self, w: &mut Worker, request: &[u8], transport: Transport) -> Local {
+        if w.records.has_changed().unwrap_or(false) {
+            let next = w.records.borrow_and_update().clone();
+            // The agent republishes the records on every refresh, changed
+            // or not: answers are dropped only when they would differ.
+            if next != w.current {
+                w.encoded.clear();
+            }
+            w.current = next;
+        }
+        let rotate = w.rotation % ROTATIONS;
+        w.rotation = w.rotation.wrapping_add(1);
+        // Transport changes the answer (truncation), so it is part of the key.
+        w.key.clear();
+        w.key.extend_from_slice(&[rotate as u8, transport as u8]);
+        w.key
+            .extend_from_slice(request.get(2..).unwrap_or_default());
+        if request.len() >= 12 {
+            if let Some(cached) = w.encoded.get(&w.key[..]) {
+                w.out.clear();
+                w.out.extend_from_slice(cached);
+                w.out[..2].copy_from_slice(&request[..2]);
+                self.count_local(&w.out);
+                return Local::Reply;
+            }
+        }
+        match respond(&w.current, request, transport, rotate) {
             Outcome::Reply(bytes) => {
                 if bytes.len() >= 12 && request.len() >= 12 {
-                    if let Ok(mut enc) = self.encoded.lock() {
-                        let same = enc
-                            .records
-                            .as_ref()
-                            .is_some_and(|r| Arc::ptr_eq(r, &records));
-                        if !same || enc.map.len() >= ENCODED_MAX {
-                            enc.map.clear();
-                            enc.records = Some(records.clone());
-                        }
-                        enc.map.insert(key, bytes.clone());
+                    if w.encoded.len() >= w.capacity {
+                        w.encoded.clear();
                     }
+                    w.encoded
+                        .insert(w.key.as_slice().into(), bytes.as_slice().into());
                 }
-                // RCODE is the low nibble of the 4th byte: no need to decode.
-                let nx = bytes.get(3).is_some_and(|b| b & 0x0F == 3);
-                let counter = if nx {
-                    &self.stats.nxdomain
-                } else {
-                    &self.stats.local_answers
-                };
-                counter.fetch_add(1, Ordering::Relaxed);
-                Ok(Some(bytes))
+                self.count_local(&bytes);
+                w.out = bytes;
+                Local::Reply
             }
             Outcome::Drop => {
                 self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                Ok(None)
+                Local::Drop
             }
-            Outcome::Forward(query) => Err(query),
+            Outcome::Forward(query) => Local::Forward(query),
         }
     }
 
-    /// A cached answer to a forwarded question, ready to send.
-    fn cached(&self, query: &Message, transport: Transport) -> Option<Vec<u8>> {
-        let answer = self
+    fn count_local(&self, reply: &[u8]) {
+        // RCODE is the low nibble of the 4th byte: no need to decode.
+        let nx = reply.get(3).is_some_and(|b| b & 0x0F == 3);
+        let counter = if nx {
+            &self.stats.nxdomain
+        } else {
+            &self.stats.local_answers
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Writes a cached answer to a forwarded question into `out`.
+    fn cached(&self, question: &wire::Question, transport: Transport, out: &mut Vec<u8>) -> bool {
+        let limit = (transport == Transport::Udp).then(|| question.udp_limit());
+        let hit = self
             .cache
             .lock()
-            .ok()
-            .and_then(|mut c| c.get(query, std::time::Instant::now()))?;
-        let bytes = fit(&answer, query, transport)?;
-        self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
-        Some(bytes)
+            .is_ok_and(|mut c| c.get(question, std::time::Instant::now(), limit, out));
+        if hit {
+            self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+        }
+        hit
     }
 
     /// The answer for a name outside our zones: from the cache, else from
     /// the fastest upstream (then cached), else SERVFAIL.
     async fn forwarded(&self, query: &Message, request: &[u8], transport: Transport) -> Vec<u8> {
-        if let Some(bytes) = self.cached(query, transport) {
-            return bytes;
+        let question = wire::parse_query(request);
+        if let Some(q) = &question {
+            let mut out = Vec::new();
+            if self.cached(q, transport, &mut out) {
+                return out;
+            }
         }
         self.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
         self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
@@ -273,9 +325,11 @@ impl DnsServer {
             .map(|q| q.name().to_ascii().to_ascii_lowercase())
             .unwrap_or_default();
         if let Some(bytes) = self.forward(request, &qname).await {
-            if let Ok(answer) = Message::from_vec(&bytes) {
+            // Queries the wire reader declines (several records, TSIG...)
+            // are not cached.
+            if let Some(q) = &question {
                 if let Ok(mut c) = self.cache.lock() {
-                    c.put(query, &answer, std::time::Instant::now());
+                    c.put(q, &bytes, std::time::Instant::now());
                 }
             }
             return bytes;
@@ -358,6 +412,10 @@ impl DnsServer {
     }
 
     async fn serve_udp(self: Arc<Self>, socket: Arc<UdpSocket>) {
+        let mut w = Worker::new(
+            &self.records,
+            ENCODED_MAX / (self.sockets * TASKS_PER_SOCKET),
+        );
         let mut buf = vec![0u8; 4096];
         loop {
             let (n, from) = match socket.recv_from(&mut buf).await {
@@ -367,18 +425,15 @@ impl DnsServer {
                     continue;
                 }
             };
-            // Cluster answers inline (no task per query); only forwarded
-            // questions get a task, so a slow upstream holds up nothing.
-            match self.local(&buf[..n], Transport::Udp) {
-                Ok(Some(reply)) => {
-                    let _ = socket.send_to(&reply, from).await;
+            // Cluster answers and cache hits inline (no task per query);
+            // only questions for upstreams get a task, so a slow upstream
+            // holds up nothing.
+            match self.immediate(&mut w, &buf[..n], Transport::Udp) {
+                Local::Reply => {
+                    let _ = socket.send_to(&w.out, from).await;
                 }
-                Ok(None) => {}
-                Err(query) => {
-                    if let Some(reply) = self.cached(&query, Transport::Udp) {
-                        let _ = socket.send_to(&reply, from).await;
-                        continue;
-                    }
+                Local::Drop => {}
+                Local::Forward(query) => {
                     let request = buf[..n].to_vec();
                     let (server, socket) = (self.clone(), socket.clone());
                     tokio::spawn(async move {
@@ -400,6 +455,7 @@ impl DnsServer {
     }
 
     async fn serve_tcp_client(self: Arc<Self>, mut stream: TcpStream) {
+        let mut w = Worker::new(&self.records, ENCODED_TCP);
         loop {
             let mut len = [0u8; 2];
             match tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut len)).await {
@@ -411,8 +467,10 @@ impl DnsServer {
                 Ok(Ok(_)) => {}
                 _ => return,
             }
-            let Some(reply) = self.handle(&request, Transport::Tcp).await else {
-                continue;
+            let reply = match self.immediate(&mut w, &request, Transport::Tcp) {
+                Local::Reply => std::mem::take(&mut w.out),
+                Local::Drop => continue,
+                Local::Forward(query) => self.forwarded(&query, &request, Transport::Tcp).await,
             };
             let Ok(n) = u16::try_from(reply.len()) else {
                 return;
@@ -430,6 +488,12 @@ fn reuseport_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, None)?;
     socket.set_reuse_port(true)?;
+    // Room for bursts: with the default (~200 KB, a few hundred small
+    // datagrams) a burst from a few busy clients hashed to one socket
+    // overflows it and queries are lost. Capped by net.core.rmem_max.
+    if let Err(e) = socket.set_recv_buffer_size(UDP_RECV_BUFFER) {
+        tracing::debug!(error = %e, "cannot enlarge the DNS socket's receive buffer");
+    }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     UdpSocket::from_std(socket.into())
@@ -458,22 +522,6 @@ async fn ask_upstream(
     }
 }
 
-/// Serializes a cached answer for this client: truncated over UDP when it
-/// does not fit the client's buffer.
-fn fit(answer: &Message, query: &Message, transport: Transport) -> Option<Vec<u8>> {
-    let bytes = answer.to_vec().ok()?;
-    let limit = query
-        .edns
-        .as_ref()
-        .map_or(crate::answer::PLAIN_UDP_SIZE, |e| {
-            usize::from(e.max_payload().max(512))
-        });
-    if transport == Transport::Udp && bytes.len() > limit {
-        return answer.truncate().to_vec().ok();
-    }
-    Some(bytes)
-}
-
 /// The nameservers of a resolv.conf, minus our own listen addresses (to
 /// avoid forwarding to ourselves).
 pub fn upstreams_from_resolv_conf(text: &str, ours: &[SocketAddr]) -> Vec<SocketAddr> {
@@ -488,6 +536,60 @@ pub fn upstreams_from_resolv_conf(text: &str, ours: &[SocketAddr]) -> Vec<Socket
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hickory_proto::op::Query;
+    use hickory_proto::rr::{Name, RecordType};
+
+    fn records(ip: [u8; 4]) -> Arc<Records> {
+        let mut r = Records::default();
+        r.names
+            .entry("app.marathon.mesos.".into())
+            .or_default()
+            .insert(crate::RData::A { ip: ip.into() });
+        Arc::new(r)
+    }
+
+    fn ask(server: &DnsServer, w: &mut Worker, id: u16) -> Message {
+        let mut q = Message::query();
+        q.metadata.id = id;
+        q.add_query(Query::query(
+            Name::from_ascii("app.marathon.mesos.").expect("name"),
+            RecordType::A,
+        ));
+        let request = q.to_vec().expect("encode");
+        assert!(matches!(
+            server.immediate(w, &request, Transport::Udp),
+            Local::Reply
+        ));
+        Message::from_vec(&w.out).expect("reply")
+    }
+
+    #[test]
+    fn encoded_answers_follow_the_records_not_their_republishing() {
+        let (tx, rx) = watch::channel(records([10, 0, 0, 1]));
+        let server = DnsServer::new(rx, Forwarders::default());
+        let mut w = Worker::new(&server.records, 100);
+        let first = ask(&server, &mut w, 1);
+        assert_eq!(first.answers.len(), 1);
+        for id in 2..=ROTATIONS as u16 {
+            ask(&server, &mut w, id);
+        }
+        assert_eq!(w.encoded.len(), ROTATIONS, "one per rotation slot");
+        let again = ask(&server, &mut w, 99);
+        assert_eq!(again.metadata.id, 99, "a stored answer gets the query's id");
+        assert_eq!(again.answers, first.answers);
+        // The same records published again: nothing is dropped.
+        tx.send_replace(records([10, 0, 0, 1]));
+        ask(&server, &mut w, 100);
+        assert_eq!(w.encoded.len(), ROTATIONS);
+        // Changed records: the new address, at once.
+        tx.send_replace(records([10, 0, 0, 2]));
+        let changed = ask(&server, &mut w, 4);
+        assert_eq!(
+            changed.answers[0].data,
+            hickory_proto::rr::RData::A(hickory_proto::rr::rdata::A([10, 0, 0, 2].into()))
+        );
+        assert_eq!(w.encoded.len(), 1);
+    }
 
     #[test]
     fn zones_pick_their_upstreams_and_failing_ones_go_last() {

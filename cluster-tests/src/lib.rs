@@ -301,27 +301,19 @@ impl Cluster {
         id: &str,
         container: &str,
     ) -> anyhow::Result<(bool, Value)> {
-        use std::io::Write;
         let conf = std::fs::read_to_string(self.node(i).data_dir.join("cni/dcos.conf"))
             .context("the agent writes cni/dcos.conf once its lease is settled")?;
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.node(i).netns])
-            .arg(skein_cni_bin())
-            .env("CNI_COMMAND", command)
-            .env("CNI_CONTAINERID", id)
-            .env("CNI_NETNS", format!("/var/run/netns/{container}"))
-            .env("CNI_IFNAME", "eth0")
-            .env("CNI_PATH", "/opt/cni/bin")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        child
-            .stdin
-            .take()
-            .context("stdin")?
-            .write_all(conf.as_bytes())?;
-        let out = child.wait_with_output()?;
+        let out = with_stdin(
+            Command::new("ip")
+                .args(["netns", "exec", &self.node(i).netns])
+                .arg(skein_cni_bin())
+                .env("CNI_COMMAND", command)
+                .env("CNI_CONTAINERID", id)
+                .env("CNI_NETNS", format!("/var/run/netns/{container}"))
+                .env("CNI_IFNAME", "eth0")
+                .env("CNI_PATH", "/opt/cni/bin"),
+            &conf,
+        )?;
         let text = String::from_utf8_lossy(&out.stdout);
         let value = if text.trim().is_empty() {
             Value::Null
@@ -627,14 +619,13 @@ impl ScratchNetns {
     }
 }
 
-/// Runs `cmd` inside namespace `ns` with `text` on its stdin; its stderr
-/// is the error when it fails.
-pub fn pipe_in(ns: &str, cmd: &[&str], text: &str) -> anyhow::Result<()> {
+/// Runs `cmd` with `text` on its stdin and collects its output (whatever
+/// its exit status).
+fn with_stdin(cmd: &mut Command, text: &str) -> anyhow::Result<Output> {
     use std::io::Write;
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", ns])
-        .args(cmd)
+    let mut child = cmd
         .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
     child
@@ -642,7 +633,16 @@ pub fn pipe_in(ns: &str, cmd: &[&str], text: &str) -> anyhow::Result<()> {
         .take()
         .context("stdin")?
         .write_all(text.as_bytes())?;
-    let out = child.wait_with_output()?;
+    Ok(child.wait_with_output()?)
+}
+
+/// Runs `cmd` inside namespace `ns` with `text` on its stdin; its stderr
+/// is the error when it fails.
+pub fn pipe_in(ns: &str, cmd: &[&str], text: &str) -> anyhow::Result<()> {
+    let out = with_stdin(
+        Command::new("ip").args(["netns", "exec", ns]).args(cmd),
+        text,
+    )?;
     if !out.status.success() {
         bail!(
             "{}: {}",

@@ -129,11 +129,7 @@ fn reconcile(ipvs: &mut Ipvs, agent: &Agent) -> anyhow::Result<usize> {
 /// Runs until the agent is dropped: on every refresh and every resync
 /// period, brings the kernel's IPVS table and the VIP link to the desired
 /// state (each run reads the kernel, so drift is repaired on the next one).
-pub async fn run(
-    agent: Weak<Agent>,
-    mut changes: tokio::sync::watch::Receiver<u64>,
-    resync: Duration,
-) {
+pub async fn run(agent: Weak<Agent>, changes: tokio::sync::watch::Receiver<u64>, resync: Duration) {
     // As with nftables: let addresses settle after a restart before
     // touching what the previous agent programmed.
     let warm_up = crate::vips::SETTLE + Duration::from_secs(1);
@@ -142,16 +138,11 @@ pub async fn run(
         drop(agent);
         tokio::time::sleep(wait).await;
     }
-    let mut tick = tokio::time::interval(resync);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut wakeups = crate::wakeups::Wakeups::new(changes, resync);
     let mut ipvs: Option<Ipvs> = None;
     loop {
-        let resyncing = tokio::select! {
-            _ = tick.tick() => true,
-            changed = changes.changed() => {
-                if changed.is_err() { return }
-                false
-            }
+        let Some(resyncing) = wakeups.next().await else {
+            return;
         };
         let Some(agent) = agent.upgrade() else { return };
         if ipvs.is_none() {

@@ -99,11 +99,7 @@ async fn listing() -> Option<String> {
 /// Runs until the agent is dropped. `changes` ticks whenever the replica
 /// snapshot was refreshed. The whole table is written at start-up and when
 /// drift is found; otherwise each change is one transaction of what changed.
-pub async fn run(
-    agent: Weak<Agent>,
-    mut changes: tokio::sync::watch::Receiver<u64>,
-    resync: Duration,
-) {
+pub async fn run(agent: Weak<Agent>, changes: tokio::sync::watch::Receiver<u64>, resync: Duration) {
     // After a restart the kernel still holds the previous agent's rules,
     // which keep serving. Do not replace them before VIP addresses have had
     // time to settle again, or the first rewrite would drop every VIP.
@@ -114,15 +110,10 @@ pub async fn run(
         tokio::time::sleep(wait).await;
     }
     let mut programmed: Option<Programmed> = None;
-    let mut tick = tokio::time::interval(resync);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut wakeups = crate::wakeups::Wakeups::new(changes, resync);
     loop {
-        let resyncing = tokio::select! {
-            _ = tick.tick() => true,
-            changed = changes.changed() => {
-                if changed.is_err() { return }
-                false
-            }
+        let Some(resyncing) = wakeups.next().await else {
+            return;
         };
         let Some(agent) = agent.upgrade() else { return };
         let started = Instant::now();

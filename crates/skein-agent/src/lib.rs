@@ -10,6 +10,7 @@ pub mod overlay;
 pub mod store;
 pub mod vips;
 pub mod vxlan;
+pub mod wakeups;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};

@@ -210,6 +210,12 @@ pub fn render(agent: &Agent) -> String {
         &[("", load(&o.drift_repaired))],
     );
     out.metric(
+        "skein_overlay_reconciles_total",
+        "counter",
+        "Overlay reconciles that compared with (and if needed changed) the kernel.",
+        &[("", load(&o.reconciles))],
+    );
+    out.metric(
         "skein_overlay_reconcile_microseconds",
         "gauge",
         "Duration of the last overlay reconcile.",

@@ -382,15 +382,6 @@ impl Netlink {
             }
         }
     }
-
-    /// Removes everything of ours: the device (its neighbours and FDB go
-    /// with it) and our routes. Bridges stay: containers may use them.
-    pub async fn remove_vtep(&self) -> anyhow::Result<()> {
-        if let Some(link) = self.link(VTEP_NAME).await? {
-            self.handle.link().del(link.header.index).execute().await?;
-        }
-        Ok(())
-    }
 }
 
 /// Deleting what is already gone is success: the goal is its absence.
@@ -619,11 +610,7 @@ async fn realize_local(
 /// Runs until the agent is dropped: realizes the overlay after every
 /// replica refresh that changed it, and compares with the kernel every
 /// `resync` (a hand-deleted route or neighbour comes back then).
-pub async fn run(
-    agent: Weak<Agent>,
-    mut changes: tokio::sync::watch::Receiver<u64>,
-    resync: Duration,
-) {
+pub async fn run(agent: Weak<Agent>, changes: tokio::sync::watch::Receiver<u64>, resync: Duration) {
     let nl = match Netlink::new() {
         Ok(nl) => nl,
         Err(e) => {
@@ -635,15 +622,10 @@ pub async fn run(
     // Device index and the entries we know it holds.
     let mut programmed: Option<(u32, Entries)> = None;
     let mut local_done: Option<LocalOverlay> = None;
-    let mut tick = tokio::time::interval(resync);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut wakeups = crate::wakeups::Wakeups::new(changes, resync);
     loop {
-        let resyncing = tokio::select! {
-            _ = tick.tick() => true,
-            changed = changes.changed() => {
-                if changed.is_err() { return }
-                false
-            }
+        let Some(resyncing) = wakeups.next().await else {
+            return;
         };
         let Some(agent) = agent.upgrade() else { return };
         let started = Instant::now();

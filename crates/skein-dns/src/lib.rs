@@ -6,6 +6,7 @@ pub mod answer;
 pub mod cache;
 pub mod records;
 pub mod server;
+pub mod upstream;
 pub mod wire;
 
 pub use records::{app_label, build, label, RData, Records, VipName, TTL};

@@ -1,6 +1,12 @@
 //! The DNS server's IO edge: UDP and TCP listeners around [`respond`], and a
 //! forwarder that races the upstreams for names outside the cluster zones
 //! (as Spartan did: the first answer wins).
+//!
+//! Everything a client can make the server hold is bounded: forwarded
+//! queries in flight ([`DnsOptions::max_forwards`], then SERVFAIL at once),
+//! the sockets they use (a few per upstream, [`crate::upstream`]), TCP
+//! connections (how many, how long, how many queries each), and a failing
+//! `accept` (out of descriptors) is retried with a backoff, not in a spin.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -11,10 +17,11 @@ use std::time::Duration;
 use hickory_proto::op::{Message, ResponseCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::answer::{respond, Outcome, Transport};
 use crate::records::Records;
+use crate::upstream::{randomize_case, Pool, Reply, Rng};
 use crate::wire;
 
 /// How long a forwarded query may take before the client gets SERVFAIL.
@@ -32,6 +39,9 @@ const UDP_RECV_BUFFER: usize = 4 << 20;
 const TASKS_PER_SOCKET: usize = 2;
 /// A TCP client that sends nothing for this long is disconnected.
 const TCP_IDLE: Duration = Duration::from_secs(10);
+/// First and longest pause after a failed TCP accept (doubling between).
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_millis(500);
 
 #[derive(Default, Debug)]
 pub struct DnsStats {
@@ -43,6 +53,52 @@ pub struct DnsStats {
     pub upstream_failures: AtomicU64,
     pub cache_hits: AtomicU64,
     pub cache_misses: AtomicU64,
+    /// Forwards answered SERVFAIL at once: [`DnsOptions::max_forwards`]
+    /// were already waiting on upstreams.
+    pub forward_saturated: AtomicU64,
+    /// Upstream replies dropped: an id not in flight (forged, or late), or
+    /// not an answer to the question asked (name, letter case, type,
+    /// class). Never passed on, never cached.
+    pub rejected_replies: AtomicU64,
+    /// TCP connections closed at once: [`DnsOptions::max_tcp_connections`]
+    /// were open.
+    pub tcp_refused: AtomicU64,
+    /// Failed TCP accepts (e.g. out of file descriptors).
+    pub accept_errors: AtomicU64,
+}
+
+/// The server's limits. `Default` is what the agent runs with.
+#[derive(Debug, Clone)]
+pub struct DnsOptions {
+    /// Forwarded queries waiting on upstreams at once (UDP and TCP);
+    /// beyond this a query is answered SERVFAIL at once.
+    pub max_forwards: usize,
+    /// Randomise the letter case of forwarded names (DNS 0x20) and accept
+    /// only replies that echo it exactly.
+    pub randomize_case: bool,
+    /// Open DNS-over-TCP connections per listening address; more are
+    /// closed as soon as accepted.
+    pub max_tcp_connections: usize,
+    /// A TCP connection that sends nothing for this long is closed.
+    pub tcp_idle: Duration,
+    /// A TCP connection is closed this long after it was accepted, busy
+    /// or not.
+    pub tcp_lifetime: Duration,
+    /// Queries answered per TCP connection before it is closed.
+    pub tcp_max_queries: usize,
+}
+
+impl Default for DnsOptions {
+    fn default() -> Self {
+        DnsOptions {
+            max_forwards: 512,
+            randomize_case: true,
+            max_tcp_connections: 256,
+            tcp_idle: TCP_IDLE,
+            tcp_lifetime: Duration::from_secs(30),
+            tcp_max_queries: 1000,
+        }
+    }
 }
 
 /// One upstream resolver and what we have seen of it.
@@ -56,6 +112,8 @@ pub struct Upstream {
     /// A failing upstream is tried after the others until this time (ms
     /// since the server started): demoted, not dropped, so it recovers.
     demoted_until_ms: AtomicU64,
+    /// The sockets queries to it go out on.
+    pool: Pool,
 }
 
 impl Upstream {
@@ -66,6 +124,7 @@ impl Upstream {
             failures: AtomicU64::new(0),
             latency_us: AtomicU64::new(0),
             demoted_until_ms: AtomicU64::new(0),
+            pool: Pool::new(addr),
         })
     }
 }
@@ -127,6 +186,11 @@ pub struct DnsServer {
     cache: std::sync::Mutex<crate::cache::Cache>,
     /// UDP sockets per address (one per core).
     sockets: usize,
+    options: DnsOptions,
+    /// One permit per forwarded query in flight.
+    forwards: Arc<Semaphore>,
+    /// Upstream query ids and letter case.
+    rng: Rng,
 }
 
 /// Rotation variants kept per question (answers still spread over the
@@ -188,7 +252,20 @@ pub const CACHE_ENTRIES: usize = 10_000;
 
 impl DnsServer {
     pub fn new(records: watch::Receiver<Arc<Records>>, forwarders: Forwarders) -> Arc<Self> {
+        Self::with_options(records, forwarders, DnsOptions::default())
+    }
+
+    pub fn with_options(
+        records: watch::Receiver<Arc<Records>>,
+        forwarders: Forwarders,
+        options: DnsOptions,
+    ) -> Arc<Self> {
         Arc::new(DnsServer {
+            forwards: Arc::new(Semaphore::new(
+                options.max_forwards.clamp(1, Semaphore::MAX_PERMITS),
+            )),
+            rng: Rng::default(),
+            options,
             records,
             forwarders,
             started: std::time::Instant::now(),
@@ -205,22 +282,44 @@ impl DnsServer {
     /// Binds every address (UDP and TCP) and serves until the runtime ends.
     pub async fn listen(self: &Arc<Self>, addrs: &[SocketAddr]) -> std::io::Result<()> {
         for addr in addrs {
-            for _ in 0..self.sockets {
-                let udp = Arc::new(reuseport_udp(*addr)?);
-                for _ in 0..TASKS_PER_SOCKET {
-                    tokio::spawn(self.clone().serve_udp(udp.clone()));
-                }
-            }
-            let tcp = TcpListener::bind(addr).await?;
-            tokio::spawn(self.clone().serve_tcp(tcp));
-            tracing::info!(
-                %addr,
-                upstreams = ?self.forwarders.default.iter().map(|u| u.addr).collect::<Vec<_>>(),
-                zones = self.forwarders.zones.len(),
-                "DNS listening (UDP and TCP)"
-            );
+            self.listen_on(*addr).await?;
         }
         Ok(())
+    }
+
+    /// Binds one address (UDP and TCP) and serves it until the runtime
+    /// ends; returns the address bound (port 0 picks one free for both).
+    pub async fn listen_on(self: &Arc<Self>, addr: SocketAddr) -> std::io::Result<SocketAddr> {
+        // With port 0 the first UDP socket picks the port; the other UDP
+        // sockets and TCP take the same one (TCP may find it taken: try
+        // another).
+        let mut attempts = if addr.port() == 0 { 8 } else { 1 };
+        let (udp, tcp, bound) = loop {
+            let first = reuseport_udp(addr)?;
+            let bound = first.local_addr()?;
+            match TcpListener::bind(bound).await {
+                Ok(tcp) => break (first, tcp, bound),
+                Err(e) if attempts <= 1 => return Err(e),
+                Err(_) => attempts -= 1,
+            }
+        };
+        let mut sockets = vec![Arc::new(udp)];
+        for _ in 1..self.sockets {
+            sockets.push(Arc::new(reuseport_udp(bound)?));
+        }
+        for udp in sockets {
+            for _ in 0..TASKS_PER_SOCKET {
+                tokio::spawn(self.clone().serve_udp(udp.clone()));
+            }
+        }
+        tokio::spawn(self.clone().serve_tcp(tcp));
+        tracing::info!(
+            addr = %bound,
+            upstreams = ?self.forwarders.default.iter().map(|u| u.addr).collect::<Vec<_>>(),
+            zones = self.forwarders.zones.len(),
+            "DNS listening (UDP and TCP)"
+        );
+        Ok(bound)
     }
 
     /// Answers without waiting on anything: a cluster name, or a forwarded
@@ -307,8 +406,31 @@ impl DnsServer {
         hit
     }
 
+    /// A place among the forwarded queries in flight; `None` (counted)
+    /// when they are all taken.
+    fn forward_permit(&self) -> Option<OwnedSemaphorePermit> {
+        let permit = self.forwards.clone().try_acquire_owned().ok();
+        if permit.is_none() {
+            self.stats.forward_saturated.fetch_add(1, Ordering::Relaxed);
+        }
+        permit
+    }
+
+    /// SERVFAIL to `query`, counted.
+    fn servfail(&self, query: &Message) -> Vec<u8> {
+        self.stats.servfail.fetch_add(1, Ordering::Relaxed);
+        let mut fail = Message::error_msg(
+            query.metadata.id,
+            query.metadata.op_code,
+            ResponseCode::ServFail,
+        );
+        fail.add_queries(query.queries.iter().cloned());
+        fail.to_vec().unwrap_or_default()
+    }
+
     /// The answer for a name outside our zones: from the cache, else from
-    /// the fastest upstream (then cached), else SERVFAIL.
+    /// the fastest upstream (then cached), else SERVFAIL. The caller holds
+    /// a [`DnsServer::forward_permit`].
     async fn forwarded(&self, query: &Message, request: &[u8], transport: Transport) -> Vec<u8> {
         let question = wire::parse_query(request);
         if let Some(q) = &question {
@@ -334,23 +456,17 @@ impl DnsServer {
             }
             return bytes;
         }
-        self.stats.servfail.fetch_add(1, Ordering::Relaxed);
-        let mut fail = Message::error_msg(
-            query.metadata.id,
-            query.metadata.op_code,
-            ResponseCode::ServFail,
-        );
-        fail.add_queries(query.queries.iter().cloned());
-        fail.to_vec().unwrap_or_default()
+        self.servfail(query)
     }
 
     /// Sends the query to up to [`RACE`] upstreams at once (healthy ones
-    /// first) and returns the first answer carrying the query's id, within
-    /// the deadline. Upstreams that fail or stay silent are demoted.
+    /// first), each under its own random id and letter case, and returns
+    /// the first answer to it, within the deadline, with the client's id
+    /// and question put back. Upstreams that fail or stay silent are
+    /// demoted.
     async fn forward(&self, request: &[u8], qname: &str) -> Option<Vec<u8>> {
-        if request.len() < 2 {
-            return None;
-        }
+        // The question the answers must echo: one, its name uncompressed.
+        let question_end = wire::question_end(request)?;
         let now_ms = self.started.elapsed().as_millis() as u64;
         let raced: Vec<Arc<Upstream>> = self
             .forwarders
@@ -361,15 +477,6 @@ impl DnsServer {
         if raced.is_empty() {
             return None;
         }
-        let id = [request[0], request[1]];
-        let mut race = tokio::task::JoinSet::new();
-        for (i, upstream) in raced.iter().enumerate() {
-            let (request, addr) = (request.to_vec(), upstream.addr);
-            race.spawn(async move {
-                let start = std::time::Instant::now();
-                (i, ask_upstream(addr, &request, id).await, start.elapsed())
-            });
-        }
         let demote = |u: &Upstream| {
             u.failures.fetch_add(1, Ordering::Relaxed);
             self.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
@@ -377,7 +484,32 @@ impl DnsServer {
             u.demoted_until_ms
                 .store(until.as_millis() as u64, Ordering::Relaxed);
         };
+        let (tx, mut rx) = mpsc::channel(RACE);
+        // Dropping these (on return) forgets the queries still waiting.
+        let mut in_flight = Vec::with_capacity(raced.len());
         let mut reported = vec![false; raced.len()];
+        let start = std::time::Instant::now();
+        for (i, upstream) in raced.iter().enumerate() {
+            let mut query = request.to_vec();
+            if self.options.randomize_case {
+                if let Some(name) = query.get_mut(wire::HEADER..question_end - 4) {
+                    randomize_case(name, &self.rng);
+                }
+            }
+            let sent = upstream
+                .pool
+                .send(query, question_end, i, tx.clone(), &self.stats, &self.rng)
+                .await;
+            match sent {
+                Ok(q) => in_flight.push(q),
+                Err(e) => {
+                    tracing::debug!(upstream = %upstream.addr, error = %e, "cannot ask upstream");
+                    reported[i] = true;
+                    demote(upstream);
+                }
+            }
+        }
+        drop(tx);
         let deadline = tokio::time::sleep(FORWARD_DEADLINE);
         tokio::pin!(deadline);
         loop {
@@ -391,21 +523,32 @@ impl DnsServer {
                     }
                     return None;
                 }
-                next = race.join_next() => match next {
-                    Some(Ok((i, Ok(answer), took))) => {
+                next = rx.recv() => match next {
+                    Some((i, Reply::Answer(mut answer))) => {
                         let u = &raced[i];
                         u.answers.fetch_add(1, Ordering::Relaxed);
-                        u.latency_us.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+                        let took = start.elapsed().as_micros() as u64;
+                        u.latency_us.fetch_add(took, Ordering::Relaxed);
                         u.demoted_until_ms.store(0, Ordering::Relaxed);
+                        // The answer echoes the question as sent (checked
+                        // byte for byte): the client gets its own id and
+                        // letter case back.
+                        answer[..2].copy_from_slice(&request[..2]);
+                        if let (Some(theirs), Some(ours)) = (
+                            answer.get_mut(wire::HEADER..question_end),
+                            request.get(wire::HEADER..question_end),
+                        ) {
+                            theirs.copy_from_slice(ours);
+                        }
                         return Some(answer);
                     }
-                    Some(Ok((i, Err(e), _))) => {
-                        reported[i] = true;
-                        tracing::debug!(upstream = %raced[i].addr, error = %e, "upstream failed");
-                        demote(&raced[i]);
+                    Some((i, Reply::Failed)) => {
+                        if !std::mem::replace(&mut reported[i], true) {
+                            tracing::debug!(upstream = %raced[i].addr, "upstream refused");
+                            demote(&raced[i]);
+                        }
                     }
-                    Some(Err(_)) => {}
-                    None => return None,
+                    None => return None, // every upstream failed
                 },
             }
         }
@@ -434,10 +577,17 @@ impl DnsServer {
                 }
                 Local::Drop => {}
                 Local::Forward(query) => {
+                    // A task per forwarded query, as many as there are
+                    // permits; beyond, SERVFAIL at once.
+                    let Some(permit) = self.forward_permit() else {
+                        let _ = socket.send_to(&self.servfail(&query), from).await;
+                        continue;
+                    };
                     let request = buf[..n].to_vec();
                     let (server, socket) = (self.clone(), socket.clone());
                     tokio::spawn(async move {
                         let reply = server.forwarded(&query, &request, Transport::Udp).await;
+                        drop(permit);
                         let _ = socket.send_to(&reply, from).await;
                     });
                 }
@@ -445,32 +595,82 @@ impl DnsServer {
         }
     }
 
+    /// Accepts TCP clients up to [`DnsOptions::max_tcp_connections`]
+    /// (more are closed at once), each served for at most
+    /// [`DnsOptions::tcp_lifetime`]. A failing accept (out of file
+    /// descriptors: the connection stays in the backlog and every accept
+    /// fails at once) is retried after a pause that doubles up to
+    /// [`ACCEPT_BACKOFF_MAX`], not in a loop that spins a core.
     async fn serve_tcp(self: Arc<Self>, listener: TcpListener) {
+        let open = Arc::new(Semaphore::new(
+            self.options
+                .max_tcp_connections
+                .clamp(1, Semaphore::MAX_PERMITS),
+        ));
+        let mut backoff = ACCEPT_BACKOFF_MIN;
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
+            let (stream, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    self.stats.accept_errors.fetch_add(1, Ordering::Relaxed);
+                    // A client gone before it was accepted: nothing to
+                    // wait for.
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionAborted
+                            | std::io::ErrorKind::ConnectionReset
+                            | std::io::ErrorKind::Interrupted
+                    ) {
+                        continue;
+                    }
+                    if backoff == ACCEPT_BACKOFF_MIN {
+                        tracing::warn!(error = %e, "DNS over TCP: accept failed, backing off");
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                    continue;
+                }
+            };
+            backoff = ACCEPT_BACKOFF_MIN;
+            let Ok(permit) = open.clone().try_acquire_owned() else {
+                self.stats.tcp_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%peer, "DNS over TCP: connection limit reached, closing");
+                drop(stream);
                 continue;
             };
-            tokio::spawn(self.clone().serve_tcp_client(stream));
+            let server = self.clone();
+            tokio::spawn(async move {
+                let lifetime = server.options.tcp_lifetime;
+                let _ = tokio::time::timeout(lifetime, server.serve_tcp_client(stream)).await;
+                drop(permit);
+            });
         }
     }
 
+    /// One TCP client: queries in turn, until it goes idle, has asked
+    /// [`DnsOptions::tcp_max_queries`], or errs (its lifetime is enforced
+    /// by the caller).
     async fn serve_tcp_client(self: Arc<Self>, mut stream: TcpStream) {
         let mut w = Worker::new(&self.records, ENCODED_TCP);
-        loop {
+        let idle = self.options.tcp_idle;
+        for _ in 0..self.options.tcp_max_queries {
             let mut len = [0u8; 2];
-            match tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut len)).await {
+            match tokio::time::timeout(idle, stream.read_exact(&mut len)).await {
                 Ok(Ok(_)) => {}
                 _ => return, // idle, closed or broken
             }
             let mut request = vec![0u8; usize::from(u16::from_be_bytes(len))];
-            match tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut request)).await {
+            match tokio::time::timeout(idle, stream.read_exact(&mut request)).await {
                 Ok(Ok(_)) => {}
                 _ => return,
             }
             let reply = match self.immediate(&mut w, &request, Transport::Tcp) {
                 Local::Reply => std::mem::take(&mut w.out),
                 Local::Drop => continue,
-                Local::Forward(query) => self.forwarded(&query, &request, Transport::Tcp).await,
+                Local::Forward(query) => match self.forward_permit() {
+                    Some(_permit) => self.forwarded(&query, &request, Transport::Tcp).await,
+                    None => self.servfail(&query),
+                },
             };
             let Ok(n) = u16::try_from(reply.len()) else {
                 return;
@@ -497,29 +697,6 @@ fn reuseport_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     UdpSocket::from_std(socket.into())
-}
-
-async fn ask_upstream(
-    upstream: SocketAddr,
-    request: &[u8],
-    id: [u8; 2],
-) -> std::io::Result<Vec<u8>> {
-    let bind: SocketAddr = if upstream.is_ipv4() {
-        "0.0.0.0:0".parse().expect("constant")
-    } else {
-        "[::]:0".parse().expect("constant")
-    };
-    let socket = UdpSocket::bind(bind).await?;
-    socket.connect(upstream).await?;
-    socket.send(request).await?;
-    let mut buf = vec![0u8; 4096];
-    loop {
-        let n = socket.recv(&mut buf).await?;
-        // Ignore anything that is not the answer to this query.
-        if n >= 12 && buf[..2] == id {
-            return Ok(buf[..n].to_vec());
-        }
-    }
 }
 
 /// The nameservers of a resolv.conf, minus our own listen addresses (to

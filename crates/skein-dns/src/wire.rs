@@ -172,6 +172,17 @@ pub fn parse_query(msg: &[u8]) -> Option<Question<'_>> {
     })
 }
 
+/// The end of a message's question section when it holds one question
+/// with an uncompressed name (as every query does): the bytes an upstream's
+/// answer must echo. `None` otherwise.
+pub fn question_end(msg: &[u8]) -> Option<usize> {
+    if msg.get(4..6)? != [0, 1] {
+        return None;
+    }
+    let end = HEADER + plain_name_len(msg, HEADER)? + 4;
+    (end <= msg.len()).then_some(end)
+}
+
 /// Where things are in a response.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Layout {
@@ -397,7 +408,11 @@ mod tests {
                     strip_cookie(&mut bytes, opt);
                 }
             }
+            if let Some(end) = question_end(&bytes) {
+                prop_assert!(end > HEADER + 4 && end <= bytes.len());
+            }
             if let Some(q) = parse_query(&bytes) {
+                prop_assert_eq!(question_end(&bytes), Some(HEADER + q.section.len()));
                 prop_assert!(q.section.len() >= 5);
                 in_our_zones(q.name());
                 q.key(&mut KeyBuf::default());

@@ -274,6 +274,30 @@ pub fn render(agent: &Agent) -> String {
             "Forwarded queries an upstream failed to answer.",
             &[("", load(&d.upstream_failures))],
         );
+        out.metric(
+            "skein_dns_forward_saturated_total",
+            "counter",
+            "Forwarded queries answered SERVFAIL at once: the in-flight forward cap was reached.",
+            &[("", load(&d.forward_saturated))],
+        );
+        out.metric(
+            "skein_dns_upstream_rejected_replies_total",
+            "counter",
+            "Upstream replies dropped: id not in flight (forged or late) or not the question sent.",
+            &[("", load(&d.rejected_replies))],
+        );
+        out.metric(
+            "skein_dns_tcp_refused_total",
+            "counter",
+            "DNS-over-TCP connections closed at once: the connection cap was reached.",
+            &[("", load(&d.tcp_refused))],
+        );
+        out.metric(
+            "skein_dns_tcp_accept_errors_total",
+            "counter",
+            "Failed DNS-over-TCP accepts (e.g. out of file descriptors), retried after a backoff.",
+            &[("", load(&d.accept_errors))],
+        );
         let labels: Vec<String> = dns
             .forwarders
             .all()

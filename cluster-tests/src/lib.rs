@@ -270,7 +270,7 @@ impl Cluster {
             cmd.args(["--seeds", &seeds.join(",")]);
         }
         cmd.args(extra)
-            .env("RUST_LOG", "info,quinn=warn,chitchat=warn")
+            .env("RUST_LOG", "info,quinn=warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);

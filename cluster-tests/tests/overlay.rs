@@ -222,8 +222,6 @@ fn an_exhausted_overlay_and_a_differently_configured_node_are_reported() -> anyh
     })?;
     // Node 4's claims corrupt nothing: node1 routes only to the other
     // leased node of its own configuration.
-    let routes = sh(&["ip", "-n", &c.node(1).netns, "route", "show", "proto", "83"])?;
-    let routes = String::from_utf8_lossy(&routes.stdout).to_string();
     let leased_by_others = seen
         .iter()
         .filter(|x| x.0 != "node1" && x.1 == "STATUS_OK")
@@ -234,6 +232,16 @@ fn an_exhausted_overlay_and_a_differently_configured_node_are_reported() -> anyh
         // node1 is the one without a subnet: it still routes to both.
         2
     };
+    // The realizer programs a lease once it has held for its settle time:
+    // wait for the kernel to catch up with the statuses, then check exactly.
+    let routes = || -> anyhow::Result<String> {
+        let out = sh(&["ip", "-n", &c.node(1).netns, "route", "show", "proto", "83"])?;
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    };
+    let _ = wait_for("node1's routes", Duration::from_secs(10), || {
+        Ok((routes()?.lines().count() == expected_routes).then_some(()))
+    });
+    let routes = routes()?;
     assert_eq!(routes.lines().count(), expected_routes, "{routes}");
     assert!(routes.lines().all(|l| l.starts_with("9.0.")), "{routes}");
     Ok(())

@@ -4,9 +4,13 @@
 //!
 //!   cargo build --release -p skein -p cluster-tests
 //!   SKEIN_BIN=target/release/skein target/release/netns-bench --nodes 5 --writes 100
+//!   SKEIN_BIN=target/release/skein target/release/netns-bench --nodes 25 --writes 50
 //!
-//! Prints write→visible-on-every-node p50/p99 and kill→down-everywhere
-//! times, next to the figures DC/OS's stack and Serf are known for.
+//! Prints write→visible-on-every-node p50/p99, kill→down-everywhere times,
+//! idle traffic per node (counted on each node's interface, and from its
+//! /metrics) and agent RSS, next to what `skein-sim` computes for the same
+//! number of nodes in the same run, and the figures DC/OS's stack and Serf
+//! are known for.
 
 use std::time::{Duration, Instant};
 
@@ -22,6 +26,8 @@ struct Args {
     loss_pct: usize,
     /// Seconds of idle soak under loss, counting false `down`/`suspect`.
     soak_s: usize,
+    /// Seconds of idle traffic measured per node.
+    idle_s: usize,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -29,9 +35,10 @@ fn parse_args() -> anyhow::Result<Args> {
         nodes: 5,
         writes: 100,
         kills: 3,
-        interval_ms: 100,
+        interval_ms: 200,
         loss_pct: 0,
         soak_s: 0,
+        idle_s: 10,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -48,8 +55,9 @@ fn parse_args() -> anyhow::Result<Args> {
             "--interval-ms" => args.interval_ms = value()? as u64,
             "--loss" => args.loss_pct = value()?,
             "--soak-s" => args.soak_s = value()?,
+            "--idle-s" => args.idle_s = value()?,
             other => {
-                bail!("unknown flag {other}; use --nodes N --writes N --kills N --interval-ms MS --loss PCT --soak-s S")
+                bail!("unknown flag {other}; use --nodes N --writes N --kills N --interval-ms MS --loss PCT --soak-s S --idle-s S")
             }
         }
     }
@@ -159,6 +167,7 @@ fn main() -> anyhow::Result<()> {
         args.interval_ms,
         ms(t0.elapsed())
     );
+    let idle = measure_idle(&c, &api, &urls, args.idle_s)?;
 
     if args.loss_pct > 0 {
         // No netem on these kernels: drop gossip packets with nftables.
@@ -309,6 +318,49 @@ fn main() -> anyhow::Result<()> {
         })?;
     }
     detections.sort();
+    let sim = simulate(&args);
+    println!("\nside by side ({n} nodes):");
+    println!("  {:<44} {:>14} {:>14}", "", "real agents", "skein-sim");
+    if let Some(idle) = &idle {
+        println!(
+            "  {:<44} {:>14.0} {:>14.0}",
+            "idle B/s per node, on the wire (in + out)", idle.wire_mean, sim.idle_mean
+        );
+        println!(
+            "  {:<44} {:>14.0} {:>14}",
+            "idle B/s per node, max",
+            idle.wire_max,
+            format!("{:.0}", sim.idle_max)
+        );
+        println!(
+            "  {:<44} {:>14.0} {:>14}",
+            "idle B/s per node, gossip payload (/metrics)", idle.payload_mean, "-"
+        );
+        println!(
+            "  {:<44} {:>14.1} {:>14.1}",
+            "idle messages/s per node (in + out)", idle.messages_mean, sim.idle_msgs_per_node_per_s
+        );
+        println!(
+            "  {:<44} {:>14.1} {:>14.1}",
+            "agent RSS MB (mean / state estimate)",
+            idle.rss_mean_kb / 1024.0,
+            sim.mem_bytes_per_node / 1e6
+        );
+    }
+    println!(
+        "  {:<44} {:>14} {:>14}",
+        "write → all p99",
+        ms(percentile(&all, 99.0)),
+        format!("{:.1} ms", sim.write_all.p99)
+    );
+    if !detections.is_empty() {
+        println!(
+            "  {:<44} {:>14} {:>14}",
+            "kill → down everywhere, max",
+            ms(*detections.last().expect("kills > 0")),
+            format!("{:.1} ms", sim.detect.max)
+        );
+    }
     if !detections.is_empty() {
         println!(
             "\nfailure detection over {} SIGKILLs (kill → `down` on every other node):",
@@ -329,4 +381,126 @@ fn main() -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+struct Idle {
+    wire_mean: f64,
+    wire_max: f64,
+    payload_mean: f64,
+    messages_mean: f64,
+    rss_mean_kb: f64,
+}
+
+/// Bytes through a node's interface (rx + tx), from inside its namespace.
+fn wire_bytes(netns: &str) -> anyhow::Result<u64> {
+    let out = cluster_tests::sh(&["ip", "-n", netns, "-j", "-s", "link", "show", "eth0"])?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let stats = &v[0]["stats64"];
+    Ok(stats["rx"]["bytes"].as_u64().unwrap_or(0) + stats["tx"]["bytes"].as_u64().unwrap_or(0))
+}
+
+/// Sum of a Prometheus counter's samples in a /metrics page.
+fn counter(page: &str, name: &str) -> u64 {
+    page.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+fn rss_kb(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Idle traffic per node over `secs`, with nothing else on the wire (the
+/// bench does not poll meanwhile), and each agent's RSS.
+fn measure_idle(
+    c: &Cluster,
+    api: &Api,
+    urls: &[String],
+    secs: usize,
+) -> anyhow::Result<Option<Idle>> {
+    if secs == 0 {
+        return Ok(None);
+    }
+    // Let joins and the first syncs settle.
+    std::thread::sleep(Duration::from_secs(2));
+    let read = || -> anyhow::Result<Vec<(u64, u64, u64)>> {
+        let mut v = Vec::new();
+        for (node, url) in c.nodes.iter().zip(urls) {
+            let page = api
+                .http
+                .get(&format!("{url}/metrics"))
+                .call()?
+                .body_mut()
+                .read_to_string()?;
+            v.push((
+                wire_bytes(&node.netns)?,
+                counter(&page, "skein_gossip_bytes_total"),
+                counter(&page, "skein_gossip_messages_total"),
+            ));
+        }
+        Ok(v)
+    };
+    let before = read()?;
+    let start = Instant::now();
+    std::thread::sleep(Duration::from_secs(secs as u64));
+    let after = read()?;
+    let dt = start.elapsed().as_secs_f64();
+    // The two /metrics reads themselves cross the interface: a few KB per
+    // node, counted against the node (so the figure is an upper bound).
+    let wire: Vec<f64> = before
+        .iter()
+        .zip(&after)
+        .map(|(b, a)| (a.0 - b.0) as f64 / dt)
+        .collect();
+    let payload: Vec<f64> = before
+        .iter()
+        .zip(&after)
+        .map(|(b, a)| (a.1 - b.1) as f64 / dt)
+        .collect();
+    let messages: Vec<f64> = before
+        .iter()
+        .zip(&after)
+        .map(|(b, a)| (a.2 - b.2) as f64 / dt)
+        .collect();
+    let rss: Vec<f64> = c
+        .nodes
+        .iter()
+        .filter_map(|n| rss_kb(n.process.as_ref()?.id()))
+        .collect();
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let idle = Idle {
+        wire_mean: mean(&wire),
+        wire_max: wire.iter().copied().fold(0.0, f64::max),
+        payload_mean: mean(&payload),
+        messages_mean: mean(&messages),
+        rss_mean_kb: mean(&rss),
+    };
+    println!(
+        "idle {secs} s: {:.0} B/s per node on the wire (max {:.0}), {:.0} B/s gossip payload, {:.1} messages/s; agent RSS {:.1} MB mean",
+        idle.wire_mean,
+        idle.wire_max,
+        idle.payload_mean,
+        idle.messages_mean,
+        idle.rss_mean_kb / 1024.0
+    );
+    Ok(Some(idle))
+}
+
+/// The simulator's figures for the same cluster: same N, same heartbeat,
+/// the namespace network's latency (tens of microseconds), same loss.
+fn simulate(args: &Args) -> skein_sim::scenario::Report {
+    let s = skein_sim::scenario::Scenario {
+        loss: args.loss_pct as f64 / 100.0,
+        latency_ms: 0.1,
+        jitter_ms: 0.05,
+        duration_s: args.idle_s.max(1) as f64,
+        writes: args.writes as u32,
+        kills: args.kills.min(1) as u32,
+        heartbeat_ms: args.interval_ms as f64,
+        ..skein_sim::scenario::Scenario::new(args.nodes as u32, 1)
+    };
+    skein_sim::scenario::run(&s, &mut |_| {})
 }

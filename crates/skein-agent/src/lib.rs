@@ -45,7 +45,6 @@ pub struct AgentConfig {
     pub tls_dir: PathBuf,
     pub cluster_id: String,
     pub gossip_interval: Duration,
-    pub phi_threshold: f64,
     pub suspect_after: Duration,
     pub dead_node_grace: Duration,
     /// Where the DNS server listens (UDP and TCP); empty: no DNS server.
@@ -181,7 +180,7 @@ impl Agent {
         let own_leases = store.load_leases()?;
         let overlay = config.overlay.clone();
         overlay.pools()?;
-        let persisted = store.load_replica()?;
+        let persisted = store.load_gossip_state();
 
         let meta = NodeMeta {
             hostname: config.hostname.clone(),
@@ -206,6 +205,7 @@ impl Agent {
         }
 
         let stats = Arc::new(GossipStats::default());
+        let signer = tls.gossip_signer()?;
         let transport = QuicTransport::new(Arc::new(tls), stats.clone());
         let gossip_config = GossipConfig {
             node_id: config.node_id.clone(),
@@ -215,14 +215,13 @@ impl Agent {
             seeds: config.seeds.clone(),
             cluster_id: config.cluster_id.clone(),
             gossip_interval: config.gossip_interval,
-            phi_threshold: config.phi_threshold,
             suspect_after: config.suspect_after,
             dead_node_grace: config.dead_node_grace,
             // Long enough that a peer partitioned for hours still learns of
             // deletes, short enough that churn does not pile up tombstones.
             tombstone_grace: Duration::from_secs(3600),
         };
-        let gossip = Gossip::start(gossip_config, &transport, initial, persisted).await?;
+        let gossip = Gossip::start(gossip_config, &transport, signer, initial, &persisted).await?;
         let first = gossip.snapshot().await;
         let (snapshot, _) = watch::channel(Arc::new(first));
         let (records, records_rx) = watch::channel(Arc::new(skein_dns::Records::default()));
@@ -737,6 +736,10 @@ async fn refresh_loop(agent: std::sync::Weak<Agent>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_persist = Instant::now();
     let mut persisted: Option<skein_state::Replica> = None;
+    let mut generation = match agent.upgrade() {
+        Some(agent) => agent.gossip.generation(),
+        None => return,
+    };
     let (mut keys, mut members) = match agent.upgrade() {
         Some(agent) => (
             agent.gossip.key_changes(),
@@ -751,6 +754,18 @@ async fn refresh_loop(agent: std::sync::Weak<Agent>) {
             changed = members.changed() => if changed.is_err() { return },
         }
         let Some(agent) = agent.upgrade() else { return };
+        if let Err(e) = agent.gossip.ensure_running() {
+            // A frozen view is worse than no agent: stop, and let the
+            // supervisor restart us.
+            tracing::error!(error = %e, "gossip stopped; exiting");
+            std::process::exit(70);
+        }
+        if agent.gossip.generation() != generation {
+            generation = agent.gossip.generation();
+            if let Err(e) = agent.store.save_generation(generation) {
+                tracing::warn!(error = %format!("{e:#}"), "could not persist the generation");
+            }
+        }
         let previous = agent.snapshot();
         let next = agent.fresh_snapshot().await;
         agent.reconcile_vip_claims(&next).await;
@@ -770,7 +785,7 @@ async fn refresh_loop(agent: std::sync::Weak<Agent>) {
         }
         if last_persist.elapsed() >= PERSIST_INTERVAL && persisted.as_ref() != Some(&next.replica) {
             last_persist = Instant::now();
-            match agent.store.save_replica(&next.replica) {
+            match agent.store.save_gossip_state(&agent.gossip.persisted()) {
                 Ok(()) => persisted = Some(next.replica.clone()),
                 Err(e) => {
                     agent

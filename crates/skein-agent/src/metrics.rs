@@ -76,6 +76,33 @@ pub fn render(agent: &Agent) -> String {
         "Connections refused during the TLS handshake (foreign CA, no certificate).",
         &[("", load(&g.rejected_peers))],
     );
+    out.metric(
+        "skein_gossip_refused_connections_total",
+        "counter",
+        "Incoming gossip connections refused at the connection cap.",
+        &[("", load(&g.refused_connections))],
+    );
+    out.metric(
+        "skein_gossip_refused_messages_total",
+        "counter",
+        "Gossip messages refused whole: another wire version, or another cluster.",
+        &[
+            ("reason=\"version\"", load(&g.version_mismatch)),
+            ("reason=\"cluster\"", load(&g.wrong_cluster)),
+        ],
+    );
+    out.metric(
+        "skein_gossip_refused_facts_total",
+        "counter",
+        "Relayed facts (entries, announcements, suspicions) the protocol refused.",
+        &[
+            ("reason=\"bad_signature\"", load(&g.bad_signature)),
+            ("reason=\"bad_identity\"", load(&g.bad_identity)),
+            ("reason=\"unknown_origin\"", load(&g.unknown_origin)),
+            ("reason=\"not_sender\"", load(&g.not_sender)),
+            ("reason=\"over_cap\"", load(&g.over_cap)),
+        ],
+    );
     let tasks = agent.tasks();
     out.metric(
         "skein_state_nodes",

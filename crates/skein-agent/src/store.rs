@@ -2,8 +2,9 @@
 //!
 //! - `tasks.json`: this node's own tasks. Written (and fsynced) before a
 //!   task write is acknowledged, because this node is their only writer.
-//! - `replica.json`: the last replica seen of the whole cluster, so that a
-//!   whole-cluster restart starts from what everyone knew.
+//! - `replica.postcard`: the signed state of every node as gossip last
+//!   held it, so that a whole-cluster restart starts from what everyone
+//!   knew (only a cache: a missing or damaged file means a colder start).
 //! - `generation`: the last gossip generation used, so a restart always
 //!   picks a higher one even if the clock went backwards.
 
@@ -13,7 +14,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use skein_state::{Replica, TaskSpec};
+use skein_state::TaskSpec;
+
+const REPLICA_FILE: &str = "replica.postcard";
 
 pub struct Store {
     dir: PathBuf,
@@ -71,13 +74,23 @@ impl Store {
         write_atomic(&self.dir.join("leases.json"), &bytes)
     }
 
-    pub fn load_replica(&self) -> anyhow::Result<Replica> {
-        read_json_or_default(&self.dir.join("replica.json"))
+    /// The signed state of every node as gossip last held it. A missing or
+    /// unreadable file is only a colder start: gossip brings it all back.
+    pub fn load_gossip_state(&self) -> Vec<u8> {
+        fs::read(self.dir.join(REPLICA_FILE)).unwrap_or_default()
     }
 
-    pub fn save_replica(&self, replica: &Replica) -> anyhow::Result<()> {
-        let bytes = serde_json::to_vec(replica)?;
-        write_atomic(&self.dir.join("replica.json"), &bytes)
+    pub fn save_gossip_state(&self, bytes: &[u8]) -> anyhow::Result<()> {
+        write_atomic(&self.dir.join(REPLICA_FILE), bytes)
+    }
+
+    /// Records a generation the node moved to while running (it met a newer
+    /// life of itself), so the next start goes above it.
+    pub fn save_generation(&self, generation: u64) -> anyhow::Result<()> {
+        write_atomic(
+            &self.dir.join("generation"),
+            generation.to_string().as_bytes(),
+        )
     }
 }
 

@@ -1,47 +1,52 @@
 //! Membership, failure detection and replication of every node's keyspace.
 //!
-//! chitchat (scuttlebutt + phi-accrual) does the protocol; [`transport`]
-//! carries it over mutually authenticated QUIC. This module turns chitchat's
-//! view into the pure [`skein_state::Replica`] plus per-node liveness, which
-//! is all the rest of the agent reads.
+//! The protocol is [`skein_proto`] (sans IO); this crate drives it: one
+//! task owns the [`skein_proto::Node`], feeds it the messages [`transport`]
+//! receives over mutually authenticated QUIC and the passing of time, sends
+//! what it wants sent, and folds what it reports into the pure
+//! [`skein_state::Replica`] plus per-node liveness, which is all the rest of
+//! the agent reads. Everything a node publishes is signed with its node key
+//! ([`keys`]); peers verify it before merging, whoever relayed it.
 
+pub mod keys;
 pub mod transport;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::sync::{Arc, Weak};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chitchat::transport::Transport;
-use chitchat::{spawn_chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig};
+use anyhow::Context;
+use skein_proto::wire::{self, DecodeError, OriginData};
+use skein_proto::{Config, Event, Micros, Name, Node, Refusal, Status};
 use skein_state::{Entry, Liveness, NodeId, NodeKeyspace, NodeStatus, Replica};
-use tokio::sync::mpsc;
+use tokio::sync::{watch, Notify};
 
-/// `forget:<node>` = generation: the node is gone for good (see snapshot).
+pub use keys::CertKeys;
+pub use transport::{GossipStats, QuicSocket, QuicTransport};
+
+/// `forget:<node>` = generation: an operator removed the node (honoured
+/// while it is down; a node heard alive again comes back).
 pub const FORGET_PREFIX: &str = "forget:";
-
-/// Peers a node gossips with at once when it learns something new.
-const EAGER_FANOUT: usize = 3;
-
-pub use transport::{GossipStats, QuicTransport};
 
 #[derive(Debug, Clone)]
 pub struct GossipConfig {
     pub node_id: NodeId,
     /// Increases on every restart of the agent; peers use it to tell a
-    /// rebooted node from stale gossip about its previous life.
+    /// restarted node from stale gossip about its previous life.
     pub generation: u64,
     pub listen: SocketAddr,
     pub advertise: SocketAddr,
     pub seeds: Vec<String>,
     pub cluster_id: String,
+    /// How often each node heartbeats its ring neighbours.
     pub gossip_interval: Duration,
-    pub phi_threshold: f64,
-    /// A node whose heartbeat has not advanced for this long is `suspect`
-    /// before the failure detector declares it `down`.
+    /// A neighbour silent this long is suspected (two observers make it
+    /// down everywhere).
     pub suspect_after: Duration,
     /// How long a down node's keyspace (its tasks) is kept before it is
-    /// forgotten cluster-wide.
+    /// removed here; a node heard alive again comes back.
     pub dead_node_grace: Duration,
     /// How long deletion tombstones are kept so that peers which missed the
     /// delete still learn of it.
@@ -49,50 +54,15 @@ pub struct GossipConfig {
 }
 
 impl GossipConfig {
-    pub fn failure_detector(&self) -> FailureDetectorConfig {
-        FailureDetectorConfig {
-            phi_threshold: self.phi_threshold,
-            // chitchat preallocates the window for every peer; 100 samples
-            // give a stable mean at a tenth of the memory of its default.
-            sampling_window_size: 100,
-            // Heartbeats arrive every gossip round or so; intervals longer
-            // than this are outliers (a pause) and would skew phi.
-            max_interval: (self.gossip_interval * 20).max(Duration::from_secs(2)),
-            initial_interval: self.gossip_interval * 2,
-            dead_node_grace_period: self.dead_node_grace,
-        }
+    fn core(&self) -> Config {
+        let mut c = Config::new(&self.cluster_id);
+        let us = |d: Duration| d.as_micros() as Micros;
+        c.heartbeat_interval = us(self.gossip_interval).max(10_000);
+        c.suspect_after = us(self.suspect_after).max(2 * c.heartbeat_interval);
+        c.dead_node_grace = us(self.dead_node_grace);
+        c.tombstone_grace = us(self.tombstone_grace);
+        c
     }
-}
-
-/// A running gossip participant.
-pub struct Gossip {
-    handle: Arc<ChitchatHandle>,
-    /// Keeps the eager-push listener registered for the life of `Gossip`.
-    _push_listener: chitchat::ListenerHandle,
-    push: mpsc::Sender<()>,
-    /// Counts key changes applied (local or from peers), for readers that
-    /// want to refresh the moment something new arrives.
-    key_changes: Arc<tokio::sync::watch::Sender<u64>>,
-    config: GossipConfig,
-    tracker: tokio::sync::Mutex<Tracker>,
-}
-
-/// What this node has seen of each peer, to derive `suspect` and timestamps.
-#[derive(Default)]
-struct Tracker {
-    replica: Replica,
-    /// node → (generation, heartbeat, when it last advanced)
-    heartbeats: HashMap<NodeId, (u64, u64, Instant)>,
-    /// node → (status, unix ms when it changed)
-    statuses: HashMap<NodeId, (NodeStatus, u64)>,
-    /// node → since when it has not been live
-    down_since: HashMap<NodeId, Instant>,
-    /// (node, generation) → max version already merged, to skip unchanged nodes.
-    merged_versions: HashMap<(NodeId, u64), u64>,
-    /// node → when this agent first heard of it, and whether it has been
-    /// live since: a node just heard of is `suspect`, not `down`, until the
-    /// failure detector has had time to judge it.
-    first_seen: HashMap<NodeId, (Instant, bool)>,
 }
 
 /// A consistent read of the cluster as this node sees it.
@@ -100,6 +70,44 @@ struct Tracker {
 pub struct ClusterSnapshot {
     pub replica: Replica,
     pub liveness: BTreeMap<NodeId, Liveness>,
+}
+
+/// What the protocol task and the readers share.
+struct Shared {
+    node: Node<CertKeys>,
+    /// Microsecond clock origin of the core, and the same instant in unix ms.
+    epoch: Instant,
+    epoch_unix_ms: u64,
+    replica: Replica,
+    /// Origins whose keyspace changed since the last snapshot.
+    dirty: BTreeSet<Name>,
+    gone: BTreeSet<Name>,
+    /// Refusals already logged (once per kind and sender).
+    logged: BTreeSet<(u8, Name)>,
+}
+
+impl Shared {
+    fn now(&self) -> Micros {
+        self.epoch.elapsed().as_micros() as Micros
+    }
+}
+
+/// A running gossip participant.
+pub struct Gossip {
+    shared: Arc<Mutex<Shared>>,
+    wake: Arc<Notify>,
+    key_changes: Arc<watch::Sender<u64>>,
+    membership: Arc<watch::Sender<u64>>,
+    config: GossipConfig,
+    stats: Arc<GossipStats>,
+    generation: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn lock(m: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
+    // A panic inside the core is a bug that must not freeze the view:
+    // the task that panicked ends, and `ensure_running` reports it.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn unix_ms() -> u64 {
@@ -110,67 +118,86 @@ fn unix_ms() -> u64 {
 
 impl Gossip {
     /// Starts gossiping. `initial` is this node's own keyspace (metadata and
-    /// tasks restored from the data dir), published from the first round on;
-    /// `persisted` is the replica saved before a restart, so that a whole
-    /// cluster restart forgets nothing while peers come back.
+    /// tasks restored from the data dir), published from the first moment;
+    /// `persisted` is what [`Gossip::persisted`] returned before a restart
+    /// (signed state of every node), so that a whole-cluster restart forgets
+    /// nothing while peers come back.
     pub async fn start(
         config: GossipConfig,
-        transport: &dyn Transport,
+        transport: &QuicTransport,
+        signer: skein_tls::GossipSigner,
         initial: Vec<(String, String)>,
-        persisted: Replica,
+        persisted: &[u8],
     ) -> anyhow::Result<Gossip> {
-        let chitchat_config = ChitchatConfig {
-            chitchat_id: ChitchatId::new(
-                config.node_id.as_str(),
-                config.generation,
-                config.advertise,
-            ),
-            cluster_id: config.cluster_id.clone(),
-            gossip_interval: config.gossip_interval,
-            listen_addr: config.listen,
-            seed_nodes: config.seeds.clone(),
-            failure_detector_config: config.failure_detector(),
-            marked_for_deletion_grace_period: config.tombstone_grace,
-            catchup_callback: None,
-            extra_liveness_predicate: None,
-        };
-        let handle = Arc::new(spawn_chitchat(chitchat_config, initial, transport).await?);
-        // Eager push: whenever a key changes here (a local write, or one
-        // just learned from a peer), start a gossip exchange with a few live
-        // peers right away instead of waiting for the next round. A change
-        // then spreads at network speed, hop by hop, rather than one gossip
-        // interval per hop; the bounded channel coalesces bursts.
-        let (push, push_rx) = mpsc::channel(1);
-        let key_changes = Arc::new(tokio::sync::watch::channel(0u64).0);
-        let push_listener = {
-            let push = push.clone();
-            let key_changes = key_changes.clone();
-            let chitchat = handle.chitchat();
-            let guard = chitchat.lock().await;
-            guard.subscribe_event("", move |_| {
-                key_changes.send_modify(|n| *n = n.wrapping_add(1));
-                let _ = push.try_send(());
-            })
-        };
-        let min_gap = (config.gossip_interval / 4).max(Duration::from_millis(5));
-        tokio::spawn(eager_push_loop(Arc::downgrade(&handle), push_rx, min_gap));
-        let mut tracker = Tracker {
-            replica: persisted,
-            ..Tracker::default()
-        };
-        // Our own previous life is replaced by this generation.
-        if config.generation > 0 {
-            tracker
-                .replica
-                .remove_node(&config.node_id, config.generation - 1);
+        let me = Name::intern(&config.node_id)
+            .with_context(|| format!("invalid node id {:?}", config.node_id))?;
+        let identity = Arc::new(skein_proto::Identity(signer.identity().to_vec()));
+        let socket = transport.open(config.listen).await?;
+        let stats = transport.stats();
+        let epoch = Instant::now();
+        let seed = u64::from_le_bytes(
+            ring_random()
+                .context("no randomness for the gossip protocol")?
+                .to_le_bytes(),
+        );
+        let mut node = Node::new(
+            config.core(),
+            CertKeys(signer),
+            me,
+            config.advertise,
+            identity,
+            config.generation,
+            seed,
+            0,
+        );
+        for (k, v) in &initial {
+            node.write(0, k, Some(v))
+                .map_err(|r| anyhow::anyhow!("cannot publish {k}: {r:?}"))?;
         }
+        let restored = restore(&mut node, persisted);
+        if restored > 0 {
+            tracing::info!(nodes = restored, "restored the persisted replica");
+        }
+        let seeds = resolve(&config.seeds).await;
+        node.join(0, seeds);
+        let shared = Arc::new(Mutex::new(Shared {
+            node,
+            epoch,
+            epoch_unix_ms: unix_ms(),
+            replica: Replica::new(),
+            dirty: BTreeSet::new(),
+            gone: BTreeSet::new(),
+            logged: BTreeSet::new(),
+        }));
+        {
+            let mut s = lock(&shared);
+            let all: Vec<Name> = s.node.members().map(|m| m.name).collect();
+            s.dirty.extend(all);
+            while s.node.poll_event().is_some() {}
+        }
+        let wake = Arc::new(Notify::new());
+        let key_changes = Arc::new(watch::channel(0u64).0);
+        let membership = Arc::new(watch::channel(0u64).0);
+        let generation = Arc::new(AtomicU64::new(config.generation));
+        let task = tokio::spawn(run(
+            shared.clone(),
+            socket,
+            wake.clone(),
+            key_changes.clone(),
+            membership.clone(),
+            stats.clone(),
+            generation.clone(),
+            config.clone(),
+        ));
         Ok(Gossip {
-            handle,
-            _push_listener: push_listener,
-            push,
+            shared,
+            wake,
             key_changes,
+            membership,
             config,
-            tracker: tokio::sync::Mutex::new(tracker),
+            stats,
+            generation,
+            task,
         })
     }
 
@@ -182,244 +209,369 @@ impl Gossip {
         &self.config
     }
 
+    pub fn stats(&self) -> &GossipStats {
+        &self.stats
+    }
+
+    /// This node's generation: the one it started with, or a higher one if
+    /// it met a newer life of itself (the agent persists it).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
+    /// Fails if the protocol task has stopped: the view would be frozen.
+    pub fn ensure_running(&self) -> anyhow::Result<()> {
+        if self.task.is_finished() {
+            anyhow::bail!("the gossip protocol task has stopped");
+        }
+        Ok(())
+    }
+
+    fn write(&self, key: &str, value: Option<&str>) -> anyhow::Result<()> {
+        {
+            let mut s = lock(&self.shared);
+            let now = s.now();
+            s.node
+                .write(now, key, value)
+                .map_err(|r| anyhow::anyhow!("cannot publish {key}: {r:?}"))?;
+            let me = s.node.name();
+            s.dirty.insert(me);
+        }
+        self.key_changes.send_modify(|n| *n = n.wrapping_add(1));
+        self.wake.notify_one();
+        Ok(())
+    }
+
     /// Publishes (or overwrites) a key of this node's keyspace.
     pub async fn set(&self, key: &str, value: &str) {
-        let chitchat = self.handle.chitchat();
-        let mut guard = chitchat.lock().await;
-        guard.self_node_state().set(key, value);
+        if let Err(e) = self.write(key, Some(value)) {
+            tracing::warn!(error = %e, "gossip write refused");
+        }
     }
 
     /// Deletes a key of this node's keyspace (a tombstone is gossiped).
     pub async fn delete(&self, key: &str) {
-        let chitchat = self.handle.chitchat();
-        let mut guard = chitchat.lock().await;
-        guard.self_node_state().delete(key);
-        // Listeners do not hear of deletes; push this one ourselves.
-        self.key_changes.send_modify(|n| *n = n.wrapping_add(1));
-        let _ = self.push.try_send(());
+        if let Err(e) = self.write(key, None) {
+            tracing::warn!(error = %e, "gossip delete refused");
+        }
     }
 
-    /// Folds chitchat's current view into the replica and returns a copy with
-    /// each node's liveness. Cheap for nodes that did not change.
+    /// The replica and each node's liveness, as of now. Cheap for nodes
+    /// that did not change.
     pub async fn snapshot(&self) -> ClusterSnapshot {
-        let now = Instant::now();
-        let now_ms = unix_ms();
-        let chitchat = self.handle.chitchat();
-        let mut tracker = self.tracker.lock().await;
-        let tracker = &mut *tracker;
-        // Per node id, the newest generation chitchat knows and whether it is live.
-        let mut newest: BTreeMap<NodeId, (u64, bool, u64)> = BTreeMap::new();
-        {
-            let guard = chitchat.lock().await;
-            let live: std::collections::HashSet<&ChitchatId> = guard.live_nodes().collect();
-            for (id, state) in guard.node_states() {
-                let node_id = id.node_id.to_string();
-                let is_live = live.contains(id);
-                let heartbeat = u64::from(state.heartbeat());
-                let entry = newest.entry(node_id.clone()).or_insert((0, false, 0));
-                if id.generation_id >= entry.0 {
-                    *entry = (id.generation_id, is_live, heartbeat);
-                }
-                let key = (node_id.clone(), id.generation_id);
-                let max_version = state.max_version();
-                if tracker.merged_versions.get(&key) == Some(&max_version) {
-                    continue;
-                }
-                let mut keyspace = NodeKeyspace {
-                    generation: id.generation_id,
-                    entries: BTreeMap::new(),
-                };
-                for (k, v) in state.key_values_including_deleted() {
-                    keyspace.entries.insert(
-                        k.to_string(),
-                        Entry {
-                            version: v.version,
-                            value: (!v.is_deleted()).then(|| v.value.clone()),
-                        },
-                    );
-                }
-                tracker.replica.merge_node(&node_id, &keyspace);
-                // chitchat garbage-collects tombstones: a key we hold that it
-                // no longer has, at or below its GC floor, was deleted.
-                let floor = state.last_gc_version();
-                if floor > 0 {
-                    tracker
-                        .replica
-                        .prune_absent(&node_id, id.generation_id, floor, &keyspace);
-                }
-                tracker.merged_versions.insert(key, max_version);
-            }
-        }
-
-        // Nodes an operator removed for good (`forget:<node>` = generation,
-        // published by whichever agent took the request): every node drops
-        // them, and stale gossip about them cannot bring them back.
-        let forgotten: Vec<(NodeId, u64)> = tracker
+        let mut s = lock(&self.shared);
+        let s = &mut *s;
+        let now = s.now();
+        // Operator removals published by any agent: honoured for nodes this
+        // node holds down (a live node is never evicted this way).
+        let forgotten: Vec<Name> = s
             .replica
             .nodes()
             .values()
             .flat_map(|ks| ks.live())
-            .filter_map(|(k, v)| {
-                Some((k.strip_prefix(FORGET_PREFIX)?.to_string(), v.parse().ok()?))
-            })
+            .filter_map(|(k, _)| Name::intern(k.strip_prefix(FORGET_PREFIX)?))
             .collect();
-        for (node, generation) in forgotten {
-            if tracker
-                .replica
-                .node(&node)
-                .is_some_and(|k| k.generation <= generation)
-            {
-                tracing::info!(node = %node, "forgetting a node removed by an operator");
-                tracker.replica.remove_node(&node, generation);
+        let mut forgot = false;
+        for n in forgotten {
+            if s.node.forget(now, n) {
+                tracing::info!(node = %n, "forgetting a node removed by an operator");
+                s.gone.insert(n);
+                forgot = true;
             }
         }
-
-        let mut liveness = BTreeMap::new();
-        let mut forget = Vec::new();
-        for (node_id, keyspace) in tracker.replica.nodes() {
-            let status = match newest.get(node_id) {
-                Some(&(generation, true, heartbeat)) if generation >= keyspace.generation => {
-                    tracker.down_since.remove(node_id);
-                    tracker.first_seen.insert(node_id.clone(), (now, true));
-                    let hb = tracker
-                        .heartbeats
-                        .entry(node_id.clone())
-                        .or_insert((generation, heartbeat, now));
-                    if hb.0 != generation || hb.1 != heartbeat {
-                        *hb = (generation, heartbeat, now);
-                    }
-                    let stale = now.duration_since(hb.2) > self.config.suspect_after;
-                    let is_self = *node_id == self.config.node_id;
-                    if stale && !is_self {
-                        NodeStatus::Suspect
-                    } else {
-                        NodeStatus::Alive
-                    }
-                }
-                _ => {
-                    let since = *tracker.down_since.entry(node_id.clone()).or_insert(now);
-                    if now.duration_since(since) > self.config.dead_node_grace {
-                        forget.push((node_id.clone(), keyspace.generation));
-                    }
-                    let (first, ever_live) = *tracker
-                        .first_seen
-                        .entry(node_id.clone())
-                        .or_insert((now, false));
-                    let judging =
-                        !ever_live && now.duration_since(first) < self.config.suspect_after;
-                    if judging {
-                        NodeStatus::Suspect
-                    } else {
-                        NodeStatus::Down
-                    }
-                }
+        if forgot {
+            // The protocol task reports (and counts) the events.
+            self.wake.notify_one();
+        }
+        for n in std::mem::take(&mut s.gone) {
+            s.replica.drop_node(n.as_str());
+        }
+        for n in std::mem::take(&mut s.dirty) {
+            let Some(m) = s.node.member(n) else {
+                s.replica.drop_node(n.as_str());
+                continue;
             };
-            let changed = tracker
-                .statuses
-                .get(node_id)
-                .is_none_or(|&(s, _)| s != status);
-            if changed {
-                tracker.statuses.insert(node_id.clone(), (status, now_ms));
+            if matches!(m.status, Status::Removed | Status::Left) {
+                s.replica.drop_node(n.as_str());
+                continue;
             }
-            let updated = tracker.statuses.get(node_id).map_or(now_ms, |&(_, t)| t);
-            liveness.insert(node_id.clone(), Liveness { status, updated });
+            let entries = s
+                .node
+                .entries(n)
+                .iter()
+                .map(|e| {
+                    (
+                        e.key.clone(),
+                        Entry {
+                            version: e.version,
+                            value: e.value.clone(),
+                        },
+                    )
+                })
+                .collect();
+            s.replica.replace_node(
+                n.as_str(),
+                NodeKeyspace {
+                    generation: m.gen,
+                    entries,
+                },
+            );
         }
-        for (node_id, generation) in forget {
-            tracing::info!(node = %node_id, "forgetting node down for longer than the grace period");
-            tracker.replica.remove_node(&node_id, generation);
-            tracker.down_since.remove(&node_id);
-            liveness.remove(&node_id);
+        let mut liveness = BTreeMap::new();
+        for m in s.node.members() {
+            let status = match m.status {
+                Status::Alive => NodeStatus::Alive,
+                Status::Suspect => NodeStatus::Suspect,
+                Status::Down => NodeStatus::Down,
+                Status::Removed | Status::Left => continue,
+            };
+            let updated = s.epoch_unix_ms + m.since / 1000;
+            liveness.insert(m.name.as_str().to_string(), Liveness { status, updated });
         }
         ClusterSnapshot {
-            replica: tracker.replica.clone(),
+            replica: s.replica.clone(),
             liveness,
         }
     }
 
-    /// Ticks whenever a key is set here or applied from a peer (and on local
-    /// deletes): lets readers refresh the moment gossip brought something.
-    pub fn key_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+    /// Everything held about every node, signed, for the data dir: what
+    /// [`Gossip::start`] takes back after a restart.
+    pub fn persisted(&self) -> Vec<u8> {
+        let s = lock(&self.shared);
+        let data: Vec<OriginData> = s
+            .node
+            .members()
+            .filter(|m| m.status.is_up() || m.status == Status::Down)
+            .filter_map(|m| s.node.origin_data(m.name))
+            .collect();
+        postcard::to_allocvec(&(PERSIST_VERSION, data)).unwrap_or_default()
+    }
+
+    /// Ticks whenever a key is set here or applied from a peer: lets
+    /// readers refresh the moment gossip brought something.
+    pub fn key_changes(&self) -> watch::Receiver<u64> {
         self.key_changes.subscribe()
     }
 
-    /// Changes whenever the set of live nodes changes (chitchat updates it
-    /// once per gossip round).
-    pub async fn membership_changes(
-        &self,
-    ) -> tokio::sync::watch::Receiver<impl Send + Sync + 'static> {
-        let chitchat = self.handle.chitchat();
-        let guard = chitchat.lock().await;
-        guard.live_nodes_watcher()
+    /// Ticks whenever a node comes up, goes down, or is removed.
+    pub async fn membership_changes(&self) -> watch::Receiver<u64> {
+        self.membership.subscribe()
     }
 
-    /// Node ids the failure detector holds live right now (self included).
+    /// Node ids held up right now (self included).
     pub async fn live_node_ids(&self) -> Vec<NodeId> {
-        let chitchat = self.handle.chitchat();
-        let guard = chitchat.lock().await;
-        let mut ids: Vec<NodeId> = guard
-            .live_nodes()
-            .map(|id| id.node_id.to_string())
+        let s = lock(&self.shared);
+        let mut ids: Vec<NodeId> = s
+            .node
+            .members()
+            .filter(|m| m.status.is_up())
+            .map(|m| m.name.as_str().to_string())
             .collect();
         ids.sort();
-        ids.dedup();
         ids
-    }
-
-    /// Calls `callback(node_id, key, value)` whenever a key starting with
-    /// `prefix` is set on any node, as gossip applies it. Used to measure
-    /// propagation without polling; the callback must be quick.
-    pub async fn on_key_change(
-        &self,
-        prefix: &str,
-        callback: impl Fn(&str, &str, &str) + Send + Sync + 'static,
-    ) -> chitchat::ListenerHandle {
-        let chitchat = self.handle.chitchat();
-        let guard = chitchat.lock().await;
-        guard.subscribe_event(prefix, move |event| {
-            callback(&event.node.node_id, event.key, event.value)
-        })
     }
 
     /// Stops gossiping (peers will see this node go down).
     pub fn shutdown(&self) -> anyhow::Result<()> {
-        self.handle.initiate_shutdown()
+        self.task.abort();
+        Ok(())
     }
 }
 
-/// Tiny xorshift: picking gossip targets needs spread, not cryptography.
-fn next_random(state: &mut u64) -> u64 {
-    *state ^= *state << 13;
-    *state ^= *state >> 7;
-    *state ^= *state << 17;
-    *state
+impl Drop for Gossip {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
-async fn eager_push_loop(
-    handle: Weak<ChitchatHandle>,
-    mut changes: mpsc::Receiver<()>,
-    min_gap: Duration,
-) {
-    let mut seed = unix_ms() | 1;
-    while changes.recv().await.is_some() {
-        let Some(handle) = handle.upgrade() else {
-            return;
-        };
-        let mut peers: Vec<SocketAddr> = {
-            let chitchat = handle.chitchat();
-            let guard = chitchat.lock().await;
-            let me = guard.self_chitchat_id().clone();
-            guard
-                .live_nodes()
-                .filter(|id| **id != me)
-                .map(|id| id.gossip_advertise_addr)
-                .collect()
-        };
-        for _ in 0..EAGER_FANOUT.min(peers.len()) {
-            let pick = (next_random(&mut seed) % peers.len() as u64) as usize;
-            let _ = handle.gossip(peers.swap_remove(pick));
+/// Format tag of [`Gossip::persisted`].
+const PERSIST_VERSION: u8 = 1;
+
+fn restore(node: &mut Node<CertKeys>, persisted: &[u8]) -> usize {
+    if persisted.is_empty() {
+        return 0;
+    }
+    match postcard::from_bytes::<(u8, Vec<OriginData>)>(persisted) {
+        Ok((PERSIST_VERSION, data)) => {
+            let n = data.len();
+            for d in data {
+                node.restore(0, d);
+            }
+            n
         }
-        drop(handle);
-        // Changes arriving meanwhile collapse into one more push.
-        tokio::time::sleep(min_gap).await;
+        Ok((v, _)) => {
+            tracing::warn!(
+                version = v,
+                "persisted replica of another format; starting without it"
+            );
+            0
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "persisted replica unreadable; starting without it");
+            0
+        }
+    }
+}
+
+fn ring_random() -> Option<u64> {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 8];
+    ring::rand::SystemRandom::new().fill(&mut b).ok()?;
+    Some(u64::from_le_bytes(b))
+}
+
+async fn resolve(seeds: &[String]) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    for seed in seeds {
+        match tokio::net::lookup_host(seed.as_str()).await {
+            Ok(addrs) => out.extend(addrs.take(1)),
+            Err(e) => tracing::warn!(%seed, error = %e, "cannot resolve seed"),
+        }
+    }
+    out
+}
+
+/// Records what an event means for the replica view and the watchers.
+/// Returns (keys changed, membership changed).
+fn note_event(s: &mut Shared, e: &Event) -> (bool, bool) {
+    match e {
+        Event::Entry(entry) => {
+            s.dirty.insert(entry.origin);
+            (true, false)
+        }
+        Event::Reset(n) => {
+            s.dirty.insert(*n);
+            (true, false)
+        }
+        Event::Up(n) => {
+            s.dirty.insert(*n);
+            (true, true)
+        }
+        Event::Down(_) => (false, true),
+        Event::Removed(n) | Event::Left(n) => {
+            s.gone.insert(*n);
+            (true, true)
+        }
+        Event::Generation(_) => {
+            let me = s.node.name();
+            s.dirty.insert(me);
+            (true, false)
+        }
+        Event::Refused(..) => (false, false),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    shared: Arc<Mutex<Shared>>,
+    mut socket: QuicSocket,
+    wake: Arc<Notify>,
+    key_changes: Arc<watch::Sender<u64>>,
+    membership: Arc<watch::Sender<u64>>,
+    stats: Arc<GossipStats>,
+    generation: Arc<AtomicU64>,
+    config: GossipConfig,
+) {
+    let cluster = config.core().cluster;
+    let mut logged_version = false;
+    loop {
+        let deadline = {
+            let s = lock(&shared);
+            s.epoch + Duration::from_micros(s.node.next_deadline())
+        };
+        // What arrived or is due is handled, and what it caused drained,
+        // under one lock: readers never see half of it.
+        let input = tokio::select! {
+            received = socket.recv() => {
+                let Ok((addr, peer, bytes)) = received else {
+                    tracing::error!("gossip endpoint closed; the protocol task stops");
+                    return;
+                };
+                match wire::decode(&bytes, cluster, transport::MAX_MESSAGE_SIZE) {
+                    Ok(body) => Name::intern(&peer).map(|from| (from, body)),
+                    Err(DecodeError::Version(v)) => {
+                        stats.version_mismatch.fetch_add(1, Ordering::Relaxed);
+                        if !logged_version {
+                            logged_version = true;
+                            tracing::warn!(%addr, %peer, version = v, ours = wire::WIRE_VERSION,
+                                "refused a gossip peer speaking another wire version");
+                        }
+                        continue;
+                    }
+                    Err(DecodeError::Cluster) => {
+                        stats.wrong_cluster.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(%addr, %peer, "refused a message of another cluster");
+                        continue;
+                    }
+                    Err(e) => {
+                        stats.decode_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(%addr, %peer, error = %e, "undecodable gossip message");
+                        continue;
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(deadline.into()) => None,
+            _ = wake.notified() => None,
+        };
+        let (out, keys, members) = {
+            let mut s = lock(&shared);
+            let s = &mut *s;
+            let now = s.now();
+            match input {
+                Some((from, body)) => s.node.handle(now, from, body),
+                None => s.node.tick(now),
+            }
+            let mut out = Vec::new();
+            while let Some(t) = s.node.poll_transmit() {
+                out.push((t.addr, wire::encode(cluster, &t.body)));
+            }
+            let (mut keys, mut members) = (false, false);
+            while let Some(e) = s.node.poll_event() {
+                let (k, m) = note_event(s, &e);
+                keys |= k;
+                members |= m;
+                log_event(s, &e, &stats);
+            }
+            generation.store(s.node.generation(), Ordering::Relaxed);
+            (out, keys, members)
+        };
+        for (addr, bytes) in out {
+            socket.send(addr, bytes);
+        }
+        if keys {
+            key_changes.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        if members {
+            membership.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+}
+
+fn log_event(s: &mut Shared, e: &Event, stats: &GossipStats) {
+    match e {
+        Event::Up(n) => tracing::debug!(node = %n, "node up"),
+        Event::Down(n) => tracing::info!(node = %n, "node down"),
+        Event::Removed(n) => tracing::info!(node = %n, "node removed after the dead-node grace"),
+        Event::Left(n) => tracing::info!(node = %n, "node left"),
+        Event::Generation(g) => {
+            tracing::warn!(
+                generation = g,
+                "met a newer life of this node; moved above it"
+            )
+        }
+        Event::Refused(r, from) => {
+            let counter = match r {
+                Refusal::BadSignature => &stats.bad_signature,
+                Refusal::BadIdentity => &stats.bad_identity,
+                Refusal::UnknownOrigin => &stats.unknown_origin,
+                Refusal::NotSender => &stats.not_sender,
+                Refusal::TooManyNodes | Refusal::KeyCap | Refusal::ByteCap => &stats.over_cap,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            if !matches!(r, Refusal::UnknownOrigin) && s.logged.insert((*r as u8, *from)) {
+                tracing::warn!(peer = %from, reason = ?r, "refused gossip from a peer");
+            }
+        }
+        Event::Entry(_) | Event::Reset(_) => {}
     }
 }

@@ -1,17 +1,17 @@
-//! chitchat over mutually authenticated QUIC.
+//! Gossip messages over mutually authenticated QUIC.
 //!
 //! One [`quinn::Endpoint`], bound to the gossip listen address, both accepts
 //! and dials. Because dialled connections leave from the listen address, the
-//! remote address a receiver sees *is* the sender's gossip address, which is
-//! what chitchat replies to.
+//! remote address a receiver sees *is* the sender's gossip address.
 //!
-//! Every chitchat message travels on its own unidirectional stream of a
-//! cached per-peer connection (QUIC datagrams are capped near 1.2 KB, gossip
-//! deltas are not). chitchat's server loop awaits `send` inline, so `send`
-//! must never wait on the network: it only enqueues the message for a
-//! per-peer task that owns dialling and writing. A dead peer thus costs a
-//! full queue and dropped messages — which gossip tolerates — instead of a
-//! stalled gossip loop that would wreck failure detection for everyone else.
+//! Every message travels on its own unidirectional stream of a cached
+//! per-peer connection (QUIC datagrams are capped near 1.2 KB, syncs are
+//! not), and arrives tagged with the node id of the certificate the peer
+//! presented: the protocol core trusts that, and nothing a message says
+//! about its sender. `send` never waits on the network: it only enqueues
+//! the message for a per-peer task that owns dialling and writing. A dead
+//! peer thus costs a full queue and dropped messages — which gossip
+//! tolerates — instead of a stalled protocol loop.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -20,10 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use async_trait::async_trait;
 use bytes::Bytes;
-use chitchat::transport::{Socket, Transport};
-use chitchat::{ChitchatMessage, Deserializable, Serializable};
 use quinn::crypto::rustls::{HandshakeData, QuicClientConfig, QuicServerConfig};
 use quinn::{
     Connection, ConnectionError, Endpoint, IdleTimeout, RecvStream, TransportConfig, VarInt,
@@ -35,14 +32,20 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{debug, trace, warn};
 
-/// Largest message accepted, in either direction: chitchat sizes its
-/// messages for a UDP datagram, so anything bigger is not chitchat.
-pub const MAX_MESSAGE_SIZE: usize = 65_507;
+/// Largest message accepted, in either direction (the core cuts its syncs
+/// below this). There is no compression: bytes read are bytes decoded.
+pub const MAX_MESSAGE_SIZE: usize = 4 << 20;
+/// Streams a peer may have open on one connection at once: bounds what one
+/// connection can make us buffer (this × `MAX_MESSAGE_SIZE`).
+const MAX_STREAMS_PER_CONNECTION: u32 = 32;
+/// Connections (handshaking or open) the endpoint takes at once; more are
+/// refused and counted.
+pub const MAX_CONNECTIONS: usize = 4096;
 
 /// Messages waiting for one peer. Several gossip rounds' worth; beyond that
 /// the peer is slow or dead and older state is about to be superseded anyway.
 const PEER_QUEUE_CAPACITY: usize = 64;
-/// Decoded messages waiting for chitchat's `recv`. When full, stream readers
+/// Messages waiting for the protocol loop's `recv`. When full, stream readers
 /// wait, which pushes back on senders through QUIC flow control.
 const RECV_QUEUE_CAPACITY: usize = 1024;
 /// Keeps idle connections (and NAT/conntrack state) alive between rounds.
@@ -54,7 +57,10 @@ const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bound on writing or reading one message. Gossip older than this is stale,
 /// and a connection that cannot move one small message in this time is sick.
-const STREAM_TIMEOUT: Duration = Duration::from_secs(5);
+const STREAM_TIMEOUT: Duration = Duration::from_secs(2);
+/// A connection replaced by a newer one to the same address is closed if it
+/// is older than this (see `Node::register`).
+const REPLACE_AFTER: Duration = Duration::from_secs(1);
 const MIN_REDIAL_BACKOFF: Duration = Duration::from_millis(250);
 /// Short enough that a restarted node is gossiped with again within a few
 /// rounds (it will usually dial us first anyway).
@@ -67,6 +73,7 @@ const PEER_TASK_IDLE: Duration = Duration::from_secs(60);
 const CLOSE_SHUTDOWN: u32 = 0;
 const CLOSE_REJECTED: u32 = 1;
 const CLOSE_UNHEALTHY: u32 = 2;
+const CLOSE_REPLACED: u32 = 3;
 
 /// Transport counters, shared with whoever exports metrics.
 #[derive(Debug, Default)]
@@ -75,27 +82,41 @@ pub struct GossipStats {
     pub bytes_in: AtomicU64,
     /// Payload bytes of messages written to a stream.
     pub bytes_out: AtomicU64,
-    /// Messages decoded and handed to chitchat.
+    /// Messages received and handed to the protocol loop.
     pub messages_in: AtomicU64,
     /// Messages written to a stream.
     pub messages_out: AtomicU64,
     /// Messages dropped on the sending side: peer queue full, peer
     /// unreachable (or in redial backoff), write failure, oversized.
     pub send_dropped: AtomicU64,
-    /// Received streams that were too long or not a chitchat message.
+    /// Received messages that were too long or undecodable (other
+    /// versions and clusters are counted apart).
     pub decode_errors: AtomicU64,
     /// Handshakes that failed on authentication, whichever side's TLS
     /// refused (unknown CA, no client certificate, wrong ALPN), plus
     /// connections refused after the handshake for the same reasons. Dead or
     /// unreachable peers are not counted here.
     pub rejected_peers: AtomicU64,
+    /// Incoming connections refused because the endpoint was at its cap.
+    pub refused_connections: AtomicU64,
+    /// Messages of another wire version (a peer running another release).
+    pub version_mismatch: AtomicU64,
+    /// Messages of another cluster (same CA, other `--cluster-id`).
+    pub wrong_cluster: AtomicU64,
+    /// Facts refused by the protocol core, by reason (forged signatures,
+    /// unverifiable identities, caps).
+    pub bad_signature: AtomicU64,
+    pub bad_identity: AtomicU64,
+    pub unknown_origin: AtomicU64,
+    pub not_sender: AtomicU64,
+    pub over_cap: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64, by: u64) {
     counter.fetch_add(by, Ordering::Relaxed);
 }
 
-/// chitchat [`Transport`] over QUIC with mutual TLS from the cluster CA.
+/// Gossip over QUIC with mutual TLS from the cluster CA.
 pub struct QuicTransport {
     tls: Arc<NodeTls>,
     stats: Arc<GossipStats>,
@@ -105,19 +126,23 @@ impl QuicTransport {
     pub fn new(tls: Arc<NodeTls>, stats: Arc<GossipStats>) -> Self {
         QuicTransport { tls, stats }
     }
+
+    pub fn stats(&self) -> Arc<GossipStats> {
+        self.stats.clone()
+    }
 }
 
-#[async_trait]
-impl Transport for QuicTransport {
-    async fn open(&self, listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
+impl QuicTransport {
+    /// Binds the gossip endpoint.
+    pub async fn open(&self, listen_addr: SocketAddr) -> anyhow::Result<QuicSocket> {
         let transport = Arc::new(transport_config()?);
 
         let server_crypto = QuicServerConfig::try_from(self.tls.server_config()?)
             .context("TLS server config unusable for QUIC")?;
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
         server_config.transport_config(transport.clone());
-        // The remote address is the peer's gossip identity for chitchat;
-        // it must not change under an established connection.
+        // The remote address is where replies go; it must not change under
+        // an established connection.
         server_config.migration(false);
 
         let client_crypto = QuicClientConfig::try_from(self.tls.client_config()?)
@@ -153,13 +178,13 @@ impl Transport for QuicTransport {
         // reports the transport as broken.
         tasks.spawn(node.clone().accept_loop(inbox_tx));
         debug!(%listen_addr, node_id = self.tls.node_id(), "gossip QUIC endpoint open");
-        Ok(Box::new(QuicSocket {
+        Ok(QuicSocket {
             node,
             peers: HashMap::new(),
             inbox,
             deliver,
             tasks,
-        }))
+        })
     }
 }
 
@@ -172,10 +197,13 @@ fn transport_config() -> anyhow::Result<TransportConfig> {
     // Only uni streams are used; refuse what we never read.
     config.datagram_receive_buffer_size(None);
     config.max_concurrent_bidi_streams(VarInt::from_u32(0));
+    config.max_concurrent_uni_streams(VarInt::from_u32(MAX_STREAMS_PER_CONNECTION));
     Ok(config)
 }
 
-type Delivery = (SocketAddr, ChitchatMessage);
+/// A message as it arrived: from which address, the node id of the
+/// certificate its sender presented, and its bytes.
+pub type Delivery = (SocketAddr, Arc<str>, Vec<u8>);
 
 /// State shared by the socket and its background tasks.
 struct Node {
@@ -184,7 +212,7 @@ struct Node {
     /// Live connections by (canonical) peer address, incoming or dialled:
     /// whichever exists is reused for sending, so two nodes usually share
     /// one connection.
-    conns: Mutex<HashMap<SocketAddr, Connection>>,
+    conns: Mutex<HashMap<SocketAddr, (Connection, Instant)>>,
 }
 
 impl Node {
@@ -193,6 +221,12 @@ impl Node {
         // itself drops garbage datagrams and malformed packets.
         while let Some(incoming) = self.endpoint.accept().await {
             let remote = canonical(incoming.remote_address());
+            if self.endpoint.open_connections() >= MAX_CONNECTIONS {
+                bump(&self.stats.refused_connections, 1);
+                debug!(%remote, "gossip connection refused: at the connection cap");
+                incoming.refuse();
+                continue;
+            }
             let node = self.clone();
             let deliver = deliver.clone();
             // Handshakes run concurrently so a slow one can't hold up others.
@@ -206,7 +240,8 @@ impl Node {
                 };
                 debug!(%remote, %peer_id, "accepted gossip connection");
                 node.register(remote, &conn);
-                node.read_connection(conn, remote, deliver).await;
+                node.read_connection(conn, remote, peer_id.into(), deliver)
+                    .await;
             });
         }
         debug!("gossip endpoint closed; accept loop done");
@@ -243,7 +278,10 @@ impl Node {
         let deliver = deliver.upgrade()?;
         debug!(%peer, %peer_id, "dialled gossip peer");
         self.register(peer, &conn);
-        tokio::spawn(self.clone().read_connection(conn.clone(), peer, deliver));
+        tokio::spawn(
+            self.clone()
+                .read_connection(conn.clone(), peer, peer_id.into(), deliver),
+        );
         Some(conn)
     }
 
@@ -275,21 +313,38 @@ impl Node {
             warn!(%remote, direction = dir, reason = %err, "rejected gossip peer (TLS handshake failed)");
             bump(&self.stats.rejected_peers, 1);
         } else {
-            // Timeouts and resets are what dead peers look like; chitchat's
+            // Timeouts and resets are what dead peers look like; the protocol's
             // failure detector reports those, no need to shout here.
             debug!(%remote, direction = dir, error = %err, "gossip handshake failed");
         }
     }
 
+    /// Makes `conn` the one used for `peer`. An older connection it
+    /// replaces is closed: a peer that dials us anew has usually restarted,
+    /// and writes into its previous life would only wait out their timeout
+    /// (holding up everything queued behind them). Two nodes dialling each
+    /// other at the same moment keep both, so neither loses its fresh one.
     fn register(&self, peer: SocketAddr, conn: &Connection) {
-        lock(&self.conns).insert(peer, conn.clone());
+        let now = Instant::now();
+        let old = lock(&self.conns).insert(peer, (conn.clone(), now));
+        if let Some((old, since)) = old {
+            if old.stable_id() != conn.stable_id() && now.duration_since(since) > REPLACE_AFTER {
+                old.close(
+                    VarInt::from_u32(CLOSE_REPLACED),
+                    b"replaced by a newer connection",
+                );
+            }
+        }
     }
 
     /// Forgets `peer`'s cached connection if it is still the given one (a
     /// newer connection may have replaced it meanwhile).
     fn forget(&self, peer: SocketAddr, stable_id: usize) {
         let mut conns = lock(&self.conns);
-        if conns.get(&peer).is_some_and(|c| c.stable_id() == stable_id) {
+        if conns
+            .get(&peer)
+            .is_some_and(|(c, _)| c.stable_id() == stable_id)
+        {
             conns.remove(&peer);
         }
     }
@@ -297,7 +352,7 @@ impl Node {
     fn cached(&self, peer: SocketAddr) -> Option<Connection> {
         let mut conns = lock(&self.conns);
         match conns.get(&peer) {
-            Some(conn) if conn.close_reason().is_none() => Some(conn.clone()),
+            Some((conn, _)) if conn.close_reason().is_none() => Some(conn.clone()),
             Some(_) => {
                 conns.remove(&peer);
                 None
@@ -311,6 +366,7 @@ impl Node {
         self: Arc<Self>,
         conn: Connection,
         peer: SocketAddr,
+        peer_id: Arc<str>,
         deliver: mpsc::Sender<Delivery>,
     ) {
         loop {
@@ -323,6 +379,7 @@ impl Node {
                         self.stats.clone(),
                         stream,
                         peer,
+                        peer_id.clone(),
                         deliver.clone(),
                     ));
                 }
@@ -409,6 +466,7 @@ async fn read_message(
     stats: Arc<GossipStats>,
     mut stream: RecvStream,
     peer: SocketAddr,
+    peer_id: Arc<str>,
     deliver: mpsc::Sender<Delivery>,
 ) {
     let read = tokio::time::timeout(STREAM_TIMEOUT, stream.read_to_end(MAX_MESSAGE_SIZE));
@@ -433,17 +491,9 @@ async fn read_message(
         }
     };
     bump(&stats.bytes_in, bytes.len() as u64);
-    match ChitchatMessage::deserialize(&mut bytes.as_slice()) {
-        Ok(msg) => {
-            bump(&stats.messages_in, 1);
-            // Err only if the socket is gone; nothing left to do then.
-            let _ = deliver.send((peer, msg)).await;
-        }
-        Err(err) => {
-            debug!(%peer, len = bytes.len(), error = %err, "undecodable gossip message");
-            bump(&stats.decode_errors, 1);
-        }
-    }
+    bump(&stats.messages_in, 1);
+    // Err only if the socket is gone; nothing left to do then.
+    let _ = deliver.send((peer, peer_id, bytes)).await;
 }
 
 /// Whether a failed handshake was an authentication refusal (a TLS alert or
@@ -461,7 +511,7 @@ fn is_rejection(err: &ConnectionError) -> bool {
 }
 
 /// IPv4-mapped IPv6 addresses (seen on a dual-stack socket) are folded to
-/// IPv4 so one peer has one address for chitchat and for the caches.
+/// IPv4 so one peer has one address for the protocol and for the caches.
 fn canonical(addr: SocketAddr) -> SocketAddr {
     match addr {
         SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
@@ -481,8 +531,8 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// The [`Socket`] chitchat drives.
-struct QuicSocket {
+/// The open endpoint: send to an address, receive authenticated messages.
+pub struct QuicSocket {
     node: Arc<Node>,
     /// Queue of each peer's sender task.
     peers: HashMap<SocketAddr, mpsc::Sender<Bytes>>,
@@ -516,17 +566,14 @@ impl QuicSocket {
     }
 }
 
-#[async_trait]
-impl Socket for QuicSocket {
-    /// Never waits on the network; see the module docs.
-    async fn send(&mut self, to: SocketAddr, msg: ChitchatMessage) -> anyhow::Result<()> {
+impl QuicSocket {
+    /// Queues `buf` for `to`. Never waits on the network; see the module docs.
+    pub fn send(&mut self, to: SocketAddr, buf: Vec<u8>) {
         let to = canonical(to);
-        let mut buf = Vec::with_capacity(msg.serialized_len());
-        msg.serialize(&mut buf);
         if buf.len() > MAX_MESSAGE_SIZE {
             warn!(peer = %to, len = buf.len(), "gossip message too large; dropped");
             bump(&self.node.stats.send_dropped, 1);
-            return Ok(());
+            return;
         }
         let mut payload = Bytes::from(buf);
         // A second attempt only if the peer's task had just exited (idle).
@@ -536,7 +583,7 @@ impl Socket for QuicSocket {
                 None => self.spawn_peer(to),
             };
             match queue.try_send(payload) {
-                Ok(()) => return Ok(()),
+                Ok(()) => return,
                 Err(TrySendError::Full(_)) => {
                     trace!(peer = %to, "gossip peer queue full; dropping message");
                     break;
@@ -548,14 +595,19 @@ impl Socket for QuicSocket {
             }
         }
         bump(&self.node.stats.send_dropped, 1);
-        Ok(())
     }
 
-    async fn recv(&mut self) -> anyhow::Result<(SocketAddr, ChitchatMessage)> {
+    /// The next message from an authenticated peer.
+    pub async fn recv(&mut self) -> anyhow::Result<Delivery> {
         self.inbox
             .recv()
             .await
             .context("gossip QUIC endpoint closed")
+    }
+
+    /// The address the endpoint is bound to.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.node.endpoint.local_addr().ok()
     }
 }
 

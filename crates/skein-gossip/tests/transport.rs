@@ -1,19 +1,22 @@
-//! The QUIC gossip transport over real sockets on 127.0.0.1.
+//! The QUIC gossip transport over real sockets on 127.0.0.1, and a few
+//! [`Gossip`] drivers finding each other through it.
 //!
 //! Every wait is bounded by a deadline; "nothing arrives" is only asserted
 //! after the event that should have prevented delivery has been observed.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chitchat::transport::{Socket, Transport};
-use chitchat::{ChitchatMessage, Deserializable, Serializable};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
-use skein_gossip::{GossipStats, QuicTransport};
+use skein_gossip::transport::MAX_MESSAGE_SIZE;
+use skein_gossip::{Gossip, GossipConfig, GossipStats, QuicSocket, QuicTransport};
+use skein_proto::wire::{self, Body, Probe};
+use skein_state::NodeStatus;
 use skein_tls::NodeTls;
 use tempfile::TempDir;
 use tokio::time::timeout;
@@ -22,6 +25,9 @@ use tokio::time::timeout;
 const DEADLINE: Duration = Duration::from_secs(15);
 /// How long "never receives" is checked once the rejection has happened.
 const QUIET: Duration = Duration::from_millis(500);
+/// The transport does not decode, but the payloads are real messages all the
+/// same, of this cluster tag.
+const CLUSTER: u64 = 0xc1;
 
 struct Ca {
     tmp: TempDir,
@@ -50,7 +56,7 @@ impl Ca {
 }
 
 struct Node {
-    socket: Box<dyn Socket>,
+    socket: QuicSocket,
     stats: Arc<GossipStats>,
     addr: SocketAddr,
 }
@@ -78,11 +84,12 @@ async fn open(tls: Arc<NodeTls>) -> Node {
         let addr = free_addr();
         match transport.open(addr).await {
             Ok(socket) => {
+                assert_eq!(socket.local_addr(), Some(addr));
                 return Node {
                     socket,
                     stats,
                     addr,
-                }
+                };
             }
             Err(err) => last_err = Some(err),
         }
@@ -90,14 +97,28 @@ async fn open(tls: Arc<NodeTls>) -> Node {
     panic!("could not open transport: {last_err:?}");
 }
 
-fn syn(cluster_id: &str) -> ChitchatMessage {
-    // chitchat 0.11 does not export `Digest`, but it is `Deserializable`:
-    // an empty digest is a zero node count (u16).
-    let digest = Deserializable::deserialize(&mut &[0u8, 0][..]).unwrap();
-    ChitchatMessage::Syn {
-        cluster_id: cluster_id.to_owned(),
-        digest,
-    }
+/// A small, valid message: a heartbeat carrying `digest`.
+fn heartbeat(digest: u64) -> Vec<u8> {
+    wire::encode(
+        CLUSTER,
+        &Body::Heartbeat(Probe {
+            gen: 1,
+            inc: 0,
+            digest,
+            you_down: None,
+            announce: None,
+        }),
+    )
+}
+
+/// Another small, valid message, of another kind and size.
+fn sync_start() -> Vec<u8> {
+    wire::encode(
+        CLUSTER,
+        &Body::SyncStart {
+            buckets: (0..64).collect(),
+        },
+    )
 }
 
 fn get(counter: &AtomicU64) -> u64 {
@@ -113,11 +134,13 @@ async fn wait_for(what: &str, cond: impl Fn() -> bool) {
     }
 }
 
-async fn recv(node: &mut Node) -> (SocketAddr, ChitchatMessage) {
-    timeout(DEADLINE, node.socket.recv())
+/// The next delivery: sender address, sender node id, bytes.
+async fn recv(node: &mut Node) -> (SocketAddr, String, Vec<u8>) {
+    let (from, peer, bytes) = timeout(DEADLINE, node.socket.recv())
         .await
         .expect("timed out waiting for a message")
-        .expect("transport broken")
+        .expect("transport broken");
+    (from, peer.to_string(), bytes)
 }
 
 async fn assert_quiet(node: &mut Node) {
@@ -132,49 +155,93 @@ async fn same_ca_exchange_both_ways() {
     let mut a = open(ca.node("a")).await;
     let mut b = open(ca.node("b")).await;
 
-    let sent = syn("c1");
-    let syn_len = sent.serialized_len() as u64;
-    a.socket.send(b.addr, sent).await.unwrap();
-    let (from, msg) = recv(&mut b).await;
+    let sent = heartbeat(7);
+    let sent_len = sent.len() as u64;
+    a.socket.send(b.addr, sent.clone());
+    let (from, peer, bytes) = recv(&mut b).await;
     // The single endpoint dials from the listen address, so the receiver
-    // sees the sender's gossip address and chitchat can reply to it.
+    // sees the sender's gossip address and can reply to it; the node id is
+    // the CN of the certificate the sender presented.
     assert_eq!(from, a.addr);
-    assert_eq!(msg, syn("c1"));
+    assert_eq!(peer, "a");
+    assert_eq!(bytes, sent);
+    assert_eq!(
+        wire::decode(&bytes, CLUSTER, MAX_MESSAGE_SIZE),
+        wire::decode(&heartbeat(7), CLUSTER, MAX_MESSAGE_SIZE)
+    );
 
-    b.socket
-        .send(a.addr, ChitchatMessage::BadCluster)
-        .await
-        .unwrap();
-    let (from, msg) = recv(&mut a).await;
+    let reply = sync_start();
+    let reply_len = reply.len() as u64;
+    assert_ne!(sent_len, reply_len);
+    b.socket.send(a.addr, reply.clone());
+    let (from, peer, bytes) = recv(&mut a).await;
     assert_eq!(from, b.addr);
-    assert_eq!(msg, ChitchatMessage::BadCluster);
+    assert_eq!(peer, "b");
+    assert_eq!(bytes, reply);
 
-    let bad_cluster_len = ChitchatMessage::BadCluster.serialized_len() as u64;
     wait_for("outgoing stats", || {
         get(&a.stats.messages_out) == 1 && get(&b.stats.messages_out) == 1
     })
     .await;
-    assert_eq!(get(&a.stats.bytes_out), syn_len);
-    assert_eq!(get(&b.stats.bytes_out), bad_cluster_len);
+    assert_eq!(get(&a.stats.bytes_out), sent_len);
+    assert_eq!(get(&b.stats.bytes_out), reply_len);
     assert_eq!(get(&b.stats.messages_in), 1);
-    assert_eq!(get(&b.stats.bytes_in), syn_len);
+    assert_eq!(get(&b.stats.bytes_in), sent_len);
     assert_eq!(get(&a.stats.messages_in), 1);
-    assert_eq!(get(&a.stats.bytes_in), bad_cluster_len);
+    assert_eq!(get(&a.stats.bytes_in), reply_len);
     for stats in [&a.stats, &b.stats] {
         assert_eq!(get(&stats.send_dropped), 0);
         assert_eq!(get(&stats.decode_errors), 0);
         assert_eq!(get(&stats.rejected_peers), 0);
     }
 
-    // A burst in both directions arrives complete.
-    for _ in 0..50 {
-        a.socket.send(b.addr, syn("c1")).await.unwrap();
-        b.socket.send(a.addr, syn("c1")).await.unwrap();
+    // A burst in both directions arrives complete (in any order: every
+    // message has its own stream).
+    for i in 0..50 {
+        a.socket.send(b.addr, heartbeat(i));
+        b.socket.send(a.addr, heartbeat(1000 + i));
     }
+    let (mut at_a, mut at_b) = (Vec::new(), Vec::new());
     for _ in 0..50 {
-        assert_eq!(recv(&mut a).await.0, b.addr);
-        assert_eq!(recv(&mut b).await.0, a.addr);
+        let (from, peer, bytes) = recv(&mut a).await;
+        assert_eq!((from, peer.as_str()), (b.addr, "b"));
+        at_a.push(bytes);
+        let (from, peer, bytes) = recv(&mut b).await;
+        assert_eq!((from, peer.as_str()), (a.addr, "a"));
+        at_b.push(bytes);
     }
+    at_a.sort();
+    at_b.sort();
+    let mut want_a: Vec<_> = (0..50).map(|i| heartbeat(1000 + i)).collect();
+    let mut want_b: Vec<_> = (0..50).map(heartbeat).collect();
+    want_a.sort();
+    want_b.sort();
+    assert_eq!(at_a, want_a);
+    assert_eq!(at_b, want_b);
+}
+
+#[tokio::test]
+async fn large_message_arrives_whole() {
+    let ca = Ca::new("c1");
+    let mut a = open(ca.node("a")).await;
+    let mut b = open(ca.node("b")).await;
+
+    // Exactly the cap: far beyond a datagram, still one message.
+    let mut noise = Noise(0x1a46_e000_0000_0001);
+    let big = noise.bytes(MAX_MESSAGE_SIZE);
+    a.socket.send(b.addr, big.clone());
+    let (from, peer, bytes) = recv(&mut b).await;
+    assert_eq!((from, peer.as_str()), (a.addr, "a"));
+    assert!(bytes == big, "large message corrupted");
+    assert_eq!(get(&b.stats.decode_errors), 0);
+
+    // One byte more is refused by the sender itself, and counted.
+    a.socket.send(b.addr, vec![0; MAX_MESSAGE_SIZE + 1]);
+    assert_eq!(get(&a.stats.send_dropped), 1);
+    a.socket.send(b.addr, heartbeat(1));
+    let (_, _, bytes) = recv(&mut b).await;
+    assert_eq!(bytes, heartbeat(1));
+    assert_eq!(get(&b.stats.messages_in), 2);
 }
 
 #[tokio::test]
@@ -184,11 +251,7 @@ async fn foreign_ca_cannot_deliver() {
     let mut good = open(good_ca.node("good")).await;
     let mut foreign = open(foreign_ca.node("intruder")).await;
 
-    foreign
-        .socket
-        .send(good.addr, ChitchatMessage::BadCluster)
-        .await
-        .unwrap();
+    foreign.socket.send(good.addr, heartbeat(1));
     wait_for("good node to see the rejected handshake", || {
         get(&good.stats.rejected_peers) >= 1
     })
@@ -198,10 +261,7 @@ async fn foreign_ca_cannot_deliver() {
 
     // The other direction: the good node refuses to talk to the intruder.
     let before = get(&good.stats.rejected_peers);
-    good.socket
-        .send(foreign.addr, ChitchatMessage::BadCluster)
-        .await
-        .unwrap();
+    good.socket.send(foreign.addr, heartbeat(2));
     wait_for("good node to reject the foreign server", || {
         get(&good.stats.rejected_peers) > before
     })
@@ -228,7 +288,7 @@ async fn try_send_raw(endpoint: &quinn::Endpoint, to: SocketAddr) -> Option<quin
         .await
         .ok()?;
     if let Ok(mut stream) = conn.open_uni().await {
-        let _ = stream.write_all(&syn("c1").serialize_to_vec()).await;
+        let _ = stream.write_all(&heartbeat(1)).await;
         let _ = stream.finish();
     }
     Some(conn)
@@ -322,49 +382,59 @@ async fn garbage_datagrams_do_not_break_the_endpoint() {
         junk.send_to(&packet, good.addr).await.unwrap();
     }
 
-    sender.socket.send(good.addr, syn("c1")).await.unwrap();
-    let (from, msg) = recv(&mut good).await;
-    assert_eq!(from, sender.addr);
-    assert_eq!(msg, syn("c1"));
+    sender.socket.send(good.addr, heartbeat(3));
+    let (from, peer, bytes) = recv(&mut good).await;
+    assert_eq!((from, peer.as_str()), (sender.addr, "sender"));
+    assert_eq!(bytes, heartbeat(3));
     // And the reply path on the same endpoint still works.
-    good.socket
-        .send(sender.addr, ChitchatMessage::BadCluster)
-        .await
-        .unwrap();
-    assert_eq!(recv(&mut sender).await.0, good.addr);
+    good.socket.send(sender.addr, sync_start());
+    let (from, peer, bytes) = recv(&mut sender).await;
+    assert_eq!((from, peer.as_str()), (good.addr, "good"));
+    assert_eq!(bytes, sync_start());
+    assert_eq!(get(&good.stats.messages_in), 1);
 }
 
 #[tokio::test]
-async fn undecodable_streams_are_counted_and_skipped() {
+async fn oversized_streams_are_counted_and_skipped() {
     let ca = Ca::new("c1");
     let mut good = open(ca.node("good")).await;
-    // An authenticated peer sending bad streams (a bug, or an old version).
+    // An authenticated peer sending odd streams (a bug, or another version).
+    // The transport does not decode: whatever fits is delivered as is, and
+    // only a stream over the cap is dropped (and counted) there.
     let endpoint = raw_client(ca.node("buggy").client_config().unwrap());
     let conn = endpoint
         .connect(good.addr, skein_tls::SERVER_NAME)
         .unwrap()
         .await
         .unwrap();
-    for payload in [
-        b"junk".to_vec(),
-        Vec::new(),
-        vec![0u8; skein_gossip::transport::MAX_MESSAGE_SIZE + 1],
-    ] {
+    let junk = b"junk".to_vec();
+    for payload in [junk.clone(), Vec::new(), vec![0u8; MAX_MESSAGE_SIZE + 1]] {
         let mut stream = conn.open_uni().await.unwrap();
         // The oversized one may be stopped by the receiver mid-write.
         let _ = stream.write_all(&payload).await;
         let _ = stream.finish();
     }
-    wait_for("decode errors", || get(&good.stats.decode_errors) == 3).await;
+    wait_for("the oversized stream to be counted", || {
+        get(&good.stats.decode_errors) == 1
+    })
+    .await;
 
     let mut stream = conn.open_uni().await.unwrap();
-    stream
-        .write_all(&ChitchatMessage::BadCluster.serialize_to_vec())
-        .await
-        .unwrap();
+    stream.write_all(&heartbeat(9)).await.unwrap();
     stream.finish().unwrap();
-    let (_, msg) = recv(&mut good).await;
-    assert_eq!(msg, ChitchatMessage::BadCluster);
+    // Streams are read concurrently, so the three deliveries may come in
+    // any order; the oversized one never does.
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let (_, peer, bytes) = recv(&mut good).await;
+        assert_eq!(peer, "buggy");
+        got.push(bytes);
+    }
+    got.sort();
+    assert_eq!(got, vec![Vec::new(), heartbeat(9), junk]);
+    assert_quiet(&mut good).await;
+    assert_eq!(get(&good.stats.decode_errors), 1);
+    assert_eq!(get(&good.stats.messages_in), 3);
     assert_eq!(get(&good.stats.rejected_peers), 0);
 }
 
@@ -378,11 +448,8 @@ async fn send_to_dead_peer_does_not_block() {
     // Far more than the peer queue holds: the excess is dropped, nothing
     // waits for the handshake that will never complete.
     let start = Instant::now();
-    for _ in 0..500 {
-        timeout(Duration::from_millis(100), a.socket.send(dead, syn("c1")))
-            .await
-            .expect("send blocked")
-            .unwrap();
+    for i in 0..500 {
+        a.socket.send(dead, heartbeat(i));
     }
     assert!(
         start.elapsed() < Duration::from_secs(2),
@@ -391,14 +458,12 @@ async fn send_to_dead_peer_does_not_block() {
     );
     assert!(get(&a.stats.send_dropped) > 0);
 
-    a.socket.send(b.addr, syn("c1")).await.unwrap();
-    let (from, msg) = recv(&mut b).await;
-    assert_eq!((from, msg), (a.addr, syn("c1")));
-    b.socket
-        .send(a.addr, ChitchatMessage::BadCluster)
-        .await
-        .unwrap();
-    assert_eq!(recv(&mut a).await.0, b.addr);
+    a.socket.send(b.addr, heartbeat(4));
+    let (from, peer, bytes) = recv(&mut b).await;
+    assert_eq!((from, peer.as_str(), bytes), (a.addr, "a", heartbeat(4)));
+    b.socket.send(a.addr, sync_start());
+    let (from, peer, _) = recv(&mut a).await;
+    assert_eq!((from, peer.as_str()), (b.addr, "b"));
     assert_eq!(get(&a.stats.rejected_peers), 0);
 }
 
@@ -425,58 +490,14 @@ async fn port_is_released_on_drop() {
 }
 
 #[tokio::test]
-async fn chitchat_nodes_find_each_other() {
-    let ca = Ca::new("c1");
-    let mut handles = Vec::new();
-    let mut seeds = Vec::new();
-    for name in ["n1", "n2", "n3"] {
-        let tls = ca.node(name);
-        let stats = Arc::new(GossipStats::default());
-        let mut handle = None;
-        for _ in 0..5 {
-            let addr = free_addr();
-            let config = chitchat::ChitchatConfig {
-                chitchat_id: chitchat::ChitchatId::new(name, 1, addr),
-                cluster_id: "c1".to_owned(),
-                gossip_interval: Duration::from_millis(100),
-                listen_addr: addr,
-                seed_nodes: seeds.clone(),
-                failure_detector_config: Default::default(),
-                marked_for_deletion_grace_period: Duration::from_secs(3600),
-                catchup_callback: None,
-                extra_liveness_predicate: None,
-            };
-            let transport = QuicTransport::new(tls.clone(), stats.clone());
-            if let Ok(h) = chitchat::spawn_chitchat(config, Vec::new(), &transport).await {
-                seeds.push(addr.to_string());
-                handle = Some(h);
-                break;
-            }
-        }
-        handles.push(handle.expect("could not start chitchat"));
-    }
-    for handle in &handles {
-        let chitchat = handle.chitchat();
-        let start = Instant::now();
-        loop {
-            let live = chitchat.lock().await.live_nodes().count();
-            if live == 3 {
-                break;
-            }
-            assert!(start.elapsed() < DEADLINE, "only {live} live nodes");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-#[tokio::test]
 async fn peer_restart_on_same_address() {
     let ca = Ca::new("c1");
     let mut a = open(ca.node("a")).await;
     let b_tls = ca.node("b");
     let mut b = open(b_tls.clone()).await;
-    a.socket.send(b.addr, syn("c1")).await.unwrap();
-    assert_eq!(recv(&mut b).await.0, a.addr);
+    a.socket.send(b.addr, heartbeat(1));
+    let (from, peer, _) = recv(&mut b).await;
+    assert_eq!((from, peer.as_str()), (a.addr, "a"));
 
     // b restarts on the same port; a's cached connection belongs to the old
     // process. Gossip may lose a few messages but must reach the new one.
@@ -494,11 +515,173 @@ async fn peer_restart_on_same_address() {
         }
     };
     loop {
-        a.socket.send(b_addr, syn("c1")).await.unwrap();
+        a.socket.send(b_addr, heartbeat(2));
         if let Ok(received) = timeout(Duration::from_millis(200), b_socket.recv()).await {
-            assert_eq!(received.unwrap().0, a.addr);
+            let (from, peer, bytes) = received.unwrap();
+            assert_eq!((from, &*peer, bytes), (a.addr, "a", heartbeat(2)));
             break;
         }
         assert!(start.elapsed() < DEADLINE, "restarted peer never reached");
+    }
+}
+
+/// Starts one gossip node on a free loopback port, seeded with `seeds`.
+async fn start_gossip(ca: &Ca, name: &str, seeds: &[SocketAddr]) -> (Gossip, SocketAddr) {
+    init_tracing();
+    let tls = ca.node(name);
+    let transport = QuicTransport::new(tls.clone(), Arc::new(GossipStats::default()));
+    let mut last_err = None;
+    for _ in 0..5 {
+        let addr = free_addr();
+        let config = GossipConfig {
+            node_id: name.to_owned(),
+            generation: 1,
+            listen: addr,
+            advertise: addr,
+            seeds: seeds.iter().map(SocketAddr::to_string).collect(),
+            cluster_id: "c1".to_owned(),
+            gossip_interval: Duration::from_millis(100),
+            suspect_after: Duration::from_secs(2),
+            dead_node_grace: Duration::from_secs(3600),
+            tombstone_grace: Duration::from_secs(3600),
+        };
+        let signer = tls.gossip_signer().unwrap();
+        let initial = vec![("meta".to_owned(), format!("{name} at {addr}"))];
+        match Gossip::start(config, &transport, signer, initial, &[]).await {
+            Ok(gossip) => return (gossip, addr),
+            Err(err) => last_err = Some(err),
+        }
+    }
+    panic!("could not start gossip for {name}: {last_err:?}");
+}
+
+/// Polls every node's snapshot until `cond` holds for all of them.
+async fn wait_all<F>(what: &str, nodes: &[Gossip], cond: F)
+where
+    F: Fn(&skein_gossip::ClusterSnapshot) -> bool,
+{
+    let start = Instant::now();
+    loop {
+        let mut lagging = Vec::new();
+        for g in nodes {
+            g.ensure_running().unwrap();
+            if !cond(&g.snapshot().await) {
+                lagging.push(g.node_id().to_owned());
+            }
+        }
+        if lagging.is_empty() {
+            return;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "timed out waiting for {what}; still waiting on {lagging:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn gossip_nodes_find_each_other() {
+    let ca = Ca::new("c1");
+    let names = ["n1", "n2", "n3", "n4"];
+    let mut nodes = Vec::new();
+    let mut seeds = Vec::new();
+    for name in names {
+        // Each newcomer knows only the nodes started before it; n1 none.
+        let (gossip, addr) = start_gossip(&ca, name, &seeds).await;
+        assert_eq!(gossip.node_id(), name);
+        nodes.push(gossip);
+        seeds.push(addr);
+    }
+
+    let all_alive = |snap: &skein_gossip::ClusterSnapshot| {
+        let statuses: BTreeMap<&str, NodeStatus> = snap
+            .liveness
+            .iter()
+            .map(|(id, l)| (id.as_str(), l.status))
+            .collect();
+        statuses == names.iter().map(|n| (*n, NodeStatus::Alive)).collect()
+    };
+    wait_all("every node to hold all four alive", &nodes, all_alive).await;
+    // Every node's initial keyspace travelled with its announcement.
+    wait_all("every node's metadata everywhere", &nodes, |snap| {
+        names.iter().zip(&seeds).all(|(n, addr)| {
+            snap.replica.node(n).and_then(|ks| ks.get("meta"))
+                == Some(format!("{n} at {addr}").as_str())
+        })
+    })
+    .await;
+    for g in &nodes {
+        let live = g.live_node_ids().await;
+        assert_eq!(live, names.map(str::to_owned).to_vec());
+    }
+
+    // A write on one node reaches every replica.
+    nodes[2].set("greeting", "hello").await;
+    wait_all("the write to reach every replica", &nodes, |snap| {
+        snap.replica.node("n3").and_then(|ks| ks.get("greeting")) == Some("hello")
+    })
+    .await;
+    // And so does its deletion.
+    nodes[2].delete("greeting").await;
+    wait_all("the delete to reach every replica", &nodes, |snap| {
+        snap.replica
+            .node("n3")
+            .is_some_and(|ks| ks.get("greeting").is_none() && ks.get("meta").is_some())
+    })
+    .await;
+
+    for g in &nodes {
+        let stats = g.stats();
+        assert_eq!(get(&stats.rejected_peers), 0, "{}", g.node_id());
+        assert_eq!(get(&stats.decode_errors), 0, "{}", g.node_id());
+        assert_eq!(get(&stats.bad_signature), 0, "{}", g.node_id());
+        assert_eq!(get(&stats.bad_identity), 0, "{}", g.node_id());
+        assert_eq!(get(&stats.wrong_cluster), 0, "{}", g.node_id());
+        assert_eq!(get(&stats.version_mismatch), 0, "{}", g.node_id());
+        assert!(get(&stats.messages_in) > 0, "{}", g.node_id());
+    }
+    // All alive still: nobody was suspected on the way.
+    wait_all("all still alive", &nodes, all_alive).await;
+}
+
+#[tokio::test]
+async fn gossip_of_another_cluster_is_refused() {
+    // Same CA, other `--cluster-id`: the handshakes succeed, the messages are
+    // refused by tag, and the two never merge.
+    let ca = Ca::new("c1");
+    let (a, a_addr) = start_gossip(&ca, "a", &[]).await;
+    let tls = ca.node("b");
+    let transport = QuicTransport::new(tls.clone(), Arc::new(GossipStats::default()));
+    let mut b = None;
+    for _ in 0..5 {
+        let addr = free_addr();
+        let config = GossipConfig {
+            node_id: "b".to_owned(),
+            generation: 1,
+            listen: addr,
+            advertise: addr,
+            seeds: vec![a_addr.to_string()],
+            cluster_id: "other".to_owned(),
+            gossip_interval: Duration::from_millis(100),
+            suspect_after: Duration::from_secs(2),
+            dead_node_grace: Duration::from_secs(3600),
+            tombstone_grace: Duration::from_secs(3600),
+        };
+        let signer = tls.gossip_signer().unwrap();
+        if let Ok(g) = Gossip::start(config, &transport, signer, Vec::new(), &[]).await {
+            b = Some(g);
+            break;
+        }
+    }
+    let b = b.expect("could not start gossip for b");
+    wait_for("a to refuse b's join", || {
+        get(&a.stats().wrong_cluster) >= 1
+    })
+    .await;
+    for g in [&a, &b] {
+        let snap = g.snapshot().await;
+        let ids: Vec<&str> = snap.liveness.keys().map(String::as_str).collect();
+        assert_eq!(ids, [g.node_id()]);
     }
 }

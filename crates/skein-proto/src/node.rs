@@ -111,9 +111,9 @@ impl Config {
             join_retry: SEC,
             max_nodes: 20_000,
             max_keys_per_origin: 50_000,
-            max_bytes_per_origin: 8 << 20,
+            max_bytes_per_origin: 2 << 20,
             max_rumors_per_message: 4096,
-            max_sync_bytes: 4 << 20,
+            max_sync_bytes: 2 << 20,
         }
     }
 }
@@ -618,12 +618,18 @@ impl<K: Keys> Node<K> {
     /// Everything this node holds about itself, as a sync would send it:
     /// what a peer restores from a persisted replica.
     pub fn own_data(&self) -> Option<OriginData> {
-        let o = self.rec(self.me)?;
+        self.origin_data(self.me)
+    }
+
+    /// Everything this node holds about `n` (signed, so it can be written
+    /// to disk and restored with [`Node::restore`]).
+    pub fn origin_data(&self, n: Name) -> Option<OriginData> {
+        let o = self.rec(n)?;
         Some(OriginData {
             announce: o.announce.clone(),
             identity: Some(o.identity.clone()),
-            suspicions: Vec::new(),
-            leave: None,
+            suspicions: o.suspicions().to_vec(),
+            leave: o.extra.as_ref().and_then(|x| x.leave.clone()),
             reset: false,
             entries: o.entries.clone(),
             wm: o.wm,
@@ -674,11 +680,8 @@ impl<K: Keys> Node<K> {
 
     fn send_join(&mut self, now: Micros) {
         self.next_join = now + self.cfg.join_retry;
-        let Some(o) = self.rec(self.me) else { return };
-        let body = Body::Join {
-            announce: o.announce.clone(),
-            identity: self.identity.clone(),
-        };
+        let Some(data) = self.own_data() else { return };
+        let body = Body::Join(data);
         // Ask up to three seeds at a time; every answer is a full copy.
         let n = self.seeds.len();
         let start = self.rng.below(n);
@@ -1133,7 +1136,7 @@ impl<K: Keys> Node<K> {
                 self.send(from, ack);
             }
             Body::Ack(p) => self.on_probe(now, from, &p),
-            Body::Join { announce, identity } => self.on_join(now, from, announce, identity),
+            Body::Join(data) => self.on_join(now, from, data),
             Body::Rumors(rumors) => {
                 let mut fresh = Vec::new();
                 for r in rumors.into_iter().take(self.cfg.max_rumors_per_message) {
@@ -1237,27 +1240,12 @@ impl<K: Keys> Node<K> {
         }
     }
 
-    fn on_join(
-        &mut self,
-        now: Micros,
-        from: Name,
-        announce: Arc<Announce>,
-        identity: Arc<Identity>,
-    ) {
-        if announce.node != from {
+    fn on_join(&mut self, now: Micros, from: Name, data: OriginData) {
+        if data.announce.node != from || data.identity.is_none() {
             self.refuse(Refusal::NotSender, from);
             return;
         }
         let mut fresh = Vec::new();
-        let data = OriginData {
-            announce,
-            identity: Some(identity),
-            suspicions: Vec::new(),
-            leave: None,
-            reset: false,
-            entries: Vec::new(),
-            wm: 0,
-        };
         self.apply_data(now, from, data, Some(&mut fresh));
         let Some(addr) = self.rec(from).map(|o| o.announce.addr) else {
             return;

@@ -199,11 +199,10 @@ pub enum Body {
     /// node that is not our neighbour.
     Ping(Probe),
     Ack(Probe),
-    /// A new node to a seed; answered with the whole state.
-    Join {
-        announce: Arc<Announce>,
-        identity: Arc<Identity>,
-    },
+    /// A new (or restarted) node to a seed, with its whole keyspace so the
+    /// cluster sees its new life and its keys at once; answered with the
+    /// whole state.
+    Join(OriginData),
     Rumors(Vec<Rumor>),
     /// Anti-entropy, started when a neighbour's digest differs from ours.
     SyncStart {
@@ -271,8 +270,14 @@ pub fn decode(bytes: &[u8], cluster: u64, max_len: usize) -> Result<Body, Decode
     if first != WIRE_VERSION {
         return Err(DecodeError::Version(first));
     }
-    let envelope: Envelope =
-        postcard::from_bytes(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    let (envelope, rest): (Envelope, &[u8]) =
+        postcard::take_from_bytes(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(DecodeError::Malformed(format!(
+            "{} bytes after the message",
+            rest.len()
+        )));
+    }
     if envelope.cluster != cluster {
         return Err(DecodeError::Cluster);
     }

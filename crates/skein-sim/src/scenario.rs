@@ -31,6 +31,8 @@ pub struct Scenario {
     /// Form the cluster by joins through seeds (`false`: every node starts
     /// from the same persisted replica, as after a whole-cluster restart).
     pub join: bool,
+    /// Heartbeat interval (the agent's `--gossip-interval-ms`).
+    pub heartbeat_ms: f64,
 }
 
 impl Scenario {
@@ -50,6 +52,7 @@ impl Scenario {
             wire: false,
             meta_bytes: 120,
             join: true,
+            heartbeat_ms: 200.0,
         }
     }
 }
@@ -251,6 +254,7 @@ impl Tracker {
 
 pub fn config_for(s: &Scenario) -> Config {
     let mut cfg = Config::new("sim");
+    cfg.heartbeat_interval = (s.heartbeat_ms * MS as f64) as Micros;
     if let Some(g) = s.grace_s {
         cfg.dead_node_grace = (g * SEC as f64) as Micros;
     }

@@ -156,6 +156,17 @@ impl Replica {
         }
     }
 
+    /// Sets `node`'s keyspace to exactly `keyspace` (a view fed by a
+    /// protocol that already decided which copy wins).
+    pub fn replace_node(&mut self, node: &str, keyspace: NodeKeyspace) {
+        self.nodes.insert(node.to_string(), keyspace);
+    }
+
+    /// Drops `node` from the view without a tombstone: it may come back.
+    pub fn drop_node(&mut self, node: &str) {
+        self.nodes.remove(node);
+    }
+
     /// The source of truth for `node` garbage-collected its tombstones up to
     /// version `floor`: any key we still hold at or below that version which
     /// `authoritative` no longer has was deleted there, and is dropped here.

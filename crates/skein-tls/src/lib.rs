@@ -275,6 +275,97 @@ impl NodeTls {
     }
 }
 
+/// What gossip needs to sign what this node originates and to check what
+/// others did: this node's certificate and key, and the cluster CA.
+pub struct GossipSigner {
+    node_id: String,
+    cert: Vec<u8>,
+    key: ring::signature::EcdsaKeyPair,
+    rng: ring::rand::SystemRandom,
+    verifier: Arc<WebPkiServerVerifier>,
+}
+
+impl std::fmt::Debug for GossipSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GossipSigner")
+            .field("node_id", &self.node_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Length of a gossip signature (ECDSA P-256, fixed r||s encoding).
+pub const GOSSIP_SIG_LEN: usize = 64;
+
+impl GossipSigner {
+    /// This node's certificate (DER): what proves its key to peers.
+    pub fn identity(&self) -> &[u8] {
+        &self.cert
+    }
+
+    pub fn sign(&self, msg: &[u8]) -> Option<[u8; GOSSIP_SIG_LEN]> {
+        let sig = self.key.sign(&self.rng, msg).ok()?;
+        sig.as_ref().try_into().ok()
+    }
+
+    /// Whether `cert_der` is a certificate the cluster CA issued for node
+    /// `node_id` (and valid now).
+    pub fn check_identity(&self, node_id: &str, cert_der: &[u8]) -> bool {
+        let cert = CertificateDer::from(cert_der);
+        let Ok(name) = ServerName::try_from(SERVER_NAME) else {
+            return false;
+        };
+        peer_node_id(cert_der).as_deref() == Some(node_id)
+            && self
+                .verifier
+                .verify_server_cert(&cert, &[], &name, &[], UnixTime::now())
+                .is_ok()
+    }
+
+    /// Whether `sig` over `msg` was made with the key of `cert_der` (a
+    /// certificate already accepted by [`GossipSigner::check_identity`]).
+    pub fn verify(cert_der: &[u8], msg: &[u8], sig: &[u8]) -> bool {
+        let Ok((_, cert)) = x509_parser::parse_x509_certificate(cert_der) else {
+            return false;
+        };
+        let key = &cert.public_key().subject_public_key.data;
+        ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_FIXED, key)
+            .verify(msg, sig)
+            .is_ok()
+    }
+}
+
+impl NodeTls {
+    /// The signer for what this node publishes in gossip.
+    pub fn gossip_signer(&self) -> anyhow::Result<GossipSigner> {
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = match &self.key {
+            PrivateKeyDer::Pkcs8(k) => k.secret_pkcs8_der(),
+            _ => bail!("the node key must be PKCS#8 (as `skein cert issue` writes it)"),
+        };
+        let key = ring::signature::EcdsaKeyPair::from_pkcs8(
+            &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            pkcs8,
+            &rng,
+        )
+        .map_err(|e| anyhow!("the node key is not an ECDSA P-256 key: {e}"))?;
+        let verifier = WebPkiServerVerifier::builder_with_provider(self.roots.clone(), provider())
+            .build()
+            .context("building certificate verifier")?;
+        let cert = self
+            .certs
+            .first()
+            .ok_or_else(|| anyhow!("no node certificate"))?
+            .to_vec();
+        Ok(GossipSigner {
+            node_id: self.node_id.clone(),
+            cert,
+            key,
+            rng,
+            verifier,
+        })
+    }
+}
+
 /// The node id (subject CN) of a peer certificate, or `None` if the DER
 /// cannot be read or has no textual CN.
 ///

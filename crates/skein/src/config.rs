@@ -48,13 +48,11 @@ pub struct AgentArgs {
     /// File holding the bearer token that state-changing API calls need.
     #[arg(long, env = "SKEIN_API_TOKEN_FILE")]
     pub api_token_file: Option<PathBuf>,
-    /// Gossip round interval in milliseconds [default: 200].
+    /// Milliseconds between heartbeats to each ring neighbour [default: 200].
     #[arg(long, env = "SKEIN_GOSSIP_INTERVAL_MS")]
     pub gossip_interval_ms: Option<u64>,
-    /// Phi-accrual threshold above which a node is down [default: 8].
-    #[arg(long, env = "SKEIN_PHI_THRESHOLD")]
-    pub phi_threshold: Option<f64>,
-    /// Milliseconds without heartbeat progress before a node is `suspect` [default: 3000].
+    /// Milliseconds a ring neighbour may stay silent before it is suspected;
+    /// two observers' suspicions make it down everywhere [default: 1000].
     #[arg(long, env = "SKEIN_SUSPECT_AFTER_MS")]
     pub suspect_after_ms: Option<u64>,
     /// Seconds a down node's state is kept before it is forgotten [default: 86400].
@@ -102,7 +100,6 @@ struct FileConfig {
     cluster_id: Option<String>,
     api_token_file: Option<PathBuf>,
     gossip_interval_ms: Option<u64>,
-    phi_threshold: Option<f64>,
     suspect_after_ms: Option<u64>,
     dead_node_grace_s: Option<u64>,
     l4lb_dataplane: Option<String>,
@@ -255,10 +252,6 @@ impl AgentArgs {
         if gossip_interval < Duration::from_millis(10) {
             bail!("--gossip-interval-ms must be at least 10");
         }
-        let phi_threshold = self.phi_threshold.or(file.phi_threshold).unwrap_or(8.0);
-        if !(phi_threshold.is_finite() && phi_threshold > 0.0) {
-            bail!("--phi-threshold must be a positive number");
-        }
         let l4lb_dataplane = skein_agent::l4lb::Dataplane::parse(
             self.l4lb_dataplane
                 .or(file.l4lb_dataplane)
@@ -342,11 +335,10 @@ impl AgentArgs {
                     .or(file.cluster_id)
                     .unwrap_or_else(|| "skein".to_string()),
                 gossip_interval,
-                phi_threshold,
                 suspect_after: Duration::from_millis(
                     self.suspect_after_ms
                         .or(file.suspect_after_ms)
-                        .unwrap_or(3000),
+                        .unwrap_or(1000),
                 ),
                 dead_node_grace: Duration::from_secs(
                     self.dead_node_grace_s

@@ -73,6 +73,7 @@ fn main() {
             "restore" => false,
             _ => a.nodes <= 2000,
         },
+        heartbeat_ms: 200.0,
     };
     let report = run(&scenario, &mut |line| eprintln!("[skein-sim] {line}"));
     print!("{}", report.text());

@@ -4,6 +4,17 @@
 //! - `quic-no-cert ADDR CA_PEM`: a QUIC client that trusts the cluster CA
 //!   but presents no certificate, and tries to send a message.
 //!
+//! - `impersonate --tls-dir DIR --cluster-id ID --seed IP:PORT --as NODE
+//!   --key KEY --value VALUE`: joins the cluster with the (valid) node
+//!   certificate in DIR and then, until killed, pushes, relays and syncs
+//!   forgeries about NODE: the entry KEY=VALUE claimed from NODE, NODE at a
+//!   higher generation (with and without this certificate presented as
+//!   NODE's), NODE's departure, and suspicions of NODE claimed from others;
+//!   plus, signed honestly with its own key, its own suspicion of NODE;
+//! - `oversize|wrong-version|flood --tls-dir DIR --to IP:PORT`: one message
+//!   over the size cap; one message of another wire version; more
+//!   connections than a host may hold, each with streams that never finish.
+//!
 //! Exits 0 when it did what it was asked; for `quic-no-cert`, it prints
 //! `refused: <reason>` or `accepted` and exits 0 either way, so the test
 //! decides what is right.
@@ -185,9 +196,285 @@ fn dns_weird(addr: SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--flag value` pairs after the subcommand.
+fn flags(args: &[String]) -> anyhow::Result<std::collections::HashMap<String, String>> {
+    let mut out = std::collections::HashMap::new();
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let name = flag
+            .strip_prefix("--")
+            .ok_or_else(|| anyhow::anyhow!("expected a --flag, got {flag}"))?;
+        let value = it
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("--{name} needs a value"))?;
+        out.insert(name.to_string(), value.clone());
+    }
+    Ok(out)
+}
+
+fn need<'a>(
+    f: &'a std::collections::HashMap<String, String>,
+    name: &str,
+) -> anyhow::Result<&'a str> {
+    f.get(name)
+        .map(String::as_str)
+        .ok_or_else(|| anyhow::anyhow!("--{name} is required"))
+}
+
+/// The address this host uses to reach `peer`.
+fn local_ip_towards(peer: SocketAddr) -> anyhow::Result<std::net::IpAddr> {
+    let probe = UdpSocket::bind("0.0.0.0:0")?;
+    probe.connect(peer)?;
+    Ok(probe.local_addr()?.ip())
+}
+
+async fn impersonate(f: &std::collections::HashMap<String, String>) -> anyhow::Result<()> {
+    use skein_proto::keys as signed;
+    use skein_proto::wire::{Announce, Leave, OriginData, Rumor, Suspicion};
+    use skein_proto::{Body, Config, Identity, Keys, Name, Node, Sig, SignedEntry};
+
+    let tls = Arc::new(skein_tls::NodeTls::load(std::path::Path::new(need(
+        f, "tls-dir",
+    )?))?);
+    let cfg = Config::new(need(f, "cluster-id")?);
+    let cluster = cfg.cluster;
+    let seed: SocketAddr = need(f, "seed")?.parse()?;
+    let target = Name::intern(need(f, "as")?).ok_or_else(|| anyhow::anyhow!("bad --as"))?;
+    let (key, value) = (need(f, "key")?.to_string(), need(f, "value")?.to_string());
+    let me = Name::intern(tls.node_id()).ok_or_else(|| anyhow::anyhow!("bad node id"))?;
+    let advertise = SocketAddr::new(local_ip_towards(seed)?, seed.port());
+    // All the rogue can sign with is its own key.
+    let forger = skein_gossip::CertKeys(tls.gossip_signer()?);
+    let own = Arc::new(Identity(tls.gossip_signer()?.identity().to_vec()));
+    let stats = Arc::new(skein_gossip::GossipStats::default());
+    let transport = skein_gossip::QuicTransport::new(tls.clone(), stats);
+    let mut socket = transport
+        .open(SocketAddr::new([0, 0, 0, 0].into(), seed.port()))
+        .await?;
+    let epoch = std::time::Instant::now();
+    let now = || epoch.elapsed().as_micros() as u64;
+    let mut node = Node::new(
+        cfg,
+        skein_gossip::CertKeys(tls.gossip_signer()?),
+        me,
+        advertise,
+        own.clone(),
+        1,
+        std::process::id() as u64,
+        0,
+    );
+    node.join(0, vec![seed]);
+    let sign = |bytes: &[u8]| -> Sig { forger.sign(bytes) };
+    let mut forge = tokio::time::interval(std::time::Duration::from_millis(200));
+    let (mut rounds, mut sent) = (0u64, 0u64);
+    let mut buf = Vec::new();
+    loop {
+        let deadline = epoch + std::time::Duration::from_micros(node.next_deadline());
+        let mut forge_now = false;
+        tokio::select! {
+            got = socket.recv() => {
+                let (_, peer, bytes) = got?;
+                if let (Ok(body), Some(from)) = (skein_proto::wire::decode(&bytes, cluster, 8 << 20), Name::intern(&peer)) {
+                    node.handle(now(), from, body);
+                }
+            }
+            _ = tokio::time::sleep_until(deadline.into()) => node.tick(now()),
+            _ = forge.tick() => forge_now = true,
+        }
+        while let Some(t) = node.poll_transmit() {
+            socket.send(t.addr, skein_proto::wire::encode(cluster, &t.body));
+        }
+        while node.poll_event().is_some() {}
+        let Some(m) = node.member(target).filter(|_| forge_now) else {
+            continue;
+        };
+        rounds += 1;
+        let version = 1_000_000 + rounds;
+        signed::entry_bytes(
+            &mut buf,
+            cluster,
+            target,
+            m.gen,
+            version,
+            &key,
+            Some(&value),
+        );
+        let entry = Arc::new(SignedEntry {
+            origin: target,
+            gen: m.gen,
+            version,
+            key: key.clone(),
+            value: Some(value.clone()),
+            sig: sign(&buf),
+        });
+        let announce = |gen: u64, identity: Option<Arc<Identity>>, buf: &mut Vec<u8>| {
+            signed::alive_bytes(buf, cluster, target, gen, 7, 0, m.addr, 0);
+            Arc::new(Announce {
+                node: target,
+                gen,
+                life: 7,
+                inc: 0,
+                addr: m.addr,
+                floor: 0,
+                identity,
+                sig: sign(buf),
+            })
+        };
+        let higher = announce(m.gen + 1, None, &mut buf);
+        let stolen = announce(m.gen + 2, Some(own.clone()), &mut buf);
+        signed::leave_bytes(&mut buf, cluster, target, m.gen);
+        let leave = Arc::new(Leave {
+            node: target,
+            gen: m.gen,
+            sig: sign(&buf),
+        });
+        // A suspicion claimed from another member, and one of its own.
+        let others: Vec<Name> = node
+            .members()
+            .map(|x| x.name)
+            .filter(|n| *n != target && *n != me)
+            .collect();
+        let mut rumors = vec![
+            Rumor::Entry(entry.clone()),
+            Rumor::Alive(higher.clone()),
+            Rumor::Alive(stolen.clone()),
+            Rumor::Leave(leave),
+        ];
+        for observer in others.iter().take(2).copied().chain([me]) {
+            signed::suspicion_bytes(&mut buf, cluster, observer, target, m.gen, m.inc);
+            rumors.push(Rumor::Suspect(Arc::new(Suspicion {
+                observer,
+                node: target,
+                gen: m.gen,
+                inc: m.inc,
+                sig: sign(&buf),
+            })));
+        }
+        let sync = Body::SyncData {
+            spread: true,
+            origins: vec![OriginData {
+                announce: stolen,
+                identity: Some(own.clone()),
+                suspicions: Vec::new(),
+                leave: None,
+                reset: true,
+                entries: vec![entry],
+                wm: version,
+            }],
+        };
+        for member in node.members().filter(|x| x.name != me && x.status.is_up()) {
+            socket.send(
+                member.addr,
+                skein_proto::wire::encode(cluster, &Body::Rumors(rumors.clone())),
+            );
+            socket.send(member.addr, skein_proto::wire::encode(cluster, &sync));
+            sent += 2;
+        }
+        if rounds == 1 || rounds % 25 == 0 {
+            println!("impersonating {target}: {rounds} rounds, {sent} forged messages sent");
+        }
+    }
+}
+
+/// A QUIC connection to `to` with the node certificate in `tls_dir`.
+async fn dial(
+    tls_dir: &str,
+    to: SocketAddr,
+) -> anyhow::Result<(quinn::Endpoint, quinn::Connection)> {
+    let tls = skein_tls::NodeTls::load(std::path::Path::new(tls_dir))?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls.client_config()?)?;
+    let mut endpoint = quinn::Endpoint::client("0.0.0.0:0".parse()?)?;
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let conn = endpoint.connect(to, skein_tls::SERVER_NAME)?.await?;
+    Ok((endpoint, conn))
+}
+
+async fn send_stream(conn: &quinn::Connection, bytes: &[u8]) -> anyhow::Result<()> {
+    let mut s = conn.open_uni().await?;
+    s.write_all(bytes).await?;
+    s.finish()?;
+    Ok(())
+}
+
+async fn hostile(mode: &str, f: &std::collections::HashMap<String, String>) -> anyhow::Result<()> {
+    let tls_dir = need(f, "tls-dir")?;
+    let to: SocketAddr = need(f, "to")?.parse()?;
+    match mode {
+        "oversize" => {
+            let (_e, conn) = dial(tls_dir, to).await?;
+            let mut bytes = vec![0u8; skein_gossip::transport::MAX_MESSAGE_SIZE + 1];
+            bytes[0] = skein_proto::wire::WIRE_VERSION;
+            let result = send_stream(&conn, &bytes).await;
+            println!("sent {} bytes: {result:?}", bytes.len());
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+        "wrong-version" => {
+            let (_e, conn) = dial(tls_dir, to).await?;
+            let body = skein_proto::Body::Rumors(Vec::new());
+            let mut bytes = skein_proto::wire::encode(0, &body);
+            bytes[0] = skein_proto::wire::WIRE_VERSION + 1;
+            for _ in 0..3 {
+                send_stream(&conn, &bytes).await?;
+            }
+            println!("sent 3 messages of wire version {}", bytes[0]);
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+        "flood" => {
+            let want = skein_gossip::transport::MAX_CONNECTIONS_PER_HOST * 3;
+            let mut held = Vec::new();
+            for _ in 0..want {
+                if let Ok(Ok(pair)) =
+                    tokio::time::timeout(std::time::Duration::from_secs(3), dial(tls_dir, to)).await
+                {
+                    held.push(pair);
+                }
+            }
+            // Streams that start and never finish, as many as allowed.
+            let mut streams = Vec::new();
+            for (_, conn) in &held {
+                for _ in 0..8 {
+                    let Ok(Ok(mut s)) = tokio::time::timeout(
+                        std::time::Duration::from_millis(500),
+                        conn.open_uni(),
+                    )
+                    .await
+                    else {
+                        break;
+                    };
+                    let _ = s.write_all(&[skein_proto::wire::WIRE_VERSION, 0, 0]).await;
+                    streams.push(s);
+                }
+            }
+            println!(
+                "{} connections and {} unfinished streams open",
+                held.len(),
+                streams.len()
+            );
+            tokio::time::sleep(std::time::Duration::from_secs(
+                need(f, "hold-s")
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(5),
+            ))
+            .await;
+        }
+        _ => anyhow::bail!("unknown mode {mode}"),
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
+        Some("impersonate") => {
+            let f = flags(&args[2..])?;
+            tokio::runtime::Runtime::new()?.block_on(impersonate(&f))
+        }
+        Some(mode @ ("oversize" | "wrong-version" | "flood")) => {
+            let f = flags(&args[2..])?;
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            tokio::runtime::Runtime::new()?.block_on(hostile(mode, &f))
+        }
         Some("garbage-udp") if args.len() == 4 => garbage(args[2].parse()?, args[3].parse()?),
         Some("quic-no-cert") if args.len() == 4 => {
             tokio::runtime::Runtime::new()?.block_on(no_cert(args[2].parse()?, &args[3]))
@@ -199,7 +486,7 @@ fn main() -> anyhow::Result<()> {
         }
         Some("dns-weird") if args.len() == 3 => dns_weird(args[2].parse()?),
         _ => anyhow::bail!(
-            "usage: skein-rogue garbage-udp ADDR COUNT | quic-no-cert ADDR CA_PEM | udp-ask ADDR | tcp-hold ADDR SECS | tcp-idle ADDR N SECS | dns-weird ADDR"
+            "usage: skein-rogue garbage-udp ADDR COUNT | quic-no-cert ADDR CA_PEM | udp-ask ADDR | tcp-hold ADDR SECS | tcp-idle ADDR N SECS | dns-weird ADDR | impersonate --tls-dir DIR --cluster-id ID --seed IP:PORT --as NODE --key KEY --value VALUE | oversize|wrong-version|flood --tls-dir DIR --to IP:PORT"
         ),
     }
 }

@@ -83,6 +83,12 @@ pub fn render(agent: &Agent) -> String {
         &[("", load(&g.refused_connections))],
     );
     out.metric(
+        "skein_gossip_stalled_streams_total",
+        "counter",
+        "Gossip streams a peer opened and did not finish in time (discarded).",
+        &[("", load(&g.stalled_streams))],
+    );
+    out.metric(
         "skein_gossip_refused_messages_total",
         "counter",
         "Gossip messages refused whole: another wire version, or another cluster.",

@@ -41,6 +41,9 @@ const MAX_STREAMS_PER_CONNECTION: u32 = 32;
 /// Connections (handshaking or open) the endpoint takes at once; more are
 /// refused and counted.
 pub const MAX_CONNECTIONS: usize = 4096;
+/// Connections one address (host) may hold at once: a node needs one or
+/// two (each side may dial); more is a flood, refused and counted.
+pub const MAX_CONNECTIONS_PER_HOST: usize = 8;
 
 /// Messages waiting for one peer. Several gossip rounds' worth; beyond that
 /// the peer is slow or dead and older state is about to be superseded anyway.
@@ -97,8 +100,11 @@ pub struct GossipStats {
     /// connections refused after the handshake for the same reasons. Dead or
     /// unreachable peers are not counted here.
     pub rejected_peers: AtomicU64,
-    /// Incoming connections refused because the endpoint was at its cap.
+    /// Incoming connections refused because the endpoint, or the peer's
+    /// host, was at its cap.
     pub refused_connections: AtomicU64,
+    /// Streams a peer opened and did not finish in time (discarded).
+    pub stalled_streams: AtomicU64,
     /// Messages of another wire version (a peer running another release).
     pub version_mismatch: AtomicU64,
     /// Messages of another cluster (same CA, other `--cluster-id`).
@@ -169,6 +175,7 @@ impl QuicTransport {
             endpoint,
             stats: self.stats.clone(),
             conns: Mutex::new(HashMap::new()),
+            per_host: Mutex::new(HashMap::new()),
         });
         let (inbox_tx, inbox) = mpsc::channel(RECV_QUEUE_CAPACITY);
         let deliver = inbox_tx.downgrade();
@@ -213,6 +220,8 @@ struct Node {
     /// whichever exists is reused for sending, so two nodes usually share
     /// one connection.
     conns: Mutex<HashMap<SocketAddr, (Connection, Instant)>>,
+    /// Live incoming connections per peer host.
+    per_host: Mutex<HashMap<std::net::IpAddr, usize>>,
 }
 
 impl Node {
@@ -221,16 +230,22 @@ impl Node {
         // itself drops garbage datagrams and malformed packets.
         while let Some(incoming) = self.endpoint.accept().await {
             let remote = canonical(incoming.remote_address());
-            if self.endpoint.open_connections() >= MAX_CONNECTIONS {
+            let host = remote.ip();
+            let from_host = *lock(&self.per_host).get(&host).unwrap_or(&0);
+            if self.endpoint.open_connections() >= MAX_CONNECTIONS
+                || from_host >= MAX_CONNECTIONS_PER_HOST
+            {
                 bump(&self.stats.refused_connections, 1);
                 debug!(%remote, "gossip connection refused: at the connection cap");
                 incoming.refuse();
                 continue;
             }
+            *lock(&self.per_host).entry(host).or_insert(0) += 1;
             let node = self.clone();
             let deliver = deliver.clone();
             // Handshakes run concurrently so a slow one can't hold up others.
             tokio::spawn(async move {
+                let _slot = HostSlot(node.clone(), host);
                 let conn = match incoming.await {
                     Ok(conn) => conn,
                     Err(err) => return node.handshake_failed(remote, "incoming", &err),
@@ -486,6 +501,7 @@ async fn read_message(
         }
         Err(_) => {
             debug!(%peer, "gossip stream stalled; discarded");
+            bump(&stats.stalled_streams, 1);
             let _ = stream.stop(VarInt::from_u32(0));
             return;
         }
@@ -494,6 +510,21 @@ async fn read_message(
     bump(&stats.messages_in, 1);
     // Err only if the socket is gone; nothing left to do then.
     let _ = deliver.send((peer, peer_id, bytes)).await;
+}
+
+/// One incoming connection counted against its host until dropped.
+struct HostSlot(Arc<Node>, std::net::IpAddr);
+
+impl Drop for HostSlot {
+    fn drop(&mut self) {
+        let mut per_host = lock(&self.0.per_host);
+        if let Some(n) = per_host.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                per_host.remove(&self.1);
+            }
+        }
+    }
 }
 
 /// Whether a failed handshake was an authentication refusal (a TLS alert or

@@ -1,0 +1,143 @@
+//! Memory of an agent that holds a large cluster in its replica.
+//!
+//!   cargo build --release -p skein -p cluster-tests
+//!   SKEIN_BIN=target/release/skein target/release/replica-mem-bench --peers 1000 --vips 10000
+//!
+//! Issues a certificate per peer from a fresh cluster CA, builds each
+//! peer's signed keyspace (metadata and tasks with named VIPs, every entry
+//! signed with that peer's key, exactly what gossip would carry), writes
+//! them as the persisted replica of a new agent, starts the real `skein
+//! agent` on it (loopback only, no kernel dataplane, DNS on a high port),
+//! waits until its API reports every task and VIP, and prints its RSS.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use skein_proto::{Config, Identity, Name, Node};
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1)?.parse().ok())
+        .unwrap_or(default)
+}
+
+fn rss_kb(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn get(url: &str) -> Option<serde_json::Value> {
+    let mut r = ureq::get(url).call().ok()?;
+    r.body_mut().read_json().ok()
+}
+
+fn main() -> anyhow::Result<()> {
+    let peers = arg("--peers", 1000);
+    let vips = arg("--vips", 10_000);
+    let per_peer = vips.div_ceil(peers.max(1));
+    let dir = tempfile::tempdir()?;
+    let ca = dir.path().join("ca");
+    skein_tls::init_ca(&ca, "bench")?;
+    let t0 = Instant::now();
+    let mut data = Vec::with_capacity(peers);
+    let cfg = Config::new("bench");
+    for p in 0..peers {
+        let id = format!("peer-{p:05}");
+        let tls_dir = dir.path().join("peers").join(&id);
+        skein_tls::issue_node(&ca, &id, &tls_dir)?;
+        let tls = skein_tls::NodeTls::load(&tls_dir)?;
+        let signer = tls.gossip_signer()?;
+        let identity = Arc::new(Identity(signer.identity().to_vec()));
+        // Loopback addresses nobody listens on: the agent's heartbeats to
+        // these peers never leave the machine.
+        let ip = format!("127.1.{}.{}", p >> 8 & 255, p & 255);
+        let addr = format!("{ip}:62501").parse()?;
+        let mut node = Node::new(
+            cfg.clone(),
+            skein_gossip::CertKeys(signer),
+            Name::intern(&id).context("name")?,
+            addr,
+            identity,
+            1,
+            p as u64,
+            0,
+        );
+        let meta = format!(
+            r#"{{"hostname":"{id}","private_ip":"{ip}","agent_version":"bench","started_ms":1}}"#
+        );
+        node.write(0, "meta", Some(&meta)).map_err(|r| anyhow::anyhow!("{r:?}"))?;
+        for t in 0..per_peer {
+            let task = format!(
+                r#"{{"app":"/svc-{p}-{t}","ip":"{ip}","ports":[{{"port":{},"labels":{{"VIP_0":"/svc-{p}-{t}:80"}}}}]}}"#,
+                8000 + t
+            );
+            node.write(0, &format!("task:svc-{p}-{t}.1"), Some(&task))
+                .map_err(|r| anyhow::anyhow!("{r:?}"))?;
+        }
+        data.push(node.own_data().context("own data")?);
+    }
+    let persisted = postcard::to_allocvec(&(1u8, data))?;
+    println!(
+        "built {peers} peers × {per_peer} tasks with named VIPs ({} VIPs), every entry signed: {:.1} s, persisted replica {:.1} MB",
+        peers * per_peer,
+        t0.elapsed().as_secs_f64(),
+        persisted.len() as f64 / 1e6
+    );
+
+    let agent_dir = dir.path().join("agent");
+    std::fs::create_dir_all(agent_dir.join("data"))?;
+    std::fs::write(agent_dir.join("data").join("replica.postcard"), &persisted)?;
+    skein_tls::issue_node(&ca, "agent", &agent_dir.join("tls"))?;
+    let p = |x: &Path| x.to_string_lossy().to_string();
+    let mut child = std::process::Command::new(cluster_tests::skein_bin())
+        .args(["agent", "--node-id", "agent", "--advertise", "127.0.0.1"])
+        .args(["--gossip-listen", "127.0.0.1:62599", "--api-listen", "127.0.0.1:62599"])
+        .args(["--dns-listen", "127.0.0.1:62598", "--cluster-id", "bench"])
+        .args(["--l4lb-dataplane", "none", "--overlay-dataplane", "none"])
+        .args(["--data-dir", &p(&agent_dir.join("data")), "--tls-dir", &p(&agent_dir.join("tls"))])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .context("starting the agent")?;
+    let pid = child.id();
+    let result = (|| -> anyhow::Result<()> {
+        let started = Instant::now();
+        let expected = peers * per_peer;
+        cluster_tests::wait_for("every VIP in the agent's API", Duration::from_secs(120), || {
+            let Some(v) = get("http://127.0.0.1:62599/v1/vips") else {
+                return Ok(None);
+            };
+            let n = v.as_array().map_or(0, Vec::len);
+            Ok((n >= expected).then_some(()))
+        })?;
+        let loaded = started.elapsed();
+        let nodes = get("http://127.0.0.1:62599/v1/nodes")
+            .and_then(|v| v.as_array().map(Vec::len))
+            .unwrap_or(0);
+        // Settle, then sample for a while: refreshes, DNS records and the
+        // VIP allocation all run meanwhile.
+        let mut max = 0;
+        for _ in 0..20 {
+            std::thread::sleep(Duration::from_millis(500));
+            let _ = get("http://127.0.0.1:62599/v1/vips");
+            max = max.max(rss_kb(pid).unwrap_or(0));
+        }
+        let mb = max as f64 / 1024.0;
+        println!(
+            "agent holding {} nodes and {expected} VIPs (loaded in {:.1} s): RSS {mb:.1} MB peak over 10 s (target ≤ 50 MB: {:.2}x)",
+            nodes,
+            loaded.as_secs_f64(),
+            mb / 50.0
+        );
+        Ok(())
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    result
+}

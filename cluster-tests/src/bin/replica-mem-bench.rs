@@ -70,7 +70,8 @@ fn main() -> anyhow::Result<()> {
         let meta = format!(
             r#"{{"hostname":"{id}","private_ip":"{ip}","agent_version":"bench","started_ms":1}}"#
         );
-        node.write(0, "meta", Some(&meta)).map_err(|r| anyhow::anyhow!("{r:?}"))?;
+        node.write(0, "meta", Some(&meta))
+            .map_err(|r| anyhow::anyhow!("{r:?}"))?;
         for t in 0..per_peer {
             let task = format!(
                 r#"{{"app":"/svc-{p}-{t}","ip":"{ip}","ports":[{{"port":{},"labels":{{"VIP_0":"/svc-{p}-{t}:80"}}}}]}}"#,
@@ -96,10 +97,20 @@ fn main() -> anyhow::Result<()> {
     let p = |x: &Path| x.to_string_lossy().to_string();
     let mut child = std::process::Command::new(cluster_tests::skein_bin())
         .args(["agent", "--node-id", "agent", "--advertise", "127.0.0.1"])
-        .args(["--gossip-listen", "127.0.0.1:62599", "--api-listen", "127.0.0.1:62599"])
+        .args([
+            "--gossip-listen",
+            "127.0.0.1:62599",
+            "--api-listen",
+            "127.0.0.1:62599",
+        ])
         .args(["--dns-listen", "127.0.0.1:62598", "--cluster-id", "bench"])
         .args(["--l4lb-dataplane", "none", "--overlay-dataplane", "none"])
-        .args(["--data-dir", &p(&agent_dir.join("data")), "--tls-dir", &p(&agent_dir.join("tls"))])
+        .args([
+            "--data-dir",
+            &p(&agent_dir.join("data")),
+            "--tls-dir",
+            &p(&agent_dir.join("tls")),
+        ])
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::inherit())
@@ -109,13 +120,17 @@ fn main() -> anyhow::Result<()> {
     let result = (|| -> anyhow::Result<()> {
         let started = Instant::now();
         let expected = peers * per_peer;
-        cluster_tests::wait_for("every VIP in the agent's API", Duration::from_secs(120), || {
-            let Some(v) = get("http://127.0.0.1:62599/v1/vips") else {
-                return Ok(None);
-            };
-            let n = v.as_array().map_or(0, Vec::len);
-            Ok((n >= expected).then_some(()))
-        })?;
+        cluster_tests::wait_for(
+            "every VIP in the agent's API",
+            Duration::from_secs(120),
+            || {
+                let Some(v) = get("http://127.0.0.1:62599/v1/vips") else {
+                    return Ok(None);
+                };
+                let n = v.as_array().map_or(0, Vec::len);
+                Ok((n >= expected).then_some(()))
+            },
+        )?;
         let loaded = started.elapsed();
         let nodes = get("http://127.0.0.1:62599/v1/nodes")
             .and_then(|v| v.as_array().map(Vec::len))

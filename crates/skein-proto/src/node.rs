@@ -102,7 +102,7 @@ impl Config {
             fingers: 4,
             sync_delay: 400 * MS,
             sync_interval: SEC,
-            sync_timeout: 3 * SEC,
+            sync_timeout: SEC,
             flood_delay: 5 * MS,
             probe_interval: 250 * MS,
             dead_node_grace: 3600 * SEC,
@@ -826,6 +826,19 @@ impl<K: Keys> Node<K> {
     }
 
     fn maybe_sync(&mut self, now: Micros) {
+        // Catch-ups first, whatever else is in flight: they are few (a join,
+        // a heal) and aimed at the peer that has what we lack.
+        if let Some(i) = self.catch_up.iter().position(|&(t, _)| now >= t) {
+            let (_, peer) = self.catch_up.swap_remove(i);
+            let peer = peer.or_else(|| {
+                (!self.neighbors.is_empty())
+                    .then(|| self.neighbors[self.rng.below(self.neighbors.len())])
+            });
+            if let Some(peer) = peer {
+                self.start_sync(now, peer);
+                return;
+            }
+        }
         if let Some((_, started)) = self.sync {
             if now.saturating_sub(started) < self.cfg.sync_timeout {
                 return;
@@ -837,17 +850,6 @@ impl<K: Keys> Node<K> {
         let still = |t: Micros| now.saturating_sub(t) >= self.cfg.sync_delay;
         if now.saturating_sub(self.last_sync) < self.cfg.sync_interval {
             return;
-        }
-        if let Some(i) = self.catch_up.iter().position(|&(t, _)| now >= t) {
-            let (_, peer) = self.catch_up.swap_remove(i);
-            let peer = peer.or_else(|| {
-                (!self.neighbors.is_empty())
-                    .then(|| self.neighbors[self.rng.below(self.neighbors.len())])
-            });
-            if let Some(peer) = peer {
-                self.start_sync(now, peer);
-                return;
-            }
         }
         let digest = self.digest;
         let candidate = self

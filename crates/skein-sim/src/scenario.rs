@@ -519,18 +519,29 @@ pub fn run(s: &Scenario, progress: &mut dyn FnMut(&str)) -> Report {
         let expected = live.len();
         let end = sim.now + 120 * SEC;
         let mut converged = None;
+        let (mut all_up, mut all_writes) = (None, None);
         while sim.now < end {
             let t = sim.now + 50 * MS;
             sim.run_until(t, &mut |now, _, e| ignore_downs(&mut pw, now, e));
-            if pw.complete()
-                && live
-                    .iter()
-                    .all(|&i| sim.slots[i as usize].node.up_count() == expected)
-            {
+            let up = live
+                .iter()
+                .all(|&i| sim.slots[i as usize].node.up_count() == expected);
+            if up && all_up.is_none() {
+                all_up = Some(sim.now - healed);
+            }
+            if pw.complete() && all_writes.is_none() {
+                all_writes = Some(sim.now - healed);
+            }
+            if pw.complete() && up {
                 converged = Some(sim.now);
                 break;
             }
         }
+        progress(&format!(
+            "heal: every node up everywhere after {:?} ms, every write everywhere after {:?} ms",
+            all_up.map(|t| t / 1000),
+            all_writes.map(|t| t / 1000)
+        ));
         r.heal_converge_ms =
             Some(converged.map_or(f64::INFINITY, |c| (c - healed) as f64 / 1000.0));
         r.lost_writes = Some(pw.missing() as u64);

@@ -710,6 +710,14 @@ impl<K: Keys> Node<K> {
     }
 
     fn probe_down(&mut self) {
+        // The list is pruned lazily: drop whoever is up again (probing it
+        // "you are down" would make it refute for nothing, over and over).
+        self.down.retain(|&n| {
+            self.origins
+                .get(n.index())
+                .and_then(Option::as_ref)
+                .is_some_and(|o| !o.status.is_up())
+        });
         if self.down.is_empty() {
             return;
         }
@@ -727,7 +735,20 @@ impl<K: Keys> Node<K> {
     }
 
     fn check_suspects(&mut self, now: Micros) {
-        // Silent neighbours.
+        // Silent neighbours. If most of them fell silent at once in a
+        // cluster large enough that neighbours are unrelated hosts, the
+        // likelier story is that this node is the one cut off (Lifeguard's
+        // "local health"): it suspects nobody until that passes, rather than
+        // accuse the cluster (every accused node would have to refute, to
+        // everyone, after the heal).
+        let quiet = self
+            .watch
+            .iter()
+            .filter(|w| now.saturating_sub(w.heard) > self.cfg.suspect_after)
+            .count();
+        if self.ring.len() > 16 && 2 * quiet > self.watch.len() {
+            return self.check_suspect_timeouts(now);
+        }
         let mut silent = Vec::new();
         for w in &mut self.watch {
             if !w.suspected
@@ -759,13 +780,23 @@ impl<K: Keys> Node<K> {
                 self.flood(vec![Rumor::Suspect(s)], None);
             }
         }
-        // Suspicions nobody confirmed or refuted in time.
+        self.check_suspect_timeouts(now);
+    }
+
+    fn check_suspect_timeouts(&mut self, now: Micros) {
+        // Suspicions nobody confirmed or refuted in time. Only where a
+        // second observer cannot exist (three members or fewer): elsewhere
+        // one observer alone is no proof — it may be the one cut off, and a
+        // node that marked its unreachable neighbours down would move on to
+        // suspect the next ones round the ring.
         let mut i = 0;
         while i < self.suspects.len() {
             let n = self.suspects[i];
             match self.rec(n) {
                 Some(o) if o.status == Status::Suspect => {
-                    if now.saturating_sub(o.since) > self.cfg.suspicion_timeout {
+                    if self.ring.len() <= 3
+                        && now.saturating_sub(o.since) > self.cfg.suspicion_timeout
+                    {
                         self.suspects.swap_remove(i);
                         self.mark_down(now, n);
                     } else {
@@ -1119,6 +1150,10 @@ impl<K: Keys> Node<K> {
                         w.digest = p.digest;
                         w.digest_since = now;
                     }
+                    if self.status(from) == Some(Status::Suspect) {
+                        // It is talking to us: tell it what to refute.
+                        self.reply_down(now, from);
+                    }
                 } else {
                     // Not our neighbour (our views differ, or we hold it
                     // down): answer, so it hears from us and can refute.
@@ -1180,9 +1215,11 @@ impl<K: Keys> Node<K> {
     }
 
     /// (generation, incarnation) at which we hold `n` down, if we do.
+    /// (generation, incarnation) at which we hold `n` suspect or down, if
+    /// we do: what `n` must refute.
     fn down_view(&self, n: Name) -> Option<(u64, u64)> {
         let o = self.rec(n)?;
-        (!o.status.is_up()).then_some((o.announce.gen, o.announce.inc))
+        (o.status != Status::Alive).then_some((o.announce.gen, o.announce.inc))
     }
 
     fn reply_down(&mut self, now: Micros, to: Name) {
@@ -1542,7 +1579,12 @@ impl<K: Keys> Node<K> {
                         o.wm = 0;
                         o.extra = None;
                     } else if let Some(x) = o.extra.as_mut() {
-                        x.suspicions.clear();
+                        x.suspicions = Vec::new();
+                        // Most nodes hold nothing extra about most others:
+                        // give the memory back (it adds up at 10,000 nodes).
+                        if x.above.is_empty() && x.leave.is_none() {
+                            o.extra = None;
+                        }
                     }
                     if floor > 0 {
                         o.entries.retain(|e| e.value.is_some() || e.version > floor);
@@ -1582,6 +1624,10 @@ impl<K: Keys> Node<K> {
             || matches!(o.status, Status::Left | Status::Removed)
             || o.suspicions().iter().any(|x| x.observer == s.observer)
             || o.suspicions().len() >= 8
+            // Down on enough evidence already: more suspicions change nothing
+            // here, so they are not flooded on (a sync still carries the
+            // evidence to whoever lacks it).
+            || (o.status == Status::Down && o.suspicions().len() >= 2)
         {
             return false;
         }
@@ -1930,5 +1976,8 @@ fn advance(o: &mut Origin, v: u64) {
             }
         });
         o.wm = wm;
+        if x.above.is_empty() && x.suspicions.is_empty() && x.leave.is_none() {
+            o.extra = None;
+        }
     }
 }

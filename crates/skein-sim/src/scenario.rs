@@ -577,6 +577,16 @@ pub fn run(s: &Scenario, progress: &mut dyn FnMut(&str)) -> Report {
         .map(|sl| sl.node.stats().bad_signature)
         .sum();
     r.messages = sim.messages;
+    let sum = |f: fn(&skein_proto::Stats) -> u64| -> u64 {
+        sim.slots.iter().map(|sl| f(sl.node.stats())).sum()
+    };
+    progress(&format!(
+        "totals: {} refutations, {} syncs, {} rumors received ({} new to their receiver)",
+        sum(|s| s.refutations),
+        sum(|s| s.syncs_started),
+        sum(|s| s.rumors_in),
+        sum(|s| s.rumors_new)
+    ));
     r.wall_s = wall.elapsed().as_secs_f64();
     r
 }

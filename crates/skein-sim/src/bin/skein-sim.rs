@@ -75,7 +75,10 @@ fn main() {
         },
         heartbeat_ms: 200.0,
     };
-    let report = run(&scenario, &mut |line| eprintln!("[skein-sim] {line}"));
+    let start = std::time::Instant::now();
+    let report = run(&scenario, &mut |line| {
+        eprintln!("[skein-sim {:6.1}s] {line}", start.elapsed().as_secs_f64())
+    });
     print!("{}", report.text());
     if a.json {
         println!("{}", report.json());

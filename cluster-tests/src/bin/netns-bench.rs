@@ -426,45 +426,33 @@ fn measure_idle(
     }
     // Let joins and the first syncs settle.
     std::thread::sleep(Duration::from_secs(2));
-    let read = || -> anyhow::Result<Vec<(u64, u64, u64)>> {
+    // Interface counters are read inside the window, /metrics outside it:
+    // a /metrics page is kilobytes, and must not count as gossip.
+    let wire = || -> anyhow::Result<Vec<u64>> {
+        c.nodes.iter().map(|n| wire_bytes(&n.netns)).collect()
+    };
+    let gossip = || -> anyhow::Result<Vec<(u64, u64)>> {
         let mut v = Vec::new();
-        for (node, url) in c.nodes.iter().zip(urls) {
-            let page = api
-                .http
-                .get(&format!("{url}/metrics"))
-                .call()?
-                .body_mut()
-                .read_to_string()?;
+        for url in urls {
+            let page = api.http.get(&format!("{url}/metrics")).call()?.body_mut().read_to_string()?;
             v.push((
-                wire_bytes(&node.netns)?,
                 counter(&page, "skein_gossip_bytes_total"),
                 counter(&page, "skein_gossip_messages_total"),
             ));
         }
         Ok(v)
     };
-    let before = read()?;
+    let g0 = gossip()?;
+    let w0 = wire()?;
     let start = Instant::now();
     std::thread::sleep(Duration::from_secs(secs as u64));
-    let after = read()?;
+    let w1 = wire()?;
     let dt = start.elapsed().as_secs_f64();
-    // The two /metrics reads themselves cross the interface: a few KB per
-    // node, counted against the node (so the figure is an upper bound).
-    let wire: Vec<f64> = before
-        .iter()
-        .zip(&after)
-        .map(|(b, a)| (a.0 - b.0) as f64 / dt)
-        .collect();
-    let payload: Vec<f64> = before
-        .iter()
-        .zip(&after)
-        .map(|(b, a)| (a.1 - b.1) as f64 / dt)
-        .collect();
-    let messages: Vec<f64> = before
-        .iter()
-        .zip(&after)
-        .map(|(b, a)| (a.2 - b.2) as f64 / dt)
-        .collect();
+    let g1 = gossip()?;
+    let gdt = start.elapsed().as_secs_f64();
+    let wire: Vec<f64> = w0.iter().zip(&w1).map(|(b, a)| (a - b) as f64 / dt).collect();
+    let payload: Vec<f64> = g0.iter().zip(&g1).map(|(b, a)| (a.0 - b.0) as f64 / gdt).collect();
+    let messages: Vec<f64> = g0.iter().zip(&g1).map(|(b, a)| (a.1 - b.1) as f64 / gdt).collect();
     let rss: Vec<f64> = c
         .nodes
         .iter()

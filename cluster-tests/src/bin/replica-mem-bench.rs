@@ -82,6 +82,29 @@ fn main() -> anyhow::Result<()> {
         }
         data.push(node.own_data().context("own data")?);
     }
+    // What the gossip core itself holds for this replica (an estimate that
+    // counts every shared value in full), to tell it from the rest.
+    let core_bytes = {
+        let dir = dir.path().join("probe");
+        skein_tls::issue_node(&ca, "probe", &dir)?;
+        let tls = skein_tls::NodeTls::load(&dir)?;
+        let signer = tls.gossip_signer()?;
+        let identity = Arc::new(Identity(signer.identity().to_vec()));
+        let mut probe = Node::new(
+            cfg.clone(),
+            skein_gossip::CertKeys(signer),
+            Name::intern("probe").context("name")?,
+            "127.0.0.1:62501".parse()?,
+            identity,
+            1,
+            7,
+            0,
+        );
+        for d in &data {
+            probe.restore(0, d.clone());
+        }
+        probe.mem_estimate()
+    };
     let persisted = postcard::to_allocvec(&(1u8, data))?;
     println!(
         "built {peers} peers × {per_peer} tasks with named VIPs ({} VIPs), every entry signed: {:.1} s, persisted replica {:.1} MB",
@@ -145,10 +168,11 @@ fn main() -> anyhow::Result<()> {
         }
         let mb = max as f64 / 1024.0;
         println!(
-            "agent holding {} nodes and {expected} VIPs (loaded in {:.1} s): RSS {mb:.1} MB peak over 10 s (target ≤ 50 MB: {:.2}x)",
+            "agent holding {} nodes and {expected} VIPs (loaded in {:.1} s): RSS {mb:.1} MB peak over 10 s (target ≤ 50 MB: {:.2}x); the gossip core's state for this replica ≈ {:.1} MB",
             nodes,
             loaded.as_secs_f64(),
-            mb / 50.0
+            mb / 50.0,
+            core_bytes as f64 / 1e6
         );
         Ok(())
     })();

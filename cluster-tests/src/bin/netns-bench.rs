@@ -428,13 +428,17 @@ fn measure_idle(
     std::thread::sleep(Duration::from_secs(2));
     // Interface counters are read inside the window, /metrics outside it:
     // a /metrics page is kilobytes, and must not count as gossip.
-    let wire = || -> anyhow::Result<Vec<u64>> {
-        c.nodes.iter().map(|n| wire_bytes(&n.netns)).collect()
-    };
+    let wire =
+        || -> anyhow::Result<Vec<u64>> { c.nodes.iter().map(|n| wire_bytes(&n.netns)).collect() };
     let gossip = || -> anyhow::Result<Vec<(u64, u64)>> {
         let mut v = Vec::new();
         for url in urls {
-            let page = api.http.get(&format!("{url}/metrics")).call()?.body_mut().read_to_string()?;
+            let page = api
+                .http
+                .get(&format!("{url}/metrics"))
+                .call()?
+                .body_mut()
+                .read_to_string()?;
             v.push((
                 counter(&page, "skein_gossip_bytes_total"),
                 counter(&page, "skein_gossip_messages_total"),
@@ -450,9 +454,21 @@ fn measure_idle(
     let dt = start.elapsed().as_secs_f64();
     let g1 = gossip()?;
     let gdt = start.elapsed().as_secs_f64();
-    let wire: Vec<f64> = w0.iter().zip(&w1).map(|(b, a)| (a - b) as f64 / dt).collect();
-    let payload: Vec<f64> = g0.iter().zip(&g1).map(|(b, a)| (a.0 - b.0) as f64 / gdt).collect();
-    let messages: Vec<f64> = g0.iter().zip(&g1).map(|(b, a)| (a.1 - b.1) as f64 / gdt).collect();
+    let wire: Vec<f64> = w0
+        .iter()
+        .zip(&w1)
+        .map(|(b, a)| (a - b) as f64 / dt)
+        .collect();
+    let payload: Vec<f64> = g0
+        .iter()
+        .zip(&g1)
+        .map(|(b, a)| (a.0 - b.0) as f64 / gdt)
+        .collect();
+    let messages: Vec<f64> = g0
+        .iter()
+        .zip(&g1)
+        .map(|(b, a)| (a.1 - b.1) as f64 / gdt)
+        .collect();
     let rss: Vec<f64> = c
         .nodes
         .iter()

@@ -214,28 +214,28 @@ mod tests {
     fn records() -> Records {
         let mut r = Records::default();
         for i in 1..=3u8 {
-            r.names
-                .entry("httpi.marathon.mesos.".into())
-                .or_default()
-                .insert(RData::A {
+            r.add(
+                "httpi.marathon.mesos.".into(),
+                RData::A {
                     ip: [10, 0, 0, i].into(),
-                });
+                },
+            );
         }
-        r.names
-            .entry("_httpi._tcp.marathon.mesos.".into())
-            .or_default()
-            .insert(RData::Srv {
+        r.add(
+            "_httpi._tcp.marathon.mesos.".into(),
+            RData::Srv {
                 priority: 0,
                 weight: 1,
                 port: 9896,
                 target: "httpi-abcde-node1.marathon.mesos.".into(),
-            });
-        r.names
-            .entry("httpi-abcde-node1.marathon.mesos.".into())
-            .or_default()
-            .insert(RData::A {
+            },
+        );
+        r.add(
+            "httpi-abcde-node1.marathon.mesos.".into(),
+            RData::A {
                 ip: [10, 0, 0, 1].into(),
-            });
+            },
+        );
         r
     }
 
@@ -327,12 +327,12 @@ mod tests {
         let mut r = Records::default();
         // 60 A records: ~1 KB, more than 512, less than 1232.
         for i in 0..60u8 {
-            r.names
-                .entry("big.marathon.mesos.".into())
-                .or_default()
-                .insert(RData::A {
+            r.add(
+                "big.marathon.mesos.".into(),
+                RData::A {
                     ip: [10, 1, 0, i].into(),
-                });
+                },
+            );
         }
         let udp = ask(
             &r,

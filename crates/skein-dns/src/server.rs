@@ -718,10 +718,10 @@ mod tests {
 
     fn records(ip: [u8; 4]) -> Arc<Records> {
         let mut r = Records::default();
-        r.names
-            .entry("app.marathon.mesos.".into())
-            .or_default()
-            .insert(crate::RData::A { ip: ip.into() });
+        r.add(
+            "app.marathon.mesos.".into(),
+            crate::RData::A { ip: ip.into() },
+        );
         Arc::new(r)
     }
 

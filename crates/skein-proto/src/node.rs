@@ -592,10 +592,8 @@ impl<K: Keys> Node<K> {
     /// Leaves for good: peers drop this node and everything it published
     /// until it comes back with a higher generation.
     pub fn leave(&mut self) {
-        let mut buf = std::mem::take(&mut self.scratch);
-        keys::leave_bytes(&mut buf, self.cfg.cluster, self.me, self.gen);
-        let sig = self.keys.sign(&buf);
-        self.scratch = buf;
+        let (me, gen) = (self.me, self.gen);
+        let sig = self.sign_with(|b, c| keys::leave_bytes(b, c, me, gen));
         let leave = Arc::new(Leave {
             node: self.me,
             gen: self.gen,
@@ -765,10 +763,8 @@ impl<K: Keys> Node<K> {
                 continue;
             }
             let (gen, inc) = (o.announce.gen, o.announce.inc);
-            let mut buf = std::mem::take(&mut self.scratch);
-            keys::suspicion_bytes(&mut buf, self.cfg.cluster, self.me, n, gen, inc);
-            let sig = self.keys.sign(&buf);
-            self.scratch = buf;
+            let me = self.me;
+            let sig = self.sign_with(|b, c| keys::suspicion_bytes(b, c, me, n, gen, inc));
             let s = Arc::new(Suspicion {
                 observer: self.me,
                 node: n,
@@ -1042,20 +1038,35 @@ impl<K: Keys> Node<K> {
 
     // ----- signing ------------------------------------------------------------
 
-    fn sign_announce(&mut self, with_identity: bool) -> Arc<Announce> {
+    /// Signs the bytes `layout` writes (with the cluster tag) with our key.
+    fn sign_with(&mut self, layout: impl FnOnce(&mut Vec<u8>, u64)) -> crate::wire::Sig {
         let mut buf = std::mem::take(&mut self.scratch);
-        keys::alive_bytes(
-            &mut buf,
-            self.cfg.cluster,
-            self.me,
-            self.gen,
-            self.life,
-            self.inc,
-            self.addr,
-            self.floor,
-        );
+        layout(&mut buf, self.cfg.cluster);
         let sig = self.keys.sign(&buf);
         self.scratch = buf;
+        sig
+    }
+
+    /// Whether `sig` over the bytes `layout` writes was made with the key
+    /// `identity` proves.
+    fn verify_with(
+        &mut self,
+        identity: &Identity,
+        sig: &crate::wire::Sig,
+        layout: impl FnOnce(&mut Vec<u8>, u64),
+    ) -> bool {
+        let mut buf = std::mem::take(&mut self.scratch);
+        layout(&mut buf, self.cfg.cluster);
+        let ok = self.keys.verify(identity, &buf, sig);
+        self.scratch = buf;
+        ok
+    }
+
+    fn sign_announce(&mut self, with_identity: bool) -> Arc<Announce> {
+        let (me, gen, life, inc, addr, floor) = (
+            self.me, self.gen, self.life, self.inc, self.addr, self.floor,
+        );
+        let sig = self.sign_with(|b, c| keys::alive_bytes(b, c, me, gen, life, inc, addr, floor));
         Arc::new(Announce {
             node: self.me,
             gen: self.gen,
@@ -1069,18 +1080,8 @@ impl<K: Keys> Node<K> {
     }
 
     fn sign_entry(&mut self, version: u64, key: &str, value: Option<&str>) -> Arc<SignedEntry> {
-        let mut buf = std::mem::take(&mut self.scratch);
-        keys::entry_bytes(
-            &mut buf,
-            self.cfg.cluster,
-            self.me,
-            self.gen,
-            version,
-            key,
-            value,
-        );
-        let sig = self.keys.sign(&buf);
-        self.scratch = buf;
+        let (me, gen) = (self.me, self.gen);
+        let sig = self.sign_with(|b, c| keys::entry_bytes(b, c, me, gen, version, key, value));
         Arc::new(SignedEntry {
             origin: self.me,
             gen: self.gen,
@@ -1488,11 +1489,7 @@ impl<K: Keys> Node<K> {
     }
 
     fn verify_announce(&mut self, a: &Announce, identity: &Identity) -> bool {
-        let mut buf = std::mem::take(&mut self.scratch);
-        keys::announce_bytes(&mut buf, self.cfg.cluster, a);
-        let ok = self.keys.verify(identity, &buf, &a.sig);
-        self.scratch = buf;
-        ok
+        self.verify_with(identity, &a.sig, |b, c| keys::announce_bytes(b, c, a))
     }
 
     fn apply_alive(
@@ -1637,11 +1634,7 @@ impl<K: Keys> Node<K> {
             self.refuse(Refusal::UnknownOrigin, s.observer);
             return false;
         };
-        let mut buf = std::mem::take(&mut self.scratch);
-        keys::suspicion_of(&mut buf, self.cfg.cluster, s);
-        let ok = self.keys.verify(&observer_id, &buf, &s.sig);
-        self.scratch = buf;
-        if !ok {
+        if !self.verify_with(&observer_id, &s.sig, |b, c| keys::suspicion_of(b, c, s)) {
             self.refuse(Refusal::BadSignature, s.observer);
             return false;
         }
@@ -1702,11 +1695,7 @@ impl<K: Keys> Node<K> {
             return Ok(false);
         }
         let id = o.identity.clone();
-        let mut buf = std::mem::take(&mut self.scratch);
-        keys::leave_of(&mut buf, self.cfg.cluster, l);
-        let ok = self.keys.verify(&id, &buf, &l.sig);
-        self.scratch = buf;
-        if !ok {
+        if !self.verify_with(&id, &l.sig, |b, c| keys::leave_of(b, c, l)) {
             return Err(Refusal::BadSignature);
         }
         if n == self.me {
@@ -1767,11 +1756,7 @@ impl<K: Keys> Node<K> {
             return Err(Refusal::ByteCap);
         }
         let id = o.identity.clone();
-        let mut buf = std::mem::take(&mut self.scratch);
-        keys::entry_of(&mut buf, self.cfg.cluster, e);
-        let ok = self.keys.verify(&id, &buf, &e.sig);
-        self.scratch = buf;
-        if !ok {
+        if !self.verify_with(&id, &e.sig, |b, c| keys::entry_of(b, c, e)) {
             return Err(Refusal::BadSignature);
         }
         if superseded {

@@ -284,6 +284,10 @@ struct Watch {
     /// The digest it last reported, and since when it reports that one.
     digest: u64,
     digest_since: Micros,
+    /// Since when its digest and ours have differed, as seen at our ticks.
+    /// A flood makes them differ for a moment (until its next heartbeat);
+    /// only a difference that outlasts that is worth a sync.
+    mismatch_since: Option<Micros>,
 }
 
 /// SplitMix64: the node's own seeded randomness.
@@ -853,6 +857,14 @@ impl<K: Keys> Node<K> {
     }
 
     fn maybe_sync(&mut self, now: Micros) {
+        let digest = self.digest;
+        for w in &mut self.watch {
+            if w.digest_since > 0 && w.digest != digest {
+                w.mismatch_since.get_or_insert(now);
+            } else {
+                w.mismatch_since = None;
+            }
+        }
         // Catch-ups first, whatever else is in flight: they are few (a join,
         // a heal) and aimed at the peer that has what we lack.
         if let Some(i) = self.catch_up.iter().position(|&(t, _)| now >= t) {
@@ -878,11 +890,9 @@ impl<K: Keys> Node<K> {
         if now.saturating_sub(self.last_sync) < self.cfg.sync_interval {
             return;
         }
-        let digest = self.digest;
-        let candidate = self
-            .watch
-            .iter()
-            .find(|w| w.digest != digest && still(w.digest_since) && w.digest_since > 0);
+        let candidate = self.watch.iter().find(|w| {
+            w.mismatch_since.is_some_and(still) && still(w.digest_since) && w.digest_since > 0
+        });
         let Some(peer) = candidate.map(|w| w.name) else {
             return;
         };
@@ -960,6 +970,7 @@ impl<K: Keys> Node<K> {
                     suspected: false,
                     digest: 0,
                     digest_since: 0,
+                    mismatch_since: None,
                 });
             }
         }
@@ -1150,6 +1161,7 @@ impl<K: Keys> Node<K> {
                     if w.digest != p.digest || w.digest_since == 0 {
                         w.digest = p.digest;
                         w.digest_since = now;
+                        w.mismatch_since = None;
                     }
                     if self.status(from) == Some(Status::Suspect) {
                         // It is talking to us: tell it what to refute.

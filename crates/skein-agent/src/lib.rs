@@ -735,7 +735,8 @@ async fn refresh_loop(agent: std::sync::Weak<Agent>) {
     let mut tick = tokio::time::interval(SNAPSHOT_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_persist = Instant::now();
-    let mut persisted: Option<skein_state::Replica> = None;
+    // The gossip digest of what was last written (not a replica copy).
+    let mut persisted: Option<u64> = None;
     let mut generation = match agent.upgrade() {
         Some(agent) => agent.gossip.generation(),
         None => return,
@@ -783,10 +784,11 @@ async fn refresh_loop(agent: std::sync::Weak<Agent>) {
                 tracing::info!(node = %node, status = live.status.as_str(), "membership change");
             }
         }
-        if last_persist.elapsed() >= PERSIST_INTERVAL && persisted.as_ref() != Some(&next.replica) {
+        if last_persist.elapsed() >= PERSIST_INTERVAL && persisted != Some(agent.gossip.digest()) {
             last_persist = Instant::now();
+            let digest = agent.gossip.digest();
             match agent.store.save_gossip_state(&agent.gossip.persisted()) {
-                Ok(()) => persisted = Some(next.replica.clone()),
+                Ok(()) => persisted = Some(digest),
                 Err(e) => {
                     agent
                         .counters

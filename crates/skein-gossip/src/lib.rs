@@ -347,6 +347,12 @@ impl Gossip {
         postcard::to_allocvec(&(PERSIST_VERSION, data)).unwrap_or_default()
     }
 
+    /// A hash of everything held about every node: changes whenever the
+    /// persisted state would (cheaper than comparing replicas).
+    pub fn digest(&self) -> u64 {
+        lock(&self.shared).node.digest()
+    }
+
     /// Ticks whenever a key is set here or applied from a peer: lets
     /// readers refresh the moment gossip brought something.
     pub fn key_changes(&self) -> watch::Receiver<u64> {

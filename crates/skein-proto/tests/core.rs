@@ -17,6 +17,11 @@ fn cfg() -> Config {
     Config::new("test")
 }
 
+/// The value of `origin`'s `key` as node `n` holds it.
+fn value(n: &skein_proto::Node<TestKeys>, origin: Name, key: &str) -> Option<String> {
+    n.get(origin, key).and_then(|e| e.value.clone())
+}
+
 /// The keyspace of `origin` as node `at` holds it: (key, version, value).
 fn keyspace(n: &skein_proto::Node<TestKeys>, origin: Name) -> Vec<(String, u64, Option<String>)> {
     n.entries(origin)
@@ -153,10 +158,7 @@ fn a_cluster_forms_and_a_write_reaches_everyone() {
     net.run(net.now + 100 * MS, 10 * MS);
     let origin = net.nodes[3].name();
     for n in &net.nodes {
-        assert_eq!(
-            n.get(origin, "task:web").and_then(|e| e.value.clone()),
-            Some("{}".into())
-        );
+        assert_eq!(value(n, origin, "task:web"), Some("{}".into()));
     }
     assert!(net.digests_equal());
 }
@@ -224,10 +226,7 @@ fn a_killed_node_is_down_everywhere_and_a_restart_replaces_its_keyspace() {
     for n in &net.nodes {
         assert_eq!(n.status(four), Some(Status::Alive), "{}", n.name());
         assert!(n.get(four, "task:old").is_none());
-        assert_eq!(
-            n.get(four, "task:new").and_then(|e| e.value.clone()),
-            Some("2".into())
-        );
+        assert_eq!(value(n, four, "task:new"), Some("2".into()));
     }
     assert!(net.digests_equal());
 }
@@ -254,12 +253,7 @@ fn a_restart_that_lost_its_generation_moves_above_the_old_one() {
         .iter()
         .any(|(i, e)| *i == 3 && matches!(e, Event::Generation(g) if *g > 1)));
     for n in &net.nodes {
-        assert_eq!(
-            n.get(three, "b").and_then(|e| e.value.clone()),
-            Some("2".into()),
-            "{}",
-            n.name()
-        );
+        assert_eq!(value(n, three, "b"), Some("2".into()), "{}", n.name());
         assert!(n.get(three, "a").is_none());
     }
 }
@@ -290,14 +284,8 @@ fn a_partition_longer_than_the_grace_heals_with_nothing_lost() {
     let one = net.nodes[1].name();
     for n in &net.nodes {
         assert_eq!(n.up_count(), 8, "{} sees everyone", n.name());
-        assert_eq!(
-            n.get(one, "left-side").and_then(|e| e.value.clone()),
-            Some("1".into())
-        );
-        assert_eq!(
-            n.get(seven, "right-side").and_then(|e| e.value.clone()),
-            Some("2".into())
-        );
+        assert_eq!(value(n, one, "left-side"), Some("1".into()));
+        assert_eq!(value(n, seven, "right-side"), Some("2".into()));
     }
     assert!(net.digests_equal());
 }
@@ -357,10 +345,7 @@ fn forged_state_from_a_valid_peer_changes_nothing() {
     let after: Vec<u64> = net.nodes.iter().map(|n| n.digest()).collect();
     assert_eq!(before, after, "no node's state changed");
     for n in &net.nodes {
-        assert_eq!(
-            n.get(victim, "task:real").and_then(|e| e.value.clone()),
-            Some("ok".into())
-        );
+        assert_eq!(value(n, victim, "task:real"), Some("ok".into()));
         assert_eq!(n.status(victim), Some(Status::Alive));
     }
     let stats = net.nodes[0].stats();

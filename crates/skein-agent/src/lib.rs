@@ -119,7 +119,7 @@ pub struct Agent {
     snapshot: watch::Sender<Arc<ClusterSnapshot>>,
     /// Named VIP → its address and whether it has settled.
     vip_addresses: std::sync::RwLock<BTreeMap<String, (std::net::Ipv4Addr, bool)>>,
-    settling: std::sync::Mutex<vips::Settling>,
+    settling: std::sync::Mutex<vips::Allocator>,
     /// VIP problems already logged, so each is logged once when it appears.
     logged_problems: std::sync::Mutex<std::collections::BTreeSet<String>>,
     /// The cluster's DNS records, republished after every refresh.
@@ -573,56 +573,35 @@ impl Agent {
     /// Publishes this node's VIP address claims for the VIPs it hosts and
     /// records the cluster's allocation. Runs after every snapshot refresh.
     async fn reconcile_vip_claims(&self, snap: &ClusterSnapshot) {
-        use skein_l4lb::alloc;
-        let (tasks, _) = skein_state::tasks(&snap.replica, &snap.liveness);
-        let (vip_map, _) = skein_l4lb::vips_of(&tasks);
-        let me = &self.config.node_id;
-        let hosted: std::collections::BTreeSet<String> = vip_map
-            .iter()
-            .filter(|(_, backends)| backends.iter().any(|b| &b.node_id == me))
-            .filter_map(|(key, _)| vips::vip_id(key))
-            .collect();
-        let claims = vips::claims_in(&snap.replica);
-        // IP VIPs already on a named VIP's address do not displace it.
-        let settled_named = alloc::allocate(&claims, &Default::default());
-        let named_ips: std::collections::BTreeSet<_> =
-            settled_named.assigned.values().map(|v| v.ip).collect();
-        let reserved: std::collections::BTreeSet<_> = vips::reserved(vip_map.keys())
-            .into_iter()
-            .filter(|ip| !named_ips.contains(ip))
-            .collect();
-        let desired = alloc::desired_claims(&hosted, &claims, &reserved, unix_ms());
-        let published: BTreeMap<String, alloc::ClaimValue> = claims
-            .iter()
-            .filter(|c| &c.node == me)
-            .map(|c| (c.vip.clone(), c.value.clone()))
-            .collect();
-        for (vip, value) in &desired {
-            if published.get(vip) != Some(value) {
-                match serde_json::to_string(value) {
-                    Ok(json) => {
-                        tracing::info!(vip, ip = %value.ip, "claiming VIP address");
-                        self.gossip
-                            .set(&format!("{}{vip}", vips::CLAIM_PREFIX), &json)
-                            .await;
-                    }
-                    Err(e) => tracing::warn!(vip, error = %e, "cannot encode VIP claim"),
+        let outcome = match self.settling.lock() {
+            Ok(mut allocator) => allocator.reconcile(
+                &self.config.node_id,
+                &snap.replica,
+                &snap.liveness,
+                Instant::now(),
+                unix_ms(),
+            ),
+            Err(_) => return,
+        };
+        for (vip, value) in &outcome.publish {
+            match serde_json::to_string(value) {
+                Ok(json) => {
+                    tracing::info!(vip, ip = %value.ip, "claiming VIP address");
+                    self.gossip
+                        .set(&format!("{}{vip}", vips::CLAIM_PREFIX), &json)
+                        .await;
                 }
+                Err(e) => tracing::warn!(vip, error = %e, "cannot encode VIP claim"),
             }
         }
-        for vip in published.keys().filter(|v| !desired.contains_key(*v)) {
+        for vip in &outcome.withdraw {
             tracing::info!(vip, "withdrawing VIP address claim");
             self.gossip
                 .delete(&format!("{}{vip}", vips::CLAIM_PREFIX))
                 .await;
         }
-        let allocation = alloc::allocate(&claims, &reserved);
-        let addresses = match self.settling.lock() {
-            Ok(mut s) => s.observe(&allocation, Instant::now(), unix_ms()),
-            Err(_) => return,
-        };
         if let Ok(mut a) = self.vip_addresses.write() {
-            *a = addresses;
+            *a = outcome.addresses;
         }
     }
 

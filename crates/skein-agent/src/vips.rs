@@ -97,6 +97,75 @@ impl Settling {
     }
 }
 
+/// What [`Allocator::reconcile`] decided.
+#[derive(Debug, Default)]
+pub struct Reconciled {
+    /// Claims this node should publish (new or changed), VIP → value.
+    pub publish: BTreeMap<String, ClaimValue>,
+    /// Claims of this node to withdraw.
+    pub withdraw: Vec<String>,
+    /// VIP → (address, whether it may be handed to users yet).
+    pub addresses: BTreeMap<String, (Ipv4Addr, bool)>,
+}
+
+/// This node's side of named-VIP allocation, as a pure step per refresh.
+#[derive(Default)]
+pub struct Allocator {
+    settling: Settling,
+}
+
+impl Allocator {
+    /// From the replica: the claims this node should publish or withdraw
+    /// for the VIPs it hosts, and the cluster's addresses as of `now`.
+    pub fn reconcile(
+        &mut self,
+        me: &str,
+        replica: &Replica,
+        liveness: &BTreeMap<String, skein_state::Liveness>,
+        now: Instant,
+        now_unix_ms: u64,
+    ) -> Reconciled {
+        let (tasks, _) = skein_state::tasks(replica, liveness);
+        let (vip_map, _) = skein_l4lb::vips_of(&tasks);
+        let hosted: BTreeSet<String> = vip_map
+            .iter()
+            .filter(|(_, backends)| backends.iter().any(|b| b.node_id == me))
+            .filter_map(|(key, _)| vip_id(key))
+            .collect();
+        let claims = claims_in(replica);
+        // IP VIPs already on a named VIP's address do not displace it.
+        let settled_named = alloc::allocate(&claims, &Default::default());
+        let named_ips: BTreeSet<_> = settled_named.assigned.values().map(|v| v.ip).collect();
+        let reserved: BTreeSet<_> = reserved(vip_map.keys())
+            .into_iter()
+            .filter(|ip| !named_ips.contains(ip))
+            .collect();
+        let desired = alloc::desired_claims(&hosted, &claims, &reserved, now_unix_ms);
+        let published: BTreeMap<String, ClaimValue> = claims
+            .iter()
+            .filter(|c| c.node == me)
+            .map(|c| (c.vip.clone(), c.value.clone()))
+            .collect();
+        let publish = desired
+            .iter()
+            .filter(|(vip, value)| published.get(*vip) != Some(value))
+            .map(|(vip, value)| (vip.clone(), value.clone()))
+            .collect();
+        let withdraw = published
+            .keys()
+            .filter(|v| !desired.contains_key(*v))
+            .cloned()
+            .collect();
+        let allocation = alloc::allocate(&claims, &reserved);
+        let addresses = self.settling.observe(&allocation, now, now_unix_ms);
+        Reconciled {
+            publish,
+            withdraw,
+            addresses,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,6 +8,7 @@ pub mod l4lb;
 pub mod metrics;
 pub mod overlay;
 pub mod store;
+pub mod view;
 pub mod vips;
 pub mod vxlan;
 pub mod wakeups;
@@ -21,12 +22,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde::Serialize;
-use skein_gossip::{ClusterSnapshot, Gossip, GossipConfig, GossipStats, QuicTransport};
+use skein_gossip::{Gossip, GossipConfig, GossipStats, QuicTransport};
 use skein_state::{
     task_key, validate_task_id, BadEntry, NodeMeta, NodeStatus, NodeView, TaskSpec, TaskView,
     META_KEY,
 };
 use tokio::sync::{watch, Mutex};
+pub use view::{View, VipBackendView, VipView};
 
 use crate::store::Store;
 
@@ -73,32 +75,6 @@ pub enum AgentError {
     Storage(anyhow::Error),
 }
 
-/// A row of `GET /v1/vips`: dcos-net's shape (`vip`, `protocol`,
-/// `backend[{ip, port}]`) plus what an operator needs to see why traffic
-/// goes where it goes.
-#[derive(Debug, Serialize)]
-pub struct VipView {
-    pub vip: String,
-    pub protocol: skein_state::Protocol,
-    pub port: u16,
-    /// The VIP's address: as given for an IP VIP; for a named VIP, the
-    /// cluster-wide allocation once settled (`null` while pending).
-    pub address: Option<IpAddr>,
-    pub backend: Vec<VipBackendView>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct VipBackendView {
-    pub ip: IpAddr,
-    pub port: u16,
-    pub task_id: String,
-    pub node_id: String,
-    pub node_status: NodeStatus,
-    pub healthy: bool,
-    /// Whether this node sends new connections to it.
-    pub in_use: bool,
-}
-
 /// `GET /v1/tasks`.
 #[derive(Debug, Serialize)]
 pub struct TasksView {
@@ -116,10 +92,13 @@ pub struct Agent {
     /// Serializes own-task writes so the file and the gossip keyspace are
     /// updated in the same order.
     own_tasks: Mutex<BTreeMap<String, TaskSpec>>,
-    snapshot: watch::Sender<Arc<ClusterSnapshot>>,
-    /// Named VIP → its address and whether it has settled.
-    vip_addresses: std::sync::RwLock<BTreeMap<String, (std::net::Ipv4Addr, bool)>>,
-    settling: std::sync::Mutex<vips::Allocator>,
+    /// What every reader reads: one [`View`] per refresh.
+    view: watch::Sender<Arc<View>>,
+    /// Bumped by writers that want to read their write: the refresh that
+    /// starts after the bump publishes a view covering it.
+    refresh_requests: AtomicU64,
+    refresh_kick: Arc<tokio::sync::Notify>,
+    vip_allocator: std::sync::Mutex<vips::Allocator>,
     /// VIP problems already logged, so each is logged once when it appears.
     logged_problems: std::sync::Mutex<std::collections::BTreeSet<String>>,
     /// The cluster's DNS records, republished after every refresh.
@@ -222,8 +201,7 @@ impl Agent {
             tombstone_grace: Duration::from_secs(3600),
         };
         let gossip = Gossip::start(gossip_config, &transport, signer, initial, &persisted).await?;
-        let first = gossip.snapshot().await;
-        let (snapshot, _) = watch::channel(Arc::new(first));
+        let (view, _) = watch::channel(Arc::new(View::empty(&config.node_id, &overlay)));
         let (records, records_rx) = watch::channel(Arc::new(skein_dns::Records::default()));
         let dns = if config.dns_listen.is_empty() {
             None
@@ -255,9 +233,10 @@ impl Agent {
             store,
             stats,
             own_tasks: Mutex::new(own_tasks),
-            snapshot,
-            vip_addresses: Default::default(),
-            settling: Default::default(),
+            view,
+            refresh_requests: AtomicU64::new(0),
+            refresh_kick: Arc::new(tokio::sync::Notify::new()),
+            vip_allocator: Default::default(),
             logged_problems: Default::default(),
             overlay,
             own_leases: Mutex::new(own_leases),
@@ -271,6 +250,9 @@ impl Agent {
             started: Instant::now(),
             counters: Counters::default(),
         });
+        // Readers never see the empty view: the first refresh happens here.
+        let first = agent.build_view(1).await;
+        agent.publish_view(first).await;
         tokio::spawn(refresh_loop(Arc::downgrade(&agent)));
         tokio::spawn(health::run(Arc::downgrade(&agent)));
         match agent.config.l4lb_dataplane {
@@ -321,132 +303,86 @@ impl Agent {
         own.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 
-    /// The latest snapshot (at most [`SNAPSHOT_INTERVAL`] old).
-    pub fn snapshot(&self) -> Arc<ClusterSnapshot> {
-        self.snapshot.borrow().clone()
+    /// The latest view (at most [`SNAPSHOT_INTERVAL`] old).
+    pub fn view(&self) -> Arc<View> {
+        self.view.borrow().clone()
     }
 
-    /// Waits for the next snapshot refresh; lets a writer read its own write.
-    async fn fresh_snapshot(&self) -> Arc<ClusterSnapshot> {
-        let snap = Arc::new(self.gossip.snapshot().await);
-        self.snapshot.send_replace(snap.clone());
-        snap
+    /// A receiver that sees every new view.
+    pub fn subscribe_view(&self) -> watch::Receiver<Arc<View>> {
+        self.view.subscribe()
+    }
+
+    /// Waits for a view that includes everything written before this call
+    /// (a writer reads its own write). Gives up after a second: the write
+    /// is durable either way, and the next refresh shows it.
+    async fn fresh_view(&self) -> Arc<View> {
+        let wanted = self.refresh_requests.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut rx = self.view.subscribe();
+        self.refresh_kick.notify_one();
+        let covered = tokio::time::timeout(
+            Duration::from_secs(1),
+            rx.wait_for(|v| v.covers_request >= wanted),
+        )
+        .await;
+        match covered {
+            Ok(Ok(view)) => view.clone(),
+            _ => self.view(),
+        }
+    }
+
+    /// One refresh: a snapshot of the replica, this node's VIP claims
+    /// reconciled against it, and the view derived from both.
+    async fn build_view(&self, seq: u64) -> View {
+        let covers = self.refresh_requests.load(Ordering::SeqCst);
+        let snap = self.gossip.snapshot().await;
+        let addresses = self.reconcile_vip_claims(&snap).await;
+        let mut view = View::build(seq, &self.config.node_id, snap, addresses, &self.overlay);
+        view.covers_request = covers;
+        view
+    }
+
+    /// Makes `view` the one every reader sees, and hands DNS its records
+    /// when they changed.
+    async fn publish_view(&self, view: View) -> Arc<View> {
+        let view = Arc::new(view);
+        let previous = self.view.send_replace(view.clone());
+        if *previous.records != *view.records || previous.seq == 0 {
+            self.records.send_replace(view.records.clone());
+        }
+        view
     }
 
     pub fn nodes(&self) -> Vec<NodeView> {
-        let snap = self.snapshot();
-        skein_state::nodes(&snap.replica, &snap.liveness)
+        self.view().nodes.clone()
     }
 
     pub fn tasks(&self) -> TasksView {
-        let snap = self.snapshot();
-        let (tasks, invalid) = skein_state::tasks(&snap.replica, &snap.liveness);
-        TasksView { tasks, invalid }
+        let view = self.view();
+        TasksView {
+            tasks: view.tasks.clone(),
+            invalid: view.invalid.clone(),
+        }
     }
 
     /// VIPs declared by the cluster's tasks, with their backends and
     /// addresses, and the labels or VIPs that could not be used.
     pub fn vips(&self) -> (Vec<VipView>, Vec<skein_l4lb::VipProblem>) {
-        let tasks = self.tasks().tasks;
-        let (vips, mut problems) = skein_l4lb::vips_of(&tasks);
-        let addresses = self
-            .vip_addresses
-            .read()
-            .map(|a| a.clone())
-            .unwrap_or_default();
-        let named_ips: BTreeMap<IpAddr, &String> = addresses
-            .iter()
-            .map(|(vip, (ip, _))| (IpAddr::V4(*ip), vip))
-            .collect();
-        let mut views = Vec::new();
-        for (key, backends) in vips {
-            let address = match vips::vip_id(&key) {
-                Some(id) => addresses
-                    .get(&id)
-                    .and_then(|&(ip, settled)| settled.then_some(IpAddr::V4(ip))),
-                None => match &key.target {
-                    skein_l4lb::VipTarget::Ip { ip } => Some(*ip),
-                    skein_l4lb::VipTarget::Named { .. } => None,
-                },
-            };
-            // An IP VIP on a named VIP's address is refused: the named VIP
-            // had it first (allocation never hands out an IP VIP's address).
-            if let (skein_l4lb::VipTarget::Ip { ip }, Some(named)) =
-                (&key.target, address.and_then(|a| named_ips.get(&a)))
-            {
-                for b in &backends {
-                    problems.push(skein_l4lb::VipProblem {
-                        task_id: b.task_id.clone(),
-                        node_id: b.node_id.clone(),
-                        label: key.to_string(),
-                        error: format!(
-                            "IP VIP {ip} collides with the address of named VIP {named}; rejected"
-                        ),
-                    });
-                }
-                continue;
-            }
-            let used = skein_l4lb::in_use(&backends);
-            views.push(VipView {
-                vip: key.to_string(),
-                protocol: key.protocol,
-                port: key.port,
-                address,
-                backend: backends
-                    .into_iter()
-                    .zip(used)
-                    .map(|(b, in_use)| VipBackendView {
-                        ip: b.ip,
-                        port: b.port,
-                        task_id: b.task_id,
-                        node_id: b.node_id,
-                        node_status: b.node_status,
-                        healthy: b.healthy,
-                        in_use,
-                    })
-                    .collect(),
-            });
-        }
-        (views, problems)
+        let view = self.view();
+        (view.vips.clone(), view.vip_problems.clone())
     }
 
-    /// The cluster's DNS records as this node derives them (Mesos-DNS and
-    /// dcos-dns names; named VIPs only once their address settled).
-    pub fn records(&self) -> skein_dns::Records {
-        let snap = self.snapshot();
-        let (mut tasks, _) = skein_state::tasks(&snap.replica, &snap.liveness);
-        // A down node's tasks are not answered for (Mesos-DNS listed only
-        // running tasks); they come back with the node.
-        tasks.retain(|t| t.node_status != NodeStatus::Down);
-        let nodes = skein_state::nodes(&snap.replica, &snap.liveness);
-        let (vips, _) = self.vips();
-        let names: Vec<(String, String, IpAddr)> = vips
-            .iter()
-            .filter_map(|v| {
-                let address = v.address?;
-                let host = v.vip.rsplit_once(':')?.0;
-                let rest = host.strip_suffix(".l4lb.thisdcos.directory")?;
-                let (name, framework) = rest.split_once('.')?;
-                Some((name.to_string(), framework.to_string(), address))
-            })
-            .collect();
-        let vip_names: Vec<skein_dns::VipName<'_>> = names
-            .iter()
-            .map(|(name, framework, address)| skein_dns::VipName {
-                name,
-                framework,
-                address: *address,
-            })
-            .collect();
-        skein_dns::build(&tasks, &nodes, &vip_names)
+    /// The cluster's DNS records as this node derives them.
+    pub fn records(&self) -> Arc<skein_dns::Records> {
+        self.view().records.clone()
     }
 
     /// Claims (or keeps) this node's overlay leases; persisted before they
     /// are published so a restart reclaims the same ones.
-    async fn reconcile_leases(&self, snap: &ClusterSnapshot) {
+    async fn reconcile_leases(&self, view: &View) {
         let (desired, exhausted) = match overlay::desired(
             &self.overlay,
-            &snap.replica,
+            &view.replica,
             &self.config.node_id,
             unix_ms(),
         ) {
@@ -490,11 +426,11 @@ impl Agent {
     /// and VIP claims), as `POST /overlay-master/agents/delete` does in
     /// DC/OS. Refuses nodes this node does not see down.
     pub async fn forget_agents(&self, ips: &[IpAddr]) -> Result<Vec<String>, AgentError> {
-        let snap = self.snapshot();
-        let nodes = skein_state::nodes(&snap.replica, &snap.liveness);
+        let view = self.view();
         let mut forgotten = Vec::new();
         for ip in ips {
-            let node = nodes
+            let node = view
+                .nodes
                 .iter()
                 .find(|n| n.private_ip == Some(*ip))
                 .ok_or_else(|| AgentError::NotFound(format!("agent {ip}")))?;
@@ -514,7 +450,7 @@ impl Agent {
             tracing::info!(node = %node.node_id, %ip, "agent deleted by an operator");
             forgotten.push(node.node_id.clone());
         }
-        self.fresh_snapshot().await;
+        self.fresh_view().await;
         Ok(forgotten)
     }
 
@@ -540,18 +476,16 @@ impl Agent {
 
     /// DC/OS's `/overlay-master/state`, from this node's replica.
     pub fn overlay_state(&self) -> anyhow::Result<serde_json::Value> {
-        let snap = self.snapshot();
-        let ips: BTreeMap<String, IpAddr> = skein_state::nodes(&snap.replica, &snap.liveness)
-            .into_iter()
-            .filter_map(|n| n.private_ip.map(|ip| (n.node_id, ip)))
-            .collect();
-        overlay::master_state(&self.overlay, &snap.replica, &ips)
+        let view = self.view();
+        view.overlay_state()
+            .cloned()
+            .map_err(|e| anyhow::anyhow!("{e}"))
     }
 
     /// Logs each VIP problem (bad label, colliding IP VIP) once, when it
     /// first appears, so operators see it in the logs as well as the API.
-    fn log_new_vip_problems(&self) {
-        let (_, problems) = self.vips();
+    fn log_new_vip_problems(&self, view: &View) {
+        let problems = &view.vip_problems;
         let Ok(mut logged) = self.logged_problems.lock() else {
             return;
         };
@@ -572,8 +506,11 @@ impl Agent {
 
     /// Publishes this node's VIP address claims for the VIPs it hosts and
     /// records the cluster's allocation. Runs after every snapshot refresh.
-    async fn reconcile_vip_claims(&self, snap: &ClusterSnapshot) {
-        let outcome = match self.settling.lock() {
+    async fn reconcile_vip_claims(
+        &self,
+        snap: &skein_gossip::ClusterSnapshot,
+    ) -> BTreeMap<String, std::net::Ipv4Addr> {
+        let outcome = match self.vip_allocator.lock() {
             Ok(mut allocator) => allocator.reconcile(
                 &self.config.node_id,
                 &snap.replica,
@@ -581,7 +518,7 @@ impl Agent {
                 Instant::now(),
                 unix_ms(),
             ),
-            Err(_) => return,
+            Err(_) => return self.view().vip_addresses.clone(),
         };
         for (vip, value) in &outcome.publish {
             match serde_json::to_string(value) {
@@ -600,9 +537,12 @@ impl Agent {
                 .delete(&format!("{}{vip}", vips::CLAIM_PREFIX))
                 .await;
         }
-        if let Ok(mut a) = self.vip_addresses.write() {
-            *a = outcome.addresses;
-        }
+        // Only addresses that may be handed out reach users and the kernel.
+        outcome
+            .addresses
+            .into_iter()
+            .filter_map(|(vip, (ip, usable))| usable.then_some((vip, ip)))
+            .collect()
     }
 
     /// Registers or replaces a task running on this node. Returns once the
@@ -625,7 +565,7 @@ impl Agent {
         self.gossip.set(&task_key(id), &value).await;
         drop(own);
         self.counters.task_writes.fetch_add(1, Ordering::Relaxed);
-        self.fresh_snapshot().await;
+        self.fresh_view().await;
         tracing::info!(task = id, created, "task registered");
         Ok(created)
     }
@@ -655,7 +595,7 @@ impl Agent {
         self.gossip.delete(&task_key(id)).await;
         drop(own);
         self.counters.task_deletes.fetch_add(1, Ordering::Relaxed);
-        self.fresh_snapshot().await;
+        self.fresh_view().await;
         tracing::info!(task = id, "task removed");
         Ok(())
     }
@@ -663,7 +603,7 @@ impl Agent {
     /// `GET /v1/state`: every node's published keyspace with versions, plus
     /// this node's view of their liveness.
     pub fn state_json(&self) -> serde_json::Value {
-        let snap = self.snapshot();
+        let snap = self.view();
         let nodes: serde_json::Map<String, serde_json::Value> = snap
             .replica
             .nodes()
@@ -708,7 +648,7 @@ impl Agent {
     }
 }
 
-/// Keeps the readers' snapshot fresh, logs membership changes and persists
+/// Keeps the readers' view fresh, logs membership changes and persists
 /// the replica when it changed. Ends when the agent is dropped.
 async fn refresh_loop(agent: std::sync::Weak<Agent>) {
     let mut tick = tokio::time::interval(SNAPSHOT_INTERVAL);
@@ -716,20 +656,19 @@ async fn refresh_loop(agent: std::sync::Weak<Agent>) {
     let mut last_persist = Instant::now();
     // The gossip digest of what was last written (not a replica copy).
     let mut persisted: Option<u64> = None;
-    let mut generation = match agent.upgrade() {
-        Some(agent) => agent.gossip.generation(),
-        None => return,
-    };
-    let (mut keys, mut members) = match agent.upgrade() {
+    let (mut generation, mut keys, mut members, kick) = match agent.upgrade() {
         Some(agent) => (
+            agent.gossip.generation(),
             agent.gossip.key_changes(),
             agent.gossip.membership_changes().await,
+            agent.refresh_kick.clone(),
         ),
         None => return,
     };
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            _ = kick.notified() => {}
             changed = keys.changed() => if changed.is_err() { return },
             changed = members.changed() => if changed.is_err() { return },
         }
@@ -746,12 +685,11 @@ async fn refresh_loop(agent: std::sync::Weak<Agent>) {
                 tracing::warn!(error = %format!("{e:#}"), "could not persist the generation");
             }
         }
-        let previous = agent.snapshot();
-        let next = agent.fresh_snapshot().await;
-        agent.reconcile_vip_claims(&next).await;
-        agent.log_new_vip_problems();
+        let previous = agent.view();
+        let next = agent.build_view(previous.seq.wrapping_add(1)).await;
+        let next = agent.publish_view(next).await;
+        agent.log_new_vip_problems(&next);
         agent.reconcile_leases(&next).await;
-        agent.records.send_replace(Arc::new(agent.records()));
         agent.refreshed.send_modify(|n| *n = n.wrapping_add(1));
         for (node, live) in &next.liveness {
             let before = previous.liveness.get(node).map(|l| l.status);

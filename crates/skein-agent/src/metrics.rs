@@ -25,7 +25,7 @@ impl Out {
 }
 
 pub fn render(agent: &Agent) -> String {
-    let snap = agent.snapshot();
+    let snap = agent.view();
     let mut out = Out(String::new());
     let count = |s: NodeStatus| snap.liveness.values().filter(|l| l.status == s).count() as u64;
     out.metric(

@@ -630,7 +630,7 @@ pub async fn run(agent: Weak<Agent>, changes: tokio::sync::watch::Receiver<u64>,
         let Some(agent) = agent.upgrade() else { return };
         let started = Instant::now();
         let counters = &agent.overlay_counters;
-        let snap = agent.snapshot();
+        let snap = agent.view();
         let leases = match crate::overlay::node_leases(&agent.overlay, &snap.replica) {
             Ok(l) => l,
             Err(e) => {

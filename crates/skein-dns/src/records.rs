@@ -130,7 +130,11 @@ pub struct VipName<'a> {
 
 /// Builds every cluster record from the tasks, the nodes (for agent
 /// addresses) and the settled named-VIP addresses.
-pub fn build(tasks: &[TaskView], nodes: &[NodeView], vips: &[VipName<'_>]) -> Records {
+pub fn build<'t>(
+    tasks: impl IntoIterator<Item = &'t TaskView>,
+    nodes: &[NodeView],
+    vips: &[VipName<'_>],
+) -> Records {
     let mut r = Records::default();
     let agent_ip: BTreeMap<&str, IpAddr> = nodes
         .iter()

@@ -9,6 +9,7 @@
 //! generation) can still come back.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -80,7 +81,9 @@ pub struct Update {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Replica {
-    nodes: BTreeMap<NodeId, NodeKeyspace>,
+    /// Shared so that a snapshot of the replica costs a map of pointers,
+    /// and an unchanged node's keyspace is never copied.
+    nodes: BTreeMap<NodeId, Arc<NodeKeyspace>>,
     /// node → highest generation that has been removed.
     removed: BTreeMap<NodeId, u64>,
 }
@@ -90,12 +93,12 @@ impl Replica {
         Self::default()
     }
 
-    pub fn nodes(&self) -> &BTreeMap<NodeId, NodeKeyspace> {
+    pub fn nodes(&self) -> &BTreeMap<NodeId, Arc<NodeKeyspace>> {
         &self.nodes
     }
 
     pub fn node(&self, node: &str) -> Option<&NodeKeyspace> {
-        self.nodes.get(node)
+        self.nodes.get(node).map(|k| &**k)
     }
 
     pub fn removed(&self) -> &BTreeMap<NodeId, u64> {
@@ -130,12 +133,17 @@ impl Replica {
         }
         match self.nodes.get_mut(node) {
             Some(ours) => {
-                let before = ours.clone();
-                ours.merge(keyspace);
-                *ours != before
+                let mut merged = (**ours).clone();
+                merged.merge(keyspace);
+                if merged == **ours {
+                    return false;
+                }
+                *ours = Arc::new(merged);
+                true
             }
             None => {
-                self.nodes.insert(node.to_string(), keyspace.clone());
+                self.nodes
+                    .insert(node.to_string(), Arc::new(keyspace.clone()));
                 true
             }
         }
@@ -159,7 +167,7 @@ impl Replica {
     /// Sets `node`'s keyspace to exactly `keyspace` (a view fed by a
     /// protocol that already decided which copy wins).
     pub fn replace_node(&mut self, node: &str, keyspace: NodeKeyspace) {
-        self.nodes.insert(node.to_string(), keyspace);
+        self.nodes.insert(node.to_string(), Arc::new(keyspace));
     }
 
     /// Drops `node` from the view without a tombstone: it may come back.
@@ -179,7 +187,7 @@ impl Replica {
     ) {
         if let Some(ours) = self.nodes.get_mut(node) {
             if ours.generation == generation {
-                ours.entries.retain(|key, entry| {
+                Arc::make_mut(ours).entries.retain(|key, entry| {
                     entry.version > floor || authoritative.entries.contains_key(key)
                 });
             }

@@ -24,6 +24,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 use std::net::{IpAddr, Ipv4Addr};
 
+use skein_nftables::{Component, ElementOp};
 use skein_state::Protocol;
 
 /// Our private table; nothing else of the host's ruleset is touched.
@@ -47,14 +48,28 @@ pub struct Service {
 
 type Key = (Ipv4Addr, Protocol, u16);
 
+/// One element: its key and, in a map, its data.
+type Elem = (Vec<Component>, Option<Vec<Component>>);
+
+/// The IP protocol number, as `inet_proto` holds it.
+fn proto_number(p: Protocol) -> u8 {
+    match p {
+        Protocol::Tcp => 6,
+        Protocol::Udp => 17,
+    }
+}
+
 impl Service {
     fn key(&self) -> Key {
         (self.address, self.protocol, self.port)
     }
 
-    /// Its key in its class set, `<proto><k>`.
-    fn element(&self) -> String {
-        format!("{} . {}", self.address, self.port)
+    /// Its key in its class set, `<proto><k>`: `vip . port`.
+    fn element(&self) -> Elem {
+        (
+            vec![Component::Ipv4(self.address), Component::Port(self.port)],
+            None,
+        )
     }
 
     fn class(&self) -> String {
@@ -65,24 +80,78 @@ impl Service {
         format!("{}_backends", self.protocol)
     }
 
-    fn slot(&self, i: usize) -> String {
-        format!("{} . {i}", self.element())
+    /// The key of slot `i` in `<proto>_backends`: `vip . port . i`.
+    fn slot(&self, i: usize) -> Elem {
+        (
+            vec![
+                Component::Ipv4(self.address),
+                Component::Port(self.port),
+                Component::U32(i as u32),
+            ],
+            None,
+        )
     }
 
-    fn slot_target(&self, i: usize) -> String {
+    /// Slot `i` with its backend: `vip . port . i : backend . port`.
+    fn slot_target(&self, i: usize) -> Elem {
         let (ip, port) = self.backends[i];
-        format!("{} : {ip} . {port}", self.slot(i))
+        let (key, _) = self.slot(i);
+        (key, Some(vec![Component::Ipv4(ip), Component::Port(port)]))
     }
 
     fn sources(&self) -> BTreeSet<Ipv4Addr> {
         self.backends.iter().map(|b| b.0).collect()
     }
 
-    fn hairpin(&self, source: Ipv4Addr) -> String {
-        format!(
-            "{source} . {} . {} . {}",
-            self.address, self.protocol, self.port
+    /// `backend . vip . proto . port` in `hairpin`.
+    fn hairpin(&self, source: Ipv4Addr) -> Elem {
+        (
+            vec![
+                Component::Ipv4(source),
+                Component::Ipv4(self.address),
+                Component::Proto(proto_number(self.protocol)),
+                Component::Port(self.port),
+            ],
+            None,
         )
+    }
+}
+
+/// An element as nft writes it: `11.0.0.1 . 80 . 0 : 10.0.0.2 . 8080`.
+fn elem_text((key, data): &Elem) -> String {
+    let join = |c: &[Component]| {
+        c.iter()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>()
+            .join(" . ")
+    };
+    match data {
+        Some(data) => format!("{} : {}", join(key), join(data)),
+        None => join(key),
+    }
+}
+
+/// One change of the table in both forms the kernel can be given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// The whole change as one `nft -f` transaction (what
+    /// [`Table::update`] returns): structural part and elements, atomic.
+    pub text: String,
+    /// What is not elements and must exist before [`Change::elements`]
+    /// can apply: `add set` + `add rule` of new backend-count classes (a
+    /// service with more backends than any class so far), as `nft -f` text.
+    /// `None` for the usual change, elements only.
+    pub structural: Option<String>,
+    /// The element changes, in order (deletions first), for
+    /// `skein_nftables::Nftables::apply(TABLE, ..)`: one atomic netlink
+    /// batch that does what `text` does, once `structural` exists.
+    pub elements: Vec<ElementOp>,
+}
+
+impl Change {
+    /// Whether the elements alone make the change (no `nft -f` needed).
+    pub fn elements_only(&self) -> bool {
+        self.structural.is_none()
     }
 }
 
@@ -188,7 +257,15 @@ impl Table {
              meta mark & {HAIRPIN_MARK:#x} == {HAIRPIN_MARK:#x} masquerade\n  }}"
         );
         let _ = writeln!(out, "}}");
-        let mut sets: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (set, elements) in self.element_sets() {
+            add_elements(&mut out, &set, &elements);
+        }
+        out
+    }
+
+    /// Every element of the table, by set.
+    fn element_sets(&self) -> BTreeMap<String, Vec<Elem>> {
+        let mut sets: BTreeMap<String, Vec<Elem>> = BTreeMap::new();
         for s in self.services.values() {
             sets.entry(s.class()).or_default().push(s.element());
             sets.entry(s.backends_map())
@@ -198,21 +275,40 @@ impl Table {
                 .or_default()
                 .extend(s.sources().into_iter().map(|src| s.hairpin(src)));
         }
-        for (set, elements) in sets {
-            add_elements(&mut out, &set, &elements);
-        }
-        out
+        sets
+    }
+
+    /// Every element of the table as `add` operations, by set: what
+    /// [`Table::ruleset`] adds after defining the table.
+    pub fn elements(&self) -> Vec<ElementOp> {
+        self.element_sets()
+            .into_iter()
+            .flat_map(|(set, elements)| {
+                elements
+                    .into_iter()
+                    .map(move |(key, data)| ElementOp::add(&set, key, data))
+            })
+            .collect()
     }
 
     /// Moves this table to `new` and returns the transaction that does the
     /// same in the kernel: only elements of services that appeared,
     /// disappeared or changed backends, plus a class rule when a service
     /// has more backends than any before. `None` when nothing changed.
+    /// (The text of [`Table::plan`]'s change.)
     pub fn update(&mut self, new: &[Service]) -> Option<String> {
+        self.plan(new).map(|change| change.text)
+    }
+
+    /// Moves this table to `new` and returns the change in both forms: the
+    /// `nft -f` transaction of [`Table::update`], and the same as element
+    /// operations for the netlink client plus, rarely, a structural part
+    /// that needs `nft -f`. `None` when nothing changed.
+    pub fn plan(&mut self, new: &[Service]) -> Option<Change> {
         let next = Table::new(new);
         let mut out = String::new();
-        let mut add: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        let mut delete: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut add: BTreeMap<String, Vec<Elem>> = BTreeMap::new();
+        let mut delete: BTreeMap<String, Vec<Elem>> = BTreeMap::new();
         for (key, s) in &next.services {
             let before = self.services.get(key);
             if before == Some(s) {
@@ -277,35 +373,54 @@ impl Table {
                 let _ = writeln!(out, "add rule ip {TABLE} services {}", class_rule(p, k));
             }
         }
+        let structural = (!out.is_empty()).then(|| out.clone());
         // Deletions first: a slot that changes backend is deleted and
         // re-added in the same (atomic) transaction.
-        for (set, elements) in &delete {
+        let mut elements = Vec::new();
+        for (set, elems) in &delete {
+            let text: Vec<String> = elems.iter().map(elem_text).collect();
             let _ = writeln!(
                 out,
                 "delete element ip {TABLE} {set} {{ {} }}",
-                elements.join(", ")
+                text.join(", ")
+            );
+            elements.extend(
+                elems
+                    .iter()
+                    .map(|(key, _)| ElementOp::delete(set, key.clone())),
             );
         }
-        for (set, elements) in &add {
+        for (set, elems) in &add {
+            let text: Vec<String> = elems.iter().map(elem_text).collect();
             let _ = writeln!(
                 out,
                 "add element ip {TABLE} {set} {{ {} }}",
-                elements.join(", ")
+                text.join(", ")
+            );
+            elements.extend(
+                elems
+                    .iter()
+                    .map(|(key, data)| ElementOp::add(set, key.clone(), data.clone())),
             );
         }
         self.services = next.services;
         self.classes = classes;
-        (!out.is_empty()).then_some(out)
+        (!out.is_empty()).then_some(Change {
+            text: out,
+            structural,
+            elements,
+        })
     }
 }
 
 /// `add element` lines in chunks, so no line grows without bound.
-fn add_elements(out: &mut String, set: &str, elements: &[String]) {
+fn add_elements(out: &mut String, set: &str, elements: &[Elem]) {
     for chunk in elements.chunks(4096) {
+        let text: Vec<String> = chunk.iter().map(elem_text).collect();
         let _ = writeln!(
             out,
             "add element ip {TABLE} {set} {{ {} }}",
-            chunk.join(", ")
+            text.join(", ")
         );
     }
 }
@@ -348,7 +463,16 @@ pub fn services<'a>(
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+
+    impl Table {
+        fn with_classes(mut self, classes: usize) -> Table {
+            self.classes = classes;
+            self
+        }
+    }
 
     fn svc(port: u16, backends: &[(u8, u16)]) -> Service {
         Service {
@@ -451,6 +575,203 @@ mod tests {
         assert!(tx.contains("add set ip skein udp18 {"), "{tx}");
         let tx = table.update(&[svc(1, &big[..17])]).expect("a change");
         assert!(!tx.contains("add rule"), "{tx}");
+    }
+
+    /// A model of the kernel's elements: set → key → data, in nft's text
+    /// form. Operations that the kernel would refuse (a missing set, a
+    /// missing element to delete, a clashing map value) are errors.
+    #[derive(Debug, Default, Clone, PartialEq, Eq)]
+    struct Model {
+        sets: BTreeMap<String, BTreeMap<String, Option<String>>>,
+    }
+
+    impl Model {
+        fn add(&mut self, set: &str, key: String, data: Option<String>) -> Result<(), String> {
+            let set = self.sets.get_mut(set).ok_or(format!("no set {set}"))?;
+            match set.get(&key) {
+                Some(d) if *d != data => Err(format!("{key} clashes")),
+                _ => {
+                    set.insert(key, data);
+                    Ok(())
+                }
+            }
+        }
+
+        fn delete(&mut self, set: &str, key: &str) -> Result<(), String> {
+            let set = self.sets.get_mut(set).ok_or(format!("no set {set}"))?;
+            set.remove(key).map(drop).ok_or(format!("no element {key}"))
+        }
+
+        /// Applies `nft -f` text: set definitions (in a table block or
+        /// `add set`) and `add`/`delete element` lines.
+        fn text(&mut self, text: &str) -> Result<(), String> {
+            for line in text.lines() {
+                let line = line.trim();
+                let words: Vec<&str> = line.split_whitespace().collect();
+                match words.as_slice() {
+                    ["set" | "map", name, ..] | ["add", "set", "ip", "skein", name, ..] => {
+                        self.sets.entry(name.to_string()).or_default();
+                    }
+                    [verb @ ("add" | "delete"), "element", "ip", "skein", set, ..] => {
+                        let inner = line
+                            .split_once('{')
+                            .and_then(|(_, r)| r.rsplit_once('}'))
+                            .ok_or(format!("bad line {line}"))?
+                            .0;
+                        for e in inner.split(", ") {
+                            let e = e.trim();
+                            let (key, data) = match e.split_once(" : ") {
+                                Some((k, d)) => (k.to_string(), Some(d.to_string())),
+                                None => (e.to_string(), None),
+                            };
+                            if *verb == "add" {
+                                self.add(set, key, data)?;
+                            } else {
+                                self.delete(set, &key)?;
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            Ok(())
+        }
+
+        fn ops(&mut self, ops: &[ElementOp]) -> Result<(), String> {
+            for op in ops {
+                let element = op.element();
+                let (key, data) = match element.split_once(" : ") {
+                    Some((k, d)) => (k.to_string(), Some(d.to_string())),
+                    None => (element.clone(), None),
+                };
+                match op.kind {
+                    skein_nftables::OpKind::Add => self.add(&op.set, key, data)?,
+                    skein_nftables::OpKind::Delete => self.delete(&op.set, &key)?,
+                }
+            }
+            Ok(())
+        }
+
+        /// Non-empty sets only: an incremental table keeps class sets that
+        /// a fresh one would not have.
+        fn elements(&self) -> BTreeMap<String, BTreeMap<String, Option<String>>> {
+            self.sets
+                .iter()
+                .filter(|(_, e)| !e.is_empty())
+                .map(|(s, e)| (s.clone(), e.clone()))
+                .collect()
+        }
+    }
+
+    fn arb_services() -> impl Strategy<Value = Vec<Service>> {
+        let service = (
+            0u8..6,
+            prop_oneof![Just(Protocol::Tcp), Just(Protocol::Udp)],
+            prop_oneof![Just(80u16), Just(53), Just(3141)],
+            proptest::collection::vec((1u8..25, 8000u16..8003), 0..20),
+        );
+        proptest::collection::vec(service, 0..8).prop_map(|v| {
+            let mut by_key = BTreeMap::new();
+            for (a, protocol, port, mut backends) in v {
+                backends.sort();
+                backends.dedup();
+                by_key.insert(
+                    (a, protocol, port),
+                    Service {
+                        address: Ipv4Addr::new(11, 0, 0, a),
+                        protocol,
+                        port,
+                        backends: backends
+                            .into_iter()
+                            .map(|(b, p)| (Ipv4Addr::new(10, 0, 0, b), p))
+                            .collect(),
+                    },
+                );
+            }
+            by_key.into_values().collect()
+        })
+    }
+
+    proptest! {
+        /// For random sequences of states, the text transaction and the
+        /// typed plan (structural text, then element operations) take a
+        /// model of the kernel to the same elements, and those are the
+        /// elements of a full rewrite of the new state.
+        #[test]
+        fn plan_and_text_describe_the_same_change(
+            states in proptest::collection::vec(arb_services(), 1..6)
+        ) {
+            let mut table = Table::new(&states[0]);
+            let mut by_text = Model::default();
+            by_text.text(&table.ruleset()).map_err(TestCaseError::fail)?;
+            let mut by_ops = by_text.clone();
+            for next in &states[1..] {
+                let Some(change) = table.plan(next) else {
+                    prop_assert_eq!(&table, &Table::new(next).with_classes(table.classes));
+                    continue;
+                };
+                by_text.text(&change.text).map_err(TestCaseError::fail)?;
+                if let Some(structural) = &change.structural {
+                    prop_assert!(structural.contains("add rule"));
+                    prop_assert!(!structural.contains("element"));
+                    by_ops.text(structural).map_err(TestCaseError::fail)?;
+                } else {
+                    prop_assert!(!change.text.contains("add rule"));
+                    prop_assert!(change.elements_only());
+                }
+                by_ops.ops(&change.elements).map_err(TestCaseError::fail)?;
+                prop_assert_eq!(by_text.elements(), by_ops.elements());
+                let mut fresh = Model::default();
+                fresh.text(&ruleset(next)).map_err(TestCaseError::fail)?;
+                prop_assert_eq!(by_text.elements(), fresh.elements());
+                // The typed elements of the whole table are the same too.
+                let mut empty = fresh.clone();
+                for set in empty.sets.values_mut() {
+                    set.clear();
+                }
+                empty.ops(&Table::new(next).elements()).map_err(TestCaseError::fail)?;
+                prop_assert_eq!(empty.elements(), fresh.elements());
+            }
+        }
+    }
+
+    #[test]
+    fn a_backend_change_is_four_element_operations() {
+        let many: Vec<Service> = (1..=50).map(|p| svc(p, &[(2, 80), (3, 80)])).collect();
+        let mut table = Table::new(&many);
+        let mut changed = many.clone();
+        changed[9].backends[1] = (Ipv4Addr::new(10, 0, 0, 9), 81);
+        let change = table.plan(&changed).expect("a change");
+        assert!(change.elements_only());
+        let ops: Vec<String> = change.elements.iter().map(|op| op.to_string()).collect();
+        assert_eq!(
+            ops,
+            vec![
+                "delete element hairpin { 10.0.0.3 . 11.1.2.3 . tcp . 10 }",
+                "delete element tcp_backends { 11.1.2.3 . 10 . 1 }",
+                "add element hairpin { 10.0.0.9 . 11.1.2.3 . tcp . 10 }",
+                "add element tcp_backends { 11.1.2.3 . 10 . 1 : 10.0.0.9 . 81 }",
+            ]
+        );
+        // The slot is the host-order integer numgen writes.
+        assert_eq!(
+            change.elements[3].key,
+            vec![
+                Component::Ipv4(Ipv4Addr::new(11, 1, 2, 3)),
+                Component::Port(10),
+                Component::U32(1)
+            ]
+        );
+        // A service beyond the preset classes needs its class first.
+        let big: Vec<(u8, u16)> = (1..=18).map(|b| (b, 80)).collect();
+        let change = table.plan(&[svc(1, &big)]).expect("a change");
+        let structural = change.structural.as_deref().expect("structural");
+        assert!(
+            structural.starts_with("add set ip skein tcp17"),
+            "{structural}"
+        );
+        assert!(change.text.starts_with(structural));
+        assert!(change.elements.iter().any(|op| op.set == "tcp18"));
     }
 
     #[test]

@@ -2,8 +2,11 @@
 //!
 //! 1. time to program 1,000 and 10,000 VIPs × 10 backends from empty (one
 //!    atomic `nft -f` of the whole table, as at agent start-up);
-//! 2. time to apply one backend change with 1,000 and with 10,000 VIPs
-//!    present (one incremental transaction: must not grow with the VIPs);
+//! 2. time to apply a change with 1,000 and with 10,000 VIPs present, each
+//!    through `nft -f` (the text transaction) and through our netlink client
+//!    (`skein_nftables`, the same change as element operations, one atomic
+//!    batch), in the same namespace: one backend replaced, a new VIP with 10
+//!    backends, 100 VIPs changed at once (median and p90 of 50 runs each);
 //! 3. connections per second and throughput client → server directly and
 //!    through a VIP (DNAT in the client's namespace), in the same run.
 //!
@@ -14,17 +17,26 @@
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use cluster_tests::{enter_netns, sh, ScratchNetns};
-use skein_l4lb::nft::{ruleset, Service, Table};
+use skein_l4lb::nft::{ruleset, Service, Table, TABLE};
+use skein_nftables::{ElementOp, Nftables};
 use skein_state::Protocol;
 
 /// Times one `nft -f` of `text` in `ns`.
 fn timed_nft(ns: &ScratchNetns, text: &str) -> anyhow::Result<Duration> {
     let start = Instant::now();
     ns.nft(text)?;
+    Ok(start.elapsed())
+}
+
+/// Times one netlink batch of `ops` on our table.
+fn timed_netlink(nl: &mut Nftables, ops: &[ElementOp]) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    nl.apply(TABLE, ops)?;
     Ok(start.elapsed())
 }
 
@@ -47,51 +59,126 @@ fn services(n: usize, backends: usize) -> Vec<Service> {
 }
 
 fn ms(d: Duration) -> String {
-    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }
 
-/// Median of `runs` timings of `f`.
-fn median(
+/// Median and 90th percentile of `runs` timings of `f`.
+fn stats(
     runs: usize,
-    mut f: impl FnMut() -> anyhow::Result<Duration>,
-) -> anyhow::Result<Duration> {
-    let mut v: Vec<Duration> = (0..runs).map(|_| f()).collect::<anyhow::Result<_>>()?;
+    mut f: impl FnMut(usize) -> anyhow::Result<Duration>,
+) -> anyhow::Result<(Duration, Duration)> {
+    let mut v: Vec<Duration> = (0..runs).map(&mut f).collect::<anyhow::Result<_>>()?;
     v.sort();
-    Ok(v[v.len() / 2])
+    Ok((v[v.len() / 2], v[v.len() * 9 / 10]))
+}
+
+const RUNS: usize = 50;
+
+/// One shape of change, `from` → `to` and back, measured both ways in the
+/// same namespace: `nft -f` of the text transaction, then the same change
+/// as one netlink batch. Runs alternate there and back (an even number, so
+/// the table ends where it began).
+fn shape(
+    ns: &ScratchNetns,
+    nl: &mut Nftables,
+    what: &str,
+    from: &[Service],
+    to: &[Service],
+) -> anyhow::Result<()> {
+    let mut a = Table::new(from);
+    let there = a.plan(to).context("a change")?;
+    let back = a.plan(from).context("a change")?;
+    anyhow::ensure!(there.elements_only() && back.elements_only());
+    let (nft_med, nft_p90) = stats(RUNS, |i| {
+        timed_nft(ns, if i % 2 == 0 { &there.text } else { &back.text })
+    })?;
+    let (nl_med, nl_p90) = stats(RUNS, |i| {
+        timed_netlink(
+            nl,
+            if i % 2 == 0 {
+                &there.elements
+            } else {
+                &back.elements
+            },
+        )
+    })?;
+    // What the agent computes before applying: the plan, pure.
+    let mut t = Table::new(from);
+    let (plan_med, _) = stats(10, |i| {
+        let start = Instant::now();
+        let change = t.plan(if i % 2 == 0 { to } else { from });
+        let took = start.elapsed();
+        anyhow::ensure!(change.is_some());
+        Ok(took)
+    })?;
+    println!(
+        "    {what:<28} {:>4} ops | nft -f median {:>9} p90 {:>9} | netlink median {:>8} p90 {:>8} | nft/netlink {:>5.1}x | Table::plan {}",
+        there.elements.len(),
+        ms(nft_med),
+        ms(nft_p90),
+        ms(nl_med),
+        ms(nl_p90),
+        nft_med.as_secs_f64() / nl_med.as_secs_f64(),
+        ms(plan_med),
+    );
+    Ok(())
 }
 
 fn programming() -> anyhow::Result<()> {
     println!("== rule programming (nftables, real kernel, one namespace per size)");
+    println!("   each change: median and p90 of {RUNS} runs per path, alternating there and back");
     for n in [1_000usize, 10_000] {
         let ns = ScratchNetns::new(&format!("p{n}"))?;
         let table = services(n, 10);
         let text = ruleset(&table);
         let full = timed_nft(&ns, &text)?;
-        // One backend of one VIP replaced, then put back: two transactions.
-        let mut changed = table.clone();
-        changed[n / 2].backends[3].1 = 9999;
-        let tx_there = Table::new(&table).update(&changed).context("a change")?;
-        let tx_back = Table::new(&changed).update(&table).context("a change")?;
-        let mut flip = false;
-        let one = median(21, || {
-            flip = !flip;
-            timed_nft(&ns, if flip { &tx_there } else { &tx_back })
-        })?;
         println!(
-            "  {n:>6} VIPs x 10 backends: whole table from empty {:>10} ({} lines); one backend change {:>8} ({} lines, median of 21)",
+            "  {n:>6} VIPs x 10 backends: whole table from empty, one `nft -f` {:>10} ({} lines)",
             ms(full),
             text.lines().count(),
-            ms(one),
-            tx_there.lines().count()
         );
-        let iptables = if n == 1_000 { 1.3 } else { 9.5 };
+        // The same from empty in two steps: the table without elements by
+        // `nft -f`, then every element in one netlink batch.
+        let fresh = ScratchNetns::new(&format!("e{n}"))?;
+        let start = Instant::now();
+        fresh.nft(&Table::new(&[]).ruleset())?;
+        let skeleton = start.elapsed();
+        let mut nl_fresh = Nftables::open_in_netns(Path::new(&format!("/run/netns/{}", fresh.0)))?;
+        let all = Table::new(&table).elements();
+        let start = Instant::now();
+        nl_fresh.apply(TABLE, &all)?;
+        let fill = start.elapsed();
         println!(
-            "         vs iptables adding one rule at {n} services ({iptables} s): {:.4}x; vs IPVS ~1 ms: {:.1}x",
-            one.as_secs_f64() / iptables,
-            one.as_secs_f64() / 0.001
+            "         from empty in two steps: `nft -f` of the empty table {} + {} elements by netlink {} = {}",
+            ms(skeleton),
+            all.len(),
+            ms(fill),
+            ms(skeleton + fill)
         );
+        drop(nl_fresh);
+        drop(fresh);
+
+        let mut nl = Nftables::open_in_netns(Path::new(&format!("/run/netns/{}", ns.0)))?;
+        // One backend of one VIP replaced.
+        let mut changed = table.clone();
+        changed[n / 2].backends[3].1 = 9999;
+        shape(&ns, &mut nl, "one backend change", &table, &changed)?;
+        // A new VIP with 10 backends.
+        let mut added = table.clone();
+        let mut extra = services(n + 1, 10).pop().context("a VIP")?;
+        extra.address = Ipv4Addr::new(12, 0, 0, 1);
+        added.push(extra);
+        shape(&ns, &mut nl, "new VIP with 10 backends", &table, &added)?;
+        // 100 VIPs with one backend replaced each.
+        let mut hundred = table.clone();
+        for s in hundred.iter_mut().step_by(n / 100) {
+            s.backends[3].1 = 9999;
+        }
+        shape(&ns, &mut nl, "100 VIPs changed at once", &table, &hundred)?;
+        let iptables = if n == 1_000 { 1.3 } else { 9.5 };
+        println!("         (iptables adding one rule at {n} services: {iptables} s; IPVS ~1 ms per change)");
     }
-    println!("  (a change is one `nft -f` process: most of its time is process start and netlink round trips, not the table's size)");
+    println!("  (an `nft -f` change is mostly starting the process and its cache reads; the netlink batch is the kernel's work and one round trip)");
     Ok(())
 }
 

@@ -219,3 +219,43 @@ fn a_batch_with_one_bad_operation_changes_nothing() -> anyhow::Result<()> {
     assert_eq!(err.errno(), Some(libc::ENOENT), "{err}");
     Ok(())
 }
+
+#[test]
+fn skeleton_and_elements_or_a_refill_equal_a_full_rewrite() -> anyhow::Result<()> {
+    require_root();
+    let mut rng = Rng(0x5eed);
+    // At most the preset classes, so every state has the same structure.
+    let mut state = || {
+        let mut s = random_state(&mut rng);
+        for svc in &mut s {
+            svc.backends.truncate(16);
+        }
+        s
+    };
+    let two_steps = ScratchNetns::new("k")?;
+    let first = state();
+    let table = Table::new(&first);
+    two_steps.nft(&table.skeleton())?;
+    let mut nl = client(&two_steps)?;
+    nl.apply(TABLE, &table.elements())?;
+    let reference = ScratchNetns::new("r")?;
+    reference.nft(&table.ruleset())?;
+    assert_eq!(elements(&two_steps)?, elements(&reference)?);
+    for step in 0..10 {
+        let next = Table::new(&state());
+        nl.apply(TABLE, &next.refill())?;
+        reference.nft(&next.ruleset())?;
+        assert_eq!(
+            elements(&two_steps)?,
+            elements(&reference)?,
+            "step {step}: refill to {next:?}"
+        );
+    }
+    // A refill with a bad element changes nothing either.
+    let before = elements(&two_steps)?;
+    let mut bad = Table::new(&state()).refill();
+    bad.push(ElementOp::add("tcp1", vec![Component::Port(1)], None));
+    assert!(nl.apply(TABLE, &bad).is_err());
+    assert_eq!(elements(&two_steps)?, before);
+    Ok(())
+}

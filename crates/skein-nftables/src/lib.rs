@@ -81,6 +81,8 @@ pub enum OpKind {
     Add,
     /// `delete element`: the element must exist (else `ENOENT`).
     Delete,
+    /// `flush set`: every element of the set goes (key and data empty).
+    Flush,
 }
 
 /// One element operation on a set or map of the table the batch targets.
@@ -114,7 +116,19 @@ impl ElementOp {
         }
     }
 
-    /// The element as nft writes it: `11.0.0.1 . 80 . 0 : 10.0.0.2 . 8080`.
+    /// Removes every element of `set` (in the same batch, elements added
+    /// after it stay).
+    pub fn flush(set: &str) -> ElementOp {
+        ElementOp {
+            kind: OpKind::Flush,
+            set: set.to_string(),
+            key: Vec::new(),
+            data: None,
+        }
+    }
+
+    /// The element as nft writes it: `11.0.0.1 . 80 . 0 : 10.0.0.2 . 8080`
+    /// (empty for a flush).
     pub fn element(&self) -> String {
         let mut out = join(&self.key);
         if let (OpKind::Add, Some(data)) = (self.kind, &self.data) {
@@ -139,6 +153,7 @@ impl fmt::Display for ElementOp {
         let verb = match self.kind {
             OpKind::Add => "add",
             OpKind::Delete => "delete",
+            OpKind::Flush => return write!(f, "flush set {}", self.set),
         };
         write!(f, "{verb} element {} {{ {} }}", self.set, self.element())
     }

@@ -17,6 +17,7 @@
 //!     NFTA_LIST_ELEM (nested), one per element
 //!       NFTA_SET_ELEM_KEY (nested) { NFTA_DATA_VALUE bytes }
 //!       NFTA_SET_ELEM_DATA (nested) { NFTA_DATA_VALUE bytes }   maps, add only
+//! DELSETELEM without NFTA_SET_ELEM_LIST_ELEMENTS: flush the set
 //! ```
 
 use std::ops::Range;
@@ -209,8 +210,8 @@ fn element(op: &ElementOp) -> Result<Vec<u8>> {
 
 /// Encodes `ops` on table `ip <table>` as one batch: `BATCH_BEGIN` with
 /// sequence number `first_seq`, one message per run of consecutive
-/// operations of the same kind on the same set (split below 64 KiB), each
-/// with `NLM_F_ACK`, then `BATCH_END`. Order is kept: a delete and an add of
+/// operations of the same kind on the same set (split below 64 KiB; a
+/// flush is a message of its own), each with `NLM_F_ACK`, then `BATCH_END`. Order is kept: a delete and an add of
 /// the same key apply in the order given.
 pub fn encode_batch(table: &str, ops: &[ElementOp], first_seq: u32) -> Result<Batch> {
     let mut buf = Vec::with_capacity(64 + ops.len() * 64);
@@ -232,7 +233,7 @@ pub fn encode_batch(table: &str, ops: &[ElementOp], first_seq: u32) -> Result<Ba
         seq = seq.wrapping_add(1);
         let (kind, flags) = match first.kind {
             OpKind::Add => (NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_ACK),
-            OpKind::Delete => (NFT_MSG_DELSETELEM, NLM_F_REQUEST | NLM_F_ACK),
+            OpKind::Delete | OpKind::Flush => (NFT_MSG_DELSETELEM, NLM_F_REQUEST | NLM_F_ACK),
         };
         let at = buf.len();
         start_message(
@@ -245,6 +246,17 @@ pub fn encode_batch(table: &str, ops: &[ElementOp], first_seq: u32) -> Result<Ba
         );
         put_name(&mut buf, NFTA_SET_ELEM_LIST_TABLE, table)?;
         put_name(&mut buf, NFTA_SET_ELEM_LIST_SET, &first.set)?;
+        if first.kind == OpKind::Flush {
+            // A delete without elements flushes the set.
+            end_message(&mut buf, at)?;
+            messages.push(Message {
+                seq,
+                ops: i..i + 1,
+                element_offsets: Vec::new(),
+            });
+            i += 1;
+            continue;
+        }
         let elements = start_attr(&mut buf, NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED);
         let start = i;
         let mut offsets = Vec::new();

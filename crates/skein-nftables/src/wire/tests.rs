@@ -125,6 +125,40 @@ fn batch_is_what_nft_sends() {
     assert_eq!(batch.messages[3].element_offsets, vec![56]);
 }
 
+/// `nft flush set ip skein tcp2` as nft 1.0.6 sent it.
+const NFT_FLUSH: &str = "
+14 00 00 00 10 00 01 00  00 00 00 00 00 00 00 00  00 00 00 0a
+2c 00 00 00 0e 0a 01 00  01 00 00 00 00 00 00 00  02 00 00 00
+  09 00 02 00 74 63 70 32 00 00 00 00
+  0a 00 01 00 73 6b 65 69 6e 00 00 00
+14 00 00 00 11 00 01 00  02 00 00 00 00 00 00 00  00 00 00 0a
+";
+
+#[test]
+#[cfg(target_endian = "little")]
+fn flush_is_a_delete_without_elements() {
+    let batch = encode_batch("skein", &[ElementOp::flush("tcp2")], 0).expect("encodes");
+    // nft names the set before the table (attribute order is free); we ask
+    // for an ack.
+    let mut nft = hex(NFT_FLUSH);
+    let (set, table) = (nft[40..52].to_vec(), nft[52..64].to_vec());
+    nft[40..52].copy_from_slice(&table);
+    nft[52..64].copy_from_slice(&set);
+    nft[26] |= NLM_F_ACK as u8;
+    assert_eq!(batch.bytes, nft);
+    assert_eq!(ElementOp::flush("tcp2").to_string(), "flush set tcp2");
+    // Flushes are never merged, elements around them keep their order.
+    let ops = [
+        ElementOp::flush("tcp1"),
+        ElementOp::flush("tcp1"),
+        ElementOp::delete("tcp1", vec![Port(1)]),
+        ElementOp::add("tcp1", vec![Port(1)], None),
+    ];
+    let batch = encode_batch("skein", &ops, 0).expect("encodes");
+    let runs: Vec<_> = batch.messages.iter().map(|m| m.ops.clone()).collect();
+    assert_eq!(runs, vec![0..1, 1..2, 2..3, 3..4]);
+}
+
 #[test]
 fn components_take_registers_in_a_concatenation_only() {
     assert_eq!(value_bytes(&[Port(80)]), vec![0, 80]);

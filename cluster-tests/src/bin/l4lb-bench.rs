@@ -59,7 +59,7 @@ fn services(n: usize, backends: usize) -> Vec<Service> {
 }
 
 fn ms(d: Duration) -> String {
-    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+    format!("{:.3} ms", d.as_secs_f64() * 1000.0)
 }
 
 /// Median and 90th percentile of `runs` timings of `f`.
@@ -112,7 +112,7 @@ fn shape(
         Ok(took)
     })?;
     println!(
-        "    {what:<28} {:>4} ops | nft -f median {:>9} p90 {:>9} | netlink median {:>8} p90 {:>8} | nft/netlink {:>5.1}x | Table::plan {}",
+        "    {what:<26} {:>4} ops | nft -f median {:>10} p90 {:>10} | netlink median {:>8} p90 {:>8} | nft/netlink {:>6.0}x | Table::plan {}",
         there.elements.len(),
         ms(nft_med),
         ms(nft_p90),

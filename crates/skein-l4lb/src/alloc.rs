@@ -1,4 +1,5 @@
-//! Addresses for named VIPs, agreed by every node without a coordinator.
+//! Addresses for named VIPs, agreed by every node without a coordinator,
+//! and known the moment a node sees the VIP's task.
 //!
 //! dcos-net hashed a VIP name to an address on each node: two names that
 //! collided could get different addresses on different nodes, and an address
@@ -17,6 +18,21 @@
 //! free probe of a hash of its name. An assigned address never moves while
 //! the VIP exists: newer VIPs are ordered after it, and a VIP that goes away
 //! only frees an address nobody else was using.
+//!
+//! A new VIP need not wait for its claim to travel: [`propose`] is a pure
+//! function of the claims, so any node that sees the VIP's task before its
+//! claim computes the very address the hosting node is claiming.
+//! [`resolve`] gives every VIP it is told of an [`Address`] with a
+//! [`Standing`]: the winning claim, or that prediction, usable at once; or,
+//! where something actually conflicts (two new names whose predictions
+//! coincide, two claims on one address), an address that waits until the
+//! claims settle the conflict. A prediction can only be wrong if the
+//! predicting node lacks a claim the host had, or a task of another new VIP
+//! that wants the same address: both mean two VIPs were created (or one
+//! created and one deleted) on the same address within the time gossip
+//! takes, or on two sides of a partition. Then the claims decide, as they
+//! always did, and the newer VIP moves. Across a partition that is
+//! unavoidable for any scheme that hands out addresses on both sides.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -144,7 +160,8 @@ pub fn propose(
 /// What one node should publish for the VIPs it hosts, given everything it
 /// sees: adopt the winner, or propose a new address when there is none.
 /// Returns the desired claim per hosted VIP (VIPs not hosted get none: the
-/// node withdraws its claim for them).
+/// node withdraws its claim for them). Two VIPs proposed in the same step
+/// never get the same address.
 pub fn desired_claims(
     hosted: &BTreeSet<String>,
     claims: &[Claim],
@@ -153,16 +170,159 @@ pub fn desired_claims(
 ) -> BTreeMap<String, ClaimValue> {
     let allocation = allocate(claims, reserved);
     let mut out = BTreeMap::new();
+    let mut proposed = reserved.clone();
     for vip in hosted {
         let value = match allocation.assigned.get(vip) {
             Some(v) => Some(v.clone()),
-            None => propose(vip, claims, reserved, now_ms),
+            None => propose(vip, claims, &proposed, now_ms),
         };
         if let Some(v) = value {
+            proposed.insert(v.ip);
             out.insert(vip.clone(), v);
         }
     }
     out
+}
+
+/// How far a node may trust the address [`resolve`] computed for a VIP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// The winning claim, and no other VIP claims the address: use it.
+    Claimed,
+    /// No claim seen yet: the address the VIP's hosts are claiming (the
+    /// first free probe), and no other unclaimed VIP would claim it: use it.
+    Predicted,
+    /// The winning claim, but another VIP claims the address too: a
+    /// collision the loser's hosts are about to resolve by claiming anew.
+    /// `since` is the winning claim's.
+    Contested { since: u64 },
+    /// A guess (two unclaimed VIPs would claim the same address, or every
+    /// claim of this VIP lost its address): wait for the claims.
+    Pending,
+}
+
+impl Standing {
+    /// Whether the address may be handed out as soon as it is computed.
+    pub fn immediate(self) -> bool {
+        matches!(self, Standing::Claimed | Standing::Predicted)
+    }
+}
+
+/// A named VIP's address as one node computes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Address {
+    pub ip: Ipv4Addr,
+    pub standing: Standing,
+}
+
+/// The result of [`resolve`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Resolution {
+    /// IP VIPs nobody may be assigned: those given, less any a named VIP's
+    /// winning claim already holds (that named VIP keeps it; the IP VIP is
+    /// the one refused).
+    pub reserved: BTreeSet<Ipv4Addr>,
+    /// The claims resolved by [`allocate`] against `reserved`.
+    pub allocation: Allocation,
+    /// Every claimed VIP and every VIP of `live`, with its address; no two
+    /// share one.
+    pub addresses: BTreeMap<String, Address>,
+}
+
+/// Every node's view of named-VIP addresses: `live` are the named VIPs the
+/// node sees tasks for, `claims` every claim it sees, `ip_vips` the IP VIPs
+/// in 11.0.0.0/8. Pure and deterministic, like [`allocate`]: nodes with the
+/// same view compute the same addresses. VIPs with a winning claim get it;
+/// VIPs without one get the first probe of their name that no claim or
+/// reservation holds, which is what their hosts claim ([`desired_claims`]
+/// runs [`propose`] on the same view), so the claim, when it arrives,
+/// confirms the address already in use.
+pub fn resolve(
+    live: &BTreeSet<String>,
+    claims: &[Claim],
+    ip_vips: &BTreeSet<Ipv4Addr>,
+) -> Resolution {
+    let named = allocate(claims, &BTreeSet::new());
+    let named_ips: BTreeSet<Ipv4Addr> = named.assigned.values().map(|v| v.ip).collect();
+    let reserved: BTreeSet<Ipv4Addr> = ip_vips
+        .iter()
+        .filter(|ip| !named_ips.contains(ip))
+        .copied()
+        .collect();
+    let allocation = allocate(claims, &reserved);
+    // Addresses claimed by more than one VIP (the losers' claims are still
+    // in the view until their hosts claim anew).
+    let mut claimants: BTreeMap<Ipv4Addr, BTreeSet<&str>> = BTreeMap::new();
+    for c in claims {
+        claimants.entry(c.value.ip).or_default().insert(&c.vip);
+    }
+    let mut addresses = BTreeMap::new();
+    let mut taken: BTreeSet<Ipv4Addr> = reserved.clone();
+    for (vip, value) in &allocation.assigned {
+        let contested = claimants.get(&value.ip).is_some_and(|s| s.len() > 1);
+        let standing = if contested {
+            Standing::Contested { since: value.since }
+        } else {
+            Standing::Claimed
+        };
+        taken.insert(value.ip);
+        addresses.insert(
+            vip.clone(),
+            Address {
+                ip: value.ip,
+                standing,
+            },
+        );
+    }
+    // What each unassigned VIP's hosts would propose on this view.
+    let mut predicted: BTreeMap<&str, Option<Ipv4Addr>> = BTreeMap::new();
+    for vip in live {
+        if !allocation.assigned.contains_key(vip) {
+            predicted.insert(vip, propose(vip, claims, &reserved, 0).map(|v| v.ip));
+        }
+    }
+    let mut wanted: BTreeMap<Ipv4Addr, usize> = BTreeMap::new();
+    for ip in predicted.values().flatten() {
+        *wanted.entry(*ip).or_default() += 1;
+    }
+    let has_claims: BTreeSet<&str> = claims.iter().map(|c| c.vip.as_str()).collect();
+    let mut guesses = Vec::new();
+    for (vip, ip) in &predicted {
+        match ip {
+            Some(ip) if wanted[ip] == 1 && !has_claims.contains(vip) => {
+                taken.insert(*ip);
+                addresses.insert(
+                    vip.to_string(),
+                    Address {
+                        ip: *ip,
+                        standing: Standing::Predicted,
+                    },
+                );
+            }
+            _ => guesses.push(*vip),
+        }
+    }
+    // The rest, by name, get distinct guesses (never handed out as such).
+    for vip in guesses {
+        let guess = (0..4096)
+            .map(|k| probe(vip, k))
+            .find(|ip| in_vip_net(*ip) && !taken.contains(ip));
+        if let Some(ip) = guess {
+            taken.insert(ip);
+            addresses.insert(
+                vip.to_string(),
+                Address {
+                    ip,
+                    standing: Standing::Pending,
+                },
+            );
+        }
+    }
+    Resolution {
+        reserved,
+        allocation,
+        addresses,
+    }
 }
 
 #[cfg(test)]
@@ -312,6 +472,17 @@ mod tests {
                     prop_assert_eq!(&reference.assigned[vip], v);
                 }
             }
+            // Every node resolves every VIP to its winner, usable at once,
+            // whatever order it holds the claims in.
+            let live: BTreeSet<String> = hosted.into_iter().cloned().collect();
+            let resolved = resolve(&live, &claims, &BTreeSet::new());
+            prop_assert_eq!(&resolve(&live, &shuffled, &BTreeSet::new()), &resolved);
+            for vip in &live {
+                prop_assert_eq!(
+                    resolved.addresses[vip],
+                    Address { ip: reference.assigned[vip].ip, standing: Standing::Claimed }
+                );
+            }
         }
 
         /// Once settled, an address never moves while its VIP exists, however
@@ -372,5 +543,437 @@ mod tests {
         assert_ne!(a.assigned["x.marathon"].ip, a.assigned["y.marathon"].ip);
         // The tie on `since` is broken by name: x keeps the address.
         assert_eq!(a.assigned["x.marathon"].ip, Ipv4Addr::new(11, 1, 2, 3));
+    }
+
+    #[test]
+    fn a_new_vip_is_predicted_then_confirmed_by_its_claim() {
+        let live: BTreeSet<String> = ["a.marathon".to_string()].into();
+        let predicted = resolve(&live, &[], &BTreeSet::new()).addresses["a.marathon"];
+        assert_eq!(predicted.standing, Standing::Predicted);
+        // The host computes the same address, and claims it.
+        let claimed = desired_claims(&live, &[], &BTreeSet::new(), 7);
+        assert_eq!(claimed["a.marathon"].ip, predicted.ip);
+        let claims = vec![Claim {
+            vip: "a.marathon".into(),
+            node: "n1".into(),
+            value: claimed["a.marathon"].clone(),
+        }];
+        assert_eq!(
+            resolve(&live, &claims, &BTreeSet::new()).addresses["a.marathon"],
+            Address {
+                ip: predicted.ip,
+                standing: Standing::Claimed
+            }
+        );
+    }
+
+    /// Two names whose first probes coincide (common in the tiny test space).
+    fn colliding_pair() -> (String, String) {
+        let mut first: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
+        for i in 0.. {
+            let name = format!("c{i}.marathon");
+            let ip = probe(&name, 0);
+            if !in_vip_net(ip) {
+                continue;
+            }
+            if let Some(other) = first.insert(ip, name.clone()) {
+                return (other, name);
+            }
+        }
+        unreachable!("the probe space is finite")
+    }
+
+    #[test]
+    fn colliding_new_names_wait_for_their_claims() {
+        let (x, y) = colliding_pair();
+        let p = probe(&x, 0);
+        let live: BTreeSet<String> = [x.clone(), y.clone()].into();
+        let r = resolve(&live, &[], &BTreeSet::new());
+        assert_eq!(r.addresses[&x].standing, Standing::Pending);
+        assert_eq!(r.addresses[&y].standing, Standing::Pending);
+        assert_ne!(r.addresses[&x].ip, r.addresses[&y].ip);
+        // Their hosts, unaware of each other, both claim p; y's claim is
+        // older, so y keeps p (once x's host has moved on) and x moves.
+        let claims = vec![
+            claim(&x, "n1", p.octets(), 20),
+            claim(&y, "n2", p.octets(), 10),
+        ];
+        let r = resolve(&live, &claims, &BTreeSet::new());
+        assert_eq!(
+            r.addresses[&y],
+            Address {
+                ip: p,
+                standing: Standing::Contested { since: 10 }
+            }
+        );
+        assert_eq!(r.addresses[&x].standing, Standing::Pending);
+        let again = desired_claims(&[x.clone()].into(), &claims, &BTreeSet::new(), 30);
+        assert_eq!(
+            again[&x].ip, r.addresses[&x].ip,
+            "the guess is what x's host claims next"
+        );
+        let claims = vec![
+            Claim {
+                vip: x.clone(),
+                node: "n1".into(),
+                value: again[&x].clone(),
+            },
+            claim(&y, "n2", p.octets(), 10),
+        ];
+        let r = resolve(&live, &claims, &BTreeSet::new());
+        assert_eq!(r.addresses[&y].standing, Standing::Claimed);
+        assert_eq!(r.addresses[&x].standing, Standing::Claimed);
+        assert_eq!(r.addresses[&y].ip, p);
+    }
+
+    #[test]
+    fn one_host_never_proposes_one_address_for_two_vips() {
+        let (x, y) = colliding_pair();
+        let d = desired_claims(&[x.clone(), y.clone()].into(), &[], &BTreeSet::new(), 1);
+        assert_ne!(d[&x].ip, d[&y].ip);
+    }
+
+    #[test]
+    fn ip_vips_are_avoided_and_never_displace_a_named_vip() {
+        let live: BTreeSet<String> = ["a.marathon".to_string()].into();
+        let first = resolve(&live, &[], &BTreeSet::new()).addresses["a.marathon"].ip;
+        // An IP VIP on a's predicted address: a's prediction, and what its
+        // host claims, move on.
+        let r = resolve(&live, &[], &[first].into());
+        let a = r.addresses["a.marathon"];
+        assert_ne!(a.ip, first);
+        assert_eq!(a.standing, Standing::Predicted);
+        assert_eq!(
+            desired_claims(&live, &[], &r.reserved, 1)["a.marathon"].ip,
+            a.ip
+        );
+        // Once a holds the address by claim, an IP VIP on it is refused.
+        let claims = vec![claim("a.marathon", "n1", first.octets(), 5)];
+        let r = resolve(&live, &claims, &[first].into());
+        assert!(r.reserved.is_empty());
+        assert_eq!(
+            r.addresses["a.marathon"],
+            Address {
+                ip: first,
+                standing: Standing::Claimed
+            }
+        );
+    }
+
+    /// What a node published at one point: its tasks' VIPs and its claims.
+    #[derive(Debug, Clone, PartialEq)]
+    struct Published {
+        hosted: BTreeSet<String>,
+        claims: BTreeMap<String, ClaimValue>,
+    }
+
+    /// The protocol with gossip's kind of staleness: each node keeps the
+    /// history of what it published, and sees every other node through
+    /// some version of it, at or after `floor` (a version everyone had
+    /// seen: replicas only grow). A node's task and its claims travel as
+    /// its versions do, so a task can be seen before its claim.
+    struct Sim {
+        history: Vec<Vec<Published>>,
+        floor: Vec<usize>,
+        ip_vips: BTreeSet<Ipv4Addr>,
+        clock: u64,
+        /// Every `(vip, ip)` claimed since the floor.
+        claimed: BTreeSet<(String, Ipv4Addr)>,
+        /// Every address a node computed for a VIP it saw, since the floor.
+        observed: Vec<(String, Address)>,
+    }
+
+    impl Sim {
+        fn new(hosted: Vec<BTreeSet<String>>, ip_vips: BTreeSet<Ipv4Addr>) -> Sim {
+            Sim {
+                floor: vec![0; hosted.len()],
+                history: hosted
+                    .into_iter()
+                    .map(|hosted| {
+                        vec![Published {
+                            hosted,
+                            claims: BTreeMap::new(),
+                        }]
+                    })
+                    .collect(),
+                ip_vips,
+                clock: 1000,
+                claimed: BTreeSet::new(),
+                observed: Vec::new(),
+            }
+        }
+
+        fn latest(&self, i: usize) -> &Published {
+            self.history[i].last().expect("a node has a version")
+        }
+
+        /// Node `who`'s view: its own latest version, and `version(i)`
+        /// (clamped to what exists since the floor) of every other node.
+        fn view(
+            &self,
+            who: usize,
+            version: impl Fn(usize) -> usize,
+        ) -> (BTreeSet<String>, Vec<Claim>) {
+            let mut live = BTreeSet::new();
+            let mut claims = Vec::new();
+            for (i, versions) in self.history.iter().enumerate() {
+                let v = if i == who {
+                    versions.len() - 1
+                } else {
+                    version(i).clamp(self.floor[i], versions.len() - 1)
+                };
+                let p = &versions[v];
+                live.extend(p.hosted.iter().cloned());
+                claims.extend(p.claims.iter().map(|(vip, value)| Claim {
+                    vip: vip.clone(),
+                    node: format!("n{i}"),
+                    value: value.clone(),
+                }));
+            }
+            (live, claims)
+        }
+
+        /// Node `who` computes addresses from its view and publishes what
+        /// it should claim. Returns whether it published anything.
+        fn step(&mut self, who: usize, version: impl Fn(usize) -> usize) -> bool {
+            let (live, claims) = self.view(who, version);
+            self.clock += 1;
+            let r = resolve(&live, &claims, &self.ip_vips);
+            for (vip, a) in &r.addresses {
+                if live.contains(vip) {
+                    self.observed.push((vip.clone(), *a));
+                }
+            }
+            let me = self.latest(who).clone();
+            let desired = desired_claims(&me.hosted, &claims, &r.reserved, self.clock);
+            if desired == me.claims {
+                return false;
+            }
+            for (vip, value) in &desired {
+                self.claimed.insert((vip.clone(), value.ip));
+            }
+            self.history[who].push(Published {
+                hosted: me.hosted,
+                claims: desired,
+            });
+            true
+        }
+
+        /// A new task on node `who`: a version with `vip` hosted.
+        fn host(&mut self, who: usize, vip: &str) {
+            let mut next = self.latest(who).clone();
+            next.hosted.insert(vip.to_string());
+            self.history[who].push(next);
+        }
+
+        /// Rounds with every node seeing everything, until nothing changes.
+        fn settle(&mut self) {
+            for _ in 0..50 {
+                let mut changed = false;
+                for i in 0..self.history.len() {
+                    changed |= self.step(i, |_| usize::MAX);
+                }
+                if !changed {
+                    return;
+                }
+            }
+            panic!("claims did not settle in 50 rounds");
+        }
+
+        /// Everyone has seen everything so far: start counting from here.
+        fn mark_floor(&mut self) {
+            self.floor = self.history.iter().map(|h| h.len() - 1).collect();
+            self.claimed.clear();
+            self.observed.clear();
+        }
+
+        /// The converged addresses (every node's, once it sees everything).
+        fn converged(&self) -> Resolution {
+            let (live, claims) = self.view(0, |_| usize::MAX);
+            resolve(&live, &claims, &self.ip_vips)
+        }
+    }
+
+    fn arb_hosting(max_nodes: usize, vips: usize) -> impl Strategy<Value = Vec<BTreeSet<String>>> {
+        prop::collection::vec(prop::collection::btree_set(0..vips, 0..4), 1..max_nodes).prop_map(
+            |hs| {
+                hs.into_iter()
+                    .map(|h| h.into_iter().map(|v| format!("vip{v}.marathon")).collect())
+                    .collect()
+            },
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// New VIPs appear on random nodes of a converged cluster while
+        /// nodes compute addresses from stale per-origin views (a restarted
+        /// node reading its persisted replica is one such view): the task
+        /// seen before its claim, some claims seen and not others. Every
+        /// address a node computed as usable at once is the one the cluster
+        /// converges on, except for a new VIP that genuinely collided (some
+        /// other VIP claimed an address it was given or claimed); an old
+        /// VIP's address never moves and is never computed otherwise; and a
+        /// lone new VIP is usable everywhere at once, at its final address.
+        #[test]
+        fn addresses_used_at_once_are_the_converged_ones(
+            base in arb_hosting(100, 30),
+            ip_vips in prop::collection::btree_set(1u32..64, 0..4),
+            batch in prop::collection::vec((any::<usize>(), 0..20usize), 1..6),
+            steps in prop::collection::vec(
+                (any::<usize>(), prop::collection::vec(any::<usize>(), 1..8)), 0..80),
+        ) {
+            let ip_vips: BTreeSet<Ipv4Addr> =
+                ip_vips.into_iter().map(|h| Ipv4Addr::from(u32::from(VIP_NET) | h)).collect();
+            let mut sim = Sim::new(base, ip_vips);
+            sim.settle();
+            let before = sim.converged();
+            sim.mark_floor();
+            let n = sim.history.len();
+            let mut new_names = BTreeSet::new();
+            for (host, k) in &batch {
+                let vip = format!("new{k}.marathon");
+                sim.host(host % n, &vip);
+                new_names.insert(vip);
+            }
+            for (who, picks) in &steps {
+                // Each other node seen at a version the picks choose.
+                sim.step(who % n, |i| picks[i % picks.len()] % 4);
+            }
+            sim.settle();
+            let after = sim.converged();
+            let ips: BTreeSet<Ipv4Addr> = after.addresses.values().map(|a| a.ip).collect();
+            prop_assert_eq!(ips.len(), after.addresses.len());
+            let (live, _) = sim.view(0, |_| usize::MAX);
+            for vip in &live {
+                prop_assert_eq!(after.addresses[vip].standing, Standing::Claimed, "{}", vip);
+                prop_assert!(!after.reserved.contains(&after.addresses[vip].ip));
+            }
+            for (vip, a) in &before.addresses {
+                prop_assert_eq!(after.addresses[vip].ip, a.ip, "{} moved", vip);
+            }
+            for (vip, a) in &sim.observed {
+                let converged = after.addresses[vip].ip;
+                if a.standing.immediate() && a.ip != converged {
+                    prop_assert!(new_names.contains(vip),
+                        "{} (not new) was given {} at once, converged on {}", vip, a.ip, converged);
+                    let mine: BTreeSet<Ipv4Addr> = sim.claimed.iter()
+                        .filter(|(v, _)| v == vip).map(|(_, ip)| *ip)
+                        .chain([a.ip]).collect();
+                    prop_assert!(
+                        sim.claimed.iter().any(|(v, ip)| v != vip && mine.contains(ip)),
+                        "{} was given {} at once, converged on {}, and collided with nothing",
+                        vip, a.ip, converged);
+                }
+                if new_names.len() == 1 && new_names.contains(vip) {
+                    prop_assert_eq!(*a, Address { ip: converged, standing: a.standing });
+                    prop_assert!(a.standing.immediate(), "{} waited: {:?}", vip, a);
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// VIPs created at the same moment on different nodes, each host
+        /// claiming from the converged view, then losers claiming anew with
+        /// everything in view: any node that sees the new tasks before any
+        /// of their claims (a restarted node reading that replica too) uses
+        /// at once exactly the VIPs whose predictions no other new VIP
+        /// shares, each at the address the cluster settles on.
+        #[test]
+        fn simultaneous_new_vips_are_predicted_unless_they_collide(
+            base in arb_hosting(100, 30),
+            ip_vips in prop::collection::btree_set(1u32..64, 0..4),
+            batch in prop::collection::vec((any::<usize>(), 0..20usize), 1..8),
+            observer in any::<usize>(),
+        ) {
+            let ip_vips: BTreeSet<Ipv4Addr> =
+                ip_vips.into_iter().map(|h| Ipv4Addr::from(u32::from(VIP_NET) | h)).collect();
+            let mut sim = Sim::new(base, ip_vips);
+            sim.settle();
+            sim.mark_floor();
+            let n = sim.history.len();
+            let mut new_names = BTreeSet::new();
+            for (host, k) in &batch {
+                let vip = format!("new{k}.marathon");
+                sim.host(host % n, &vip);
+                new_names.insert(vip);
+            }
+            // Tasks everywhere, no claim yet: what the observer computes.
+            let (live, claims) = sim.view(observer % n, |_| usize::MAX);
+            let seen = resolve(&live, &claims, &sim.ip_vips);
+            // Every host claims from the converged view (its own tasks aside).
+            let floor = sim.floor.clone();
+            let hosts: BTreeSet<usize> = batch.iter().map(|(h, _)| h % n).collect();
+            for &h in &hosts {
+                sim.step(h, |i| floor[i] + 1);
+            }
+            sim.settle();
+            let after = sim.converged();
+            let mut first_free: BTreeMap<&String, Ipv4Addr> = BTreeMap::new();
+            for vip in &new_names {
+                let p = propose(vip, &claims, &seen.reserved, 0).expect("room in the space").ip;
+                first_free.insert(vip, p);
+            }
+            for vip in &new_names {
+                let a = seen.addresses[vip];
+                let shared = first_free.iter().any(|(w, p)| *w != vip && *p == first_free[vip]);
+                prop_assert_eq!(a.standing.immediate(), !shared, "{}: {:?}", vip, a);
+                if a.standing.immediate() {
+                    prop_assert_eq!(a.ip, after.addresses[vip].ip, "{} moved", vip);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_partition_hands_out_on_both_sides_and_heals_to_one_allocation() {
+        let (x, y) = colliding_pair();
+        let p = probe(&x, 0);
+        let mut sim = Sim::new(vec![BTreeSet::new(); 4], BTreeSet::new());
+        sim.mark_floor();
+        // Nodes 0, 1 | 2, 3: x is created on side A, then y on side B.
+        let side = |i: usize| i / 2;
+        let partitioned =
+            |who: usize| move |i: usize| if side(i) == side(who) { usize::MAX } else { 0 };
+        sim.host(0, &x);
+        for who in 0..4 {
+            sim.step(who, partitioned(who));
+        }
+        sim.host(2, &y);
+        for who in 0..4 {
+            sim.step(who, partitioned(who));
+        }
+        let on = |sim: &Sim, who: usize, vip: &str| {
+            sim.observed
+                .iter()
+                .rev()
+                .find(|(v, _)| v == vip && sim.view(who, partitioned(who)).0.contains(v))
+                .map(|(_, a)| *a)
+        };
+        // Each side uses its own VIP at p at once.
+        assert_eq!(
+            on(&sim, 1, &x),
+            Some(Address {
+                ip: p,
+                standing: Standing::Claimed
+            })
+        );
+        assert_eq!(
+            on(&sim, 3, &y),
+            Some(Address {
+                ip: p,
+                standing: Standing::Claimed
+            })
+        );
+        // Healed: x, claimed first, keeps p; y moves, and everyone agrees.
+        sim.settle();
+        let after = sim.converged();
+        assert_eq!(after.addresses[&x].ip, p);
+        assert_ne!(after.addresses[&y].ip, p);
+        assert_eq!(after.addresses[&y].standing, Standing::Claimed);
     }
 }

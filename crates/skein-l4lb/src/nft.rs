@@ -897,3 +897,19 @@ mod tests {
         assert_eq!(table.skeleton(), text);
     }
 }
+
+impl Table {
+    /// The table for `services` with class rules for k = 1..=`classes` at
+    /// least (a kernel table keeps the classes it grew; reading it back or
+    /// planning against it needs the same count).
+    pub fn with_classes(services: &[Service], classes: usize) -> Table {
+        let mut t = Table::new(services);
+        t.classes = t.classes.max(classes);
+        t
+    }
+
+    /// Class rules k = 1..=this exist for each protocol.
+    pub fn classes(&self) -> usize {
+        self.classes
+    }
+}

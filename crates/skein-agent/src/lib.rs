@@ -2,6 +2,7 @@
 //! dir, gossips with the cluster, keeps a fresh snapshot of the replica for
 //! readers, and persists what must survive a restart.
 
+pub mod docs;
 pub mod health;
 pub mod ipvs;
 pub mod l4lb;
@@ -475,7 +476,7 @@ impl Agent {
     }
 
     /// DC/OS's `/overlay-master/state`, from this node's replica.
-    pub fn overlay_state(&self) -> anyhow::Result<serde_json::Value> {
+    pub fn overlay_state(&self) -> anyhow::Result<docs::OverlayMasterState> {
         let view = self.view();
         view.overlay_state()
             .cloned()
@@ -602,14 +603,14 @@ impl Agent {
 
     /// `GET /v1/state`: every node's published keyspace with versions, plus
     /// this node's view of their liveness.
-    pub fn state_json(&self) -> serde_json::Value {
-        let snap = self.view();
-        let nodes: serde_json::Map<String, serde_json::Value> = snap
+    pub fn state_json(&self) -> docs::State {
+        let view = self.view();
+        let nodes = view
             .replica
             .nodes()
             .iter()
             .map(|(id, ks)| {
-                let entries: serde_json::Map<String, serde_json::Value> = ks
+                let keys = ks
                     .entries
                     .iter()
                     .map(|(k, e)| {
@@ -618,33 +619,29 @@ impl Agent {
                             serde_json::from_str(v)
                                 .unwrap_or_else(|_| serde_json::Value::String(v.clone()))
                         });
-                        (
-                            k.clone(),
-                            serde_json::json!({"version": e.version, "value": value, "deleted": e.value.is_none()}),
-                        )
+                        let key = docs::StateKey {
+                            deleted: e.value.is_none(),
+                            value,
+                            version: e.version,
+                        };
+                        (k.clone(), key)
                     })
                     .collect();
-                let status = snap
-                    .liveness
-                    .get(id)
-                    .map_or(NodeStatus::Down, |l| l.status);
-                (
-                    id.clone(),
-                    serde_json::json!({
-                        "generation": ks.generation,
-                        "max_version": ks.max_version(),
-                        "status": status,
-                        "keys": entries,
-                    }),
-                )
+                let node = docs::StateNode {
+                    generation: ks.generation,
+                    keys,
+                    max_version: ks.max_version(),
+                    status: view.status_of(id),
+                };
+                (id.clone(), node)
             })
             .collect();
-        serde_json::json!({
-            "node_id": self.config.node_id,
-            "cluster_id": self.config.cluster_id,
-            "nodes": nodes,
-            "removed": snap.replica.removed(),
-        })
+        docs::State {
+            cluster_id: self.config.cluster_id.clone(),
+            node_id: self.config.node_id.clone(),
+            nodes,
+            removed: view.replica.removed().clone(),
+        }
     }
 }
 

@@ -9,10 +9,14 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 use skein_overlay::lease::{propose, resolve};
 use skein_overlay::{Claim, Pool};
 use skein_state::Replica;
+
+use crate::docs::{
+    AgentOverlay, Bridge, OverlayAgent, OverlayBackend, OverlayInfo, OverlayMasterState,
+    OverlayNetwork, OverlayState, OverlayStatus, Vxlan,
+};
 
 /// Prefix of lease claim keys: `lease:<pool>` where pool is `vtep` or
 /// `overlay/<name>`.
@@ -321,76 +325,97 @@ pub fn master_state(
     config: &OverlayConfig,
     replica: &Replica,
     agent_ips: &BTreeMap<String, IpAddr>,
-) -> anyhow::Result<Value> {
+) -> anyhow::Result<OverlayMasterState> {
     let fingerprint = config.fingerprint();
     let leases = node_leases(config, replica)?;
+    let cidr = |(ip, len): (Ipv4Addr, u8)| format!("{ip}/{len}");
+    let info = |o: &OverlayNet| OverlayInfo {
+        name: o.name.clone(),
+        prefix: o.prefix,
+        subnet: cidr(o.subnet),
+    };
+    let state = |status, error: Option<&str>| OverlayState {
+        error: error.map(str::to_string),
+        status,
+    };
     let mut agents = Vec::new();
-    for (node, ip) in agent_ips {
+    for (node, &ip) in agent_ips {
+        let agent = |overlays, state| OverlayAgent {
+            ip,
+            node_id: node.clone(),
+            overlays,
+            state,
+        };
         if !same_config(replica, node, &fingerprint) {
-            agents.push(json!({
-                "ip": ip.to_string(), "node_id": node, "overlays": [],
-                "state": {"status": "STATUS_CONFIG_MISMATCH",
-                          "error": "this agent's overlay configuration differs from the cluster's; its leases are ignored"},
-            }));
+            agents.push(agent(
+                vec![],
+                state(
+                    OverlayStatus::ConfigMismatch,
+                    Some(
+                        "this agent's overlay configuration differs from the cluster's; \
+                         its leases are ignored",
+                    ),
+                ),
+            ));
             continue;
         }
         let reported = replica.nodes().get(node).and_then(|ks| ks.get(STATUS_KEY));
         let Some(lease) = leases.get(node) else {
             // No VTEP lease (yet, or none left): listed, with why.
-            let state = match reported {
-                Some(err) if err != "ok" => json!({"status": "STATUS_ERROR", "error": err}),
-                _ => json!({"status": "STATUS_PENDING"}),
+            let why = match reported {
+                Some(err) if err != "ok" => state(OverlayStatus::Error, Some(err)),
+                _ => state(OverlayStatus::Pending, None),
             };
-            agents.push(
-                json!({"ip": ip.to_string(), "node_id": node, "overlays": [], "state": state}),
-            );
+            agents.push(agent(vec![], why));
             continue;
         };
-        let state = match reported {
-            Some("ok") => json!({"status": "STATUS_OK"}),
-            Some(err) => json!({"status": "STATUS_ERROR", "error": err}),
-            None => json!({"status": "STATUS_LEASED"}),
+        let status = match reported {
+            Some("ok") => state(OverlayStatus::Ok, None),
+            Some(err) => state(OverlayStatus::Error, Some(err)),
+            None => state(OverlayStatus::Leased, None),
         };
-        let overlays: Vec<Value> = config
+        let overlays = config
             .overlays
             .iter()
             .filter_map(|o| {
                 let (_, subnet, prefix) = lease.subnets.iter().find(|(n, _, _)| *n == o.name)?;
                 let [m, d] = skein_overlay::realize::bridge_halves(*subnet, *prefix);
-                Some(json!({
-                    "info": {"name": o.name, "subnet": format!("{}/{}", o.subnet.0, o.subnet.1), "prefix": o.prefix},
-                    "subnet": format!("{subnet}/{prefix}"),
-                    "mesos_bridge": {"name": format!("m-{}", o.name), "ip": format!("{}/{}", m.2, m.1)},
-                    "docker_bridge": {"name": format!("d-{}", o.name), "ip": format!("{}/{}", d.2, d.1)},
-                    "backend": {"vxlan": {
-                        "vni": crate::vxlan::VNI,
-                        "vtep_name": crate::vxlan::VTEP_NAME,
-                        "vtep_ip": format!("{}/{}", lease.vtep_ip, config.vtep_subnet.1),
-                        "vtep_mac": mac_string(config.vtep_mac(lease.vtep_ip)),
-                    }},
-                    "state": state,
-                }))
+                Some(AgentOverlay {
+                    backend: OverlayBackend {
+                        vxlan: Vxlan {
+                            vni: crate::vxlan::VNI,
+                            vtep_ip: cidr((lease.vtep_ip, config.vtep_subnet.1)),
+                            vtep_mac: mac_string(config.vtep_mac(lease.vtep_ip)),
+                            vtep_name: crate::vxlan::VTEP_NAME.to_string(),
+                        },
+                    },
+                    docker_bridge: Bridge {
+                        ip: cidr((d.2, d.1)),
+                        name: format!("d-{}", o.name),
+                    },
+                    info: info(o),
+                    mesos_bridge: Bridge {
+                        ip: cidr((m.2, m.1)),
+                        name: format!("m-{}", o.name),
+                    },
+                    state: status.clone(),
+                    subnet: cidr((*subnet, *prefix)),
+                })
             })
             .collect();
         // Also at the agent's level: an agent that has a VTEP but no subnet
         // of some overlay (all leased) has no overlay entry to carry it.
-        agents.push(
-            json!({"ip": ip.to_string(), "node_id": node, "overlays": overlays, "state": state}),
-        );
+        agents.push(agent(overlays, status));
     }
-    Ok(json!({
-        "network": {
-            "vtep_subnet": format!("{}/{}", config.vtep_subnet.0, config.vtep_subnet.1),
-            "vtep_mac_oui": config.vtep_mac_oui,
-            "vtep_mtu": config.vtep_mtu,
-            "overlays": config.overlays.iter().map(|o| json!({
-                "name": o.name,
-                "subnet": format!("{}/{}", o.subnet.0, o.subnet.1),
-                "prefix": o.prefix,
-            })).collect::<Vec<_>>(),
+    Ok(OverlayMasterState {
+        agents,
+        network: OverlayNetwork {
+            overlays: config.overlays.iter().map(info).collect(),
+            vtep_mac_oui: config.vtep_mac_oui.clone(),
+            vtep_mtu: config.vtep_mtu,
+            vtep_subnet: cidr(config.vtep_subnet),
         },
-        "agents": agents,
-    }))
+    })
 }
 
 #[cfg(test)]
@@ -438,6 +463,86 @@ mod tests {
             c.vtep_mac(Ipv4Addr::new(44, 128, 0, 3)),
             [0x70, 0xB3, 0xD5, 0x80, 0, 3]
         );
+    }
+
+    #[test]
+    fn master_state_in_dcos_shape() {
+        let config = OverlayConfig::default();
+        let mut replica = Replica::new();
+        let mut version = 0;
+        let mut put = |node: &str, key: &str, value: &str| {
+            version += 1;
+            replica.apply(&skein_state::Update {
+                node: node.into(),
+                generation: 1,
+                key: key.into(),
+                version,
+                value: Some(value.into()),
+            });
+        };
+        // n1: leased, not realized yet; n2: realized; n3: failed before
+        // leasing; n4: configured differently; n5: nothing published.
+        for (node, vtep, subnet) in [("n1", 1216, 54464), ("n2", 1, 2)] {
+            put(node, CONFIG_KEY, &config.fingerprint());
+            put(
+                node,
+                "lease:vtep",
+                &format!(r#"{{"slot":{vtep},"since":1}}"#),
+            );
+            put(
+                node,
+                "lease:overlay/dcos",
+                &format!(r#"{{"slot":{subnet},"since":1}}"#),
+            );
+        }
+        put("n2", STATUS_KEY, "ok");
+        put("n3", STATUS_KEY, "no VTEP");
+        put("n4", CONFIG_KEY, "other");
+        let ips: BTreeMap<String, IpAddr> = (1..=5)
+            .map(|i| (format!("n{i}"), IpAddr::from([127, 0, 0, i])))
+            .collect();
+        let state = master_state(&config, &replica, &ips).expect("state");
+        // Byte for byte what the API served when this was built with json!.
+        assert_eq!(
+            serde_json::to_string(&state.agents[0]).expect("json"),
+            r#"{"ip":"127.0.0.1","node_id":"n1","overlays":[{"backend":{"vxlan":{"vni":1024,"vtep_ip":"44.128.4.192/20","vtep_mac":"70:B3:D5:80:04:C0","vtep_name":"vtep1024"}},"docker_bridge":{"ip":"9.212.192.129/25","name":"d-dcos"},"info":{"name":"dcos","prefix":24,"subnet":"9.0.0.0/8"},"mesos_bridge":{"ip":"9.212.192.1/25","name":"m-dcos"},"state":{"status":"STATUS_LEASED"},"subnet":"9.212.192.0/24"}],"state":{"status":"STATUS_LEASED"}}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&state.network).expect("json"),
+            r#"{"overlays":[{"name":"dcos","prefix":24,"subnet":"9.0.0.0/8"}],"vtep_mac_oui":"70:B3:D5:00:00:00","vtep_mtu":1450,"vtep_subnet":"44.128.0.0/20"}"#
+        );
+        let statuses: Vec<(&str, OverlayStatus, Option<&str>, usize)> = state
+            .agents
+            .iter()
+            .map(|a| {
+                (
+                    a.node_id.as_str(),
+                    a.state.status,
+                    a.state.error.as_deref(),
+                    a.overlays.len(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            statuses,
+            vec![
+                ("n1", OverlayStatus::Leased, None, 1),
+                ("n2", OverlayStatus::Ok, None, 1),
+                ("n3", OverlayStatus::Error, Some("no VTEP"), 0),
+                (
+                    "n4",
+                    OverlayStatus::ConfigMismatch,
+                    Some(
+                        "this agent's overlay configuration differs from the cluster's; \
+                         its leases are ignored"
+                    ),
+                    0
+                ),
+                ("n5", OverlayStatus::Pending, None, 0),
+            ]
+        );
+        assert_eq!(state.agents[1].overlays[0].state.status, OverlayStatus::Ok);
+        assert_eq!(state.agents[1].overlays[0].subnet, "9.0.2.0/24");
     }
 
     #[test]

@@ -69,7 +69,7 @@ pub struct View {
     pub vip_addresses: BTreeMap<String, Ipv4Addr>,
     pub records: Arc<skein_dns::Records>,
     overlay_config: OverlayConfig,
-    overlay_state: OnceLock<Result<serde_json::Value, String>>,
+    overlay_state: OnceLock<Result<crate::docs::OverlayMasterState, String>>,
 }
 
 impl View {
@@ -134,7 +134,7 @@ impl View {
     }
 
     /// DC/OS's `/overlay-master/state`, computed once per view.
-    pub fn overlay_state(&self) -> Result<&serde_json::Value, &str> {
+    pub fn overlay_state(&self) -> Result<&crate::docs::OverlayMasterState, &str> {
         self.overlay_state
             .get_or_init(|| {
                 crate::overlay::master_state(&self.overlay_config, &self.replica, &self.node_ips())

@@ -1,6 +1,7 @@
 //! The agent's HTTP/JSON API: dcos-net-shaped reads, task registration, and
 //! Prometheus metrics. No endpoint evaluates anything a client sends.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -9,7 +10,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use serde_json::json;
+use skein_agent::docs;
 use skein_agent::{Agent, AgentError};
 use skein_state::TaskSpec;
 
@@ -71,7 +72,10 @@ pub async fn serve(
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(json!({ "error": message.into() }))).into_response()
+    let body = docs::ErrorBody {
+        error: message.into(),
+    };
+    (status, Json(body)).into_response()
 }
 
 impl From<AgentError> for ApiError {
@@ -118,24 +122,30 @@ fn authorize(ctx: &Ctx, headers: &HeaderMap) -> Result<(), ApiError> {
 
 async fn version(State(ctx): State<Ctx>) -> Response {
     let c = ctx.agent.config();
-    Json(json!({
-        "version": skein_agent::VERSION,
-        "node_id": c.node_id,
-        "cluster_id": c.cluster_id,
-    }))
+    Json(docs::Version {
+        cluster_id: c.cluster_id.clone(),
+        node_id: c.node_id.clone(),
+        version: skein_agent::VERSION.to_string(),
+    })
     .into_response()
 }
 
 async fn nodes(State(ctx): State<Ctx>) -> Response {
-    Json(ctx.agent.nodes()).into_response()
+    let nodes: docs::Nodes = ctx.agent.view().nodes.clone();
+    Json(nodes).into_response()
 }
 
 async fn tasks(State(ctx): State<Ctx>) -> Response {
-    Json(ctx.agent.tasks()).into_response()
+    let view = ctx.agent.view();
+    Json(docs::Tasks {
+        tasks: view.tasks.clone(),
+        invalid: view.invalid.clone(),
+    })
+    .into_response()
 }
 
 async fn task(State(ctx): State<Ctx>, Path(id): Path<String>) -> Response {
-    match ctx.agent.tasks().tasks.into_iter().find(|t| t.id == id) {
+    match ctx.agent.view().tasks.iter().find(|t| t.id == id) {
         Some(t) => Json(t).into_response(),
         None => error(StatusCode::NOT_FOUND, format!("no task {id}")),
     }
@@ -158,11 +168,11 @@ async fn put_task(
     } else {
         StatusCode::OK
     };
-    Ok((
-        status,
-        Json(json!({ "id": id, "node_id": ctx.agent.config().node_id })),
-    )
-        .into_response())
+    let reply = docs::PutTaskReply {
+        node_id: ctx.agent.config().node_id.clone(),
+        id,
+    };
+    Ok((status, Json(reply)).into_response())
 }
 
 async fn delete_task(
@@ -178,7 +188,7 @@ async fn delete_task(
 /// dcos-net's `/v1/records`: every record as `{name, type, rdata}`.
 async fn records(State(ctx): State<Ctx>) -> Response {
     let records = ctx.agent.records();
-    let rows: Vec<serde_json::Value> = records
+    let rows: docs::Records = records
         .names
         .iter()
         .flat_map(|(name, set)| {
@@ -193,7 +203,11 @@ async fn records(State(ctx): State<Ctx>) -> Response {
                         target,
                     } => ("SRV", format!("{priority} {weight} {port} {target}")),
                 };
-                json!({"name": name, "type": kind, "rdata": rdata})
+                docs::RecordRow {
+                    name: name.to_string(),
+                    rdata,
+                    kind: kind.to_string(),
+                }
             })
         })
         .collect();
@@ -203,10 +217,8 @@ async fn records(State(ctx): State<Ctx>) -> Response {
 /// Mesos-DNS's `/v1/enumerate`: per framework, per app, its records.
 async fn enumerate(State(ctx): State<Ctx>) -> Response {
     let records = ctx.agent.records();
-    let mut frameworks: std::collections::BTreeMap<
-        String,
-        std::collections::BTreeMap<String, Vec<serde_json::Value>>,
-    > = Default::default();
+    let mut frameworks: BTreeMap<String, BTreeMap<String, Vec<docs::EnumerateRecord>>> =
+        BTreeMap::new();
     for (name, set) in &records.names {
         // <app>.<framework>.mesos. and _<app>._proto.<framework>.mesos.
         let Some(rest) = name.strip_suffix(".mesos.") else {
@@ -233,39 +245,44 @@ async fn enumerate(State(ctx): State<Ctx>) -> Response {
                 .or_default()
                 .entry(app.clone())
                 .or_default()
-                .push(json!({"name": name, "host": host, "rtype": rtype}));
+                .push(docs::EnumerateRecord {
+                    host,
+                    name: name.to_string(),
+                    rtype: rtype.to_string(),
+                });
         }
     }
-    let frameworks: Vec<serde_json::Value> = frameworks
+    let frameworks = frameworks
         .into_iter()
-        .map(|(name, apps)| {
-            let tasks: Vec<serde_json::Value> = apps
+        .map(|(name, apps)| docs::EnumerateFramework {
+            name,
+            tasks: apps
                 .into_iter()
-                .map(|(app, records)| json!({"name": app, "records": records}))
-                .collect();
-            json!({"name": name, "tasks": tasks})
+                .map(|(name, records)| docs::EnumerateTask { name, records })
+                .collect(),
         })
         .collect();
-    Json(json!({ "frameworks": frameworks })).into_response()
+    Json(docs::Enumerate { frameworks }).into_response()
 }
 
 /// Mesos-DNS's `/v1/config`, from this agent's settings (no secrets).
 async fn config(State(ctx): State<Ctx>) -> Response {
     let c = ctx.agent.config();
-    Json(json!({
-        "Domain": "mesos",
-        "TTL": skein_dns::TTL,
-        "RefreshSeconds": 0,
-        "Listeners": c.dns_listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
-        "Resolvers": c.dns_upstreams.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
-        "Timeout": skein_dns::server::FORWARD_DEADLINE.as_secs(),
-        "SOAMname": "ns.mesos.",
-        "SOARname": "hostmaster.mesos.",
-        "DnsOn": !c.dns_listen.is_empty(),
-        "HttpOn": true,
-        "ExternalOn": !c.dns_upstreams.is_empty(),
-        "Zones": skein_dns::answer::ZONES,
-    }))
+    let strings = |addrs: &[std::net::SocketAddr]| addrs.iter().map(|a| a.to_string()).collect();
+    Json(docs::DnsConfig {
+        dns_on: !c.dns_listen.is_empty(),
+        domain: "mesos".to_string(),
+        external_on: !c.dns_upstreams.is_empty(),
+        http_on: true,
+        listeners: strings(&c.dns_listen),
+        refresh_seconds: 0,
+        resolvers: strings(&c.dns_upstreams),
+        soa_mname: "ns.mesos.".to_string(),
+        soa_rname: "hostmaster.mesos.".to_string(),
+        ttl: skein_dns::TTL,
+        timeout: skein_dns::server::FORWARD_DEADLINE.as_secs(),
+        zones: skein_dns::answer::ZONES.map(str::to_string).to_vec(),
+    })
     .into_response()
 }
 
@@ -296,11 +313,17 @@ async fn hosts(State(ctx): State<Ctx>, Path(host): Path<String>) -> Response {
     let name = fqdn(&host);
     let records = ctx.agent.records();
     let ips = addresses(&records, &name);
-    let rows: Vec<serde_json::Value> = if ips.is_empty() {
-        vec![json!({"host": "", "ip": ""})]
+    let rows: docs::Hosts = if ips.is_empty() {
+        vec![docs::HostRow {
+            host: String::new(),
+            ip: String::new(),
+        }]
     } else {
         ips.into_iter()
-            .map(|ip| json!({"host": name, "ip": ip}))
+            .map(|ip| docs::HostRow {
+                host: name.clone(),
+                ip,
+            })
             .collect()
     };
     Json(rows).into_response()
@@ -310,26 +333,35 @@ async fn hosts(State(ctx): State<Ctx>, Path(host): Path<String>) -> Response {
 async fn services(State(ctx): State<Ctx>, Path(service): Path<String>) -> Response {
     let name = fqdn(&service);
     let records = ctx.agent.records();
-    let mut rows = Vec::new();
+    let mut rows: docs::Services = Vec::new();
     for r in records.get(&name).into_iter().flatten() {
         if let skein_dns::RData::Srv { port, target, .. } = r {
             for ip in addresses(&records, target) {
-                rows.push(
-                    json!({"service": name, "host": target, "ip": ip, "port": port.to_string()}),
-                );
+                rows.push(docs::ServiceRow {
+                    host: target.to_string(),
+                    ip,
+                    port: port.to_string(),
+                    service: name.clone(),
+                });
             }
         }
     }
     if rows.is_empty() {
-        rows.push(json!({"service": "", "host": "", "ip": "", "port": ""}));
+        rows.push(docs::ServiceRow {
+            host: String::new(),
+            ip: String::new(),
+            port: String::new(),
+            service: String::new(),
+        });
     }
     Json(rows).into_response()
 }
 
 async fn overlay_master(State(ctx): State<Ctx>) -> Response {
-    match ctx.agent.overlay_state() {
+    let view = ctx.agent.view();
+    match view.overlay_state() {
         Ok(state) => Json(state).into_response(),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
 }
 
@@ -340,47 +372,38 @@ async fn delete_agents(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     authorize(&ctx, &headers)?;
-    #[derive(serde::Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct Request {
-        agents: Vec<std::net::IpAddr>,
-    }
-    let req: Request = serde_json::from_slice(&body).map_err(|e| {
+    let req: docs::DeleteAgentsRequest = serde_json::from_slice(&body).map_err(|e| {
         ApiError(
             StatusCode::BAD_REQUEST,
             format!("invalid body (want {{\"agents\": [\"<ip>\"]}}): {e}"),
         )
     })?;
     let forgotten = ctx.agent.forget_agents(&req.agents).await?;
-    Ok(Json(json!({ "deleted": forgotten })).into_response())
+    Ok(Json(docs::DeleteAgentsReply { deleted: forgotten }).into_response())
 }
 
 /// This agent's own entry of the overlay state.
 async fn overlay_agent(State(ctx): State<Ctx>) -> Response {
-    let me = ctx.agent.config().node_id.clone();
-    match ctx.agent.overlay_state() {
-        Ok(state) => {
-            let mine = state["agents"]
-                .as_array()
-                .and_then(|a| a.iter().find(|x| x["node_id"] == me.as_str()).cloned());
-            match mine {
-                Some(agent) => Json(agent).into_response(),
-                None => error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "this agent holds no overlay lease yet",
-                ),
-            }
-        }
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+    let view = ctx.agent.view();
+    match view.overlay_state() {
+        Ok(state) => match state.agents.iter().find(|a| a.node_id == view.node_id) {
+            Some(agent) => Json(agent).into_response(),
+            None => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "this agent holds no overlay lease yet",
+            ),
+        },
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
 }
 
 async fn vips(State(ctx): State<Ctx>) -> Response {
-    Json(ctx.agent.vips().0).into_response()
+    let vips: docs::Vips = ctx.agent.view().vips.clone();
+    Json(vips).into_response()
 }
 
 async fn vip_problems(State(ctx): State<Ctx>) -> Response {
-    Json(ctx.agent.vips().1).into_response()
+    Json(docs::VipProblems(ctx.agent.view().vip_problems.clone())).into_response()
 }
 
 async fn state(State(ctx): State<Ctx>) -> Response {

@@ -2,11 +2,14 @@
 //! the raw JSON with `--json`).
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Args;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
+use skein_agent::docs;
 use skein_state::{PortMapping, Protocol, TaskSpec};
 
 #[derive(Debug, Args)]
@@ -58,27 +61,23 @@ impl Client {
         format!("{}{}", self.base, path)
     }
 
+    /// The body of a successful reply; a failed one becomes an error
+    /// with the agent's message.
     fn check(
         &self,
         mut resp: ureq::http::Response<ureq::Body>,
         what: &str,
-    ) -> anyhow::Result<Value> {
+    ) -> anyhow::Result<String> {
         let status = resp.status();
         let text = resp.body_mut().read_to_string().unwrap_or_default();
-        let body: Value = if text.trim().is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or(Value::String(text))
-        };
         if !status.is_success() {
-            let msg = body
-                .get("error")
-                .and_then(Value::as_str)
-                .map(str::to_string)
-                .unwrap_or_else(|| body.to_string());
+            let msg = match serde_json::from_str::<docs::ErrorBody>(&text) {
+                Ok(body) => body.error,
+                Err(_) => as_json(&text).to_string(),
+            };
             bail!("{what} failed: {status}: {msg}");
         }
-        Ok(body)
+        Ok(text)
     }
 
     fn unreachable(&self, e: ureq::Error) -> anyhow::Error {
@@ -88,7 +87,8 @@ impl Client {
         )
     }
 
-    pub fn get(&self, path: &str) -> anyhow::Result<Value> {
+    /// The body of `GET path`, as sent.
+    pub fn get_text(&self, path: &str) -> anyhow::Result<String> {
         let resp = self
             .http
             .get(&self.url(path))
@@ -97,7 +97,12 @@ impl Client {
         self.check(resp, &format!("GET {path}"))
     }
 
-    pub fn put_json(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+    /// `GET path`, decoded into its document.
+    pub fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        decode(&self.get_text(path)?, path)
+    }
+
+    pub fn put_json(&self, path: &str, body: &Value) -> anyhow::Result<String> {
         let mut req = self.http.put(&self.url(path));
         if let Some(t) = &self.token {
             req = req.header("Authorization", &format!("Bearer {t}"));
@@ -106,7 +111,7 @@ impl Client {
         self.check(resp, &format!("PUT {path}"))
     }
 
-    pub fn delete(&self, path: &str) -> anyhow::Result<Value> {
+    pub fn delete(&self, path: &str) -> anyhow::Result<String> {
         let mut req = self.http.delete(&self.url(path));
         if let Some(t) = &self.token {
             req = req.header("Authorization", &format!("Bearer {t}"));
@@ -114,6 +119,92 @@ impl Client {
         let resp = req.call().map_err(|e| self.unreachable(e))?;
         self.check(resp, &format!("DELETE {path}"))
     }
+
+    /// Prints `GET path`: with `--json` the agent's document as it sent it
+    /// (pretty; fields this CLI does not know are kept), else `human`'s
+    /// rendering of the typed document.
+    pub fn show<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        human: impl Fn(&T) -> String,
+    ) -> anyhow::Result<()> {
+        let text = self.get_text(path)?;
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&as_json(&text))?);
+        } else {
+            println!("{}", human(&decode(&text, path)?));
+        }
+        Ok(())
+    }
+
+    /// `skein vips`: the VIPs and the labels that could not be used.
+    pub fn show_vips(&self) -> anyhow::Result<()> {
+        let vips = self.get_text("/v1/vips")?;
+        let problems = self.get_text("/v1/vips/problems")?;
+        if self.json {
+            let both = serde_json::json!({"vips": as_json(&vips), "problems": as_json(&problems)});
+            println!("{}", serde_json::to_string_pretty(&both)?);
+        } else {
+            println!(
+                "{}",
+                print_vips(
+                    &decode(&vips, "/v1/vips")?,
+                    &decode(&problems, "/v1/vips/problems")?
+                )
+            );
+        }
+        Ok(())
+    }
+
+    /// `skein task add`: registers the task, prints the agent's reply.
+    pub fn add_task(&self, args: &TaskAddArgs) -> anyhow::Result<()> {
+        let path = format!("/v1/tasks/{}", args.id);
+        let text = self.put_json(&path, &args.body()?)?;
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&as_json(&text))?);
+        } else {
+            let reply: docs::PutTaskReply = decode(&text, &path)?;
+            println!("task {} registered on this node", reply.id);
+        }
+        Ok(())
+    }
+
+    /// `skein task rm`.
+    pub fn remove_task(&self, id: &str) -> anyhow::Result<()> {
+        self.delete(&format!("/v1/tasks/{id}"))?;
+        if !self.json {
+            println!("task {id} removed");
+        }
+        Ok(())
+    }
+
+    /// `skein version`: this binary's version and the agent's.
+    pub fn show_version(&self) -> anyhow::Result<()> {
+        println!("skein {}", skein_agent::VERSION);
+        let v: docs::Version = self.get("/v1/version")?;
+        println!(
+            "agent {} on node {} (cluster {})",
+            v.version, v.node_id, v.cluster_id
+        );
+        Ok(())
+    }
+}
+
+/// A body as JSON; one that is not JSON as a string, an empty one as null.
+fn as_json(text: &str) -> Value {
+    if text.trim().is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_string()))
+    }
+}
+
+fn decode<T: DeserializeOwned>(text: &str, path: &str) -> anyhow::Result<T> {
+    serde_json::from_str(text).with_context(|| {
+        format!(
+            "the agent's {path} is not the document this CLI reads (an agent of another version?)"
+        )
+    })
 }
 
 /// Prints rows as an aligned table.
@@ -144,22 +235,18 @@ pub fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
     out
 }
 
-fn s(v: &Value, key: &str) -> String {
-    match v.get(key) {
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Null) | None => "-".to_string(),
-        Some(other) => other.to_string(),
-    }
+fn or_dash(v: Option<impl ToString>) -> String {
+    v.map_or_else(|| "-".to_string(), |v| v.to_string())
 }
 
-fn ago(updated_ms: &Value) -> String {
-    let Some(ms) = updated_ms.as_u64().filter(|&m| m > 0) else {
+fn ago(updated_ms: u64) -> String {
+    if updated_ms == 0 {
         return "-".to_string();
-    };
+    }
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
-    let secs = now.saturating_sub(ms) / 1000;
+    let secs = now.saturating_sub(updated_ms) / 1000;
     match secs {
         0..=119 => format!("{secs}s ago"),
         120..=7199 => format!("{}m ago", secs / 60),
@@ -167,97 +254,66 @@ fn ago(updated_ms: &Value) -> String {
     }
 }
 
-pub fn print_nodes(nodes: &Value) -> String {
+pub fn print_nodes(nodes: &docs::Nodes) -> String {
     let rows = nodes
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|n| {
-                    vec![
-                        s(n, "node_id"),
-                        s(n, "private_ip"),
-                        s(n, "hostname"),
-                        s(n, "status"),
-                        ago(n.get("updated").unwrap_or(&Value::Null)),
-                    ]
-                })
-                .collect()
+        .iter()
+        .map(|n| {
+            vec![
+                n.node_id.clone(),
+                or_dash(n.private_ip),
+                or_dash(n.hostname.as_deref()),
+                n.status.as_str().to_string(),
+                ago(n.updated),
+            ]
         })
-        .unwrap_or_default();
+        .collect();
     table(&["NODE", "PRIVATE IP", "HOSTNAME", "STATUS", "SINCE"], rows)
 }
 
-pub fn print_tasks(tasks: &Value) -> String {
+/// `8080/tcp VIP_0=/web:80`.
+fn port_cell(p: &PortMapping) -> String {
+    let mut out = format!("{}/{}", p.port, p.protocol);
+    for (k, v) in &p.labels {
+        out.push_str(&format!(" {k}={v}"));
+    }
+    out
+}
+
+pub fn print_tasks(tasks: &docs::Tasks) -> String {
     let rows = tasks
-        .get("tasks")
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .map(|t| {
-                    let ports = t
-                        .get("ports")
-                        .and_then(Value::as_array)
-                        .map(|ps| {
-                            ps.iter()
-                                .map(|p| {
-                                    let mut out = format!("{}/{}", s(p, "port"), s(p, "protocol"));
-                                    if let Some(labels) = p.get("labels").and_then(Value::as_object)
-                                    {
-                                        for (k, v) in labels {
-                                            out.push_str(&format!(
-                                                " {k}={}",
-                                                v.as_str().unwrap_or("?")
-                                            ));
-                                        }
-                                    }
-                                    out
-                                })
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        })
-                        .unwrap_or_default();
-                    vec![
-                        s(t, "id"),
-                        s(t, "app"),
-                        s(t, "framework"),
-                        s(t, "ip"),
-                        ports,
-                        format!("{} ({})", s(t, "node_id"), s(t, "node_status")),
-                    ]
-                })
-                .collect()
+        .tasks
+        .iter()
+        .map(|t| {
+            let ports: Vec<String> = t.spec.ports.iter().map(port_cell).collect();
+            vec![
+                t.id.clone(),
+                t.spec.app.clone(),
+                t.spec.framework.clone(),
+                t.spec.ip.to_string(),
+                ports.join(", "),
+                format!("{} ({})", t.node_id, t.node_status.as_str()),
+            ]
         })
-        .unwrap_or_default();
+        .collect();
     table(&["TASK", "APP", "FRAMEWORK", "IP", "PORTS", "NODE"], rows)
 }
 
-pub fn print_state(state: &Value) -> String {
+pub fn print_state(state: &docs::State) -> String {
     let rows = state
-        .get("nodes")
-        .and_then(Value::as_object)
-        .map(|nodes| {
-            nodes
-                .iter()
-                .map(|(id, n)| {
-                    let keys = n.get("keys").and_then(Value::as_object);
-                    let live = keys.map_or(0, |k| {
-                        k.values()
-                            .filter(|e| e.get("deleted") == Some(&Value::Bool(false)))
-                            .count()
-                    });
-                    let dead = keys.map_or(0, |k| k.len()) - live;
-                    vec![
-                        id.clone(),
-                        s(n, "status"),
-                        s(n, "generation"),
-                        s(n, "max_version"),
-                        live.to_string(),
-                        dead.to_string(),
-                    ]
-                })
-                .collect()
+        .nodes
+        .iter()
+        .map(|(id, n)| {
+            let live = n.keys.values().filter(|k| !k.deleted).count();
+            vec![
+                id.clone(),
+                n.status.as_str().to_string(),
+                n.generation.to_string(),
+                n.max_version.to_string(),
+                live.to_string(),
+                (n.keys.len() - live).to_string(),
+            ]
         })
-        .unwrap_or_default();
+        .collect();
     table(
         &[
             "NODE",
@@ -271,46 +327,41 @@ pub fn print_state(state: &Value) -> String {
     )
 }
 
-/// `ipvsadm -Ln`-style listing of VIPs and their backends, then any
-/// labels that could not be used.
 /// `/overlay-master/state` as a table: one row per agent and overlay.
-pub fn print_overlay(state: &Value) -> String {
+pub fn print_overlay(state: &docs::OverlayMasterState) -> String {
     let mut rows = Vec::new();
-    for a in state["agents"].as_array().into_iter().flatten() {
-        let overlays = a["overlays"].as_array().cloned().unwrap_or_default();
-        if overlays.is_empty() {
+    for a in &state.agents {
+        if a.overlays.is_empty() {
             rows.push(vec![
-                s(a, "node_id"),
-                s(a, "ip"),
+                a.node_id.clone(),
+                a.ip.to_string(),
                 "-".into(),
                 "-".into(),
                 "-".into(),
                 "-".into(),
-                s(&a["state"], "status"),
+                a.state.status.as_str().to_string(),
             ]);
         }
-        for o in overlays {
-            let vx = &o["backend"]["vxlan"];
-            let mut status = s(&o["state"], "status");
-            if let Some(err) = o["state"]["error"].as_str() {
+        for o in &a.overlays {
+            let vx = &o.backend.vxlan;
+            let mut status = o.state.status.as_str().to_string();
+            if let Some(err) = &o.state.error {
                 status = format!("{status}: {err}");
             }
             rows.push(vec![
-                s(a, "node_id"),
-                s(a, "ip"),
-                s(&o["info"], "name"),
-                s(&o, "subnet"),
-                s(vx, "vtep_ip"),
-                s(vx, "vtep_mac"),
+                a.node_id.clone(),
+                a.ip.to_string(),
+                o.info.name.clone(),
+                o.subnet.clone(),
+                vx.vtep_ip.clone(),
+                vx.vtep_mac.clone(),
                 status,
             ]);
         }
     }
-    let network = &state["network"];
     let mut out = format!(
         "VTEP subnet {}  OUI {}  VNI 1024  UDP 64000\n",
-        s(network, "vtep_subnet"),
-        s(network, "vtep_mac_oui")
+        state.network.vtep_subnet, state.network.vtep_mac_oui
     );
     out.push_str(&table(
         &[
@@ -321,50 +372,40 @@ pub fn print_overlay(state: &Value) -> String {
     out
 }
 
-pub fn print_vips(vips: &Value, problems: &Value) -> String {
+/// `ipvsadm -Ln`-style listing of VIPs and their backends, then any
+/// labels that could not be used.
+pub fn print_vips(vips: &docs::Vips, problems: &docs::VipProblems) -> String {
     let mut out = String::from(
         "Prot VIP Address\n  -> Backend                Node        Status   InUse  Task",
     );
-    for v in vips.as_array().into_iter().flatten() {
-        let address = match v.get("address").and_then(Value::as_str) {
+    for v in vips {
+        let address = match v.address {
             Some(a) => a.to_string(),
             None => "(address pending)".to_string(),
         };
         out.push_str(&format!(
             "\n{:<4} {} {address}",
-            s(v, "protocol").to_uppercase(),
-            s(v, "vip")
+            v.protocol.to_string().to_uppercase(),
+            v.vip
         ));
-        for b in v
-            .get("backend")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            let addr = match b.get("ip").and_then(Value::as_str) {
-                Some(ip) if ip.contains(':') => format!("[{ip}]:{}", s(b, "port")),
-                _ => format!("{}:{}", s(b, "ip"), s(b, "port")),
+        for b in &v.backend {
+            let addr = match b.ip {
+                IpAddr::V6(ip) => format!("[{ip}]:{}", b.port),
+                IpAddr::V4(ip) => format!("{ip}:{}", b.port),
             };
-            let in_use = if b.get("in_use") == Some(&Value::Bool(true)) {
-                "yes"
-            } else {
-                "no"
-            };
+            let in_use = if b.in_use { "yes" } else { "no" };
             out.push_str(&format!(
                 "\n  -> {addr:<22} {:<11} {:<8} {in_use:<6} {}",
-                s(b, "node_id"),
-                s(b, "node_status"),
-                s(b, "task_id")
+                b.node_id,
+                b.node_status.as_str(),
+                b.task_id
             ));
         }
     }
-    for p in problems.as_array().into_iter().flatten() {
+    for p in &problems.0 {
         out.push_str(&format!(
             "\n! task {} on {}: {}: {}",
-            s(p, "task_id"),
-            s(p, "node_id"),
-            s(p, "label"),
-            s(p, "error")
+            p.task_id, p.node_id, p.label, p.error
         ));
     }
     out
@@ -457,25 +498,88 @@ impl TaskAddArgs {
 mod tests {
     use super::*;
 
+    // Bodies an agent served and the tables `skein` printed for them
+    // before the documents were typed: the tables must not change.
+
     #[test]
-    fn overlay_table() {
-        let state = serde_json::json!({
-            "network": {"vtep_subnet": "44.128.0.0/20", "vtep_mac_oui": "70:B3:D5:00:00:00"},
-            "agents": [{"ip": "10.0.0.1", "node_id": "node1", "overlays": [{
-                "info": {"name": "dcos"}, "subnet": "9.0.1.0/24",
-                "backend": {"vxlan": {"vtep_ip": "44.128.0.1/20", "vtep_mac": "70:B3:D5:80:00:01"}},
-                "state": {"status": "STATUS_OK"}}]},
-                {"ip": "10.0.0.9", "node_id": "odd", "overlays": [],
-                 "state": {"status": "STATUS_CONFIG_MISMATCH"}}]
-        });
-        let text = print_overlay(&state);
+    fn tasks_table() {
+        let body = r#"{"tasks":[{"id":"bad.1","node_id":"n1","node_status":"alive","healthy":true,"app":"/bad","framework":"marathon","ip":"10.0.0.7","ports":[{"port":99,"protocol":"tcp","labels":{"VIP_0":"nonsense"}}]},{"id":"db.1","node_id":"n1","node_status":"alive","healthy":true,"app":"/grp/db","framework":"other","ip":"10.0.0.6","ports":[{"port":5432,"protocol":"tcp","labels":{"VIP_1":"1.2.3.4:5432"}},{"port":53,"protocol":"udp"}]},{"id":"web.1","node_id":"n1","node_status":"alive","healthy":true,"app":"/web","framework":"marathon","ip":"10.0.0.5","ports":[{"name":"http","port":8080,"protocol":"tcp","labels":{"VIP_0":"/web:80"}}]}]}"#;
+        let tasks: docs::Tasks = serde_json::from_str(body).expect("decodes");
+        assert_eq!(
+            print_tasks(&tasks),
+            r#"TASK   APP      FRAMEWORK  IP        PORTS                                NODE
+bad.1  /bad     marathon   10.0.0.7  99/tcp VIP_0=nonsense                n1 (alive)
+db.1   /grp/db  other      10.0.0.6  5432/tcp VIP_1=1.2.3.4:5432, 53/udp  n1 (alive)
+web.1  /web     marathon   10.0.0.5  8080/tcp VIP_0=/web:80               n1 (alive)"#
+        );
+    }
+
+    #[test]
+    fn state_table() {
+        let body = r#"{"cluster_id":"capc","node_id":"n1","nodes":{"n1":{"generation":1795465730770,"keys":{"lease:overlay/dcos":{"deleted":false,"value":{"since":1795465730775,"slot":54464},"version":3},"lease:vtep":{"deleted":false,"value":{"since":1795465730775,"slot":1216},"version":4},"meta":{"deleted":false,"value":{"agent_version":"0.1.0","hostname":"vm","private_ip":"127.0.0.1","started_ms":1795465730773},"version":1},"overlay:config":{"deleted":false,"value":"6fd6520de987a71d","version":2},"task:bad.1":{"deleted":false,"value":{"app":"/bad","framework":"marathon","ip":"10.0.0.7","ports":[{"labels":{"VIP_0":"nonsense"},"port":99,"protocol":"tcp"}]},"version":9},"task:db.1":{"deleted":false,"value":{"app":"/grp/db","framework":"other","ip":"10.0.0.6","ports":[{"labels":{"VIP_1":"1.2.3.4:5432"},"port":5432,"protocol":"tcp"},{"port":53,"protocol":"udp"}]},"version":8},"task:gone.1":{"deleted":true,"value":null,"version":11},"task:web.1":{"deleted":false,"value":{"app":"/web","framework":"marathon","ip":"10.0.0.5","ports":[{"labels":{"VIP_0":"/web:80"},"name":"http","port":8080,"protocol":"tcp"}]},"version":7},"vipip:web.marathon":{"deleted":false,"value":{"ip":"11.38.39.51","since":1795465730871},"version":6}},"max_version":11,"status":"alive"}},"removed":{}}"#;
+        let state: docs::State = serde_json::from_str(body).expect("decodes");
+        assert_eq!(
+            print_state(&state),
+            r#"NODE  STATUS  GENERATION     VERSION  KEYS  TOMBSTONES
+n1    alive   1795465730770  11       8     1"#
+        );
+    }
+
+    #[test]
+    fn nodes_table() {
+        let body = r#"[{"node_id":"n1","private_ip":"127.0.0.1","hostname":"vm","status":"alive","updated":0,"generation":1,"version":11},
+            {"node_id":"n2","private_ip":null,"hostname":null,"status":"down","updated":1,"generation":1,"version":1}]"#;
+        let nodes: docs::Nodes = serde_json::from_str(body).expect("decodes");
+        let text = print_nodes(&nodes);
         assert!(
-            text.contains(
-                "node1  10.0.0.1  dcos     9.0.1.0/24  44.128.0.1/20  70:B3:D5:80:00:01  STATUS_OK"
+            text.starts_with(
+                "NODE  PRIVATE IP  HOSTNAME  STATUS  SINCE\n\
+                 n1    127.0.0.1   vm        alive   -\n\
+                 n2    -           -         down    "
             ),
             "{text}"
         );
-        assert!(text.contains("STATUS_CONFIG_MISMATCH"), "{text}");
+        assert!(text.ends_with("h ago"), "{text}");
+    }
+
+    #[test]
+    fn overlay_table() {
+        let body = r#"{"agents":[{"ip":"127.0.0.1","node_id":"n1","overlays":[{"backend":{"vxlan":{"vni":1024,"vtep_ip":"44.128.4.192/20","vtep_mac":"70:B3:D5:80:04:C0","vtep_name":"vtep1024"}},"docker_bridge":{"ip":"9.212.192.129/25","name":"d-dcos"},"info":{"name":"dcos","prefix":24,"subnet":"9.0.0.0/8"},"mesos_bridge":{"ip":"9.212.192.1/25","name":"m-dcos"},"state":{"status":"STATUS_LEASED"},"subnet":"9.212.192.0/24"}],"state":{"status":"STATUS_LEASED"}}],"network":{"overlays":[{"name":"dcos","prefix":24,"subnet":"9.0.0.0/8"}],"vtep_mac_oui":"70:B3:D5:00:00:00","vtep_mtu":1450,"vtep_subnet":"44.128.0.0/20"}}"#;
+        let mut state: docs::OverlayMasterState = serde_json::from_str(body).expect("decodes");
+        assert_eq!(
+            print_overlay(&state),
+            r#"VTEP subnet 44.128.0.0/20  OUI 70:B3:D5:00:00:00  VNI 1024  UDP 64000
+NODE  IP         OVERLAY  SUBNET          VTEP IP          VTEP MAC           STATUS
+n1    127.0.0.1  dcos     9.212.192.0/24  44.128.4.192/20  70:B3:D5:80:04:C0  STATUS_LEASED"#
+        );
+        let mut failed = state.agents[0].clone();
+        failed.node_id = "n2".into();
+        failed.overlays[0].state = docs::OverlayState {
+            error: Some("no bridge".into()),
+            status: docs::OverlayStatus::Error,
+        };
+        let odd = docs::OverlayAgent {
+            ip: "10.0.0.9".parse().expect("ip"),
+            node_id: "odd".into(),
+            overlays: vec![],
+            state: docs::OverlayState {
+                error: Some("differs".into()),
+                status: docs::OverlayStatus::ConfigMismatch,
+            },
+        };
+        state.agents.extend([failed, odd]);
+        let text = print_overlay(&state);
+        assert!(
+            text.contains(
+                "n2    127.0.0.1  dcos     9.212.192.0/24  44.128.4.192/20  70:B3:D5:80:04:C0  \
+                 STATUS_ERROR: no bridge"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.ends_with("odd   10.0.0.9   -        -               -                -                  STATUS_CONFIG_MISMATCH"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -492,18 +596,32 @@ mod tests {
 
     #[test]
     fn vips_print_like_ipvsadm() {
-        let vips = serde_json::json!([{"vip":"httpi.marathon.l4lb.thisdcos.directory:3141","protocol":"tcp",
-            "address":"11.0.0.9","backend":[{"ip":"10.0.0.2","port":9896,"task_id":"t1","node_id":"n1",
-            "node_status":"alive","in_use":true}]},
-            {"vip":"x.marathon.l4lb.thisdcos.directory:80","protocol":"udp","address":null,"backend":[]}]);
-        let out = print_vips(&vips, &serde_json::json!([]));
-        assert!(
-            out.contains("TCP  httpi.marathon.l4lb.thisdcos.directory:3141 11.0.0.9"),
-            "{out}"
+        let vips = r#"[{"vip":"web.marathon.l4lb.thisdcos.directory:80","protocol":"tcp","port":80,"address":"11.38.39.51","backend":[{"ip":"10.0.0.5","port":8080,"task_id":"web.1","node_id":"n1","node_status":"alive","healthy":true,"in_use":true}]},{"vip":"1.2.3.4:5432","protocol":"tcp","port":5432,"address":"1.2.3.4","backend":[{"ip":"10.0.0.6","port":5432,"task_id":"db.1","node_id":"n1","node_status":"alive","healthy":true,"in_use":true}]}]"#;
+        let problems = r#"[{"task_id":"bad.1","node_id":"n1","label":"VIP_0","error":"VIP label \"nonsense\" is not `/name:port` or `address:port`"}]"#;
+        let vips: docs::Vips = serde_json::from_str(vips).expect("decodes");
+        let problems: docs::VipProblems = serde_json::from_str(problems).expect("decodes");
+        assert_eq!(
+            print_vips(&vips, &problems),
+            r#"Prot VIP Address
+  -> Backend                Node        Status   InUse  Task
+TCP  web.marathon.l4lb.thisdcos.directory:80 11.38.39.51
+  -> 10.0.0.5:8080          n1          alive    yes    web.1
+TCP  1.2.3.4:5432 1.2.3.4
+  -> 10.0.0.6:5432          n1          alive    yes    db.1
+! task bad.1 on n1: VIP_0: VIP label "nonsense" is not `/name:port` or `address:port`"#
         );
-        assert!(out.contains("  -> 10.0.0.2:9896"), "{out}");
+        let pending: docs::Vips = serde_json::from_str(
+            r#"[{"vip":"x.marathon.l4lb.thisdcos.directory:80","protocol":"udp","port":80,
+                "address":null,"backend":[{"ip":"fd00::1","port":80,"task_id":"t","node_id":"n",
+                "node_status":"suspect","healthy":false,"in_use":false}]}]"#,
+        )
+        .expect("decodes");
+        let out = print_vips(&pending, &docs::VipProblems::default());
         assert!(
-            out.contains("UDP  x.marathon.l4lb.thisdcos.directory:80 (address pending)"),
+            out.ends_with(
+                "UDP  x.marathon.l4lb.thisdcos.directory:80 (address pending)\n  \
+                 -> [fd00::1]:80           n           suspect  no     t"
+            ),
             "{out}"
         );
     }

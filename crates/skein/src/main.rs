@@ -9,7 +9,6 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use serde_json::Value;
 
 use crate::client::{ApiArgs, Client, TaskAddArgs};
 use crate::config::AgentArgs;
@@ -107,15 +106,6 @@ fn main() -> ExitCode {
     }
 }
 
-fn print(client: &Client, value: &Value, human: impl Fn(&Value) -> String) -> anyhow::Result<()> {
-    if client.json {
-        println!("{}", serde_json::to_string_pretty(value)?);
-    } else {
-        println!("{}", human(value));
-    }
-    Ok(())
-}
-
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Agent(args) => run_agent(*args),
@@ -140,64 +130,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Nodes(api) => {
-            let c = Client::new(&api)?;
-            print(&c, &c.get("/v1/nodes")?, client::print_nodes)
-        }
-        Command::Tasks(api) => {
-            let c = Client::new(&api)?;
-            print(&c, &c.get("/v1/tasks")?, client::print_tasks)
-        }
-        Command::Vips(api) => {
-            let c = Client::new(&api)?;
-            let vips = c.get("/v1/vips")?;
-            let problems = c.get("/v1/vips/problems")?;
-            if c.json {
-                let both = serde_json::json!({"vips": vips, "problems": problems});
-                println!("{}", serde_json::to_string_pretty(&both)?);
-            } else {
-                println!("{}", client::print_vips(&vips, &problems));
-            }
-            Ok(())
-        }
+        Command::Nodes(api) => Client::new(&api)?.show("/v1/nodes", client::print_nodes),
+        Command::Tasks(api) => Client::new(&api)?.show("/v1/tasks", client::print_tasks),
+        Command::Vips(api) => Client::new(&api)?.show_vips(),
         Command::Httpi { listen, name } => httpi::serve(listen, &name),
         Command::Overlay(api) => {
-            let c = Client::new(&api)?;
-            print(&c, &c.get("/overlay-master/state")?, client::print_overlay)
+            Client::new(&api)?.show("/overlay-master/state", client::print_overlay)
         }
-        Command::State(api) => {
-            let c = Client::new(&api)?;
-            print(&c, &c.get("/v1/state")?, client::print_state)
-        }
-        Command::Version(api) => {
-            println!("skein {}", skein_agent::VERSION);
-            let c = Client::new(&api)?;
-            let v = c.get("/v1/version")?;
-            println!(
-                "agent {} on node {} (cluster {})",
-                v.get("version").and_then(Value::as_str).unwrap_or("?"),
-                v.get("node_id").and_then(Value::as_str).unwrap_or("?"),
-                v.get("cluster_id").and_then(Value::as_str).unwrap_or("?"),
-            );
-            Ok(())
-        }
+        Command::State(api) => Client::new(&api)?.show("/v1/state", client::print_state),
+        Command::Version(api) => Client::new(&api)?.show_version(),
         Command::Task { command, api } => {
             let c = Client::new(&api)?;
             match command {
-                TaskCommand::Add(args) => {
-                    let body = args.body()?;
-                    let v = c.put_json(&format!("/v1/tasks/{}", args.id), &body)?;
-                    print(&c, &v, |_| {
-                        format!("task {} registered on this node", args.id)
-                    })
-                }
-                TaskCommand::Rm { id } => {
-                    c.delete(&format!("/v1/tasks/{id}"))?;
-                    if !c.json {
-                        println!("task {id} removed");
-                    }
-                    Ok(())
-                }
+                TaskCommand::Add(args) => c.add_task(&args),
+                TaskCommand::Rm { id } => c.remove_task(&id),
             }
         }
     }

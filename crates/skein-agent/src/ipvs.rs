@@ -1,24 +1,41 @@
 //! The IPVS dataplane, as dcos-net's Minuteman did it: every VIP address on
 //! a `minuteman` dummy link, an IPVS service per VIP (wlc, masquerading) with
 //! the backends as destinations; unhealthy backends stay with weight 0 (no
-//! new connections, established ones kept). Reconciled against the kernel's
-//! table over generic netlink (`skein-ipvs`). Only services on addresses of
+//! new connections, established ones kept). Only services on addresses of
 //! the `minuteman` link (or wanted now) are ours: other IPVS services on the
-//! host are left alone.
+//! host are left alone. Runs on the realizer driver (`realize.rs`); the
+//! kernel is behind [`IpvsKernel`] so the planner is tested on a fake.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::process::Command;
-use std::sync::atomic::Ordering;
-use std::sync::Weak;
-use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use skein_ipvs::{Destination, Ipvs, Protocol, Service, Table};
+use skein_ipvs::{Destination, Ipvs, Op, Protocol, Service, ServiceKey, Table};
 
-use crate::Agent;
+use crate::realize::Dataplane;
+use crate::view::View;
 
 pub const LINK: &str = "minuteman";
+
+/// What the IPVS realizer reads and writes.
+pub trait IpvsKernel: Send + 'static {
+    /// Addresses on the VIP link (creating the link if needed).
+    fn link_addresses(&mut self) -> anyhow::Result<BTreeSet<Ipv4Addr>>;
+    fn add_address(&mut self, addr: Ipv4Addr) -> anyhow::Result<()>;
+    fn del_address(&mut self, addr: Ipv4Addr) -> anyhow::Result<()>;
+    /// Every IPVS service of the host with its destinations.
+    fn table(&mut self) -> anyhow::Result<Table>;
+    fn apply(&mut self, op: &Op) -> anyhow::Result<()>;
+}
+
+/// The host's IPVS over generic netlink and the link through `ip`.
+#[derive(Default)]
+pub struct HostIpvs {
+    /// Opened on first use and again after an error (the socket may be
+    /// what broke).
+    ipvs: Option<Ipvs>,
+}
 
 fn ip(args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new("ip")
@@ -35,38 +52,107 @@ fn ip(args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// The IPv4 addresses on the `minuteman` link, creating the link if needed.
-fn link_addresses() -> anyhow::Result<BTreeSet<Ipv4Addr>> {
-    if ip(&["link", "show", LINK]).is_err() {
-        ip(&["link", "add", LINK, "type", "dummy"])?;
-        tracing::info!(link = LINK, "created the VIP link");
+impl HostIpvs {
+    fn ipvs(&mut self) -> anyhow::Result<&mut Ipvs> {
+        if self.ipvs.is_none() {
+            self.ipvs = Some(Ipvs::open().context("IPVS unavailable")?);
+        }
+        self.ipvs.as_mut().context("IPVS unavailable")
     }
-    ip(&["link", "set", LINK, "up"])?;
-    let text = ip(&["-o", "-4", "addr", "show", "dev", LINK])?;
-    Ok(text
-        .lines()
-        .filter_map(|l| l.split_whitespace().skip_while(|w| *w != "inet").nth(1))
-        .filter_map(|cidr| cidr.split('/').next()?.parse().ok())
-        .collect())
+
+    fn guard<T>(&mut self, r: Result<T, skein_ipvs::Error>) -> anyhow::Result<T> {
+        if r.is_err() {
+            self.ipvs = None;
+        }
+        Ok(r?)
+    }
 }
 
-/// Puts exactly `wanted` on the link; returns what was there before.
-fn sync_link(wanted: &BTreeSet<Ipv4Addr>) -> anyhow::Result<BTreeSet<Ipv4Addr>> {
-    let have = link_addresses()?;
-    for a in wanted.difference(&have) {
-        ip(&["addr", "add", &format!("{a}/32"), "dev", LINK])?;
+impl IpvsKernel for HostIpvs {
+    fn link_addresses(&mut self) -> anyhow::Result<BTreeSet<Ipv4Addr>> {
+        if ip(&["link", "show", LINK]).is_err() {
+            ip(&["link", "add", LINK, "type", "dummy"])?;
+            tracing::info!(link = LINK, "created the VIP link");
+        }
+        ip(&["link", "set", LINK, "up"])?;
+        let text = ip(&["-o", "-4", "addr", "show", "dev", LINK])?;
+        Ok(text
+            .lines()
+            .filter_map(|l| l.split_whitespace().skip_while(|w| *w != "inet").nth(1))
+            .filter_map(|cidr| cidr.split('/').next()?.parse().ok())
+            .collect())
     }
-    for a in have.difference(wanted) {
-        ip(&["addr", "del", &format!("{a}/32"), "dev", LINK])?;
+
+    fn add_address(&mut self, addr: Ipv4Addr) -> anyhow::Result<()> {
+        ip(&["addr", "add", &format!("{addr}/32"), "dev", LINK]).map(|_| ())
     }
-    Ok(have)
+
+    fn del_address(&mut self, addr: Ipv4Addr) -> anyhow::Result<()> {
+        ip(&["addr", "del", &format!("{addr}/32"), "dev", LINK]).map(|_| ())
+    }
+
+    fn table(&mut self) -> anyhow::Result<Table> {
+        let r = self.ipvs()?.table();
+        self.guard(r)
+    }
+
+    fn apply(&mut self, op: &Op) -> anyhow::Result<()> {
+        let r = self.ipvs()?.apply(op);
+        self.guard(r)
+    }
 }
 
-/// The desired IPVS table from the agent's VIPs.
-fn desired(agent: &Agent) -> Table {
-    let (vips, _) = agent.vips();
-    let mut table: Table = Vec::new();
-    for v in &vips {
+/// What of IPVS is ours: the link's addresses and the services on them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IpvsState {
+    pub addresses: BTreeSet<Ipv4Addr>,
+    /// Destinations sorted by (address, port).
+    pub services: BTreeMap<ServiceKey, (Service, Vec<Destination>)>,
+}
+
+impl IpvsState {
+    fn table(&self) -> Table {
+        self.services.values().cloned().collect()
+    }
+}
+
+/// The changes between two [`IpvsState`]s, in the order they are made.
+#[derive(Debug, Default)]
+pub struct IpvsPlan {
+    pub add_addresses: Vec<Ipv4Addr>,
+    pub ops: Vec<Op>,
+    /// After the services on them are gone.
+    pub del_addresses: Vec<Ipv4Addr>,
+}
+
+pub struct IpvsDataplane<K: IpvsKernel> {
+    kernel: K,
+    /// Addresses of the last desired state: services on them are ours even
+    /// before the address is on the link.
+    wanted: BTreeSet<Ipv4Addr>,
+}
+
+impl<K: IpvsKernel> IpvsDataplane<K> {
+    pub fn new(kernel: K) -> Self {
+        IpvsDataplane {
+            kernel,
+            wanted: BTreeSet::new(),
+        }
+    }
+
+    pub fn kernel(&self) -> &K {
+        &self.kernel
+    }
+
+    pub fn kernel_mut(&mut self) -> &mut K {
+        &mut self.kernel
+    }
+}
+
+/// The desired IPVS state for a view's VIPs.
+pub fn desired(view: &View) -> IpvsState {
+    let mut state = IpvsState::default();
+    for v in &view.vips {
         let Some(IpAddr::V4(addr)) = v.address else {
             continue;
         };
@@ -87,111 +173,321 @@ fn desired(agent: &Agent) -> Table {
             .collect();
         dests.sort_by_key(|d| (d.addr, d.port));
         dests.dedup_by_key(|d| (d.addr, d.port));
-        table.push((Service::new(IpAddr::V4(addr), v.port, protocol), dests));
+        let service = Service::new(IpAddr::V4(addr), v.port, protocol);
+        state.addresses.insert(addr);
+        state.services.insert(service.key(), (service, dests));
     }
-    table
+    state
 }
 
-fn reconcile(ipvs: &mut Ipvs, agent: &Agent) -> anyhow::Result<usize> {
-    let want = desired(agent);
-    let wanted_addrs: BTreeSet<Ipv4Addr> = want
-        .iter()
-        .filter_map(|(s, _)| match s.addr {
-            IpAddr::V4(a) => Some(a),
-            IpAddr::V6(_) => None,
-        })
-        .collect();
-    let previously = sync_link(&wanted_addrs)?;
-    let owned: BTreeSet<IpAddr> = previously
-        .union(&wanted_addrs)
-        .map(|a| IpAddr::V4(*a))
-        .collect();
-    let actual: Table = ipvs
-        .table()?
-        .into_iter()
-        .filter(|(s, _)| owned.contains(&s.addr))
-        .collect();
-    let ops = skein_ipvs::diff(&want, &actual);
-    for op in &ops {
-        ipvs.apply(op)?;
-    }
-    agent
-        .l4lb_counters
-        .services
-        .store(want.len() as u64, Ordering::Relaxed);
-    agent.l4lb_counters.backends.store(
-        want.iter().map(|(_, d)| d.len() as u64).sum(),
-        Ordering::Relaxed,
-    );
-    Ok(ops.len())
+/// The plan from `from` to `to` (pure).
+pub fn plan(from: Option<&IpvsState>, to: &IpvsState) -> Option<IpvsPlan> {
+    let empty = IpvsState::default();
+    let from = from.unwrap_or(&empty);
+    let plan = IpvsPlan {
+        add_addresses: to.addresses.difference(&from.addresses).copied().collect(),
+        ops: skein_ipvs::diff(&to.table(), &from.table()),
+        del_addresses: from.addresses.difference(&to.addresses).copied().collect(),
+    };
+    let empty =
+        plan.add_addresses.is_empty() && plan.ops.is_empty() && plan.del_addresses.is_empty();
+    (!empty).then_some(plan)
 }
 
-/// Runs until the agent is dropped: on every refresh and every resync
-/// period, brings the kernel's IPVS table and the VIP link to the desired
-/// state (each run reads the kernel, so drift is repaired on the next one).
-pub async fn run(agent: Weak<Agent>, changes: tokio::sync::watch::Receiver<u64>, resync: Duration) {
-    // As with nftables: let addresses settle after a restart before
-    // touching what the previous agent programmed.
-    let warm_up = crate::vips::SETTLE + Duration::from_secs(1);
-    if let Some(agent) = agent.upgrade() {
-        let wait = warm_up.saturating_sub(agent.uptime());
-        drop(agent);
-        tokio::time::sleep(wait).await;
+impl<K: IpvsKernel> Dataplane for IpvsDataplane<K> {
+    type State = IpvsState;
+    type Plan = IpvsPlan;
+
+    fn name(&self) -> &'static str {
+        "ipvs"
     }
-    let mut wakeups = crate::wakeups::Wakeups::new(changes, resync);
-    let mut ipvs: Option<Ipvs> = None;
-    loop {
-        let Some(resyncing) = wakeups.next().await else {
-            return;
-        };
-        let Some(agent) = agent.upgrade() else { return };
-        if ipvs.is_none() {
-            match Ipvs::open() {
-                Ok(handle) => ipvs = Some(handle),
-                Err(e) => {
-                    agent
-                        .l4lb_counters
-                        .apply_errors
-                        .fetch_add(1, Ordering::Relaxed);
-                    if resyncing {
-                        tracing::error!(error = %e, "IPVS unavailable; VIPs are not programmed");
+
+    fn desired(&mut self, view: &View) -> IpvsState {
+        let state = desired(view);
+        self.wanted = state.addresses.clone();
+        state
+    }
+
+    fn observe(&mut self) -> anyhow::Result<Option<IpvsState>> {
+        let addresses = self.kernel.link_addresses()?;
+        let ours: BTreeSet<IpAddr> = addresses
+            .union(&self.wanted)
+            .map(|a| IpAddr::V4(*a))
+            .collect();
+        let mut services = BTreeMap::new();
+        for (service, mut dests) in self.kernel.table()? {
+            if ours.contains(&service.addr) {
+                dests.sort_by_key(|d| (d.addr, d.port));
+                services.insert(service.key(), (service, dests));
+            }
+        }
+        Ok(Some(IpvsState {
+            addresses,
+            services,
+        }))
+    }
+
+    fn plan(&self, from: Option<&IpvsState>, to: &IpvsState) -> Option<IpvsPlan> {
+        plan(from, to)
+    }
+
+    fn apply(&mut self, plan: &IpvsPlan) -> anyhow::Result<usize> {
+        for a in &plan.add_addresses {
+            self.kernel.add_address(*a)?;
+        }
+        for op in &plan.ops {
+            self.kernel.apply(op)?;
+        }
+        for a in &plan.del_addresses {
+            self.kernel.del_address(*a)?;
+        }
+        Ok(plan.add_addresses.len() + plan.ops.len() + plan.del_addresses.len())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod fake {
+    //! IPVS and the VIP link in memory, with a foreign service of the host.
+
+    use super::*;
+
+    /// A service's destinations by (address, port).
+    pub type Dests = BTreeMap<(IpAddr, u16), Destination>;
+
+    #[derive(Debug, Default)]
+    pub struct FakeIpvs {
+        pub addresses: BTreeSet<Ipv4Addr>,
+        pub table: BTreeMap<ServiceKey, (Service, Dests)>,
+        pub fail_ops: usize,
+        pub writes: usize,
+    }
+
+    impl IpvsKernel for FakeIpvs {
+        fn link_addresses(&mut self) -> anyhow::Result<BTreeSet<Ipv4Addr>> {
+            Ok(self.addresses.clone())
+        }
+
+        fn add_address(&mut self, addr: Ipv4Addr) -> anyhow::Result<()> {
+            self.writes += 1;
+            if !self.addresses.insert(addr) {
+                bail!("RTNETLINK answers: File exists");
+            }
+            Ok(())
+        }
+
+        fn del_address(&mut self, addr: Ipv4Addr) -> anyhow::Result<()> {
+            self.writes += 1;
+            if !self.addresses.remove(&addr) {
+                bail!("RTNETLINK answers: Cannot assign requested address");
+            }
+            Ok(())
+        }
+
+        fn table(&mut self) -> anyhow::Result<Table> {
+            Ok(self
+                .table
+                .values()
+                .map(|(s, d)| (s.clone(), d.values().cloned().collect()))
+                .collect())
+        }
+
+        fn apply(&mut self, op: &Op) -> anyhow::Result<()> {
+            self.writes += 1;
+            if self.fail_ops > 0 {
+                self.fail_ops -= 1;
+                bail!("injected netlink failure");
+            }
+            let service_of = |s: &Service| s.key();
+            match op {
+                Op::AddService(s) => {
+                    if self.table.contains_key(&s.key()) {
+                        bail!("service exists");
                     }
-                    continue;
+                    self.table.insert(s.key(), (s.clone(), BTreeMap::new()));
+                }
+                Op::UpdateService(s) => {
+                    let e = self.table.get_mut(&s.key()).context("no such service")?;
+                    e.0 = s.clone();
+                }
+                Op::DelService(s) => {
+                    self.table.remove(&s.key()).context("no such service")?;
+                }
+                Op::AddDestination(s, d) => {
+                    let e = self
+                        .table
+                        .get_mut(&service_of(s))
+                        .context("no such service")?;
+                    if e.1.insert((d.addr, d.port), d.clone()).is_some() {
+                        bail!("destination exists");
+                    }
+                }
+                Op::UpdateDestination(s, d) => {
+                    let e = self
+                        .table
+                        .get_mut(&service_of(s))
+                        .context("no such service")?;
+                    e.1.get_mut(&(d.addr, d.port))
+                        .context("no such destination")?
+                        .weight = d.weight;
+                }
+                Op::DelDestination(s, d) => {
+                    let e = self
+                        .table
+                        .get_mut(&service_of(s))
+                        .context("no such service")?;
+                    e.1.remove(&(d.addr, d.port))
+                        .context("no such destination")?;
                 }
             }
+            Ok(())
         }
-        let Some(handle) = ipvs.as_mut() else {
-            continue;
-        };
-        let started = Instant::now();
-        // Netlink and `ip` calls block: keep them off the async workers.
-        let result = tokio::task::block_in_place(|| reconcile(handle, &agent));
-        match result {
-            Ok(0) => {}
-            Ok(n) => {
-                let counters = &agent.l4lb_counters;
-                counters.applies.fetch_add(1, Ordering::Relaxed);
-                if resyncing {
-                    counters.drift_repaired.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(changes = n, "IPVS table repaired");
-                }
-                counters
-                    .last_reconcile_us
-                    .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-                tracing::info!(
-                    changes = n,
-                    took_ms = started.elapsed().as_millis() as u64,
-                    "IPVS VIP rules applied"
-                );
-            }
-            Err(e) => {
-                agent
-                    .l4lb_counters
-                    .apply_errors
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %format!("{e:#}"), "cannot program IPVS; retrying");
-                ipvs = None; // reopen: the socket may be what broke
-            }
-        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+
+    use super::fake::FakeIpvs;
+    use super::*;
+    use crate::realize::{Driver, Wake};
+    use crate::view::test_support::view_with_tasks;
+
+    fn driver() -> Driver<IpvsDataplane<FakeIpvs>> {
+        let mut kernel = FakeIpvs::default();
+        // Somebody else's service on the host: never touched.
+        let foreign = Service::new("192.0.2.1".parse().unwrap(), 80, Protocol::Tcp);
+        kernel
+            .table
+            .insert(foreign.key(), (foreign, BTreeMap::new()));
+        Driver::new(IpvsDataplane::new(kernel), Arc::default())
+    }
+
+    fn web(backends: &[(&str, bool)]) -> View {
+        view_with_tasks(
+            backends
+                .iter()
+                .enumerate()
+                .map(|(i, (ip, healthy))| (format!("t{i}"), *ip, "/web:80", *healthy))
+                .collect(),
+        )
+    }
+
+    /// (VIP, port, [(destination, weight)]).
+    type Programmed = (Ipv4Addr, u16, Vec<(String, u32)>);
+
+    fn services(d: &Driver<IpvsDataplane<FakeIpvs>>) -> Vec<Programmed> {
+        d.dataplane()
+            .kernel()
+            .table
+            .values()
+            .filter_map(|(s, dests)| match s.addr {
+                IpAddr::V4(a) if a.octets()[0] == 11 => Some((
+                    a,
+                    s.port,
+                    dests
+                        .values()
+                        .map(|d| (d.addr.to_string(), d.weight))
+                        .collect(),
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn programs_vips_and_keeps_unhealthy_backends_draining() {
+        let mut d = driver();
+        let view = web(&[("10.0.0.1", true), ("10.0.0.2", false)]);
+        assert!(d.step(&view, Wake::View).unwrap() > 0);
+        let s = services(&d);
+        assert_eq!(s.len(), 1, "{s:?}");
+        assert_eq!(
+            s[0].2,
+            [("10.0.0.1".to_string(), 1), ("10.0.0.2".to_string(), 0)]
+        );
+        let addr = s[0].0;
+        assert!(d.dataplane().kernel().addresses.contains(&addr));
+        assert_eq!(
+            d.dataplane().kernel().table.len(),
+            2,
+            "the foreign service stays"
+        );
+    }
+
+    #[test]
+    fn warm_start_changes_nothing() {
+        let view = web(&[("10.0.0.1", true)]);
+        let mut first = driver();
+        first.step(&view, Wake::View).unwrap();
+        // A restarted agent finds the kernel as the previous one left it.
+        let FakeIpvs {
+            addresses, table, ..
+        } = std::mem::take(first.dataplane_mut().kernel_mut());
+        let mut restarted = Driver::new(
+            IpvsDataplane::new(FakeIpvs {
+                addresses,
+                table,
+                ..Default::default()
+            }),
+            Arc::default(),
+        );
+        assert_eq!(restarted.step(&view, Wake::View).unwrap(), 0);
+        assert_eq!(restarted.dataplane().kernel().writes, 0);
+    }
+
+    #[test]
+    fn drift_is_repaired_on_resync() {
+        let view = web(&[("10.0.0.1", true), ("10.0.0.2", true)]);
+        let mut d = driver();
+        d.step(&view, Wake::View).unwrap();
+        let k = d.dataplane_mut().kernel_mut();
+        let key = *k
+            .table
+            .keys()
+            .find(|k| k.port == 80 && k.addr.to_string().starts_with("11."))
+            .unwrap();
+        k.table.get_mut(&key).unwrap().1.clear(); // `ipvsadm -d` by hand
+        let addr = *k.addresses.iter().next().unwrap();
+        k.addresses.remove(&addr);
+        assert_eq!(
+            d.step(&view, Wake::Resync).unwrap(),
+            3,
+            "address + 2 destinations"
+        );
+        assert_eq!(d.counters().drift_repaired.load(Ordering::Relaxed), 1);
+        assert_eq!(services(&d)[0].2.len(), 2);
+    }
+
+    #[test]
+    fn a_failed_apply_is_counted_and_retried() {
+        let mut d = driver();
+        d.dataplane_mut().kernel_mut().fail_ops = 1;
+        let view = web(&[("10.0.0.1", true)]);
+        assert!(d.step(&view, Wake::View).is_err());
+        assert_eq!(d.counters().errors.load(Ordering::Relaxed), 1);
+        // The address made it before the failure: the retry reads the
+        // kernel and does only the rest.
+        assert_eq!(
+            d.step(&view, Wake::Retry).unwrap(),
+            2,
+            "service + destination"
+        );
+        assert_eq!(services(&d).len(), 1);
+    }
+
+    #[test]
+    fn removed_vips_go_with_their_address() {
+        let mut d = driver();
+        d.step(&web(&[("10.0.0.1", true)]), Wake::View).unwrap();
+        d.step(&web(&[]), Wake::View).unwrap();
+        assert!(services(&d).is_empty());
+        assert!(d.dataplane().kernel().addresses.is_empty());
+        assert_eq!(
+            d.dataplane().kernel().table.len(),
+            1,
+            "the foreign service stays"
+        );
     }
 }

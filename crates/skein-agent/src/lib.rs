@@ -8,6 +8,7 @@ pub mod ipvs;
 pub mod l4lb;
 pub mod metrics;
 pub mod overlay;
+pub mod realize;
 pub mod store;
 pub mod view;
 pub mod vips;
@@ -110,7 +111,8 @@ pub struct Agent {
     own_leases: Mutex<BTreeMap<String, skein_overlay::Claim>>,
     /// Ticks after every refresh, for the realizers.
     refreshed: watch::Sender<u64>,
-    pub l4lb_counters: l4lb::L4lbCounters,
+    /// The VIP realizer's counters (nftables or IPVS).
+    pub l4lb_realizer: Arc<realize::RealizerCounters>,
     pub overlay_counters: vxlan::OverlayCounters,
     /// What this node last published under `overlay:status`.
     overlay_status: Mutex<String>,
@@ -244,7 +246,7 @@ impl Agent {
             records,
             dns,
             refreshed: watch::channel(0).0,
-            l4lb_counters: Default::default(),
+            l4lb_realizer: Default::default(),
             overlay_counters: Default::default(),
             overlay_status: Mutex::new(String::new()),
             lease_errors: Mutex::new(Vec::new()),
@@ -258,17 +260,27 @@ impl Agent {
         tokio::spawn(health::run(Arc::downgrade(&agent)));
         match agent.config.l4lb_dataplane {
             l4lb::Dataplane::Nftables => {
-                tokio::spawn(l4lb::run(
-                    Arc::downgrade(&agent),
-                    agent.refreshed.subscribe(),
-                    agent.config.l4lb_resync,
+                let driver = realize::Driver::new(
+                    l4lb::NftDataplane::new(l4lb::HostNftables::default()),
+                    agent.l4lb_realizer.clone(),
+                );
+                tokio::spawn(realize::run(
+                    driver,
+                    agent.view.subscribe(),
+                    agent.l4lb_pacing(),
+                    agent.started,
                 ));
             }
             l4lb::Dataplane::Ipvs => {
-                tokio::spawn(ipvs::run(
-                    Arc::downgrade(&agent),
-                    agent.refreshed.subscribe(),
-                    agent.config.l4lb_resync,
+                let driver = realize::Driver::new(
+                    ipvs::IpvsDataplane::new(ipvs::HostIpvs::default()),
+                    agent.l4lb_realizer.clone(),
+                );
+                tokio::spawn(realize::run(
+                    driver,
+                    agent.view.subscribe(),
+                    agent.l4lb_pacing(),
+                    agent.started,
                 ));
             }
             l4lb::Dataplane::None => {
@@ -284,6 +296,17 @@ impl Agent {
             ));
         }
         Ok(agent)
+    }
+
+    /// After a restart the kernel still holds the previous agent's VIP
+    /// rules, which keep serving: they are not touched before VIP addresses
+    /// have had time to be agreed again.
+    fn l4lb_pacing(&self) -> realize::Pacing {
+        realize::Pacing {
+            warm_up: vips::SETTLE + Duration::from_secs(1),
+            resync: self.config.l4lb_resync,
+            retry: Duration::from_millis(250),
+        }
     }
 
     pub fn config(&self) -> &AgentConfig {

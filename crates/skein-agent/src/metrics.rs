@@ -2,7 +2,7 @@
 //! handful of gauges and counters do not need a metrics framework.
 
 use std::fmt::Write;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use skein_state::NodeStatus;
 
@@ -171,30 +171,47 @@ pub fn render(agent: &Agent) -> String {
         "Failures to persist the replica.",
         &[("", load(&c.persist_errors))],
     );
-    let l = &agent.l4lb_counters;
+    let l = &agent.l4lb_realizer;
+    let programmed =
+        agent.config().l4lb_dataplane != crate::l4lb::Dataplane::None && load(&l.ready) == 1;
+    let (services, backends) = if programmed {
+        let vips = snap.vips.iter().filter(|v| v.address.is_some());
+        let mut services = 0;
+        let mut backends = 0;
+        for v in vips {
+            let used = v.backend.iter().filter(|b| b.in_use).count() as u64;
+            if used > 0 {
+                services += 1;
+                backends += used;
+            }
+        }
+        (services, backends)
+    } else {
+        (0, 0)
+    };
     out.metric(
         "skein_l4lb_services",
         "gauge",
-        "VIP services (address, protocol, port) programmed in the kernel.",
-        &[("", load(&l.services))],
+        "VIP services (address, protocol, port) with backends, as programmed in the kernel.",
+        &[("", services)],
     );
     out.metric(
         "skein_l4lb_backends",
         "gauge",
-        "Backends programmed across all VIP services.",
-        &[("", load(&l.backends))],
+        "Backends in use across all VIP services.",
+        &[("", backends)],
     );
     out.metric(
         "skein_l4lb_rule_applies_total",
         "counter",
-        "Atomic nftables table replacements applied.",
+        "Changes of the kernel's VIP rules applied (whole tables, transactions, batches).",
         &[("", load(&l.applies))],
     );
     out.metric(
         "skein_l4lb_apply_errors_total",
         "counter",
-        "Failed attempts to program the kernel.",
-        &[("", load(&l.apply_errors))],
+        "Failed attempts to read or program the kernel's VIP rules.",
+        &[("", load(&l.errors))],
     );
     out.metric(
         "skein_l4lb_drift_repaired_total",
@@ -206,8 +223,61 @@ pub fn render(agent: &Agent) -> String {
         "skein_l4lb_reconcile_microseconds",
         "gauge",
         "Duration of the last reconcile that changed the kernel.",
-        &[("", load(&l.last_reconcile_us))],
+        &[("", load(&l.last_apply_us))],
     );
+    let realizers: Vec<(&str, &crate::realize::RealizerCounters)> =
+        match agent.config().l4lb_dataplane {
+            crate::l4lb::Dataplane::Nftables => vec![("nftables", &**l)],
+            crate::l4lb::Dataplane::Ipvs => vec![("ipvs", &**l)],
+            crate::l4lb::Dataplane::None => vec![],
+        };
+    type Field = fn(&crate::realize::RealizerCounters) -> &AtomicU64;
+    let fields: [(&str, &str, &str, Field); 6] = [
+        (
+            "skein_realizer_applies_total",
+            "counter",
+            "Plans applied to the kernel, by realizer.",
+            |c| &c.applies,
+        ),
+        (
+            "skein_realizer_errors_total",
+            "counter",
+            "Failed kernel reads or applies, by realizer (each retried).",
+            |c| &c.errors,
+        ),
+        (
+            "skein_realizer_changes_total",
+            "counter",
+            "Kernel objects changed (elements, rules, services, addresses), by realizer.",
+            |c| &c.changes,
+        ),
+        (
+            "skein_realizer_drift_repaired_total",
+            "counter",
+            "Times the kernel differed from what was programmed and was repaired, by realizer.",
+            |c| &c.drift_repaired,
+        ),
+        (
+            "skein_realizer_observes_total",
+            "counter",
+            "Kernel read-backs (start, resync, after a failure), by realizer.",
+            |c| &c.observes,
+        ),
+        (
+            "skein_realizer_last_apply_microseconds",
+            "gauge",
+            "Duration of the last apply, planning included, by realizer.",
+            |c| &c.last_apply_us,
+        ),
+    ];
+    for (name, kind, help, field) in fields {
+        let labels: Vec<(String, u64)> = realizers
+            .iter()
+            .map(|(r, c)| (format!("realizer=\"{r}\""), load(field(c))))
+            .collect();
+        let labels: Vec<(&str, u64)> = labels.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        out.metric(name, kind, help, &labels);
+    }
     let o = &agent.overlay_counters;
     let leases = crate::overlay::node_leases(&agent.overlay, &snap.replica)
         .map(|l| l.len() as u64)

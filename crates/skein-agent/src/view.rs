@@ -232,3 +232,70 @@ fn records(tasks: &[TaskView], nodes: &[NodeView], vips: &[VipView]) -> skein_dn
         &vip_names,
     )
 }
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    //! Views built from a replica in memory, for the realizers' tests.
+
+    use super::*;
+    use skein_state::{health_key, task_key, Update, UNHEALTHY};
+
+    /// A view of one alive node `n1` running `tasks`: (task id, task ip,
+    /// `VIP_0` label, healthy). Each task serves port 8080. Named VIPs get
+    /// the first probe of their name as address.
+    pub(crate) fn view_with_tasks(tasks: Vec<(String, &str, &str, bool)>) -> View {
+        let mut replica = Replica::new();
+        let mut version = 0;
+        let mut put = |key: String, value: String| {
+            version += 1;
+            replica.apply(&Update {
+                node: "n1".into(),
+                generation: 1,
+                key,
+                version,
+                value: Some(value),
+            });
+        };
+        put(
+            skein_state::META_KEY.into(),
+            r#"{"hostname":"n1","private_ip":"10.0.0.1","agent_version":"t","started_ms":1}"#
+                .into(),
+        );
+        for (id, ip, label, healthy) in &tasks {
+            put(
+                task_key(id),
+                format!(
+                    r#"{{"app":"/app","ip":"{ip}","ports":[{{"port":8080,"labels":{{"VIP_0":"{label}"}}}}]}}"#
+                ),
+            );
+            if !healthy {
+                put(health_key(id), UNHEALTHY.into());
+            }
+        }
+        let mut liveness = BTreeMap::new();
+        liveness.insert(
+            "n1".to_string(),
+            Liveness {
+                status: NodeStatus::Alive,
+                updated: 1,
+            },
+        );
+        let (task_views, _) = skein_state::tasks(&replica, &liveness);
+        let (vips, _) = skein_l4lb::vips_of(&task_views);
+        let addresses = vips
+            .keys()
+            .filter_map(vips::vip_id)
+            .map(|id| {
+                let ip = skein_l4lb::alloc::probe(&id, 0);
+                (id, ip)
+            })
+            .collect();
+        View::build(
+            1,
+            "n1",
+            ClusterSnapshot { replica, liveness },
+            addresses,
+            &OverlayConfig::default(),
+        )
+    }
+}

@@ -17,7 +17,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use skein_proto::wire::{self, DecodeError, OriginData};
 use skein_proto::{Config, Event, Micros, Name, Node, Refusal, Status};
 use skein_state::{Entry, Liveness, NodeId, NodeKeyspace, NodeStatus, Replica};
@@ -29,6 +28,23 @@ pub use transport::{GossipStats, QuicSocket, QuicTransport};
 /// `forget:<node>` = generation: an operator removed the node (honoured
 /// while it is down; a node heard alive again comes back).
 pub const FORGET_PREFIX: &str = "forget:";
+
+/// Why gossip could not start or a write was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum GossipError {
+    #[error("invalid node id {0:?}")]
+    InvalidNodeId(String),
+    #[error("no randomness for the gossip protocol")]
+    NoRandomness,
+    /// The core refused a write of this node's own keyspace (a cap).
+    #[error("cannot publish {key}: {reason}")]
+    Refused { key: String, reason: String },
+    /// The protocol task ended: the view would be frozen.
+    #[error("the gossip protocol task has stopped")]
+    Stopped,
+    #[error(transparent)]
+    Transport(#[from] transport::TransportError),
+}
 
 #[derive(Debug, Clone)]
 pub struct GossipConfig {
@@ -128,16 +144,16 @@ impl Gossip {
         signer: skein_tls::GossipSigner,
         initial: Vec<(String, String)>,
         persisted: &[u8],
-    ) -> anyhow::Result<Gossip> {
+    ) -> Result<Gossip, GossipError> {
         let me = Name::intern(&config.node_id)
-            .with_context(|| format!("invalid node id {:?}", config.node_id))?;
+            .ok_or_else(|| GossipError::InvalidNodeId(config.node_id.clone()))?;
         let identity = Arc::new(skein_proto::Identity(signer.identity().to_vec()));
         let socket = transport.open(config.listen).await?;
         let stats = transport.stats();
         let epoch = Instant::now();
         let seed = u64::from_le_bytes(
             ring_random()
-                .context("no randomness for the gossip protocol")?
+                .ok_or(GossipError::NoRandomness)?
                 .to_le_bytes(),
         );
         let mut node = Node::new(
@@ -152,7 +168,10 @@ impl Gossip {
         );
         for (k, v) in &initial {
             node.write(0, k, Some(v))
-                .map_err(|r| anyhow::anyhow!("cannot publish {k}: {r:?}"))?;
+                .map_err(|r| GossipError::Refused {
+                    key: k.clone(),
+                    reason: format!("{r:?}"),
+                })?;
         }
         let restored = restore(&mut node, persisted);
         if restored > 0 {
@@ -220,20 +239,23 @@ impl Gossip {
     }
 
     /// Fails if the protocol task has stopped: the view would be frozen.
-    pub fn ensure_running(&self) -> anyhow::Result<()> {
+    pub fn ensure_running(&self) -> Result<(), GossipError> {
         if self.task.is_finished() {
-            anyhow::bail!("the gossip protocol task has stopped");
+            return Err(GossipError::Stopped);
         }
         Ok(())
     }
 
-    fn write(&self, key: &str, value: Option<&str>) -> anyhow::Result<()> {
+    fn write(&self, key: &str, value: Option<&str>) -> Result<(), GossipError> {
         {
             let mut s = lock(&self.shared);
             let now = s.now();
             s.node
                 .write(now, key, value)
-                .map_err(|r| anyhow::anyhow!("cannot publish {key}: {r:?}"))?;
+                .map_err(|r| GossipError::Refused {
+                    key: key.to_string(),
+                    reason: format!("{r:?}"),
+                })?;
             let me = s.node.name();
             s.dirty.insert(me);
         }
@@ -378,7 +400,7 @@ impl Gossip {
     }
 
     /// Stops gossiping (peers will see this node go down).
-    pub fn shutdown(&self) -> anyhow::Result<()> {
+    pub fn shutdown(&self) -> Result<(), GossipError> {
         self.task.abort();
         Ok(())
     }

@@ -19,7 +19,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::Context;
 use bytes::Bytes;
 use quinn::crypto::rustls::{HandshakeData, QuicClientConfig, QuicServerConfig};
 use quinn::{
@@ -128,6 +127,26 @@ pub struct QuicTransport {
     stats: Arc<GossipStats>,
 }
 
+/// Why the gossip endpoint could not be opened or used.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("TLS: {0}")]
+    Tls(#[from] skein_tls::TlsError),
+    #[error("TLS configuration unusable for QUIC: {0}")]
+    Crypto(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
+    #[error("failed to bind {addr}/UDP for gossip: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("no async runtime for QUIC")]
+    NoRuntime,
+    #[error("invalid QUIC transport setting: {0}")]
+    Config(String),
+    #[error("gossip QUIC endpoint closed")]
+    Closed,
+}
+
 impl QuicTransport {
     pub fn new(tls: Arc<NodeTls>, stats: Arc<GossipStats>) -> Self {
         QuicTransport { tls, stats }
@@ -140,35 +159,39 @@ impl QuicTransport {
 
 impl QuicTransport {
     /// Binds the gossip endpoint.
-    pub async fn open(&self, listen_addr: SocketAddr) -> anyhow::Result<QuicSocket> {
+    pub async fn open(&self, listen_addr: SocketAddr) -> Result<QuicSocket, TransportError> {
         let transport = Arc::new(transport_config()?);
 
-        let server_crypto = QuicServerConfig::try_from(self.tls.server_config()?)
-            .context("TLS server config unusable for QUIC")?;
+        let server_crypto = QuicServerConfig::try_from(self.tls.server_config()?)?;
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
         server_config.transport_config(transport.clone());
         // The remote address is where replies go; it must not change under
         // an established connection.
         server_config.migration(false);
 
-        let client_crypto = QuicClientConfig::try_from(self.tls.client_config()?)
-            .context("TLS client config unusable for QUIC")?;
+        let client_crypto = QuicClientConfig::try_from(self.tls.client_config()?)?;
         let mut client_config = quinn::ClientConfig::new(Arc::new(client_crypto));
         client_config.transport_config(transport);
 
         // A reset key that survives restarts (see `stateless_reset_secret`).
         let reset_key =
             ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.tls.stateless_reset_secret());
-        let socket = std::net::UdpSocket::bind(listen_addr)
-            .with_context(|| format!("failed to bind {listen_addr}/UDP for gossip"))?;
-        let runtime = quinn::default_runtime().context("no async runtime for QUIC")?;
+        let socket =
+            std::net::UdpSocket::bind(listen_addr).map_err(|source| TransportError::Bind {
+                addr: listen_addr,
+                source,
+            })?;
+        let runtime = quinn::default_runtime().ok_or(TransportError::NoRuntime)?;
         let mut endpoint = Endpoint::new(
             quinn::EndpointConfig::new(Arc::new(reset_key)),
             Some(server_config),
             socket,
             runtime,
         )
-        .with_context(|| format!("failed to open the gossip endpoint on {listen_addr}"))?;
+        .map_err(|source| TransportError::Bind {
+            addr: listen_addr,
+            source,
+        })?;
         endpoint.set_default_client_config(client_config);
 
         let node = Arc::new(Node {
@@ -195,11 +218,12 @@ impl QuicTransport {
     }
 }
 
-fn transport_config() -> anyhow::Result<TransportConfig> {
+fn transport_config() -> Result<TransportConfig, TransportError> {
     let mut config = TransportConfig::default();
     config.keep_alive_interval(Some(KEEP_ALIVE_INTERVAL));
     config.max_idle_timeout(Some(
-        IdleTimeout::try_from(MAX_IDLE_TIMEOUT).context("idle timeout")?,
+        IdleTimeout::try_from(MAX_IDLE_TIMEOUT)
+            .map_err(|e| TransportError::Config(format!("idle timeout: {e}")))?,
     ));
     // Only uni streams are used; refuse what we never read.
     config.datagram_receive_buffer_size(None);
@@ -452,7 +476,7 @@ impl Node {
                 }
                 result => {
                     let error = match result {
-                        Ok(Err(err)) => err.to_string(),
+                        Ok(Err(err)) => err,
                         _ => "timed out".to_owned(),
                     };
                     debug!(%peer, %error, "gossip send failed; dropping connection");
@@ -469,11 +493,12 @@ impl Node {
     }
 }
 
-async fn write_message(conn: &Connection, payload: &[u8]) -> anyhow::Result<()> {
-    let mut stream = conn.open_uni().await?;
-    stream.write_all(payload).await?;
+/// Sends one message on its own stream; the error is only logged.
+async fn write_message(conn: &Connection, payload: &[u8]) -> Result<(), String> {
+    let mut stream = conn.open_uni().await.map_err(|e| e.to_string())?;
+    stream.write_all(payload).await.map_err(|e| e.to_string())?;
     // quinn keeps delivering a finished stream after the handle is dropped.
-    stream.finish()?;
+    stream.finish().map_err(|e| e.to_string())?;
     Ok(())
 }
 
@@ -629,11 +654,8 @@ impl QuicSocket {
     }
 
     /// The next message from an authenticated peer.
-    pub async fn recv(&mut self) -> anyhow::Result<Delivery> {
-        self.inbox
-            .recv()
-            .await
-            .context("gossip QUIC endpoint closed")
+    pub async fn recv(&mut self) -> Result<Delivery, TransportError> {
+        self.inbox.recv().await.ok_or(TransportError::Closed)
     }
 
     /// The address the endpoint is bound to.

@@ -14,7 +14,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use anyhow::{anyhow, bail, Context};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType, PKCS_ECDSA_P256_SHA256,
@@ -40,6 +39,52 @@ pub const CA_KEY_FILE: &str = "ca-key.pem";
 pub const NODE_CERT_FILE: &str = "node.pem";
 pub const NODE_KEY_FILE: &str = "node-key.pem";
 
+/// What can go wrong with the cluster's certificates and keys. Messages
+/// name the file and what is wrong with it; `{e:#}`-style chains come from
+/// [`TlsError::Context`].
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file or value that is not what it must be; the message says which.
+    #[error("{0}")]
+    Invalid(String),
+    /// What was being done, and what failed underneath.
+    #[error("{context}: {source}")]
+    Context {
+        context: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
+}
+
+pub type Result<T, E = TlsError> = std::result::Result<T, E>;
+
+/// `anyhow::Context`'s two methods, for this crate's error.
+trait Context<T> {
+    fn context(self, context: &str) -> Result<T>;
+    fn with_context(self, context: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T, E: std::error::Error + Send + Sync + 'static> Context<T> for std::result::Result<T, E> {
+    fn context(self, context: &str) -> Result<T> {
+        self.with_context(|| context.to_string())
+    }
+
+    fn with_context(self, context: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| TlsError::Context {
+            context: context(),
+            source: Box::new(e),
+        })
+    }
+}
+
+macro_rules! bail {
+    ($($arg:tt)*) => { return Err(TlsError::Invalid(format!($($arg)*))) };
+}
+
+macro_rules! anyhow {
+    ($($arg:tt)*) => { TlsError::Invalid(format!($($arg)*)) };
+}
+
 const DAY: Duration = Duration::from_secs(24 * 60 * 60);
 const CA_VALIDITY: Duration = Duration::from_secs(20 * 365 * 24 * 60 * 60);
 const NODE_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
@@ -52,7 +97,7 @@ const BACKDATE: Duration = DAY;
 ///
 /// Refuses to overwrite an existing CA: replacing it would silently orphan
 /// every node certificate already issued.
-pub fn init_ca(dir: &Path, cluster_id: &str) -> anyhow::Result<()> {
+pub fn init_ca(dir: &Path, cluster_id: &str) -> Result<()> {
     let cert_path = dir.join(CA_CERT_FILE);
     let key_path = dir.join(CA_KEY_FILE);
     for path in [&cert_path, &key_path] {
@@ -92,7 +137,7 @@ pub fn init_ca(dir: &Path, cluster_id: &str) -> anyhow::Result<()> {
 /// `ca.pem`, `node.pem` and `node-key.pem` (mode 0600) into `out_dir`, which
 /// is then everything [`NodeTls::load`] needs. Existing node files in
 /// `out_dir` are replaced (re-issuing is how a node key is rotated).
-pub fn issue_node(ca_dir: &Path, node_id: &str, out_dir: &Path) -> anyhow::Result<()> {
+pub fn issue_node(ca_dir: &Path, node_id: &str, out_dir: &Path) -> Result<()> {
     if node_id.is_empty() {
         bail!("node id must not be empty");
     }
@@ -108,13 +153,15 @@ pub fn issue_node(ca_dir: &Path, node_id: &str, out_dir: &Path) -> anyhow::Resul
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).context("generating node key")?;
     let mut params = CertificateParams::default();
     params.distinguished_name = distinguished_name(node_id);
-    params.subject_alt_names = vec![SanType::DnsName(SERVER_NAME.try_into()?)];
+    params.subject_alt_names = vec![SanType::DnsName(
+        SERVER_NAME.try_into().context("the server name")?,
+    )];
     // The node id as a second SAN is a convenience for tools that dial a node
     // by name; ids that are not DNS names (or are IPs) simply don't get one.
     if node_id != SERVER_NAME && is_dns_name(node_id) {
         params
             .subject_alt_names
-            .push(SanType::DnsName(node_id.try_into()?));
+            .push(SanType::DnsName(node_id.try_into().context("the node id")?));
     }
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -179,7 +226,7 @@ impl NodeTls {
     /// that they fit together (certificate signed by the CA, key matching the
     /// certificate), so a misconfiguration fails at startup rather than as
     /// handshake errors on every peer.
-    pub fn load(dir: &Path) -> anyhow::Result<NodeTls> {
+    pub fn load(dir: &Path) -> Result<NodeTls> {
         let ca_path = dir.join(CA_CERT_FILE);
         let cert_path = dir.join(NODE_CERT_FILE);
         let key_path = dir.join(NODE_KEY_FILE);
@@ -245,7 +292,7 @@ impl NodeTls {
 
     /// Server side of gossip: presents the node certificate and requires a
     /// client certificate chained to the cluster CA. TLS 1.3 only (QUIC).
-    pub fn server_config(&self) -> anyhow::Result<rustls::ServerConfig> {
+    pub fn server_config(&self) -> Result<rustls::ServerConfig> {
         let provider = provider();
         let verifier =
             WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider.clone())
@@ -263,7 +310,7 @@ impl NodeTls {
 
     /// Client side of gossip: verifies the server's chain to the cluster CA
     /// and its [`SERVER_NAME`], and presents the node certificate.
-    pub fn client_config(&self) -> anyhow::Result<rustls::ClientConfig> {
+    pub fn client_config(&self) -> Result<rustls::ClientConfig> {
         let mut config = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .context("TLS 1.3 with the ring provider")?
@@ -336,7 +383,7 @@ impl GossipSigner {
 
 impl NodeTls {
     /// The signer for what this node publishes in gossip.
-    pub fn gossip_signer(&self) -> anyhow::Result<GossipSigner> {
+    pub fn gossip_signer(&self) -> Result<GossipSigner> {
         let rng = ring::rand::SystemRandom::new();
         let pkcs8 = match &self.key {
             PrivateKeyDer::Pkcs8(k) => k.secret_pkcs8_der(),
@@ -476,7 +523,7 @@ fn is_dns_name(name: &str) -> bool {
     name.parse::<std::net::IpAddr>().is_err() && DnsName::try_from(name).is_ok()
 }
 
-fn root_store(ca_pem: &str, path: &Path) -> anyhow::Result<RootCertStore> {
+fn root_store(ca_pem: &str, path: &Path) -> Result<RootCertStore> {
     let mut roots = RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
         let cert = cert.map_err(|e| anyhow!("{}: invalid PEM: {e}", path.display()))?;
@@ -492,26 +539,28 @@ fn root_store(ca_pem: &str, path: &Path) -> anyhow::Result<RootCertStore> {
 
 /// Checks `leaf` the way a dialing peer will: chain to `roots`, validity
 /// period, serverAuth, and the [`SERVER_NAME`] SAN.
-fn verify_chain(roots: &RootCertStore, leaf: &CertificateDer<'_>) -> anyhow::Result<()> {
+fn verify_chain(roots: &RootCertStore, leaf: &CertificateDer<'_>) -> Result<()> {
     let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots.clone()), provider())
         .build()
         .context("building certificate verifier")?;
-    let server_name = ServerName::try_from(SERVER_NAME)?;
-    verifier.verify_server_cert(leaf, &[], &server_name, &[], UnixTime::now())?;
+    let server_name = ServerName::try_from(SERVER_NAME).context("the server name")?;
+    verifier
+        .verify_server_cert(leaf, &[], &server_name, &[], UnixTime::now())
+        .context("certificate chain")?;
     Ok(())
 }
 
-fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
+fn read(path: &Path) -> Result<Vec<u8>> {
     fs::read(path).with_context(|| format!("reading {}", path.display()))
 }
 
-fn read_to_string(path: &Path) -> anyhow::Result<String> {
+fn read_to_string(path: &Path) -> Result<String> {
     fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
 }
 
 /// Creates `path` (failing if it exists) with `mode` from the first byte on,
 /// so a key is never briefly readable by others.
-fn write_new(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
+fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
     let mut options = fs::OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]
@@ -527,7 +576,7 @@ fn write_new(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
 }
 
 /// Atomically replaces `path` with `contents` (temp file + rename).
-fn write_replace(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
+fn write_replace(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
     let file_name = path
         .file_name()
         .ok_or_else(|| anyhow!("{} has no file name", path.display()))?;

@@ -243,3 +243,133 @@ fn vips_follow_tasks_and_liveness() -> anyhow::Result<()> {
     })?;
     Ok(())
 }
+
+/// A new named VIP works on another node as soon as its task is there (no
+/// settle period), and two names whose first probes collide, created at
+/// the same moment on two nodes, end on distinct addresses every node
+/// agrees on, each reaching its own backend.
+#[test]
+fn new_named_vips_work_at_once_and_colliding_names_agree() -> anyhow::Result<()> {
+    use hickory_proto::op::{Message, Query};
+    use hickory_proto::rr::{Name, RData, RecordType};
+
+    /// Node `i`'s own DNS answer for `name` (first A record), asked over
+    /// UDP from a thread inside its namespace.
+    fn resolve(c: &Cluster, i: usize, name: &str) -> anyhow::Result<Option<String>> {
+        let netns = c.node(i).netns.clone();
+        std::thread::scope(|s| {
+            s.spawn(|| -> anyhow::Result<Option<String>> {
+                cluster_tests::enter_netns(&netns)?;
+                let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+                socket.connect("127.0.0.1:53")?;
+                socket.set_read_timeout(Some(Duration::from_secs(1)))?;
+                let mut q = Message::query();
+                q.metadata.id = 4242;
+                q.metadata.recursion_desired = true;
+                q.add_query(Query::query(Name::from_ascii(name)?, RecordType::A));
+                socket.send(&q.to_vec()?)?;
+                let mut buf = [0u8; 1500];
+                let n = socket.recv(&mut buf)?;
+                let reply = Message::from_vec(&buf[..n])?;
+                Ok(reply.answers.iter().find_map(|r| match &r.data {
+                    RData::A(a) => Some(a.0.to_string()),
+                    _ => None,
+                }))
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("DNS thread panicked"))?
+        })
+    }
+
+    /// Through node `i`'s DNS and kernel: `app`'s VIP on port 8080 answers
+    /// with the backend's name.
+    fn reaches(c: &Cluster, i: usize, app: &str) -> anyhow::Result<Option<String>> {
+        let name = format!("{app}.marathon.l4lb.thisdcos.directory.");
+        let Some(ip) = resolve(c, i, &name)? else {
+            return Ok(None);
+        };
+        let url = format!("http://{ip}:8080/");
+        Ok(
+            cluster_tests::curl(&c.node(i).netns, &["-sf", "--max-time", "1", &url])
+                .ok()
+                .map(|b| String::from_utf8_lossy(&b).trim().to_string()),
+        )
+    }
+
+    let httpi = env!("CARGO_BIN_EXE_skein-httpi");
+    let mut c = Cluster::new(3)?;
+    let flags = ["--l4lb-dataplane", "nftables", "--dns-upstream", ""];
+    c.start(1, &[], &flags)?;
+    c.start(2, &[1], &flags)?;
+    c.start(3, &[1], &flags)?;
+    let (x, y) = {
+        let mut first = std::collections::HashMap::new();
+        (0..)
+            .find_map(|i| {
+                let app = format!("col{i}");
+                let ip = skein_l4lb::alloc::probe(&format!("{app}.marathon"), 0);
+                first.insert(ip, app.clone()).map(|other| (other, app))
+            })
+            .expect("the probe space is finite")
+    };
+    let _fresh = cluster_tests::spawn_in(&c.node(1).netns, httpi, &["10.77.0.1:9100", "fresh"])?;
+    let _x = cluster_tests::spawn_in(&c.node(1).netns, httpi, &["10.77.0.1:9101", "backend-x"])?;
+    let _y = cluster_tests::spawn_in(&c.node(3).netns, httpi, &["10.77.0.3:9101", "backend-y"])?;
+
+    assert_eq!(
+        c.put_task(1, "fresh.1", &task("10.77.0.1", 9100, "/fresh:8080"))?
+            .0,
+        201
+    );
+    wait_for(
+        "the new VIP answering through node2",
+        Duration::from_secs(20),
+        || Ok((reaches(&c, 2, "fresh")?.as_deref() == Some("fresh")).then_some(())),
+    )?;
+
+    // The colliding pair, PUT at the same moment on node1 and node3.
+    let (px, py) = std::thread::scope(|s| {
+        let a = s.spawn(|| c.put_task(1, "x.1", &task("10.77.0.1", 9101, &format!("/{x}:8080"))));
+        let b = s.spawn(|| c.put_task(3, "y.1", &task("10.77.0.3", 9101, &format!("/{y}:8080"))));
+        (a.join(), b.join())
+    });
+    let code = |r: std::thread::Result<anyhow::Result<(u16, String)>>| {
+        r.map_err(|_| anyhow::anyhow!("PUT thread panicked"))?
+            .map(|(code, _)| code)
+    };
+    assert_eq!(code(px)?, 201);
+    assert_eq!(code(py)?, 201);
+    let vip_of = |app: &str| format!("{app}.marathon.l4lb.thisdcos.directory:8080");
+    let (ax, ay) = wait_for(
+        "one address per colliding name, agreed by every node",
+        Duration::from_secs(20),
+        || {
+            let mut seen = Vec::new();
+            for i in 1..=3 {
+                match (
+                    c.vip_address(i, &vip_of(&x))?,
+                    c.vip_address(i, &vip_of(&y))?,
+                ) {
+                    (Some(a), Some(b)) => seen.push((a, b)),
+                    _ => return Ok(None),
+                }
+            }
+            Ok(seen.iter().all(|s| *s == seen[0]).then(|| seen[0].clone()))
+        },
+    )?;
+    assert_ne!(ax, ay, "{x} and {y} share an address");
+    let first = skein_l4lb::alloc::probe(&format!("{x}.marathon"), 0).to_string();
+    assert!(
+        ax == first || ay == first,
+        "one of them keeps the shared first probe {first}: {ax}, {ay}"
+    );
+    println!("{x} and {y} (first probe {first}) settled on {ax} and {ay} on all 3 nodes");
+    for (app, backend) in [(&x, "backend-x"), (&y, "backend-y")] {
+        wait_for(
+            &format!("{app} reaching {backend} from node2"),
+            Duration::from_secs(20),
+            || Ok((reaches(&c, 2, app)?.as_deref() == Some(backend)).then_some(())),
+        )?;
+    }
+    Ok(())
+}

@@ -1,22 +1,36 @@
 //! This node's part in named-VIP address allocation: publish a claim for
 //! every named VIP it hosts a backend of (adopting the cluster's winner, or
 //! proposing an address), withdraw claims for VIPs it no longer hosts, and
-//! report each VIP's address once it has been stable for a settle period.
+//! report each VIP's address and whether it may be handed out yet.
+//!
+//! Addresses come from [`alloc::resolve`]: a VIP with a winning claim has
+//! that address, and a VIP seen before any claim of it has the address its
+//! hosts are claiming, computed from the same view. Both are handed out at
+//! once, so a new VIP works on a node as soon as its task is there. Only
+//! where something actually conflicts does an address wait: a winning
+//! claim that another VIP claims too is used once the loser has claimed
+//! anew, or after [`SETTLE`] (or at once if the winning claim is older than
+//! that: a restarted agent must not drop what it served before); a guess
+//! (two new VIPs wanting one address, or a VIP whose every claim lost)
+//! waits for the claims. An address once handed out stays so for as long
+//! as it stays the VIP's.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
-use skein_l4lb::alloc::{self, Allocation, Claim, ClaimValue};
+use skein_l4lb::alloc::{self, Address, Claim, ClaimValue, Standing};
 use skein_l4lb::{VipKey, VipTarget};
 use skein_state::Replica;
 
 /// Prefix of claim keys in a node's keyspace: `vipip:<name>.<framework>`.
 pub const CLAIM_PREFIX: &str = "vipip:";
 
-/// An address is handed to users (DNS, rules) only after it has been the
-/// winner, unchanged, for this long: longer than propagation takes, so that
-/// concurrent claims from other nodes have arrived and been resolved.
+/// How long a contested winning claim waits before it is handed out even
+/// though the losing VIP's hosts have not claimed anew (they may be down):
+/// longer than propagation takes, so that concurrent claims have arrived.
+/// The overlay settles leases over the same period, and the realizers wait
+/// this long (plus a second) after a restart before rewriting the kernel.
 pub const SETTLE: Duration = Duration::from_secs(2);
 
 /// `name.framework`: one address per named VIP, shared by all its ports.
@@ -58,40 +72,55 @@ pub fn reserved<'a>(keys: impl Iterator<Item = &'a VipKey>) -> BTreeSet<Ipv4Addr
     .collect()
 }
 
-/// Tracks how long each VIP's winning address has been unchanged here.
-/// An address this process sees for the first time whose claim is already
-/// older than `SETTLE` (a restarted agent reading its persisted replica) is
-/// settled at once: it was settled cluster-wide before, and answering
-/// NXDOMAIN for it during a restart would fail clients that hit this node.
+/// Decides, per VIP, whether its address may be handed out yet, and
+/// remembers what was: an address handed out stays so while it is the
+/// VIP's, whatever its standing becomes.
 #[derive(Default)]
 pub struct Settling {
-    seen: HashMap<String, (Ipv4Addr, Instant, bool)>,
+    seen: HashMap<String, Seen>,
+}
+
+struct Seen {
+    ip: Ipv4Addr,
+    /// When this address became the VIP's here.
+    at: Instant,
+    usable: bool,
 }
 
 impl Settling {
-    /// Updates with the latest allocation; returns VIP → (address, settled).
+    /// Updates with the latest addresses; returns VIP → (address, usable).
     pub fn observe(
         &mut self,
-        allocation: &Allocation,
+        addresses: &BTreeMap<String, Address>,
         now: Instant,
         now_unix_ms: u64,
     ) -> BTreeMap<String, (Ipv4Addr, bool)> {
-        self.seen
-            .retain(|vip, _| allocation.assigned.contains_key(vip));
-        let old = |since: u64| now_unix_ms.saturating_sub(since) >= SETTLE.as_millis() as u64;
-        allocation
-            .assigned
+        self.seen.retain(|vip, _| addresses.contains_key(vip));
+        let settle_ms = SETTLE.as_millis() as u64;
+        addresses
             .iter()
-            .map(|(vip, value)| {
-                let entry =
-                    self.seen
-                        .entry(vip.clone())
-                        .or_insert((value.ip, now, old(value.since)));
-                if entry.0 != value.ip {
-                    *entry = (value.ip, now, false);
+            .map(|(vip, a)| {
+                let seen = self.seen.entry(vip.clone()).or_insert(Seen {
+                    ip: a.ip,
+                    at: now,
+                    usable: false,
+                });
+                if seen.ip != a.ip {
+                    *seen = Seen {
+                        ip: a.ip,
+                        at: now,
+                        usable: false,
+                    };
                 }
-                let settled = entry.2 || now.duration_since(entry.1) >= SETTLE;
-                (vip.clone(), (value.ip, settled))
+                seen.usable |= match a.standing {
+                    Standing::Claimed | Standing::Predicted => true,
+                    Standing::Contested { since } => {
+                        now.duration_since(seen.at) >= SETTLE
+                            || now_unix_ms.saturating_sub(since) >= settle_ms
+                    }
+                    Standing::Pending => false,
+                };
+                (vip.clone(), (a.ip, seen.usable))
             })
             .collect()
     }
@@ -132,15 +161,10 @@ impl Allocator {
             .filter(|(_, backends)| backends.iter().any(|b| b.node_id == me))
             .filter_map(|(key, _)| vip_id(key))
             .collect();
+        let live: BTreeSet<String> = vip_map.keys().filter_map(vip_id).collect();
         let claims = claims_in(replica);
-        // IP VIPs already on a named VIP's address do not displace it.
-        let settled_named = alloc::allocate(&claims, &Default::default());
-        let named_ips: BTreeSet<_> = settled_named.assigned.values().map(|v| v.ip).collect();
-        let reserved: BTreeSet<_> = reserved(vip_map.keys())
-            .into_iter()
-            .filter(|ip| !named_ips.contains(ip))
-            .collect();
-        let desired = alloc::desired_claims(&hosted, &claims, &reserved, now_unix_ms);
+        let resolution = alloc::resolve(&live, &claims, &reserved(vip_map.keys()));
+        let desired = alloc::desired_claims(&hosted, &claims, &resolution.reserved, now_unix_ms);
         let published: BTreeMap<String, ClaimValue> = claims
             .iter()
             .filter(|c| c.node == me)
@@ -156,8 +180,9 @@ impl Allocator {
             .filter(|v| !desired.contains_key(*v))
             .cloned()
             .collect();
-        let allocation = alloc::allocate(&claims, &reserved);
-        let addresses = self.settling.observe(&allocation, now, now_unix_ms);
+        let addresses = self
+            .settling
+            .observe(&resolution.addresses, now, now_unix_ms);
         Reconciled {
             publish,
             withdraw,
@@ -169,37 +194,170 @@ impl Allocator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use skein_state::{Liveness, NodeStatus, Update};
 
-    fn allocation(ip: Ipv4Addr, since: u64) -> Allocation {
-        let mut a = Allocation::default();
-        a.assigned
-            .insert("web.marathon".into(), ClaimValue { ip, since });
-        a
+    const T0_MS: u64 = 1_700_000_000_000;
+
+    fn put(replica: &mut Replica, node: &str, key: &str, value: &str) {
+        let version = replica.node(node).map_or(0, |k| k.max_version()) + 1;
+        replica.apply(&Update {
+            node: node.into(),
+            generation: 1,
+            key: key.into(),
+            version,
+            value: Some(value.into()),
+        });
+    }
+
+    fn task(replica: &mut Replica, node: &str, app: &str) {
+        let spec = format!(
+            r#"{{"app":"/{app}","ip":"10.0.0.1","ports":[{{"port":80,"labels":{{"VIP_0":"/{app}:80"}}}}]}}"#
+        );
+        put(replica, node, &format!("task:{app}.1"), &spec);
+    }
+
+    fn publish(replica: &mut Replica, node: &str, r: &Reconciled) {
+        for (vip, value) in &r.publish {
+            let json = serde_json::to_string(value).expect("claim encodes");
+            put(replica, node, &format!("{CLAIM_PREFIX}{vip}"), &json);
+        }
+    }
+
+    fn alive(nodes: &[&str]) -> BTreeMap<String, Liveness> {
+        nodes
+            .iter()
+            .map(|n| {
+                (
+                    n.to_string(),
+                    Liveness {
+                        status: NodeStatus::Alive,
+                        updated: 1,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Two app names whose VIPs' first probes coincide.
+    fn colliding_apps() -> (String, String) {
+        let mut first: HashMap<Ipv4Addr, String> = HashMap::new();
+        for i in 0.. {
+            let app = format!("c{i}");
+            let ip = alloc::probe(&format!("{app}.marathon"), 0);
+            if let Some(other) = first.insert(ip, app.clone()) {
+                return (other, app);
+            }
+        }
+        unreachable!("the probe space is finite")
     }
 
     #[test]
-    fn new_claims_settle_after_a_while_and_old_ones_at_once() {
+    fn a_new_vip_is_usable_everywhere_before_its_claim_arrives() {
+        let live = alive(&["n1", "n2"]);
         let t0 = Instant::now();
+        let mut replica = Replica::new();
+        task(&mut replica, "n1", "web");
+        // n2 sees the task, not yet a claim: it uses the address at once.
+        let mut n2 = Allocator::default();
+        let seen = n2.reconcile("n2", &replica, &live, t0, T0_MS);
+        assert!(seen.publish.is_empty());
+        let (ip, usable) = seen.addresses["web.marathon"];
+        assert!(usable);
+        // n1, the host, claims that very address.
+        let mut n1 = Allocator::default();
+        let host = n1.reconcile("n1", &replica, &live, t0, T0_MS);
+        assert_eq!(host.publish["web.marathon"].ip, ip);
+        assert_eq!(host.addresses["web.marathon"], (ip, true));
+        publish(&mut replica, "n1", &host);
+        let later = n2.reconcile("n2", &replica, &live, t0, T0_MS + 30);
+        assert_eq!(later.addresses["web.marathon"], (ip, true));
+        // A restarted agent reading this replica uses it at once too.
+        let restarted = Allocator::default().reconcile("n2", &replica, &live, t0, T0_MS + 60);
+        assert_eq!(restarted.addresses["web.marathon"], (ip, true));
+    }
+
+    #[test]
+    fn colliding_new_vips_wait_until_the_claims_decide() {
+        let (x, y) = colliding_apps();
+        let (xv, yv) = (format!("{x}.marathon"), format!("{y}.marathon"));
+        let p = alloc::probe(&xv, 0);
+        let live = alive(&["n1", "n2", "n3"]);
+        let t0 = Instant::now();
+        let mut replica = Replica::new();
+        task(&mut replica, "n1", &x);
+        task(&mut replica, "n3", &y);
+        let mut n2 = Allocator::default();
+        let r = n2.reconcile("n2", &replica, &live, t0, T0_MS);
+        assert!(!r.addresses[&xv].1 && !r.addresses[&yv].1, "{r:?}");
+        // Both hosts, unaware of each other, claim p; y's claim is older.
+        let mut n1 = Allocator::default();
+        let mut n3 = Allocator::default();
+        let mut only_y = Replica::new();
+        task(&mut only_y, "n3", &y);
+        let claim_y = n3.reconcile("n3", &only_y, &live, t0, T0_MS);
+        let mut only_x = Replica::new();
+        task(&mut only_x, "n1", &x);
+        let claim_x = n1.reconcile("n1", &only_x, &live, t0, T0_MS + 5);
+        assert_eq!(claim_x.publish[&xv].ip, p);
+        assert_eq!(claim_y.publish[&yv].ip, p);
+        publish(&mut replica, "n3", &claim_y);
+        publish(&mut replica, "n1", &claim_x);
+        let r = n2.reconcile("n2", &replica, &live, t0, T0_MS + 10);
+        assert_eq!(r.addresses[&yv], (p, false), "contested: waits");
+        assert!(!r.addresses[&xv].1);
+        // x's host sees it lost and claims anew; then both are usable.
+        let again = n1.reconcile("n1", &replica, &live, t0, T0_MS + 20);
+        assert_ne!(again.publish[&xv].ip, p);
+        publish(&mut replica, "n1", &again);
+        let r = n2.reconcile("n2", &replica, &live, t0, T0_MS + 30);
+        assert_eq!(r.addresses[&yv], (p, true));
+        assert_eq!(r.addresses[&xv], (again.publish[&xv].ip, true));
+    }
+
+    #[test]
+    fn a_contested_winner_is_used_after_settling_or_at_once_if_old() {
         let ip = Ipv4Addr::new(11, 0, 0, 1);
-        let mut fresh = Settling::default();
-        let got = fresh.observe(&allocation(ip, 10_000), t0, 10_500);
-        assert_eq!(
-            got["web.marathon"],
-            (ip, false),
-            "a claim made 0.5 s ago waits"
-        );
-        let got = fresh.observe(&allocation(ip, 10_000), t0 + SETTLE, 12_500);
+        let contested = |since| {
+            BTreeMap::from([(
+                "web.marathon".to_string(),
+                Address {
+                    ip,
+                    standing: Standing::Contested { since },
+                },
+            )])
+        };
+        let t0 = Instant::now();
+        let mut s = Settling::default();
+        let got = s.observe(&contested(T0_MS), t0, T0_MS + 500);
+        assert_eq!(got["web.marathon"], (ip, false));
+        let got = s.observe(&contested(T0_MS), t0 + SETTLE, T0_MS + 500);
         assert_eq!(got["web.marathon"], (ip, true));
-        let mut restarted = Settling::default();
-        let got = restarted.observe(&allocation(ip, 10_000), t0, 60_000);
+        // A restarted agent: a winning claim older than SETTLE at once.
+        let got = Settling::default().observe(&contested(T0_MS), t0, T0_MS + 60_000);
+        assert_eq!(got["web.marathon"], (ip, true));
+    }
+
+    #[test]
+    fn an_address_once_used_stays_used_until_it_changes() {
+        let ip = Ipv4Addr::new(11, 0, 0, 1);
+        let at =
+            |ip, standing| BTreeMap::from([("web.marathon".to_string(), Address { ip, standing })]);
+        let t0 = Instant::now();
+        let mut s = Settling::default();
         assert_eq!(
-            got["web.marathon"],
-            (ip, true),
-            "an old claim is settled at once"
+            s.observe(&at(ip, Standing::Predicted), t0, T0_MS)["web.marathon"],
+            (ip, true)
         );
-        // A different winner always waits, however old its claim.
+        // A conflict appears on the same address: it stays in use.
+        assert_eq!(
+            s.observe(&at(ip, Standing::Pending), t0, T0_MS)["web.marathon"],
+            (ip, true)
+        );
+        // Another address is a new one: it waits like any guess.
         let other = Ipv4Addr::new(11, 0, 0, 2);
-        let got = restarted.observe(&allocation(other, 1_000), t0, 60_000);
-        assert_eq!(got["web.marathon"], (other, false));
+        assert_eq!(
+            s.observe(&at(other, Standing::Pending), t0, T0_MS)["web.marathon"],
+            (other, false)
+        );
     }
 }

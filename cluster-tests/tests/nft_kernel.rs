@@ -85,3 +85,51 @@ fn incremental_transactions_equal_a_full_rewrite_in_the_kernel() -> anyhow::Resu
     }
     Ok(())
 }
+
+/// What `nft -j` lists in `ns`, as the agent's realizer reads it back.
+fn read_back(ns: &ScratchNetns) -> anyhow::Result<Option<Table>> {
+    let out = sh(&[
+        "ip", "netns", "exec", &ns.0, "nft", "-j", "list", "table", "ip", "skein",
+    ])?;
+    let listing = skein_agent::l4lb::parse_listing(&String::from_utf8_lossy(&out.stdout))?;
+    Ok(skein_agent::l4lb::table_of(&listing))
+}
+
+/// The realizer's drift check reads the kernel's table back into the model:
+/// what it programmed must read back as exactly that (or every resync would
+/// count drift and rewrite), and a hand edit must not.
+#[test]
+fn the_realizer_reads_back_exactly_what_it_programmed() -> anyhow::Result<()> {
+    require_root();
+    let ns = ScratchNetns::new("r")?;
+    let many: Vec<(u8, u16)> = (1..=PRESET_CLASSES as u8 + 2).map(|b| (b, 80)).collect();
+    let states: Vec<Vec<Service>> = vec![
+        vec![],
+        vec![
+            svc(1, 80, Protocol::Tcp, &[(1, 8080), (2, 8080)]),
+            svc(2, 53, Protocol::Udp, &[(3, 5353)]),
+        ],
+        vec![svc(4, 80, Protocol::Tcp, &many)],
+        // Back to few backends: the grown classes stay in the kernel.
+        vec![svc(1, 80, Protocol::Tcp, &[(1, 8080)])],
+    ];
+    let mut table = Table::new(&states[0]);
+    ns.nft(&table.ruleset())?;
+    assert_eq!(read_back(&ns)?, Some(table.clone()));
+    for state in &states[1..] {
+        if let Some(change) = table.plan(state) {
+            ns.nft(&change.text)?;
+        }
+        assert_eq!(read_back(&ns)?, Some(table.clone()), "after {state:?}");
+    }
+    assert!(table.classes() > PRESET_CLASSES);
+    // A backend deleted by hand: no longer the table we programmed.
+    ns.nft("delete element ip skein tcp_backends { 11.0.0.1 . 80 . 0 }")?;
+    assert_ne!(read_back(&ns)?, Some(table.clone()));
+    // No table at all.
+    ns.nft("delete table ip skein")?;
+    assert!(
+        sh(&["ip", "netns", "exec", &ns.0, "nft", "-j", "list", "table", "ip", "skein"]).is_err()
+    );
+    Ok(())
+}

@@ -13,7 +13,6 @@ pub mod store;
 pub mod view;
 pub mod vips;
 pub mod vxlan;
-pub mod wakeups;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -109,11 +108,10 @@ pub struct Agent {
     pub overlay: overlay::OverlayConfig,
     /// This node's lease claims as published (pool → claim).
     own_leases: Mutex<BTreeMap<String, skein_overlay::Claim>>,
-    /// Ticks after every refresh, for the realizers.
-    refreshed: watch::Sender<u64>,
     /// The VIP realizer's counters (nftables or IPVS).
     pub l4lb_realizer: Arc<realize::RealizerCounters>,
-    pub overlay_counters: vxlan::OverlayCounters,
+    /// The overlay realizer's counters and gauges.
+    pub overlay_counters: Arc<vxlan::OverlayCounters>,
     /// What this node last published under `overlay:status`.
     overlay_status: Mutex<String>,
     /// Pools with no lease left for this node (shown in its status).
@@ -245,7 +243,6 @@ impl Agent {
             own_leases: Mutex::new(own_leases),
             records,
             dns,
-            refreshed: watch::channel(0).0,
             l4lb_realizer: Default::default(),
             overlay_counters: Default::default(),
             overlay_status: Mutex::new(String::new()),
@@ -289,11 +286,7 @@ impl Agent {
         }
         tracing::info!(dataplane = ?agent.config.l4lb_dataplane, "L4LB dataplane");
         if agent.config.overlay_dataplane == vxlan::OverlayDataplane::Vxlan {
-            tokio::spawn(vxlan::run(
-                Arc::downgrade(&agent),
-                agent.refreshed.subscribe(),
-                agent.config.overlay_resync,
-            ));
+            vxlan::start(&agent);
         }
         Ok(agent)
     }
@@ -710,7 +703,6 @@ async fn refresh_loop(agent: std::sync::Weak<Agent>) {
         let next = agent.publish_view(next).await;
         agent.log_new_vip_problems(&next);
         agent.reconcile_leases(&next).await;
-        agent.refreshed.send_modify(|n| *n = n.wrapping_add(1));
         for (node, live) in &next.liveness {
             let before = previous.liveness.get(node).map(|l| l.status);
             if before != Some(live.status) {

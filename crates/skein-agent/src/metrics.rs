@@ -225,12 +225,16 @@ pub fn render(agent: &Agent) -> String {
         "Duration of the last reconcile that changed the kernel.",
         &[("", load(&l.last_apply_us))],
     );
-    let realizers: Vec<(&str, &crate::realize::RealizerCounters)> =
+    let mut realizers: Vec<(&str, &crate::realize::RealizerCounters)> =
         match agent.config().l4lb_dataplane {
             crate::l4lb::Dataplane::Nftables => vec![("nftables", &**l)],
             crate::l4lb::Dataplane::Ipvs => vec![("ipvs", &**l)],
             crate::l4lb::Dataplane::None => vec![],
         };
+    let o = &agent.overlay_counters;
+    if agent.config().overlay_dataplane == crate::vxlan::OverlayDataplane::Vxlan {
+        realizers.push(("vxlan", &o.realizer));
+    }
     type Field = fn(&crate::realize::RealizerCounters) -> &AtomicU64;
     let fields: [(&str, &str, &str, Field); 6] = [
         (
@@ -278,7 +282,6 @@ pub fn render(agent: &Agent) -> String {
         let labels: Vec<(&str, u64)> = labels.iter().map(|(l, v)| (l.as_str(), *v)).collect();
         out.metric(name, kind, help, &labels);
     }
-    let o = &agent.overlay_counters;
     let leases = crate::overlay::node_leases(&agent.overlay, &snap.replica)
         .map(|l| l.len() as u64)
         .unwrap_or(0);
@@ -303,26 +306,26 @@ pub fn render(agent: &Agent) -> String {
     out.metric(
         "skein_overlay_netlink_errors_total",
         "counter",
-        "Failed netlink requests while realizing the overlay.",
-        &[("", load(&o.netlink_errors))],
+        "Failed kernel reads or changes while realizing the overlay (each retried).",
+        &[("", load(&o.realizer.errors))],
     );
     out.metric(
         "skein_overlay_drift_repaired_total",
         "counter",
-        "Times the overlay entries were found changed behind our back and repaired.",
-        &[("", load(&o.drift_repaired))],
+        "Times the overlay in the kernel was found changed behind our back and repaired.",
+        &[("", load(&o.realizer.drift_repaired))],
     );
     out.metric(
         "skein_overlay_reconciles_total",
         "counter",
-        "Overlay reconciles that compared with (and if needed changed) the kernel.",
-        &[("", load(&o.reconciles))],
+        "Overlay changes applied to the kernel.",
+        &[("", load(&o.realizer.applies))],
     );
     out.metric(
         "skein_overlay_reconcile_microseconds",
         "gauge",
-        "Duration of the last overlay reconcile.",
-        &[("", load(&o.last_reconcile_us))],
+        "Duration of the last overlay change, planning included.",
+        &[("", load(&o.realizer.last_apply_us))],
     );
     let (vips, problems) = agent.vips();
     let unreachable = vips

@@ -42,6 +42,10 @@ pub trait Dataplane: Send + 'static {
     /// kernel allows it; on error the driver re-reads the kernel before
     /// trying again, so a partial apply is repaired.
     fn apply(&mut self, plan: &Self::Plan) -> anyhow::Result<usize>;
+    /// How a step ended: `Ok` once the kernel holds what `desired` said
+    /// (changed or already so), or the error. For dataplanes that report
+    /// a status; nothing by default.
+    fn stepped(&mut self, _result: Result<usize, &anyhow::Error>) {}
 }
 
 /// The same counters for every realizer (`/metrics`: `skein_realizer_*`).
@@ -128,6 +132,7 @@ impl<D: Dataplane> Driver<D> {
     pub fn step(&mut self, view: &View, wake: Wake) -> anyhow::Result<usize> {
         let started = Instant::now();
         let result = self.step_inner(view, wake, started);
+        self.dataplane.stepped(result.as_ref().copied());
         match &result {
             Ok(_) => self.failures = 0,
             Err(e) => {

@@ -1,8 +1,8 @@
 //! This node's part in overlay leases: claim an agent subnet per overlay
 //! and a VTEP address (persisted, so a restart keeps them), and describe
 //! every agent's leases in DC/OS's `/overlay-master/state` shape.
-//! Realizing them (VXLAN device, routes, neighbours, FDB, bridges) is the
-//! next step; until then `state.status` says so.
+//! `vxlan.rs` realizes them (VXLAN device, routes, neighbours, FDB,
+//! bridges); its outcome is each agent's `state.status`.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};

@@ -15,7 +15,7 @@ use tokio::time::{timeout, Instant};
 use crate::Agent;
 
 /// One probe: a TCP connect, or an HTTP GET answered with 2xx/3xx.
-pub async fn probe(addr: SocketAddr, check: &HealthCheck) -> Result<(), String> {
+pub(crate) async fn probe(addr: SocketAddr, check: &HealthCheck) -> Result<(), String> {
     let limit = Duration::from_secs(u64::from(check.timeout_s));
     let attempt = async {
         let mut stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
@@ -64,7 +64,7 @@ struct State {
 
 /// Probes every own task that has a health check on its interval, and
 /// publishes verdict changes. Ends when the agent is dropped.
-pub async fn run(agent: Weak<Agent>) {
+pub(crate) async fn run(agent: Weak<Agent>) {
     let mut states: HashMap<String, State> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {

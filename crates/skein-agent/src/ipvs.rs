@@ -16,10 +16,10 @@ use skein_ipvs::{Destination, Ipvs, Op, Protocol, Service, ServiceKey, Table};
 use crate::realize::Dataplane;
 use crate::view::View;
 
-pub const LINK: &str = "minuteman";
+pub(crate) const LINK: &str = "minuteman";
 
 /// What the IPVS realizer reads and writes.
-pub trait IpvsKernel: Send + 'static {
+pub(crate) trait IpvsKernel: Send + 'static {
     /// Addresses on the VIP link (creating the link if needed).
     fn link_addresses(&mut self) -> anyhow::Result<BTreeSet<Ipv4Addr>>;
     fn add_address(&mut self, addr: Ipv4Addr) -> anyhow::Result<()>;
@@ -31,7 +31,7 @@ pub trait IpvsKernel: Send + 'static {
 
 /// The host's IPVS over generic netlink and the link through `ip`.
 #[derive(Default)]
-pub struct HostIpvs {
+pub(crate) struct HostIpvs {
     /// Opened on first use and again after an error (the socket may be
     /// what broke).
     ipvs: Option<Ipvs>,
@@ -104,7 +104,7 @@ impl IpvsKernel for HostIpvs {
 
 /// What of IPVS is ours: the link's addresses and the services on them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct IpvsState {
+pub(crate) struct IpvsState {
     pub addresses: BTreeSet<Ipv4Addr>,
     /// Destinations sorted by (address, port).
     pub services: BTreeMap<ServiceKey, (Service, Vec<Destination>)>,
@@ -118,14 +118,14 @@ impl IpvsState {
 
 /// The changes between two [`IpvsState`]s, in the order they are made.
 #[derive(Debug, Default)]
-pub struct IpvsPlan {
+pub(crate) struct IpvsPlan {
     pub add_addresses: Vec<Ipv4Addr>,
     pub ops: Vec<Op>,
     /// After the services on them are gone.
     pub del_addresses: Vec<Ipv4Addr>,
 }
 
-pub struct IpvsDataplane<K: IpvsKernel> {
+pub(crate) struct IpvsDataplane<K: IpvsKernel> {
     kernel: K,
     /// Addresses of the last desired state: services on them are ours even
     /// before the address is on the link.
@@ -133,24 +133,26 @@ pub struct IpvsDataplane<K: IpvsKernel> {
 }
 
 impl<K: IpvsKernel> IpvsDataplane<K> {
-    pub fn new(kernel: K) -> Self {
+    pub(crate) fn new(kernel: K) -> Self {
         IpvsDataplane {
             kernel,
             wanted: BTreeSet::new(),
         }
     }
 
-    pub fn kernel(&self) -> &K {
+    #[cfg(test)]
+    pub(crate) fn kernel(&self) -> &K {
         &self.kernel
     }
 
-    pub fn kernel_mut(&mut self) -> &mut K {
+    #[cfg(test)]
+    pub(crate) fn kernel_mut(&mut self) -> &mut K {
         &mut self.kernel
     }
 }
 
 /// The desired IPVS state for a view's VIPs.
-pub fn desired(view: &View) -> IpvsState {
+pub(crate) fn desired(view: &View) -> IpvsState {
     let mut state = IpvsState::default();
     for v in &view.vips {
         let Some(IpAddr::V4(addr)) = v.address else {
@@ -181,7 +183,7 @@ pub fn desired(view: &View) -> IpvsState {
 }
 
 /// The plan from `from` to `to` (pure).
-pub fn plan(from: Option<&IpvsState>, to: &IpvsState) -> Option<IpvsPlan> {
+pub(crate) fn plan(from: Option<&IpvsState>, to: &IpvsState) -> Option<IpvsPlan> {
     let empty = IpvsState::default();
     let from = from.unwrap_or(&empty);
     let plan = IpvsPlan {
@@ -252,10 +254,10 @@ pub(crate) mod fake {
     use super::*;
 
     /// A service's destinations by (address, port).
-    pub type Dests = BTreeMap<(IpAddr, u16), Destination>;
+    pub(crate) type Dests = BTreeMap<(IpAddr, u16), Destination>;
 
     #[derive(Debug, Default)]
-    pub struct FakeIpvs {
+    pub(crate) struct FakeIpvs {
         pub addresses: BTreeSet<Ipv4Addr>,
         pub table: BTreeMap<ServiceKey, (Service, Dests)>,
         pub fail_ops: usize,

@@ -397,7 +397,7 @@ pub(crate) mod fake {
     use super::*;
 
     #[derive(Debug, Default)]
-    pub struct FakeNft {
+    pub(crate) struct FakeNft {
         pub listing: Option<Listing>,
         pub fail_next: bool,
         /// `nft` processes that would have run (whole tables, structural).

@@ -3,15 +3,15 @@
 //! readers, and persists what must survive a restart.
 
 pub mod docs;
-pub mod health;
-pub mod ipvs;
+mod health;
+mod ipvs;
 pub mod l4lb;
 pub mod metrics;
 pub mod overlay;
-pub mod realize;
-pub mod store;
+mod realize;
+mod store;
 pub mod view;
-pub mod vips;
+mod vips;
 pub mod vxlan;
 
 use std::collections::BTreeMap;

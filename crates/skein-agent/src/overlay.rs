@@ -67,11 +67,11 @@ mod cidr {
 
     use serde::{Deserialize, Deserializer, Serializer};
 
-    pub fn serialize<S: Serializer>(v: &(Ipv4Addr, u8), s: S) -> Result<S::Ok, S::Error> {
+    pub(super) fn serialize<S: Serializer>(v: &(Ipv4Addr, u8), s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&format!("{}/{}", v.0, v.1))
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<(Ipv4Addr, u8), D::Error> {
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<(Ipv4Addr, u8), D::Error> {
         let text = String::deserialize(d)?;
         super::parse_cidr(&text).map_err(serde::de::Error::custom)
     }

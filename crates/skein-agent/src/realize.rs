@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use crate::view::View;
 
 /// A kernel dataplane as the driver sees it.
-pub trait Dataplane: Send + 'static {
+pub(crate) trait Dataplane: Send + 'static {
     /// What the kernel holds of ours, in the dataplane's own model.
     type State: PartialEq + Debug + Send + Sync + 'static;
     /// The changes between two states.
@@ -69,7 +69,7 @@ pub struct RealizerCounters {
 
 /// How the driver is paced.
 #[derive(Debug, Clone, Copy)]
-pub struct Pacing {
+pub(crate) struct Pacing {
     /// After a restart the kernel still holds the previous agent's rules,
     /// which keep serving: nothing is touched before this much uptime.
     pub warm_up: Duration,
@@ -80,7 +80,7 @@ pub struct Pacing {
 }
 
 /// Runs a [`Dataplane`] against the views it is given.
-pub struct Driver<D: Dataplane> {
+pub(crate) struct Driver<D: Dataplane> {
     dataplane: D,
     counters: Arc<RealizerCounters>,
     /// What we believe the kernel holds: `Some(state)` after a read or a
@@ -91,7 +91,7 @@ pub struct Driver<D: Dataplane> {
 
 /// Why the driver woke up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Wake {
+pub(crate) enum Wake {
     /// A new view.
     View,
     /// The resync period: read the kernel back.
@@ -101,7 +101,7 @@ pub enum Wake {
 }
 
 impl<D: Dataplane> Driver<D> {
-    pub fn new(dataplane: D, counters: Arc<RealizerCounters>) -> Driver<D> {
+    pub(crate) fn new(dataplane: D, counters: Arc<RealizerCounters>) -> Driver<D> {
         Driver {
             dataplane,
             counters,
@@ -110,26 +110,29 @@ impl<D: Dataplane> Driver<D> {
         }
     }
 
-    pub fn counters(&self) -> &Arc<RealizerCounters> {
+    #[cfg(test)]
+    pub(crate) fn counters(&self) -> &Arc<RealizerCounters> {
         &self.counters
     }
 
-    pub fn dataplane(&self) -> &D {
+    #[cfg(test)]
+    pub(crate) fn dataplane(&self) -> &D {
         &self.dataplane
     }
 
-    pub fn dataplane_mut(&mut self) -> &mut D {
+    #[cfg(test)]
+    pub(crate) fn dataplane_mut(&mut self) -> &mut D {
         &mut self.dataplane
     }
 
     /// Whether the last step failed (the caller schedules a retry).
-    pub fn failing(&self) -> bool {
+    pub(crate) fn failing(&self) -> bool {
         self.failures > 0
     }
 
     /// One step: brings the kernel to what `view` wants. Blocking (kernel
     /// calls); returns the number of changes made.
-    pub fn step(&mut self, view: &View, wake: Wake) -> anyhow::Result<usize> {
+    pub(crate) fn step(&mut self, view: &View, wake: Wake) -> anyhow::Result<usize> {
         let started = Instant::now();
         let result = self.step_inner(view, wake, started);
         self.dataplane.stepped(result.as_ref().copied());
@@ -198,7 +201,7 @@ impl<D: Dataplane> Driver<D> {
 /// Runs `driver` until `views` closes: a step on every new view, a read-back
 /// every `pacing.resync`, retries with backoff after failures. Kernel calls
 /// run on the blocking pool; `started` is when the agent started (warm-up).
-pub async fn run<D: Dataplane>(
+pub(crate) async fn run<D: Dataplane>(
     mut driver: Driver<D>,
     mut views: watch::Receiver<Arc<View>>,
     pacing: Pacing,
@@ -257,19 +260,19 @@ pub(crate) mod fake {
     use crate::view::View;
 
     #[derive(Debug, Default)]
-    pub struct Kernel {
+    pub(crate) struct Kernel {
         pub entries: Option<BTreeMap<String, String>>,
         pub fail_next_apply: bool,
         pub writes: usize,
     }
 
-    pub struct Fake {
+    pub(crate) struct Fake {
         pub kernel: Arc<Mutex<Kernel>>,
         pub desired: Arc<Mutex<BTreeMap<String, String>>>,
     }
 
     #[derive(Debug)]
-    pub struct Plan {
+    pub(crate) struct Plan {
         pub set: Vec<(String, String)>,
         pub remove: Vec<String>,
     }

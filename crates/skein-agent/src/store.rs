@@ -18,12 +18,12 @@ use skein_state::TaskSpec;
 
 const REPLICA_FILE: &str = "replica.postcard";
 
-pub struct Store {
+pub(crate) struct Store {
     dir: PathBuf,
 }
 
 impl Store {
-    pub fn open(dir: &Path) -> anyhow::Result<Store> {
+    pub(crate) fn open(dir: &Path) -> anyhow::Result<Store> {
         fs::create_dir_all(dir)
             .with_context(|| format!("cannot create data dir {}", dir.display()))?;
         Ok(Store {
@@ -31,12 +31,8 @@ impl Store {
         })
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// Next generation: above the stored one and, normally, the clock.
-    pub fn next_generation(&self, now_ms: u64) -> anyhow::Result<u64> {
+    pub(crate) fn next_generation(&self, now_ms: u64) -> anyhow::Result<u64> {
         let path = self.dir.join("generation");
         let last = match fs::read_to_string(&path) {
             Ok(s) => s
@@ -51,22 +47,22 @@ impl Store {
         Ok(next)
     }
 
-    pub fn load_tasks(&self) -> anyhow::Result<BTreeMap<String, TaskSpec>> {
+    pub(crate) fn load_tasks(&self) -> anyhow::Result<BTreeMap<String, TaskSpec>> {
         read_json_or_default(&self.dir.join("tasks.json"))
     }
 
-    pub fn save_tasks(&self, tasks: &BTreeMap<String, TaskSpec>) -> anyhow::Result<()> {
+    pub(crate) fn save_tasks(&self, tasks: &BTreeMap<String, TaskSpec>) -> anyhow::Result<()> {
         let bytes = serde_json::to_vec_pretty(tasks)?;
         write_atomic(&self.dir.join("tasks.json"), &bytes)
     }
 
     /// This node's overlay lease claims (pool name → claim), kept so that a
     /// restarted node reclaims the same subnet and VTEP address.
-    pub fn load_leases(&self) -> anyhow::Result<BTreeMap<String, skein_overlay::Claim>> {
+    pub(crate) fn load_leases(&self) -> anyhow::Result<BTreeMap<String, skein_overlay::Claim>> {
         read_json_or_default(&self.dir.join("leases.json"))
     }
 
-    pub fn save_leases(
+    pub(crate) fn save_leases(
         &self,
         leases: &BTreeMap<String, skein_overlay::Claim>,
     ) -> anyhow::Result<()> {
@@ -76,17 +72,17 @@ impl Store {
 
     /// The signed state of every node as gossip last held it. A missing or
     /// unreadable file is only a colder start: gossip brings it all back.
-    pub fn load_gossip_state(&self) -> Vec<u8> {
+    pub(crate) fn load_gossip_state(&self) -> Vec<u8> {
         fs::read(self.dir.join(REPLICA_FILE)).unwrap_or_default()
     }
 
-    pub fn save_gossip_state(&self, bytes: &[u8]) -> anyhow::Result<()> {
+    pub(crate) fn save_gossip_state(&self, bytes: &[u8]) -> anyhow::Result<()> {
         write_atomic(&self.dir.join(REPLICA_FILE), bytes)
     }
 
     /// Records a generation the node moved to while running (it met a newer
     /// life of itself), so the next start goes above it.
-    pub fn save_generation(&self, generation: u64) -> anyhow::Result<()> {
+    pub(crate) fn save_generation(&self, generation: u64) -> anyhow::Result<()> {
         write_atomic(
             &self.dir.join("generation"),
             generation.to_string().as_bytes(),
@@ -108,7 +104,7 @@ fn read_json_or_default<T: serde::de::DeserializeOwned + Default>(
 /// Write to a temporary file, fsync it, rename it over the target and fsync
 /// the directory: after this returns, a crash leaves the old or the new
 /// content, never a torn file, and the new content survives power loss.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = path.with_extension("tmp");
     {

@@ -24,17 +24,17 @@ use skein_l4lb::{VipKey, VipTarget};
 use skein_state::Replica;
 
 /// Prefix of claim keys in a node's keyspace: `vipip:<name>.<framework>`.
-pub const CLAIM_PREFIX: &str = "vipip:";
+pub(crate) const CLAIM_PREFIX: &str = "vipip:";
 
 /// How long a contested winning claim waits before it is handed out even
 /// though the losing VIP's hosts have not claimed anew (they may be down):
 /// longer than propagation takes, so that concurrent claims have arrived.
 /// The overlay settles leases over the same period, and the realizers wait
 /// this long (plus a second) after a restart before rewriting the kernel.
-pub const SETTLE: Duration = Duration::from_secs(2);
+pub(crate) const SETTLE: Duration = Duration::from_secs(2);
 
 /// `name.framework`: one address per named VIP, shared by all its ports.
-pub fn vip_id(key: &VipKey) -> Option<String> {
+pub(crate) fn vip_id(key: &VipKey) -> Option<String> {
     match &key.target {
         VipTarget::Named { name, framework } => Some(format!("{name}.{framework}")),
         VipTarget::Ip { .. } => None,
@@ -43,7 +43,7 @@ pub fn vip_id(key: &VipKey) -> Option<String> {
 
 /// Every claim published in the replica (down nodes' too: their claims keep
 /// the order of VIPs stable until the node is forgotten).
-pub fn claims_in(replica: &Replica) -> Vec<Claim> {
+pub(crate) fn claims_in(replica: &Replica) -> Vec<Claim> {
     let mut out = Vec::new();
     for (node, keyspace) in replica.nodes() {
         for (key, value) in keyspace.live() {
@@ -64,7 +64,7 @@ pub fn claims_in(replica: &Replica) -> Vec<Claim> {
 }
 
 /// IPv4 IP VIPs inside 11.0.0.0/8: taken as given, so never allocated.
-pub fn reserved<'a>(keys: impl Iterator<Item = &'a VipKey>) -> BTreeSet<Ipv4Addr> {
+pub(crate) fn reserved<'a>(keys: impl Iterator<Item = &'a VipKey>) -> BTreeSet<Ipv4Addr> {
     keys.filter_map(|k| match k.target {
         VipTarget::Ip { ip: IpAddr::V4(ip) } if alloc::in_vip_net(ip) => Some(ip),
         _ => None,
@@ -76,7 +76,7 @@ pub fn reserved<'a>(keys: impl Iterator<Item = &'a VipKey>) -> BTreeSet<Ipv4Addr
 /// remembers what was: an address handed out stays so while it is the
 /// VIP's, whatever its standing becomes.
 #[derive(Default)]
-pub struct Settling {
+pub(crate) struct Settling {
     seen: HashMap<String, Seen>,
 }
 
@@ -89,7 +89,7 @@ struct Seen {
 
 impl Settling {
     /// Updates with the latest addresses; returns VIP → (address, usable).
-    pub fn observe(
+    pub(crate) fn observe(
         &mut self,
         addresses: &BTreeMap<String, Address>,
         now: Instant,
@@ -128,7 +128,7 @@ impl Settling {
 
 /// What [`Allocator::reconcile`] decided.
 #[derive(Debug, Default)]
-pub struct Reconciled {
+pub(crate) struct Reconciled {
     /// Claims this node should publish (new or changed), VIP → value.
     pub publish: BTreeMap<String, ClaimValue>,
     /// Claims of this node to withdraw.
@@ -139,14 +139,14 @@ pub struct Reconciled {
 
 /// This node's side of named-VIP allocation, as a pure step per refresh.
 #[derive(Default)]
-pub struct Allocator {
+pub(crate) struct Allocator {
     settling: Settling,
 }
 
 impl Allocator {
     /// From the replica: the claims this node should publish or withdraw
     /// for the VIPs it hosts, and the cluster's addresses as of `now`.
-    pub fn reconcile(
+    pub(crate) fn reconcile(
         &mut self,
         me: &str,
         replica: &Replica,

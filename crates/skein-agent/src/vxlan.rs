@@ -1422,7 +1422,7 @@ pub(crate) mod fake {
     use super::*;
 
     #[derive(Debug, Default, Clone)]
-    pub struct FakeVxlan {
+    pub(crate) struct FakeVxlan {
         pub vtep: Option<Vtep>,
         pub bridges: BTreeMap<String, Bridge>,
         pub forwarding: bool,
@@ -1443,14 +1443,14 @@ pub(crate) mod fake {
         }
 
         /// `ip link del vtep1024`: its neighbours, FDB and routes go too.
-        pub fn delete_vtep(&mut self) {
+        pub(crate) fn delete_vtep(&mut self) {
             self.vtep = None;
             self.entries = Entries::default();
         }
 
         /// `ip link set vtep1024 down`: the kernel drops the routes
         /// through it.
-        pub fn vtep_down(&mut self) {
+        pub(crate) fn vtep_down(&mut self) {
             if let Some(v) = &mut self.vtep {
                 v.up = false;
             }

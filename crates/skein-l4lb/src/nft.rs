@@ -549,6 +549,22 @@ pub fn services<'a>(
         .collect()
 }
 
+impl Table {
+    /// The table for `services` with class rules for k = 1..=`classes` at
+    /// least (a kernel table keeps the classes it grew; reading it back or
+    /// planning against it needs the same count).
+    pub fn with_classes(services: &[Service], classes: usize) -> Table {
+        let mut t = Table::new(services);
+        t.classes = t.classes.max(classes);
+        t
+    }
+
+    /// Class rules k = 1..=this exist for each protocol.
+    pub fn classes(&self) -> usize {
+        self.classes
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -895,21 +911,5 @@ mod tests {
         let table = Table::new(&[svc(1, &[(2, 80)])]);
         assert!(table.ruleset().starts_with(&table.skeleton()));
         assert_eq!(table.skeleton(), text);
-    }
-}
-
-impl Table {
-    /// The table for `services` with class rules for k = 1..=`classes` at
-    /// least (a kernel table keeps the classes it grew; reading it back or
-    /// planning against it needs the same count).
-    pub fn with_classes(services: &[Service], classes: usize) -> Table {
-        let mut t = Table::new(services);
-        t.classes = t.classes.max(classes);
-        t
-    }
-
-    /// Class rules k = 1..=this exist for each protocol.
-    pub fn classes(&self) -> usize {
-        self.classes
     }
 }

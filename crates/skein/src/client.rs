@@ -13,7 +13,7 @@ use skein_agent::docs;
 use skein_state::{PortMapping, Protocol, TaskSpec};
 
 #[derive(Debug, Args)]
-pub struct ApiArgs {
+pub(crate) struct ApiArgs {
     /// Base URL of the agent's API.
     #[arg(
         long,
@@ -30,7 +30,7 @@ pub struct ApiArgs {
     pub json: bool,
 }
 
-pub struct Client {
+pub(crate) struct Client {
     base: String,
     token: Option<String>,
     http: ureq::Agent,
@@ -38,7 +38,7 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(args: &ApiArgs) -> anyhow::Result<Client> {
+    pub(crate) fn new(args: &ApiArgs) -> anyhow::Result<Client> {
         let token = match (&args.token_file, std::env::var("SKEIN_API_TOKEN").ok()) {
             (Some(path), _) => Some(crate::config::read_token(path)?),
             (None, Some(t)) if !t.trim().is_empty() => Some(t.trim().to_string()),
@@ -88,7 +88,7 @@ impl Client {
     }
 
     /// The body of `GET path`, as sent.
-    pub fn get_text(&self, path: &str) -> anyhow::Result<String> {
+    pub(crate) fn get_text(&self, path: &str) -> anyhow::Result<String> {
         let resp = self
             .http
             .get(&self.url(path))
@@ -98,11 +98,11 @@ impl Client {
     }
 
     /// `GET path`, decoded into its document.
-    pub fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+    pub(crate) fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         decode(&self.get_text(path)?, path)
     }
 
-    pub fn put_json(&self, path: &str, body: &Value) -> anyhow::Result<String> {
+    pub(crate) fn put_json(&self, path: &str, body: &Value) -> anyhow::Result<String> {
         let mut req = self.http.put(&self.url(path));
         if let Some(t) = &self.token {
             req = req.header("Authorization", &format!("Bearer {t}"));
@@ -111,7 +111,7 @@ impl Client {
         self.check(resp, &format!("PUT {path}"))
     }
 
-    pub fn delete(&self, path: &str) -> anyhow::Result<String> {
+    pub(crate) fn delete(&self, path: &str) -> anyhow::Result<String> {
         let mut req = self.http.delete(&self.url(path));
         if let Some(t) = &self.token {
             req = req.header("Authorization", &format!("Bearer {t}"));
@@ -123,7 +123,7 @@ impl Client {
     /// Prints `GET path`: with `--json` the agent's document as it sent it
     /// (pretty; fields this CLI does not know are kept), else `human`'s
     /// rendering of the typed document.
-    pub fn show<T: DeserializeOwned>(
+    pub(crate) fn show<T: DeserializeOwned>(
         &self,
         path: &str,
         human: impl Fn(&T) -> String,
@@ -138,7 +138,7 @@ impl Client {
     }
 
     /// `skein vips`: the VIPs and the labels that could not be used.
-    pub fn show_vips(&self) -> anyhow::Result<()> {
+    pub(crate) fn show_vips(&self) -> anyhow::Result<()> {
         let vips = self.get_text("/v1/vips")?;
         let problems = self.get_text("/v1/vips/problems")?;
         if self.json {
@@ -157,7 +157,7 @@ impl Client {
     }
 
     /// `skein task add`: registers the task, prints the agent's reply.
-    pub fn add_task(&self, args: &TaskAddArgs) -> anyhow::Result<()> {
+    pub(crate) fn add_task(&self, args: &TaskAddArgs) -> anyhow::Result<()> {
         let path = format!("/v1/tasks/{}", args.id);
         let text = self.put_json(&path, &args.body()?)?;
         if self.json {
@@ -170,7 +170,7 @@ impl Client {
     }
 
     /// `skein task rm`.
-    pub fn remove_task(&self, id: &str) -> anyhow::Result<()> {
+    pub(crate) fn remove_task(&self, id: &str) -> anyhow::Result<()> {
         self.delete(&format!("/v1/tasks/{id}"))?;
         if !self.json {
             println!("task {id} removed");
@@ -179,7 +179,7 @@ impl Client {
     }
 
     /// `skein version`: this binary's version and the agent's.
-    pub fn show_version(&self) -> anyhow::Result<()> {
+    pub(crate) fn show_version(&self) -> anyhow::Result<()> {
         println!("skein {}", skein_agent::VERSION);
         let v: docs::Version = self.get("/v1/version")?;
         println!(
@@ -208,7 +208,7 @@ fn decode<T: DeserializeOwned>(text: &str, path: &str) -> anyhow::Result<T> {
 }
 
 /// Prints rows as an aligned table.
-pub fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+pub(crate) fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in &rows {
         for (i, cell) in row.iter().enumerate() {
@@ -254,7 +254,7 @@ fn ago(updated_ms: u64) -> String {
     }
 }
 
-pub fn print_nodes(nodes: &docs::Nodes) -> String {
+pub(crate) fn print_nodes(nodes: &docs::Nodes) -> String {
     let rows = nodes
         .iter()
         .map(|n| {
@@ -279,7 +279,7 @@ fn port_cell(p: &PortMapping) -> String {
     out
 }
 
-pub fn print_tasks(tasks: &docs::Tasks) -> String {
+pub(crate) fn print_tasks(tasks: &docs::Tasks) -> String {
     let rows = tasks
         .tasks
         .iter()
@@ -298,7 +298,7 @@ pub fn print_tasks(tasks: &docs::Tasks) -> String {
     table(&["TASK", "APP", "FRAMEWORK", "IP", "PORTS", "NODE"], rows)
 }
 
-pub fn print_state(state: &docs::State) -> String {
+pub(crate) fn print_state(state: &docs::State) -> String {
     let rows = state
         .nodes
         .iter()
@@ -328,7 +328,7 @@ pub fn print_state(state: &docs::State) -> String {
 }
 
 /// `/overlay-master/state` as a table: one row per agent and overlay.
-pub fn print_overlay(state: &docs::OverlayMasterState) -> String {
+pub(crate) fn print_overlay(state: &docs::OverlayMasterState) -> String {
     let mut rows = Vec::new();
     for a in &state.agents {
         if a.overlays.is_empty() {
@@ -374,7 +374,7 @@ pub fn print_overlay(state: &docs::OverlayMasterState) -> String {
 
 /// `ipvsadm -Ln`-style listing of VIPs and their backends, then any
 /// labels that could not be used.
-pub fn print_vips(vips: &docs::Vips, problems: &docs::VipProblems) -> String {
+pub(crate) fn print_vips(vips: &docs::Vips, problems: &docs::VipProblems) -> String {
     let mut out = String::from(
         "Prot VIP Address\n  -> Backend                Node        Status   InUse  Task",
     );
@@ -413,7 +413,7 @@ pub fn print_vips(vips: &docs::Vips, problems: &docs::VipProblems) -> String {
 
 /// `--port [name:]port[/tcp|udp][,LABEL=VALUE...]`, e.g.
 /// `http:9896/tcp,VIP_0=/httpi:3141`.
-pub fn parse_port(spec: &str) -> anyhow::Result<PortMapping> {
+pub(crate) fn parse_port(spec: &str) -> anyhow::Result<PortMapping> {
     let mut parts = spec.split(',');
     let head = parts.next().unwrap_or_default();
     let (name, rest) = match head.split_once(':') {
@@ -445,7 +445,7 @@ pub fn parse_port(spec: &str) -> anyhow::Result<PortMapping> {
 }
 
 #[derive(Debug, Args)]
-pub struct TaskAddArgs {
+pub(crate) struct TaskAddArgs {
     /// Task id, unique in the cluster (e.g. httpi.1).
     pub id: String,
     /// Marathon app id, e.g. /httpi.
@@ -466,7 +466,7 @@ pub struct TaskAddArgs {
 }
 
 impl TaskAddArgs {
-    pub fn body(&self) -> anyhow::Result<Value> {
+    pub(crate) fn body(&self) -> anyhow::Result<Value> {
         if let Some(body) = &self.body {
             let text = match body.strip_prefix('@') {
                 Some(path) => {

@@ -11,11 +11,11 @@ use clap::Args;
 use serde::Deserialize;
 use skein_agent::AgentConfig;
 
-pub const DEFAULT_GOSSIP_PORT: u16 = 62501;
-pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:62080";
+pub(crate) const DEFAULT_GOSSIP_PORT: u16 = 62501;
+pub(crate) const DEFAULT_API_LISTEN: &str = "127.0.0.1:62080";
 
 #[derive(Debug, Args, Default)]
-pub struct AgentArgs {
+pub(crate) struct AgentArgs {
     /// TOML file with any of the settings below (flag names with `_`).
     #[arg(long, env = "SKEIN_CONFIG")]
     pub config: Option<PathBuf>,
@@ -113,13 +113,13 @@ struct FileConfig {
 }
 
 /// What the binary needs besides [`AgentConfig`].
-pub struct Resolved {
+pub(crate) struct Resolved {
     pub agent: AgentConfig,
     pub api_listen: SocketAddr,
     pub api_token: Option<String>,
 }
 
-pub fn hostname() -> String {
+pub(crate) fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .ok()
@@ -127,7 +127,7 @@ pub fn hostname() -> String {
         .unwrap_or_else(|| "localhost".to_string())
 }
 
-pub fn read_token(path: &Path) -> anyhow::Result<String> {
+pub(crate) fn read_token(path: &Path) -> anyhow::Result<String> {
     let token = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read API token file {}", path.display()))?
         .trim()
@@ -172,7 +172,7 @@ fn parse_addrs(list: &str, default_port: u16, flag: &str) -> anyhow::Result<Vec<
 }
 
 impl AgentArgs {
-    pub fn resolve(self) -> anyhow::Result<Resolved> {
+    pub(crate) fn resolve(self) -> anyhow::Result<Resolved> {
         let file: FileConfig = match &self.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-pub const PI: &str = "3.1415926536";
+pub(crate) const PI: &str = "3.1415926536";
 
 fn answer(stream: TcpStream, name: &str) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -33,7 +33,7 @@ fn answer(stream: TcpStream, name: &str) -> std::io::Result<()> {
     stream.flush()
 }
 
-pub fn serve(listen: SocketAddr, name: &str) -> anyhow::Result<()> {
+pub(crate) fn serve(listen: SocketAddr, name: &str) -> anyhow::Result<()> {
     let listener =
         TcpListener::bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
     eprintln!("httpi {name} listening on {listen}");

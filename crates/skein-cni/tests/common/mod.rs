@@ -9,10 +9,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 /// A directory under the system temp dir, removed on drop (also when the
 /// test panics).
-pub struct TempDir(PathBuf);
+pub(crate) struct TempDir(PathBuf);
 
 impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
+    pub(crate) fn new(tag: &str) -> TempDir {
         static N: AtomicU32 = AtomicU32::new(0);
         let path = std::env::temp_dir().join(format!(
             "skein-cni-{tag}-{}-{}",
@@ -24,7 +24,7 @@ impl TempDir {
         TempDir(path)
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.0
     }
 }
@@ -35,7 +35,7 @@ impl Drop for TempDir {
     }
 }
 
-pub fn netconf(data_dir: &Path, bridge: &str, subnet: &str, gateway: &str) -> String {
+pub(crate) fn netconf(data_dir: &Path, bridge: &str, subnet: &str, gateway: &str) -> String {
     serde_json::json!({
         "cniVersion": "1.0.0",
         "name": "dcos",
@@ -51,7 +51,7 @@ pub fn netconf(data_dir: &Path, bridge: &str, subnet: &str, gateway: &str) -> St
 
 /// Runs `cmd` (the plugin, possibly behind `ip netns exec`) with a clean
 /// CNI environment plus `env`, feeding `stdin`.
-pub fn run_plugin(mut cmd: Command, env: &[(&str, &str)], stdin: &str) -> Output {
+pub(crate) fn run_plugin(mut cmd: Command, env: &[(&str, &str)], stdin: &str) -> Output {
     for var in [
         "CNI_COMMAND",
         "CNI_CONTAINERID",
@@ -75,11 +75,11 @@ pub fn run_plugin(mut cmd: Command, env: &[(&str, &str)], stdin: &str) -> Output
     child.wait_with_output().expect("wait skein-cni")
 }
 
-pub fn plugin() -> Command {
+pub(crate) fn plugin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_skein-cni"))
 }
 
-pub fn stdout_json(out: &Output) -> serde_json::Value {
+pub(crate) fn stdout_json(out: &Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
             "stdout is not JSON ({e}): {:?}\nstderr: {}",
@@ -89,7 +89,7 @@ pub fn stdout_json(out: &Output) -> serde_json::Value {
     })
 }
 
-pub fn describe(out: &Output) -> String {
+pub(crate) fn describe(out: &Output) -> String {
     format!(
         "status {:?}\nstdout: {}\nstderr: {}",
         out.status.code(),

@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::watch;
 
-pub struct Server {
+pub(crate) struct Server {
     pub dns: Arc<DnsServer>,
     pub addr: SocketAddr,
     /// Kept so the records stay published.
@@ -23,7 +23,7 @@ pub struct Server {
 
 /// A server on a free port of 127.0.0.1 that forwards to `upstreams` and
 /// knows the names every cluster has (`ready.spartan`).
-pub async fn start(upstreams: &[SocketAddr], options: DnsOptions) -> Server {
+pub(crate) async fn start(upstreams: &[SocketAddr], options: DnsOptions) -> Server {
     let (records, rx) = watch::channel(Arc::new(skein_dns::build(&[], &[], &[])));
     let dns = DnsServer::with_options(rx, Forwarders::new(upstreams, &[]), options);
     let addr = dns
@@ -33,7 +33,7 @@ pub async fn start(upstreams: &[SocketAddr], options: DnsOptions) -> Server {
     Server { dns, addr, records }
 }
 
-pub fn query(id: u16, name: &str, qtype: RecordType) -> Vec<u8> {
+pub(crate) fn query(id: u16, name: &str, qtype: RecordType) -> Vec<u8> {
     let mut q = Message::query();
     q.metadata.id = id;
     q.metadata.recursion_desired = true;
@@ -43,7 +43,7 @@ pub fn query(id: u16, name: &str, qtype: RecordType) -> Vec<u8> {
 
 /// Sends `request` over UDP and waits up to `wait` for the reply with its
 /// id (other datagrams are skipped).
-pub async fn udp_ask(
+pub(crate) async fn udp_ask(
     socket: &UdpSocket,
     server: SocketAddr,
     request: &[u8],
@@ -66,7 +66,10 @@ pub async fn udp_ask(
 }
 
 /// One query over a TCP connection: `Ok(None)` when the server closed it.
-pub async fn tcp_ask(stream: &mut TcpStream, request: &[u8]) -> std::io::Result<Option<Message>> {
+pub(crate) async fn tcp_ask(
+    stream: &mut TcpStream,
+    request: &[u8],
+) -> std::io::Result<Option<Message>> {
     let mut framed = u16::try_from(request.len())
         .expect("small query")
         .to_be_bytes()
@@ -87,7 +90,7 @@ pub async fn tcp_ask(stream: &mut TcpStream, request: &[u8]) -> std::io::Result<
 }
 
 /// The first answer's address, if it is an A record.
-pub fn first_a(reply: &Message) -> Option<std::net::Ipv4Addr> {
+pub(crate) fn first_a(reply: &Message) -> Option<std::net::Ipv4Addr> {
     reply.answers.iter().find_map(|r| match &r.data {
         hickory_proto::rr::RData::A(a) => Some(a.0),
         _ => None,
@@ -95,10 +98,10 @@ pub fn first_a(reply: &Message) -> Option<std::net::Ipv4Addr> {
 }
 
 /// This process's open file descriptors.
-pub fn open_fds() -> usize {
+pub(crate) fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
 }
 
-pub fn load(counter: &std::sync::atomic::AtomicU64) -> u64 {
+pub(crate) fn load(counter: &std::sync::atomic::AtomicU64) -> u64 {
     counter.load(std::sync::atomic::Ordering::Relaxed)
 }

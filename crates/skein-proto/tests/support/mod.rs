@@ -10,9 +10,9 @@ use std::sync::Arc;
 use skein_proto::name::{hash64, mix};
 use skein_proto::{Body, Config, Event, Identity, Keys, Micros, Name, Node, Sig};
 
-pub const CA: u64 = 0xca;
+pub(crate) const CA: u64 = 0xca;
 
-pub fn key_of(name: &str) -> u64 {
+pub(crate) fn key_of(name: &str) -> u64 {
     mix(hash64(name.as_bytes()) ^ CA)
 }
 
@@ -27,7 +27,7 @@ fn mac(key: u64, msg: &[u8]) -> u64 {
 }
 
 #[derive(Clone)]
-pub struct TestKeys(pub u64);
+pub(crate) struct TestKeys(pub u64);
 
 impl Keys for TestKeys {
     fn sign(&self, msg: &[u8]) -> Sig {
@@ -46,24 +46,24 @@ impl Keys for TestKeys {
     }
 }
 
-pub fn identity(name: &str) -> Arc<Identity> {
+pub(crate) fn identity(name: &str) -> Arc<Identity> {
     Arc::new(Identity(key_of(name).to_le_bytes().to_vec()))
 }
 
-pub fn addr(i: usize) -> SocketAddr {
+pub(crate) fn addr(i: usize) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 1, i as u8 + 1)), 62501)
 }
 
-pub fn name(prefix: &str, i: usize) -> Name {
+pub(crate) fn name(prefix: &str, i: usize) -> Name {
     Name::intern(&format!("{prefix}-{i}")).unwrap()
 }
 
-pub fn node(prefix: &str, i: usize, gen: u64, cfg: &Config, now: Micros) -> Node<TestKeys> {
+pub(crate) fn node(prefix: &str, i: usize, gen: u64, cfg: &Config, now: Micros) -> Node<TestKeys> {
     node_seeded(prefix, i, gen, cfg, now, i as u64 + 1)
 }
 
 /// A node whose randomness (and so its life id) comes from `seed`.
-pub fn node_seeded(
+pub(crate) fn node_seeded(
     prefix: &str,
     i: usize,
     gen: u64,
@@ -84,7 +84,7 @@ pub fn node_seeded(
     )
 }
 
-pub struct Net {
+pub(crate) struct Net {
     pub nodes: Vec<Node<TestKeys>>,
     pub up: Vec<bool>,
     pub now: Micros,
@@ -96,7 +96,7 @@ pub struct Net {
 
 impl Net {
     /// `n` nodes named `prefix-i`; node 0 founds, the others join through it.
-    pub fn new(prefix: &str, n: usize, cfg: &Config) -> Net {
+    pub(crate) fn new(prefix: &str, n: usize, cfg: &Config) -> Net {
         let nodes = (0..n).map(|i| node(prefix, i, 1, cfg, 0)).collect();
         let mut net = Net {
             nodes,
@@ -121,7 +121,7 @@ impl Net {
         }
     }
 
-    pub fn drain(&mut self, i: usize) {
+    pub(crate) fn drain(&mut self, i: usize) {
         let from = self.nodes[i].name();
         while let Some(t) = self.nodes[i].poll_transmit() {
             if let Some(j) = self.index(t.addr).filter(|&j| j < self.nodes.len()) {
@@ -134,7 +134,7 @@ impl Net {
     }
 
     /// Delivers queued messages (and what they cause) until none is left.
-    pub fn deliver(&mut self) {
+    pub(crate) fn deliver(&mut self) {
         while let Some((to, from, body)) = self.queue.pop_front() {
             if !self.up[to] {
                 continue;
@@ -153,7 +153,7 @@ impl Net {
     }
 
     /// Advances time in steps of `step`, ticking every live node.
-    pub fn run(&mut self, until: Micros, step: Micros) {
+    pub(crate) fn run(&mut self, until: Micros, step: Micros) {
         while self.now < until {
             self.now += step;
             for i in 0..self.nodes.len() {
@@ -166,7 +166,7 @@ impl Net {
         }
     }
 
-    pub fn digests_equal(&self) -> bool {
+    pub(crate) fn digests_equal(&self) -> bool {
         let live: Vec<u64> = (0..self.nodes.len())
             .filter(|&i| self.up[i])
             .map(|i| self.nodes[i].digest())

@@ -73,17 +73,7 @@ fn parse_args() -> anyhow::Result<Args> {
     Ok(args)
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
-}
+use cluster_tests::{ms, percentile};
 
 /// Times from the PUT until the observer answered or connected.
 #[derive(Clone, Copy)]

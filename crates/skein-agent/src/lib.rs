@@ -272,28 +272,10 @@ impl Agent {
         tokio::spawn(health::run(Arc::downgrade(&agent)));
         match agent.config.l4lb_dataplane {
             l4lb::Dataplane::Nftables => {
-                let driver = realize::Driver::new(
-                    l4lb::NftDataplane::new(l4lb::HostNftables::default()),
-                    agent.l4lb_realizer.clone(),
-                );
-                tokio::spawn(realize::run(
-                    driver,
-                    agent.view.subscribe(),
-                    agent.l4lb_pacing(),
-                    agent.started,
-                ));
+                agent.spawn_l4lb(l4lb::NftDataplane::new(l4lb::HostNftables::default()))
             }
             l4lb::Dataplane::Ipvs => {
-                let driver = realize::Driver::new(
-                    ipvs::IpvsDataplane::new(ipvs::HostIpvs::default()),
-                    agent.l4lb_realizer.clone(),
-                );
-                tokio::spawn(realize::run(
-                    driver,
-                    agent.view.subscribe(),
-                    agent.l4lb_pacing(),
-                    agent.started,
-                ));
+                agent.spawn_l4lb(ipvs::IpvsDataplane::new(ipvs::HostIpvs::default()))
             }
             l4lb::Dataplane::None => {
                 tracing::info!("L4LB dataplane: none (VIPs computed, kernel untouched)")
@@ -304,6 +286,17 @@ impl Agent {
             vxlan::start(&agent);
         }
         Ok(agent)
+    }
+
+    /// Runs the VIP dataplane on the realizer driver.
+    fn spawn_l4lb<D: realize::Dataplane>(&self, dataplane: D) {
+        let driver = realize::Driver::new(dataplane, self.l4lb_realizer.clone());
+        tokio::spawn(realize::run(
+            driver,
+            self.view.subscribe(),
+            self.l4lb_pacing(),
+            self.started,
+        ));
     }
 
     /// After a restart the kernel still holds the previous agent's VIP

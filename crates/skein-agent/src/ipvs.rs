@@ -8,9 +8,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
-use std::process::Command;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use skein_ipvs::{Destination, Ipvs, Op, Protocol, Service, ServiceKey, Table};
 
 use crate::realize::Dataplane;
@@ -38,18 +37,7 @@ pub(crate) struct HostIpvs {
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("cannot run `ip` (is iproute2 installed?)")?;
-    if !out.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    crate::command::run("ip", args, None, crate::command::COMMAND_TIMEOUT)
 }
 
 impl HostIpvs {
@@ -252,6 +240,7 @@ pub(crate) mod fake {
     //! IPVS and the VIP link in memory, with a foreign service of the host.
 
     use super::*;
+    use anyhow::bail;
 
     /// A service's destinations by (address, port).
     pub(crate) type Dests = BTreeMap<(IpAddr, u16), Destination>;

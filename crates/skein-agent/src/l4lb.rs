@@ -9,9 +9,7 @@
 //! fake.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
 use std::net::Ipv4Addr;
-use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context};
 use skein_l4lb::nft::{Change, Service, Table, TABLE};
@@ -44,29 +42,7 @@ impl Dataplane {
 }
 
 pub(crate) fn nft(args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
-    let mut child = Command::new("nft")
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("cannot run `nft` (is nftables installed?)")?;
-    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(text.as_bytes())?;
-    }
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "nft {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    crate::command::run("nft", args, stdin, crate::command::COMMAND_TIMEOUT)
 }
 
 /// Our table as read back: every element by set, and its structure.

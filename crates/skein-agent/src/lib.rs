@@ -2,6 +2,7 @@
 //! dir, gossips with the cluster, keeps a fresh snapshot of the replica for
 //! readers, and persists what must survive a restart.
 
+mod command;
 pub mod docs;
 mod health;
 mod ipvs;

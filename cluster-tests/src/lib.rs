@@ -437,13 +437,33 @@ impl Cluster {
 
     /// Registers a task on node `i` through its API; returns the HTTP code and body.
     pub fn put_task(&self, i: usize, id: &str, body: &str) -> anyhow::Result<(u16, String)> {
-        self.request(i, "PUT", &format!("/v1/tasks/{id}"), Some(body), &[])
+        self.write(i, "PUT", &format!("/v1/tasks/{id}"), Some(body))
     }
 
     pub fn delete_task(&self, i: usize, id: &str) -> anyhow::Result<u16> {
-        Ok(self
-            .request(i, "DELETE", &format!("/v1/tasks/{id}"), None, &[])?
-            .0)
+        Ok(self.write(i, "DELETE", &format!("/v1/tasks/{id}"), None)?.0)
+    }
+
+    /// The header with node `i`'s own API token (`<data-dir>/api-token`,
+    /// which an agent started without `--api-token-file` creates), as the
+    /// local CLI would send it.
+    pub fn auth_header(&self, i: usize) -> anyhow::Result<String> {
+        let path = self.node(i).data_dir.join("api-token");
+        let token = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        Ok(format!("Authorization: Bearer {}", token.trim()))
+    }
+
+    /// A state-changing request to node `i` with its own token.
+    pub fn write(
+        &self,
+        i: usize,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> anyhow::Result<(u16, String)> {
+        let auth = self.auth_header(i)?;
+        self.request(i, method, path, body, &[&auth])
     }
 
     /// Any request to node `i`'s API with curl inside its namespace; returns

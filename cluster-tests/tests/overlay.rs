@@ -108,26 +108,14 @@ fn every_node_agrees_on_leases_and_a_restart_keeps_them() -> anyhow::Result<()> 
     )?;
     // Node 3 leaves for good: deleting it frees its leases on every node.
     let delete = r#"{"agents":["10.77.0.3"]}"#;
-    let (code, text) = c.request(
-        1,
-        "POST",
-        "/overlay-master/agents/delete",
-        Some(delete),
-        &[],
-    )?;
+    let (code, text) = c.write(1, "POST", "/overlay-master/agents/delete", Some(delete))?;
     assert_eq!(code, 400, "an alive agent cannot be deleted: {text}");
     c.kill(3)?;
     c.wait_status(1, "node3", "down")?;
-    let (code, text) = c.request(
-        1,
-        "POST",
-        "/overlay-master/agents/delete",
-        Some(delete),
-        &[],
-    )?;
+    let (code, text) = c.write(1, "POST", "/overlay-master/agents/delete", Some(delete))?;
     assert_eq!(code, 200, "{text}");
     let bad = r#"{"agents":["nope"]}"#;
-    let (code, _) = c.request(1, "POST", "/overlay-master/agents/delete", Some(bad), &[])?;
+    let (code, _) = c.write(1, "POST", "/overlay-master/agents/delete", Some(bad))?;
     assert_eq!(code, 400, "malformed body");
     wait_for(
         "node3 gone from node2's overlay state and members",

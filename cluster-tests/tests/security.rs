@@ -225,3 +225,63 @@ fn an_api_beyond_loopback_changes_state_only_with_the_token() -> anyhow::Result<
     assert_eq!(code, 204);
     Ok(())
 }
+
+/// Issue 12, finding 1: on loopback too, a write needs a credential. An
+/// agent started without `--api-token-file` creates its own token in its
+/// data dir (mode 0600): a local process that cannot read it cannot
+/// register a task (and so take a share of a VIP), delete one, or delete
+/// agents; the local CLI, which can, works as before.
+#[test]
+fn loopback_writes_need_the_agents_own_token() -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut c = Cluster::new(1)?;
+    c.start(1, &[], &[])?;
+    let token_file = c.node(1).data_dir.join("api-token");
+    let mode = std::fs::metadata(&token_file)?.permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the token is readable by its owner only");
+    let body = r#"{"app":"/thief","ip":"10.77.0.1","ports":[{"port":80,"labels":{"VIP_0":"/httpi:3141"}}]}"#;
+    for (method, path, body) in [
+        ("PUT", "/v1/tasks/thief.1", Some(body)),
+        ("DELETE", "/v1/tasks/thief.1", None),
+        (
+            "POST",
+            "/overlay-master/agents/delete",
+            Some(r#"{"agents":["10.77.0.9"]}"#),
+        ),
+    ] {
+        let (code, text) = c.request(1, method, path, body, &[])?;
+        assert_eq!(code, 401, "{method} {path} without a token: {text}");
+        let (code, _) = c.request(1, method, path, body, &["Authorization: Bearer guess"])?;
+        assert_eq!(code, 401, "{method} {path} with a wrong token");
+    }
+    assert!(
+        c.tasks(1)?.is_empty(),
+        "an unauthorized write changed state"
+    );
+    // With the agent's own token (what the CLI reads as root): accepted.
+    assert_eq!(c.put_task(1, "mine.1", body)?.0, 201);
+    assert_eq!(c.delete_task(1, "mine.1")?, 204);
+    // The CLI finds the token in the data dir by itself.
+    let cli = |data_dir: &std::path::Path| {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &c.node(1).netns,
+            "env",
+            &format!("SKEIN_DATA_DIR={}", data_dir.display()),
+            cluster_tests::skein_bin().to_str().expect("utf8"),
+            "task",
+            "rm",
+            "nothing.1",
+        ])
+    };
+    let err = format!("{:#}", cli(c.dir.path()).unwrap_err());
+    assert!(err.contains("401") && err.contains("api-token"), "{err}");
+    let err = format!("{:#}", cli(&c.node(1).data_dir).unwrap_err());
+    assert!(
+        err.contains("404"),
+        "with the token the CLI gets as far as `no such task`: {err}"
+    );
+    Ok(())
+}

@@ -356,12 +356,11 @@ fn containers_on_different_nodes_talk_over_vxlan() -> anyhow::Result<()> {
     c.kill(3)?;
     drop(_s3);
     c.wait_status(1, "node3", "down")?;
-    let (code, text) = c.request(
+    let (code, text) = c.write(
         1,
         "POST",
         "/overlay-master/agents/delete",
         Some(r#"{"agents":["10.77.0.3"]}"#),
-        &[],
     )?;
     assert_eq!(code, 200, "{text}");
     let mut without3 = view.clone();

@@ -28,6 +28,10 @@ pub(crate) struct ApiArgs {
     /// Print the API's JSON instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
+    /// The local agent's data dir: without --token-file or SKEIN_API_TOKEN,
+    /// the CLI uses the agent's own token from `<data-dir>/api-token`.
+    #[arg(long, global = true, env = "SKEIN_DATA_DIR", default_value = crate::config::DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
 }
 
 pub(crate) struct Client {
@@ -42,7 +46,9 @@ impl Client {
         let token = match (&args.token_file, std::env::var("SKEIN_API_TOKEN").ok()) {
             (Some(path), _) => Some(crate::config::read_token(path)?),
             (None, Some(t)) if !t.trim().is_empty() => Some(t.trim().to_string()),
-            _ => None,
+            // The local agent's own token, if this user may read it (root).
+            _ => crate::config::read_token(&args.data_dir.join(crate::config::LOCAL_TOKEN_FILE))
+                .ok(),
         };
         let http = ureq::Agent::config_builder()
             .http_status_as_error(false)
@@ -75,6 +81,13 @@ impl Client {
                 Ok(body) => body.error,
                 Err(_) => as_json(&text).to_string(),
             };
+            if status == 401 && self.token.is_none() {
+                bail!(
+                    "{what} failed: {status}: {msg} (the local agent's token is in \
+                     <data-dir>/{}, readable by root; or pass --token-file)",
+                    crate::config::LOCAL_TOKEN_FILE
+                );
+            }
             bail!("{what} failed: {status}: {msg}");
         }
         Ok(text)

@@ -141,6 +141,41 @@ pub(crate) fn read_token(path: &Path) -> anyhow::Result<String> {
     Ok(token)
 }
 
+/// The file in the data dir holding the agent's own API token.
+pub(crate) const LOCAL_TOKEN_FILE: &str = "api-token";
+/// Where the agent keeps its data unless told otherwise.
+pub(crate) const DEFAULT_DATA_DIR: &str = "/var/lib/skein";
+
+/// The agent's own API token: read from `<data_dir>/api-token`, created
+/// there (32 random bytes as hex, mode 0600) at first start.
+pub(crate) fn local_token(data_dir: &Path) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let path = data_dir.join(LOCAL_TOKEN_FILE);
+    if path.exists() {
+        return read_token(&path);
+    }
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating the data dir {}", data_dir.display()))?;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("no randomness for the API token")?;
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let tmp = path.with_extension("tmp");
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    file.write_all(format!("{token}\n").as_bytes())
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("creating {}", path.display()))?;
+    tracing::info!(path = %path.display(), "created this agent's API token");
+    Ok(token)
+}
+
 /// The local address the kernel would use to reach `seed` (no packet is sent).
 fn route_source_to(seed: &str) -> Option<IpAddr> {
     let addr = seed.to_socket_addrs().ok()?.next()?;
@@ -225,7 +260,7 @@ impl AgentArgs {
         let data_dir = self
             .data_dir
             .or(file.data_dir)
-            .unwrap_or_else(|| PathBuf::from("/var/lib/skein"));
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
         let tls_dir = self
             .tls_dir
             .or(file.tls_dir)
@@ -234,16 +269,16 @@ impl AgentArgs {
             .api_listen
             .or(file.api_listen)
             .unwrap_or_else(|| DEFAULT_API_LISTEN.parse().expect("constant address"));
-        let api_token = match self.api_token_file.or(file.api_token_file) {
-            Some(path) => Some(read_token(&path)?),
-            None => None,
-        };
-        if !api_listen.ip().is_loopback() && api_token.is_none() {
+        let token_file = self.api_token_file.or(file.api_token_file);
+        if !api_listen.ip().is_loopback() && token_file.is_none() {
             bail!(
                 "the API would listen on {api_listen}, beyond loopback, without a token: \
                  pass --api-token-file so that only holders of the token can change state"
             );
         }
+        // Without a token file the agent uses its own (`local_token`, made
+        // at start-up in the data dir): every write needs a credential.
+        let api_token = token_file.map(|path| read_token(&path)).transpose()?;
         let gossip_interval = Duration::from_millis(
             self.gossip_interval_ms
                 .or(file.gossip_interval_ms)

@@ -162,7 +162,14 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             }),
         )
         .init();
-    let resolved = args.resolve()?;
+    let mut resolved = args.resolve()?;
+    // Every write needs a credential, on every listener: without a token
+    // file, the agent's own token in its data dir (mode 0600), which the
+    // local CLI reads, so a local process that cannot read the data dir
+    // cannot register tasks, take a share of a VIP or delete agents.
+    if resolved.api_token.is_none() {
+        resolved.api_token = Some(config::local_token(&resolved.agent.data_dir)?);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -174,7 +181,6 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot listen on {} for the API", resolved.api_listen))?;
         tracing::info!(
             api = %resolved.api_listen,
-            token_required = resolved.api_token.is_some(),
             "API listening"
         );
         let app = skein_api::router(

@@ -124,8 +124,16 @@ pub fn nodes(replica: &Replica, liveness: &BTreeMap<NodeId, Liveness>) -> Vec<No
         .collect()
 }
 
+/// At most this many tasks of one node are used; the rest are reported as
+/// bad entries. (The gossip core already caps a node's keyspace at 50,000
+/// keys and 2 MiB; this keeps one node from filling DNS and the dataplane.)
+pub const MAX_TASKS_PER_NODE: usize = 10_000;
+
 /// Every task of the cluster with its owner and the owner's status, plus the
-/// entries that failed to decode.
+/// entries that failed to decode or to validate. Another node's task is
+/// validated exactly as a local write is: validation is what makes a task
+/// safe to turn into DNS names and rules, and a peer (a newer version, a
+/// bug, or a node whose certificate holder lies) may publish anything.
 pub fn tasks(
     replica: &Replica,
     liveness: &BTreeMap<NodeId, Liveness>,
@@ -134,22 +142,38 @@ pub fn tasks(
     let mut bad = Vec::new();
     for (node_id, keyspace) in replica.nodes() {
         let node_status = liveness.get(node_id).map_or(NodeStatus::Down, |l| l.status);
+        let mut used = 0;
         for (key, value) in keyspace.live() {
             let Some(id) = key.strip_prefix(TASK_PREFIX) else {
                 continue;
             };
-            match serde_json::from_str::<TaskSpec>(value) {
-                Ok(spec) => tasks.push(TaskView {
-                    id: id.to_string(),
-                    node_id: node_id.clone(),
-                    node_status,
-                    healthy: keyspace.get(&health_key(id)) != Some(UNHEALTHY),
-                    spec,
-                }),
-                Err(e) => bad.push(BadEntry {
+            let checked = serde_json::from_str::<TaskSpec>(value)
+                .map_err(|e| e.to_string())
+                .and_then(|spec| {
+                    crate::task::validate_task_id(id).map_err(|e| e.to_string())?;
+                    spec.validate().map_err(|e| e.to_string())?;
+                    if used >= MAX_TASKS_PER_NODE {
+                        return Err(format!(
+                            "node has more than {MAX_TASKS_PER_NODE} tasks; ignored"
+                        ));
+                    }
+                    Ok(spec)
+                });
+            match checked {
+                Ok(spec) => {
+                    used += 1;
+                    tasks.push(TaskView {
+                        id: id.to_string(),
+                        node_id: node_id.clone(),
+                        node_status,
+                        healthy: keyspace.get(&health_key(id)) != Some(UNHEALTHY),
+                        spec,
+                    })
+                }
+                Err(error) => bad.push(BadEntry {
                     node_id: node_id.clone(),
                     key: key.to_string(),
-                    error: e.to_string(),
+                    error,
                 }),
             }
         }
@@ -201,9 +225,33 @@ mod tests {
         let n = nodes(&r, &live);
         assert_eq!(n[1].hostname.as_deref(), Some("h2"));
 
+        // Valid JSON that is not a valid task (what a local write would
+        // refuse) is reported, not used.
+        r.apply(&Update {
+            node: "n1".into(),
+            generation: 1,
+            key: "task:bad".into(),
+            version: 2,
+            value: Some(r#"{"app":"/a","framework":"Not Valid!","ip":"10.0.0.1"}"#.into()),
+        });
+        r.apply(&Update {
+            node: "n1".into(),
+            generation: 1,
+            key: "task:bad id!".into(),
+            version: 3,
+            value: Some(spec.into()),
+        });
+        let (t, bad) = tasks(&r, &live);
+        assert_eq!(t.len(), 2, "{t:?}");
+        assert_eq!(bad.len(), 3, "{bad:?}");
+        assert!(bad
+            .iter()
+            .any(|b| b.key == "task:bad" && b.error.contains("framework")));
+        assert!(bad.iter().any(|b| b.key == "task:bad id!"));
+
         r.remove_node("n2", 1);
         let (t, bad) = tasks(&r, &live);
         assert_eq!(t.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(), ["t1"]);
-        assert!(bad.is_empty());
+        assert!(bad.iter().all(|b| b.node_id == "n1"), "n2's bad entry went with it");
     }
 }

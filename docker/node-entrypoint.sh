@@ -38,13 +38,27 @@ skein-demo-apps &
 
 stopping=0
 agent=
+backoff=1
 trap 'stopping=1; [ -n "$agent" ] && kill -TERM "$agent" 2>/dev/null; wait' TERM INT
 while :; do
+    started=$(date +%s)
     skein agent "$@" &
     agent=$!
     echo "$agent" >/run/skein-agent.pid
     rc=0
     wait "$agent" || rc=$?
     [ "$stopping" = 1 ] && exit 0
-    echo "node-entrypoint: agent exited ($rc); starting it again" >&2
+    # An agent that ran a while (or was restarted on purpose) comes back at
+    # once; one that keeps failing at start-up (a bad flag, a damaged data
+    # file) is retried with a doubling pause up to 30 s, not in a tight loop.
+    if [ $(( $(date +%s) - started )) -ge 10 ]; then
+        backoff=1
+        echo "node-entrypoint: agent exited ($rc); starting it again" >&2
+    else
+        echo "node-entrypoint: agent exited ($rc) during start-up; starting it again in ${backoff}s" >&2
+        sleep "$backoff" &
+        wait $! || true
+        [ "$stopping" = 1 ] && exit 0
+        backoff=$(( backoff * 2 > 30 ? 30 : backoff * 2 ))
+    fi
 done

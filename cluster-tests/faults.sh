@@ -34,10 +34,10 @@ wait_until() { # what, seconds, command...: polls until the command succeeds
         sleep 0.2
     done
 }
-token() { ex node1 cat /etc/skein/api-token; }
-api() { # node method path [body]: via the node's own loopback API (works while partitioned)
+token() { ex "${1:-node1}" cat /etc/skein/api-token; }
+api() { # node method path [body]: via the node's own loopback API with its own token
     _node=$1; m=$2; p=$3; b=${4:-}
-    ex "$_node" curl -sf -X "$m" -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/json' \
+    ex "$_node" curl -sf -X "$m" -H "Authorization: Bearer $(token "$_node")" -H 'Content-Type: application/json' \
         ${b:+-d "$b"} "http://127.0.0.1:62080$p"
 }
 
@@ -92,7 +92,6 @@ all_instances() {
     [ "$(ex node1 curl -sf http://127.0.0.1:62080/v1/vips | grep -o '"in_use":true' | wc -l)" -eq "$INSTANCES" ]
 }
 
-TOKEN=$(token)
 say "waiting for a settled cluster (3 alive, $INSTANCES instances everywhere)"
 wait_until "3 alive on every node" "$TIMEOUT" all_alive
 wait_until "$INSTANCES instances in DNS and the VIP" "$TIMEOUT" all_instances

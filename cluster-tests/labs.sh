@@ -101,4 +101,20 @@ until_ok "node1 → node3's container at $CIP over VXLAN" container_ok
 show node1 curl -s "http://$CIP:9896/"
 show node2 curl -s http://127.0.0.1:62080/overlay-master/state
 echo
+
+say "Secrets: each node holds its own key and API token, no other node's"
+for n in $NODES; do
+    for m in $NODES; do
+        [ "$n" = "$m" ] && continue
+        if ex "$n" sh -c "ls /certs/$m/node-key.pem /certs/$m/api-token" >/dev/null 2>&1; then
+            fail "$n can read $m's key or token"
+        fi
+    done
+    ex "$n" test -s "/certs/$n/node-key.pem" || fail "$n has no key of its own"
+done
+t1=$(ex node1 cat /etc/skein/api-token); t2=$(ex node2 cat /etc/skein/api-token)
+[ -n "$t1" ] && [ "$t1" != "$t2" ] || fail "node1 and node2 share one API token"
+code=$(ex node2 curl -s -o /dev/null -w '%{http_code}' -X DELETE \
+    -H "Authorization: Bearer $t1" http://127.0.0.1:62080/v1/tasks/nothing.1)
+[ "$code" = 401 ] || fail "node1's token accepted by node2 (HTTP $code)"
 say "PASS"

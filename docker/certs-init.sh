@@ -1,7 +1,7 @@
 #!/bin/sh
 # One-shot `certs` service of docker-compose.yml: create the cluster CA (once, in the CA
-# volume only), issue a certificate per node into the shared certs volume, and write a random
-# API token. Idempotent: existing material is kept.
+# volume only), issue a certificate per node and write a random API token per node, each
+# into that node's own volume. Idempotent: existing material is kept.
 set -eu
 
 CA_DIR=${SKEIN_CA_DIR:-/ca}
@@ -17,23 +17,30 @@ else
     skein cert init "$CA_DIR" --cluster-id "$CLUSTER_ID"
 fi
 
+# Each node's directory is a volume of its own (docker-compose.yml), mounted into that node
+# only: a node holds its own key and token, never another node's.
 for n in $NODES; do
+    mkdir -p "$OUT/$n"
     if [ -s "$OUT/$n/node.pem" ] && [ -s "$OUT/$n/node-key.pem" ]; then
         echo "certs: $n already issued"
     else
         echo "certs: issuing $n"
-        rm -rf "$OUT/$n.tmp"
-        skein cert issue "$CA_DIR" "$n" "$OUT/$n.tmp"
-        rm -rf "$OUT/$n"
-        mv "$OUT/$n.tmp" "$OUT/$n"
+        rm -rf "/tmp/$n.tmp"
+        skein cert issue "$CA_DIR" "$n" "/tmp/$n.tmp"
+        for f in ca.pem node.pem node-key.pem; do
+            cp "/tmp/$n.tmp/$f" "$OUT/$n/$f.tmp"
+            mv "$OUT/$n/$f.tmp" "$OUT/$n/$f"
+        done
+        rm -rf "/tmp/$n.tmp"
     fi
+    if [ ! -s "$OUT/$n/api-token" ]; then
+        echo "certs: generating $n's API token"
+        head -c 32 /dev/urandom | od -An -v -tx1 | tr -d ' \n' >"$OUT/$n/api-token.tmp"
+        mv "$OUT/$n/api-token.tmp" "$OUT/$n/api-token"
+    fi
+    chmod 0755 "$OUT/$n"
 done
 
-if [ ! -s "$OUT/api-token" ]; then
-    echo "certs: generating API token"
-    head -c 32 /dev/urandom | od -An -v -tx1 | tr -d ' \n' >"$OUT/api-token.tmp"
-    mv "$OUT/api-token.tmp" "$OUT/api-token"
-fi
 # Keys stay private (umask 077); certs readable.
 chmod 0755 "$OUT"
 echo "certs: done"

@@ -1,6 +1,6 @@
 #!/bin/sh
-# Entrypoint of the compose nodes: copy this node's TLS material and the API token from the
-# shared, read-only certs volume (written by the one-shot `certs` service), point the node's
+# Entrypoint of the compose nodes: copy this node's TLS material and API token from its own
+# read-only certs volume (written by the one-shot `certs` service; no node sees another's), point the node's
 # resolver at the agents' DNS, start the demo app (skein-demo-apps) and run the agent under
 # a small supervisor: `skein-restart-agent` restarts the agent process alone, as restarting
 # the service on a real host would, while the kernel state and the apps keep running.
@@ -16,12 +16,12 @@ export SKEIN_TLS_DIR SKEIN_API_TOKEN_FILE
 for f in ca.pem node.pem node-key.pem; do
     [ -s "$CERTS/$NODE_ID/$f" ] || { echo "node-entrypoint: missing $CERTS/$NODE_ID/$f" >&2; exit 1; }
 done
-[ -s "$CERTS/api-token" ] || { echo "node-entrypoint: missing $CERTS/api-token" >&2; exit 1; }
+[ -s "$CERTS/$NODE_ID/api-token" ] || { echo "node-entrypoint: missing $CERTS/$NODE_ID/api-token" >&2; exit 1; }
 
 umask 077
 mkdir -p "$TLS_DIR" "$(dirname "$TOKEN_FILE")" "${SKEIN_DATA_DIR:-/var/lib/skein}"
 cp "$CERTS/$NODE_ID/ca.pem" "$CERTS/$NODE_ID/node.pem" "$CERTS/$NODE_ID/node-key.pem" "$TLS_DIR/"
-cp "$CERTS/api-token" "$TOKEN_FILE"
+cp "$CERTS/$NODE_ID/api-token" "$TOKEN_FILE"
 chmod 0644 "$TLS_DIR/ca.pem" "$TLS_DIR/node.pem"
 umask 022
 

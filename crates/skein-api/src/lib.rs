@@ -2,17 +2,26 @@
 //! Prometheus metrics. No endpoint evaluates anything a client sends.
 
 use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::Extension;
 use axum::{Json, Router};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use skein_agent::docs;
 use skein_agent::{Agent, AgentError};
 use skein_state::TaskSpec;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tower::limit::GlobalConcurrencyLimitLayer;
+use tower::{ServiceBuilder, ServiceExt};
 
 /// Largest request body accepted; a task is far smaller.
 const MAX_BODY: usize = 64 * 1024;
@@ -59,15 +68,266 @@ pub fn router(agent: Arc<Agent>, auth: ApiAuth) -> Router {
         .with_state(Ctx { agent, auth })
 }
 
-/// Serves the router until the future `shutdown` completes.
+/// What one client may hold of the API's HTTP server.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// A request's header must arrive whole within this, the first one
+    /// from when the connection is served and each later one from when the
+    /// previous answer was sent (so it also bounds keep-alive idleness).
+    pub header_read_timeout: Duration,
+    /// Connections served at once. One accepted beyond waits, counted,
+    /// until another closes, and nothing else is accepted meanwhile (the
+    /// rest wait in the kernel's backlog).
+    pub max_connections: usize,
+    /// Requests handled at once; beyond, a request is answered 503 at once
+    /// (shed, counted).
+    pub max_requests: usize,
+    /// A connection is asked to close after this long (it finishes the
+    /// request in flight), whatever its client does.
+    pub connection_lifetime: Duration,
+    /// How long a connection asked to close (lifetime reached, server
+    /// shutting down) may take to finish; it is cut after.
+    pub close_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: 256,
+            max_requests: 64,
+            connection_lifetime: Duration::from_secs(60),
+            close_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What the server's [`Limits`] did, rendered by `/metrics` when the
+/// router runs under [`serve_with`].
+#[derive(Debug, Default)]
+pub struct ServeCounters {
+    pub connections_accepted: AtomicU64,
+    /// Connections being served now (a gauge).
+    pub connections_open: AtomicU64,
+    /// Connections accepted while `max_connections` were served: each
+    /// waited for a free slot.
+    pub connections_over_cap: AtomicU64,
+    /// Connections closed because a request header did not arrive in time.
+    pub header_timeouts: AtomicU64,
+    /// Connections closed because they reached their lifetime.
+    pub lifetime_closed: AtomicU64,
+    /// Requests answered 503 because `max_requests` were in flight.
+    pub requests_shed: AtomicU64,
+}
+
+impl ServeCounters {
+    fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        for (name, kind, help, value) in [
+            (
+                "skein_api_connections_total",
+                "counter",
+                "HTTP API connections accepted.",
+                load(&self.connections_accepted),
+            ),
+            (
+                "skein_api_connections_open",
+                "gauge",
+                "HTTP API connections being served.",
+                load(&self.connections_open),
+            ),
+            (
+                "skein_api_connections_over_cap_total",
+                "counter",
+                "HTTP API connections accepted at the connection cap; each waited for a free slot.",
+                load(&self.connections_over_cap),
+            ),
+            (
+                "skein_api_header_timeouts_total",
+                "counter",
+                "HTTP API connections closed because a request header did not arrive in time.",
+                load(&self.header_timeouts),
+            ),
+            (
+                "skein_api_connection_lifetime_closed_total",
+                "counter",
+                "HTTP API connections closed at the end of their lifetime.",
+                load(&self.lifetime_closed),
+            ),
+            (
+                "skein_api_requests_shed_total",
+                "counter",
+                "HTTP API requests answered 503 because too many were in flight.",
+                load(&self.requests_shed),
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            let _ = writeln!(out, "{name} {value}");
+        }
+    }
+}
+
+/// Serves the router with the default [`Limits`] until the future
+/// `shutdown` completes.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    serve_with(
+        listener,
+        app,
+        Limits::default(),
+        Arc::new(ServeCounters::default()),
+        shutdown,
+    )
+    .await
+}
+
+/// Serves the router (HTTP/1.1) under `limits`, counting in `counters`,
+/// until the future `shutdown` completes; then stops accepting, asks every
+/// connection to close and waits for them (at most `close_grace` each).
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    limits: Limits,
+    counters: Arc<ServeCounters>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let service = ServiceBuilder::new()
+        .load_shed()
+        .layer(GlobalConcurrencyLimitLayer::new(limits.max_requests.max(1)))
+        .service(app.layer(Extension(counters.clone())));
+    let shed = counters.clone();
+    let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+        let service = service.clone();
+        let counters = shed.clone();
+        async move {
+            Ok::<_, Infallible>(match service.oneshot(req).await {
+                Ok(response) => response,
+                Err(e) if e.is::<tower::load_shed::error::Overloaded>() => {
+                    counters.requests_shed.fetch_add(1, Ordering::Relaxed);
+                    error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "too many requests in flight, try again",
+                    )
+                }
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            })
+        }
+    });
+    let max_connections = limits.max_connections.clamp(1, u32::MAX as usize);
+    let slots = Arc::new(Semaphore::new(max_connections));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    accept_error(e).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        counters
+            .connections_accepted
+            .fetch_add(1, Ordering::Relaxed);
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                counters
+                    .connections_over_cap
+                    .fetch_add(1, Ordering::Relaxed);
+                tokio::select! {
+                    slot = slots.clone().acquire_owned() => match slot {
+                        Ok(slot) => slot,
+                        Err(_) => break,
+                    },
+                    () = &mut shutdown => break,
+                }
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(connection(
+            stream,
+            service.clone(),
+            limits.clone(),
+            counters.clone(),
+            stop_rx.clone(),
+            slot,
+        ));
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    // Every connection hands its slot back when it ends.
+    let _ = slots.acquire_many(max_connections as u32).await;
+    Ok(())
+}
+
+/// One connection, from its slot to its end: served with a timer (so that
+/// the header read timeout applies) until it closes, times out, reaches
+/// its lifetime or the server stops.
+async fn connection<S>(
+    stream: tokio::net::TcpStream,
+    service: S,
+    limits: Limits,
+    counters: Arc<ServeCounters>,
+    stop: tokio::sync::watch::Receiver<bool>,
+    _slot: OwnedSemaphorePermit,
+) where
+    S: hyper::service::Service<hyper::Request<Incoming>, Response = Response, Error = Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    counters.connections_open.fetch_add(1, Ordering::Relaxed);
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    let mut conn = std::pin::pin!(conn);
+    let ended = tokio::select! {
+        result = conn.as_mut() => Some(result),
+        () = tokio::time::sleep(limits.connection_lifetime) => {
+            counters.lifetime_closed.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+        () = stopped(stop) => None,
+    };
+    match ended {
+        Some(Err(e)) if e.is_timeout() => {
+            counters.header_timeouts.fetch_add(1, Ordering::Relaxed);
+        }
+        Some(_) => {}
+        None => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(limits.close_grace, conn.as_mut()).await;
+        }
+    }
+    counters.connections_open.fetch_sub(1, Ordering::Relaxed);
+}
+
+async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// A failed accept: the peer's trouble is skipped; ours (out of file
+/// descriptors, say) is waited out a little instead of spinning.
+async fn accept_error(e: std::io::Error) {
+    use std::io::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::ConnectionRefused | ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset
+    ) {
+        return;
+    }
+    tracing::warn!(error = %e, "API accept failed");
+    tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -409,12 +669,15 @@ async fn state(State(ctx): State<Ctx>) -> Response {
     Json(ctx.agent.state_json()).into_response()
 }
 
-async fn metrics(State(ctx): State<Ctx>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        skein_agent::metrics::render(&ctx.agent),
-    )
-        .into_response()
+async fn metrics(
+    State(ctx): State<Ctx>,
+    served: Option<Extension<Arc<ServeCounters>>>,
+) -> Response {
+    let mut body = skein_agent::metrics::render(&ctx.agent);
+    if let Some(Extension(counters)) = served {
+        counters.render(&mut body);
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
 async fn not_found() -> Response {

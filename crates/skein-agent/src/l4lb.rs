@@ -237,6 +237,13 @@ pub fn table_of(listing: &Listing) -> Option<Table> {
         .filter_map(|s| s.strip_prefix("tcp")?.parse::<usize>().ok())
         .max()
         .unwrap_or(0);
+    // A table of ours with k classes lists the sets tcp1..=tcpk and
+    // udp1..=udpk: a larger class number (a set `tcp2065476370`, found by
+    // fuzzing) is not ours, and building its expected listing would make
+    // billions of set names.
+    if classes > listing.sets.len() {
+        return None;
+    }
     let mut services = Vec::new();
     for (set, e) in &listing.elements {
         let Some((p, k)) = ["tcp", "udp"].iter().find_map(|p| {
@@ -245,6 +252,9 @@ pub fn table_of(listing: &Listing) -> Option<Table> {
         }) else {
             continue;
         };
+        if k > listing.sets.len() {
+            return None; // as above: no such class of ours
+        }
         let (address, port) = e.split_once(" . ")?;
         let address: Ipv4Addr = address.parse().ok()?;
         let port: u16 = port.parse().ok()?;
@@ -478,6 +488,32 @@ mod tests {
     use crate::view::test_support::view_with_tasks;
 
     type D = Driver<NftDataplane<FakeNft>>;
+
+    /// Found by fuzzing (`fuzz/fuzz_targets/l4lb_listing.rs`): a set named
+    /// with a huge class number made `table_of` build an expected listing of
+    /// billions of sets (out of memory); an element in such a set reserved
+    /// room for billions of backends. Neither is a table of ours.
+    #[test]
+    fn huge_class_numbers_are_not_our_table() {
+        let set =
+            |name: &str| format!(r#"{{"set":{{"family":"ip","name":"{name}","table":"skein"}}}}"#);
+        let listing = parse_listing(&format!(
+            r#"{{"nftables":[{},{}]}}"#,
+            set("tcp1"),
+            set("tcp2065476370")
+        ))
+        .expect("listing");
+        assert!(table_of(&listing).is_none());
+        let listing = parse_listing(&format!(
+            r#"{{"nftables":[{{"set":{{"name":"udp99999999999","elem":[{{"concat":["11.0.0.1",80]}}]}}}},{}]}}"#,
+            set("tcp1")
+        ))
+        .expect("listing");
+        assert!(table_of(&listing).is_none());
+        // A table of ours still reads back.
+        let table = Table::with_classes(&[], 2);
+        assert_eq!(table_of(&expected_listing(&table)), Some(table));
+    }
 
     fn driver(kernel: FakeNft) -> D {
         Driver::new(NftDataplane::new(kernel), Arc::default())

@@ -40,7 +40,11 @@ fn dns() {
     let asks = [
         ("web.marathon.mesos.", RecordType::A, None),
         ("_web._tcp.marathon.mesos.", RecordType::SRV, Some(1232)),
-        ("web.marathon.autoip.thisdcos.directory.", RecordType::AAAA, None),
+        (
+            "web.marathon.autoip.thisdcos.directory.",
+            RecordType::AAAA,
+            None,
+        ),
         ("mesos.", RecordType::SOA, Some(4096)),
         ("nothing.mesos.", RecordType::A, None),
         ("example.com.", RecordType::A, Some(512)),
@@ -114,14 +118,27 @@ fn gossip() {
     let mut last = 0u64;
     let mut now = 0u64;
     for (i, node) in nodes.iter_mut().enumerate().skip(1) {
-        node.join(0, if i == 1 { vec![] } else { vec![skein_fuzz::addr(1)] });
+        node.join(
+            0,
+            if i == 1 {
+                vec![]
+            } else {
+                vec![skein_fuzz::addr(1)]
+            },
+        );
     }
     nodes[0].join(0, vec![skein_fuzz::addr(1)]);
     while now <= 3_000_000 {
         for i in 0..nodes.len() {
             nodes[i].tick(now);
             while let Some(t) = nodes[i].poll_transmit() {
-                let to = t.addr.ip().to_string().rsplit('.').next().and_then(|o| o.parse::<usize>().ok());
+                let to = t
+                    .addr
+                    .ip()
+                    .to_string()
+                    .rsplit('.')
+                    .next()
+                    .and_then(|o| o.parse::<usize>().ok());
                 if let Some(to) = to.map(|o| o - 1).filter(|&o| o < nodes.len()) {
                     queue.push_back((nodes[i].name(), to, t.body));
                 }
@@ -139,7 +156,13 @@ fn gossip() {
             }
             nodes[to].handle(now, from, body);
             while let Some(t) = nodes[to].poll_transmit() {
-                let dest = t.addr.ip().to_string().rsplit('.').next().and_then(|o| o.parse::<usize>().ok());
+                let dest = t
+                    .addr
+                    .ip()
+                    .to_string()
+                    .rsplit('.')
+                    .next()
+                    .and_then(|o| o.parse::<usize>().ok());
                 if let Some(d) = dest.map(|o| o - 1).filter(|&o| o < nodes.len()) {
                     queue.push_back((nodes[to].name(), d, t.body));
                 }
@@ -147,7 +170,9 @@ fn gossip() {
             while nodes[to].poll_event().is_some() {}
         }
         if now == 1_000_000 {
-            nodes[1].write(now, "task:t1", Some(r#"{"app":"/web"}"#)).expect("write");
+            nodes[1]
+                .write(now, "task:t1", Some(r#"{"app":"/web"}"#))
+                .expect("write");
             nodes[2].write(now, "meta", Some("{}")).expect("write");
         }
         now += 100_000;
@@ -157,7 +182,11 @@ fn gossip() {
     for m in &messages {
         let body = skein_proto::wire::decode(m, cluster, usize::MAX).expect("decodes");
         let kind = format!("{body:?}");
-        let kind = kind.split(['(', ' ', '{']).next().unwrap_or("").to_lowercase();
+        let kind = kind
+            .split(['(', ' ', '{'])
+            .next()
+            .unwrap_or("")
+            .to_lowercase();
         kinds.entry(kind).or_insert_with(|| m.clone());
     }
     for (k, m) in &kinds {
@@ -166,7 +195,11 @@ fn gossip() {
     // The session is cut to keep the corpus small (the target reads 64 steps).
     let mut cut = Vec::new();
     for (n, s) in skein_fuzz::steps(&session).enumerate() {
-        let Step { flags, dt_ms, message } = s;
+        let Step {
+            flags,
+            dt_ms,
+            message,
+        } = s;
         if n >= 48 || cut.len() + message.len() > 16 * 1024 {
             break;
         }
@@ -176,33 +209,60 @@ fn gossip() {
     // The same session with every fact re-signed on the way in.
     let mut resigned = Vec::new();
     for s in skein_fuzz::steps(&cut) {
-        write_step(&mut resigned, s.flags | skein_fuzz::RESIGN, s.dt_ms, s.message);
+        write_step(
+            &mut resigned,
+            s.flags | skein_fuzz::RESIGN,
+            s.dt_ms,
+            s.message,
+        );
     }
     write("gossip_node", "session-resigned", &resigned);
-    println!("gossip: {} messages to fuzz-0, {} kinds", messages.len(), kinds.len());
+    println!(
+        "gossip: {} messages to fuzz-0, {} kinds",
+        messages.len(),
+        kinds.len()
+    );
 }
 
 fn json() {
-    write(
-        "task_json",
-        "minimal",
-        br#"{"app":"/web","ip":"10.0.0.2"}"#,
-    );
+    write("task_json", "minimal", br#"{"app":"/web","ip":"10.0.0.2"}"#);
     write(
         "task_json",
         "full",
         br#"{"app":"/group/web","framework":"marathon","ip":"10.0.0.2","ports":[{"name":"http","port":8080,"protocol":"tcp","labels":{"VIP_0":"/web:80"}},{"port":53,"protocol":"udp","labels":{"VIP_1":"11.0.0.9:53"}}],"health_check":{"protocol":"http","path":"/ok","port_index":0,"interval_s":2,"timeout_s":1,"unhealthy_after":2}}"#,
     );
-    write("task_json", "v6", br#"{"app":"/v6","ip":"fd01::2","ports":[{"port":80}]}"#);
+    write(
+        "task_json",
+        "v6",
+        br#"{"app":"/v6","ip":"fd01::2","ports":[{"port":80}]}"#,
+    );
 
     let docs: [(u8, &str); 8] = [
-        (0, r#"{"cluster_id":"c","node_id":"node1","version":"0.1.0"}"#),
-        (2, r#"{"tasks":[{"id":"t1","node_id":"node1","spec":{"app":"/web","framework":"marathon","ip":"10.0.0.2","ports":[]}}]}"#),
-        (5, r#"{"cluster_id":"c","node_id":"n1","nodes":{"n1":{"generation":3,"keys":{"meta":{"deleted":false,"value":{"ip":"10.0.0.1"},"version":1},"x":{"deleted":true,"value":null,"version":2}},"max_version":2,"status":"alive"}},"removed":{"n9":4}}"#),
-        (7, r#"[{"task_id":"t1","node_id":"n1","label":"VIP_0","error":"bad"}]"#),
+        (
+            0,
+            r#"{"cluster_id":"c","node_id":"node1","version":"0.1.0"}"#,
+        ),
+        (
+            2,
+            r#"{"tasks":[{"id":"t1","node_id":"node1","spec":{"app":"/web","framework":"marathon","ip":"10.0.0.2","ports":[]}}]}"#,
+        ),
+        (
+            5,
+            r#"{"cluster_id":"c","node_id":"n1","nodes":{"n1":{"generation":3,"keys":{"meta":{"deleted":false,"value":{"ip":"10.0.0.1"},"version":1},"x":{"deleted":true,"value":null,"version":2}},"max_version":2,"status":"alive"}},"removed":{"n9":4}}"#,
+        ),
+        (
+            7,
+            r#"[{"task_id":"t1","node_id":"n1","label":"VIP_0","error":"bad"}]"#,
+        ),
         (10, r#"{"agents":["n2","n3"]}"#),
-        (14, r#"{"DnsOn":true,"Domain":"mesos","ExternalOn":true,"HttpOn":true,"Listeners":["0.0.0.0:53"],"RefreshSeconds":1,"Resolvers":["8.8.8.8"],"SOAMname":"ns1.mesos","SOARname":"root.ns1.mesos","TTL":5,"Timeout":2,"Zones":["mesos"]}"#),
-        (16, r#"[{"host":"web-1.marathon.slave.mesos.","ip":"10.0.0.2","port":"31001","service":"_web._tcp.marathon.mesos."}]"#),
+        (
+            14,
+            r#"{"DnsOn":true,"Domain":"mesos","ExternalOn":true,"HttpOn":true,"Listeners":["0.0.0.0:53"],"RefreshSeconds":1,"Resolvers":["8.8.8.8"],"SOAMname":"ns1.mesos","SOARname":"root.ns1.mesos","TTL":5,"Timeout":2,"Zones":["mesos"]}"#,
+        ),
+        (
+            16,
+            r#"[{"host":"web-1.marathon.slave.mesos.","ip":"10.0.0.2","port":"31001","service":"_web._tcp.marathon.mesos."}]"#,
+        ),
         (17, r#"{"error":"no such task"}"#),
     ];
     for (which, json) in docs {
@@ -231,7 +291,9 @@ fn json() {
 }
 
 fn netlink() {
-    use skein_nftables::wire::{NLMSG_DONE, NLMSG_ERROR, NLMSG_HDRLEN, NLM_F_ACK_TLVS, NLM_F_CAPPED};
+    use skein_nftables::wire::{
+        NLMSG_DONE, NLMSG_ERROR, NLMSG_HDRLEN, NLM_F_ACK_TLVS, NLM_F_CAPPED,
+    };
     fn msg(out: &mut Vec<u8>, kind: u16, flags: u16, seq: u32, payload: &[u8]) {
         let len = (NLMSG_HDRLEN + payload.len()) as u32;
         out.extend_from_slice(&len.to_ne_bytes());
@@ -278,7 +340,13 @@ fn netlink() {
     p.extend_from_slice(&8u16.to_ne_bytes());
     p.extend_from_slice(&2u16.to_ne_bytes());
     p.extend_from_slice(&40u32.to_ne_bytes());
-    msg(&mut refused, NLMSG_ERROR, NLM_F_ACK_TLVS | NLM_F_CAPPED, 3, &p);
+    msg(
+        &mut refused,
+        NLMSG_ERROR,
+        NLM_F_ACK_TLVS | NLM_F_CAPPED,
+        3,
+        &p,
+    );
     msg(&mut refused, NLMSG_DONE, 0, 6, &[]);
     write("nft_replies", "refused", &refused);
 }

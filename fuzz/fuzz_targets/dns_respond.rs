@@ -16,7 +16,11 @@ fuzz_target!(|data: &[u8]| {
     let Some((&ctl, query)) = data.split_first() else {
         return;
     };
-    let transport = if ctl & 1 == 0 { Transport::Udp } else { Transport::Tcp };
+    let transport = if ctl & 1 == 0 {
+        Transport::Udp
+    } else {
+        Transport::Tcp
+    };
     let rotate = usize::from(ctl >> 1);
     if let Outcome::Reply(reply) = respond(records, query, transport, rotate) {
         assert!(reply.len() >= 12, "reply shorter than a header");
@@ -27,7 +31,11 @@ fuzz_target!(|data: &[u8]| {
                 .ok()
                 .and_then(|q| q.edns.map(|e| e.max_payload().clamp(512, EDNS_UDP_SIZE)))
                 .map_or(512, usize::from);
-            assert!(reply.len() <= limit, "{} bytes over UDP, limit {limit}", reply.len());
+            assert!(
+                reply.len() <= limit,
+                "{} bytes over UDP, limit {limit}",
+                reply.len()
+            );
         }
         Message::from_vec(&reply).expect("our reply decodes");
     }

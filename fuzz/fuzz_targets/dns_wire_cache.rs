@@ -36,7 +36,10 @@ fuzz_target!(|data: &[u8]| {
     let Some(question) = wire::parse_query(query) else {
         return;
     };
-    assert_eq!(wire::question_end(query), Some(HEADER + question.section.len()));
+    assert_eq!(
+        wire::question_end(query),
+        Some(HEADER + question.section.len())
+    );
     let _ = wire::in_our_zones(question.name());
     let mut key = KeyBuf::default();
     let _ = question.key(&mut key);
@@ -47,7 +50,10 @@ fuzz_target!(|data: &[u8]| {
         let mut out = Vec::new();
         if patch(&cached, &question, later, udp, &mut out) {
             assert_eq!(out[..2], query[..2], "served with another id");
-            assert_eq!(&out[HEADER..HEADER + question.section.len()], question.section);
+            assert_eq!(
+                &out[HEADER..HEADER + question.section.len()],
+                question.section
+            );
             wire::parse_layout(&out).expect("a served answer is well-formed");
             if let Some(limit) = udp {
                 if out.len() > limit {

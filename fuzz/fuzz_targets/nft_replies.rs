@@ -19,7 +19,10 @@ fn ops() -> Vec<ElementOp> {
         ElementOp::add(
             "tcp_backends",
             vec![vip, Component::Port(80), Component::U32(0)],
-            Some(vec![Component::Ipv4(Ipv4Addr::new(10, 0, 0, 2)), Component::Port(8080)]),
+            Some(vec![
+                Component::Ipv4(Ipv4Addr::new(10, 0, 0, 2)),
+                Component::Port(8080),
+            ]),
         ),
         ElementOp::delete("udp1", vec![vip, Component::Port(53)]),
     ]

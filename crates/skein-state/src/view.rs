@@ -252,6 +252,9 @@ mod tests {
         r.remove_node("n2", 1);
         let (t, bad) = tasks(&r, &live);
         assert_eq!(t.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(), ["t1"]);
-        assert!(bad.iter().all(|b| b.node_id == "n1"), "n2's bad entry went with it");
+        assert!(
+            bad.iter().all(|b| b.node_id == "n1"),
+            "n2's bad entry went with it"
+        );
     }
 }

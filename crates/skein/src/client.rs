@@ -47,8 +47,9 @@ impl Client {
             (Some(path), _) => Some(crate::config::read_token(path)?),
             (None, Some(t)) if !t.trim().is_empty() => Some(t.trim().to_string()),
             // The local agent's own token, if this user may read it (root).
-            _ => crate::config::read_token(&args.data_dir.join(crate::config::LOCAL_TOKEN_FILE))
-                .ok(),
+            _ => {
+                crate::config::read_token(&args.data_dir.join(crate::config::LOCAL_TOKEN_FILE)).ok()
+            }
         };
         let http = ureq::Agent::config_builder()
             .http_status_as_error(false)

@@ -284,8 +284,18 @@ fn containers_on_different_nodes_talk_over_vxlan() -> anyhow::Result<()> {
         restart_at.elapsed()
     );
     assert_eq!(failed, 0);
-    assert_eq!(overlay_view(&c, 2)?["node2"], before);
-    assert_eq!(kernel(&c, 2)?, expected(&c, 2, &view));
+    // Node 2's own view and kernel: the same leases, realized again (its
+    // realizer publishes STATUS_OK once it has re-read and matched the
+    // kernel, which can come a moment after node 1 saw the leases).
+    wait_for(
+        "node2's own view and kernel as before the restart",
+        Duration::from_secs(30),
+        || {
+            let same = overlay_view(&c, 2)?.get("node2") == Some(&before)
+                && kernel(&c, 2)? == expected(&c, 2, &view);
+            Ok(same.then_some(()))
+        },
+    )?;
 
     // A route deleted by hand comes back at the next resync.
     let node3_subnet = &view["node3"][0];

@@ -362,8 +362,17 @@ impl Agent {
     async fn build_view(&self, seq: u64) -> View {
         let covers = self.refresh_requests.load(Ordering::SeqCst);
         let snap = self.gossip.snapshot().await;
-        let addresses = self.reconcile_vip_claims(&snap).await;
-        let mut view = View::build(seq, &self.config.node_id, snap, addresses, &self.overlay);
+        // Tasks are decoded once per refresh, for the allocation and the view.
+        let tasks = skein_state::tasks(&snap.replica, &snap.liveness);
+        let addresses = self.reconcile_vip_claims(&snap, &tasks.0).await;
+        let mut view = View::build_with_tasks(
+            seq,
+            &self.config.node_id,
+            snap,
+            tasks,
+            addresses,
+            &self.overlay,
+        );
         view.covers_request = covers;
         view
     }
@@ -546,12 +555,13 @@ impl Agent {
     async fn reconcile_vip_claims(
         &self,
         snap: &skein_gossip::ClusterSnapshot,
+        tasks: &[TaskView],
     ) -> BTreeMap<String, std::net::Ipv4Addr> {
         let outcome = match self.vip_allocator.lock() {
-            Ok(mut allocator) => allocator.reconcile(
+            Ok(mut allocator) => allocator.reconcile_tasks(
                 &self.config.node_id,
                 &snap.replica,
-                &snap.liveness,
+                tasks,
                 Instant::now(),
                 unix_ms(),
             ),

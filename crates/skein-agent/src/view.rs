@@ -82,9 +82,22 @@ impl View {
         vip_addresses: BTreeMap<String, Ipv4Addr>,
         overlay_config: &OverlayConfig,
     ) -> View {
+        let tasks = skein_state::tasks(&snap.replica, &snap.liveness);
+        View::build_with_tasks(seq, node_id, snap, tasks, vip_addresses, overlay_config)
+    }
+
+    /// [`View::build`] with the tasks (and invalid entries) already derived
+    /// from `snap`.
+    pub(crate) fn build_with_tasks(
+        seq: u64,
+        node_id: &str,
+        snap: ClusterSnapshot,
+        (tasks, invalid): (Vec<TaskView>, Vec<BadEntry>),
+        vip_addresses: BTreeMap<String, Ipv4Addr>,
+        overlay_config: &OverlayConfig,
+    ) -> View {
         let ClusterSnapshot { replica, liveness } = snap;
         let nodes = skein_state::nodes(&replica, &liveness);
-        let (tasks, invalid) = skein_state::tasks(&replica, &liveness);
         let (vips, vip_problems) = vip_views(&tasks, &vip_addresses);
         let records = Arc::new(records(&tasks, &nodes, &vips));
         View {

@@ -146,6 +146,7 @@ pub(crate) struct Allocator {
 impl Allocator {
     /// From the replica: the claims this node should publish or withdraw
     /// for the VIPs it hosts, and the cluster's addresses as of `now`.
+    #[cfg(test)]
     pub(crate) fn reconcile(
         &mut self,
         me: &str,
@@ -155,7 +156,20 @@ impl Allocator {
         now_unix_ms: u64,
     ) -> Reconciled {
         let (tasks, _) = skein_state::tasks(replica, liveness);
-        let (vip_map, _) = skein_l4lb::vips_of(&tasks);
+        self.reconcile_tasks(me, replica, &tasks, now, now_unix_ms)
+    }
+
+    /// The per-refresh step, with the tasks already derived from the
+    /// same replica (the agent derives them once per refresh).
+    pub(crate) fn reconcile_tasks(
+        &mut self,
+        me: &str,
+        replica: &Replica,
+        tasks: &[skein_state::TaskView],
+        now: Instant,
+        now_unix_ms: u64,
+    ) -> Reconciled {
+        let (vip_map, _) = skein_l4lb::vips_of(tasks);
         let hosted: BTreeSet<String> = vip_map
             .iter()
             .filter(|(_, backends)| backends.iter().any(|b| b.node_id == me))

@@ -16,43 +16,43 @@ use skein_proto::{keys, Body, Config, Identity, Keys, Micros, Name, Node, Sig, S
 /// A small fixed record set over the three zones: several A records on one
 /// name (rotation), SRV, AAAA.
 pub fn records() -> Records {
-    let mut r = Records::default();
+    let mut r = Records::builder();
     for i in 1..=3 {
         r.add(
-            "web.marathon.mesos.".into(),
+            "web.marathon.mesos.",
             RData::A {
                 ip: Ipv4Addr::new(10, 0, 0, i),
             },
         );
         r.add(
-            "_web._tcp.marathon.mesos.".into(),
+            "_web._tcp.marathon.mesos.",
             RData::Srv {
                 priority: 0,
                 weight: 1,
                 port: 31000 + u16::from(i),
-                target: format!("web-{i}.marathon.slave.mesos."),
+                target: &format!("web-{i}.marathon.slave.mesos."),
             },
         );
     }
     r.add(
-        "web.marathon.l4lb.thisdcos.directory.".into(),
+        "web.marathon.l4lb.thisdcos.directory.",
         RData::A {
             ip: Ipv4Addr::new(11, 0, 0, 1),
         },
     );
     r.add(
-        "web.marathon.autoip.thisdcos.directory.".into(),
+        "web.marathon.autoip.thisdcos.directory.",
         RData::Aaaa {
             ip: Ipv6Addr::new(0xfd01, 0, 0, 0, 0, 0, 0, 1),
         },
     );
     r.add(
-        "ready.spartan.".into(),
+        "ready.spartan.",
         RData::A {
             ip: Ipv4Addr::new(127, 0, 0, 1),
         },
     );
-    r
+    r.build()
 }
 
 // ----- gossip ------------------------------------------------------------

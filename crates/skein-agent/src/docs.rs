@@ -59,6 +59,15 @@ pub struct Tasks {
     pub invalid: Vec<BadEntry>,
 }
 
+/// [`Tasks`] borrowed from a view: the same JSON without copying the
+/// cluster's tasks per request.
+#[derive(Debug, Serialize)]
+pub struct TasksRef<'a> {
+    pub tasks: &'a [TaskView],
+    #[serde(skip_serializing_if = "<[BadEntry]>::is_empty")]
+    pub invalid: &'a [BadEntry],
+}
+
 /// The reply to `PUT /v1/tasks/{id}` (201 created, 200 replaced).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PutTaskReply {

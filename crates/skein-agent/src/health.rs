@@ -345,7 +345,6 @@ pub(crate) async fn run(agent: Weak<Agent>) {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
@@ -363,7 +362,7 @@ mod tests {
                 name: None,
                 port,
                 protocol,
-                labels: BTreeMap::new(),
+                labels: skein_state::Labels::new(),
             }],
             health_check: Some(check),
         }

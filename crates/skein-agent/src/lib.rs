@@ -99,6 +99,9 @@ pub struct Agent {
     /// Bumped by writers that want to read their write: the refresh that
     /// starts after the bump publishes a view covering it.
     refresh_requests: AtomicU64,
+    /// Whether the last view had a VIP address waiting to settle: only then
+    /// does time alone change the next view.
+    waits_on_time: std::sync::atomic::AtomicBool,
     refresh_kick: Arc<tokio::sync::Notify>,
     vip_allocator: std::sync::Mutex<vips::Allocator>,
     /// VIP problems already logged, so each is logged once when it appears.
@@ -141,7 +144,8 @@ fn unix_ms() -> u64 {
 /// and at least this often, so that liveness (`suspect`, `down`) is current.
 const SNAPSHOT_INTERVAL: Duration = Duration::from_millis(250);
 const PERSIST_INTERVAL: Duration = Duration::from_secs(2);
-/// A view is rebuilt at least this often even when nothing changed.
+/// A view waiting on time alone (a VIP address settling) is rebuilt this
+/// often even when nothing changed.
 const MAX_VIEW_AGE: Duration = Duration::from_secs(1);
 
 /// Hands memory freed by the previous view back to the kernel. A view of a
@@ -252,6 +256,7 @@ impl Agent {
             own_tasks: Mutex::new(own_tasks),
             view,
             refresh_requests: AtomicU64::new(0),
+            waits_on_time: std::sync::atomic::AtomicBool::new(false),
             refresh_kick: Arc::new(tokio::sync::Notify::new()),
             vip_allocator: Default::default(),
             logged_problems: Default::default(),
@@ -379,12 +384,17 @@ impl Agent {
 
     /// Makes `view` the one every reader sees, and hands DNS its records
     /// when they changed.
-    async fn publish_view(&self, view: View) -> Arc<View> {
-        let view = Arc::new(view);
-        let previous = self.view.send_replace(view.clone());
-        if *previous.records != *view.records || previous.seq == 0 {
+    async fn publish_view(&self, mut view: View) -> Arc<View> {
+        let served = self.records.borrow().clone();
+        if served.digest() == view.records.digest() && *served == *view.records {
+            // Unchanged: the view shares the set DNS already serves rather
+            // than keeping a second copy alive.
+            view.records = served;
+        } else {
             self.records.send_replace(view.records.clone());
         }
+        let view = Arc::new(view);
+        self.view.send_replace(view.clone());
         view
     }
 
@@ -584,6 +594,10 @@ impl Agent {
                 .delete(&format!("{}{vip}", vips::CLAIM_PREFIX))
                 .await;
         }
+        self.waits_on_time.store(
+            outcome.addresses.values().any(|(_, usable)| !usable),
+            Ordering::Relaxed,
+        );
         // Only addresses that may be handed out reach users and the kernel.
         outcome
             .addresses
@@ -623,11 +637,11 @@ impl Agent {
         let mut own = self.own_tasks.lock().await;
         if !own.contains_key(id) {
             let elsewhere = self
-                .tasks()
+                .view()
                 .tasks
-                .into_iter()
+                .iter()
                 .find(|t| t.id == id)
-                .map(|t| t.node_id);
+                .map(|t| t.node_id.clone());
             return Err(match elsewhere {
                 Some(node) => AgentError::BadRequest(format!(
                     "task {id} belongs to node {node}; delete it through that node's agent"
@@ -709,6 +723,7 @@ async fn refresh_loop(agent: std::sync::Weak<Agent>) {
         None => return,
     };
     let mut last_build: Option<Instant> = None;
+    let mut liveness: Option<u64> = None;
     loop {
         let ticked = tokio::select! {
             _ = tick.tick() => true,
@@ -729,13 +744,18 @@ async fn refresh_loop(agent: std::sync::Weak<Agent>) {
                 tracing::warn!(error = %format!("{e:#}"), "could not persist the generation");
             }
         }
-        // A view is rebuilt when something changed, and at least every
-        // MAX_VIEW_AGE for what depends on time alone (an address claim
-        // that waits): an idle cluster of thousands of tasks is not
-        // re-derived four times a second.
-        let due = !ticked || last_build.is_none_or(|t| t.elapsed() >= MAX_VIEW_AGE);
+        // A view is rebuilt when something changed, and every MAX_VIEW_AGE
+        // while something depends on time alone (a VIP address waiting to
+        // settle): an idle cluster of thousands of tasks is not re-derived
+        // at all (each rebuild holds two views at once).
+        let live = agent.gossip.liveness_digest();
+        let due = !ticked
+            || liveness != Some(live)
+            || (agent.waits_on_time.load(Ordering::Relaxed)
+                && last_build.is_none_or(|t| t.elapsed() >= MAX_VIEW_AGE));
         if due {
             last_build = Some(Instant::now());
+            liveness = Some(live);
             let previous = agent.view();
             let next = agent.build_view(previous.seq.wrapping_add(1)).await;
             let next = agent.publish_view(next).await;

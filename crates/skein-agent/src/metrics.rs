@@ -109,7 +109,6 @@ pub fn render(agent: &Agent) -> String {
             ("reason=\"over_cap\"", load(&g.over_cap)),
         ],
     );
-    let tasks = agent.tasks();
     out.metric(
         "skein_state_nodes",
         "gauge",
@@ -126,13 +125,13 @@ pub fn render(agent: &Agent) -> String {
         "skein_state_tasks",
         "gauge",
         "Tasks in the cluster.",
-        &[("", tasks.tasks.len() as u64)],
+        &[("", snap.tasks.len() as u64)],
     );
     out.metric(
         "skein_state_invalid_entries",
         "gauge",
         "Published values that did not decode.",
-        &[("", tasks.invalid.len() as u64)],
+        &[("", snap.invalid.len() as u64)],
     );
     let c = &agent.counters;
     out.metric(
@@ -327,7 +326,7 @@ pub fn render(agent: &Agent) -> String {
         "Duration of the last overlay change, planning included.",
         &[("", load(&o.realizer.last_apply_us))],
     );
-    let (vips, problems) = agent.vips();
+    let (vips, problems) = (&snap.vips, &snap.vip_problems);
     let unreachable = vips
         .iter()
         .flat_map(|v| v.backend.iter())
@@ -437,7 +436,7 @@ pub fn render(agent: &Agent) -> String {
         {
             let records = agent.records();
             let mut zones: std::collections::BTreeMap<&str, u64> = Default::default();
-            for (name, set) in &records.names {
+            for (name, set) in records.iter() {
                 let zone = skein_dns::answer::zone_of(name).unwrap_or("other");
                 *zones.entry(zone).or_default() += set.len() as u64;
             }

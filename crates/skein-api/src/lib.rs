@@ -396,9 +396,9 @@ async fn nodes(State(ctx): State<Ctx>) -> Response {
 
 async fn tasks(State(ctx): State<Ctx>) -> Response {
     let view = ctx.agent.view();
-    Json(docs::Tasks {
-        tasks: view.tasks.clone(),
-        invalid: view.invalid.clone(),
+    Json(docs::TasksRef {
+        tasks: &view.tasks,
+        invalid: &view.invalid,
     })
     .into_response()
 }
@@ -448,7 +448,6 @@ async fn delete_task(
 async fn records(State(ctx): State<Ctx>) -> Response {
     let records = ctx.agent.records();
     let rows: docs::Records = records
-        .names
         .iter()
         .flat_map(|(name, set)| {
             set.iter().map(move |r| {
@@ -478,7 +477,7 @@ async fn enumerate(State(ctx): State<Ctx>) -> Response {
     let records = ctx.agent.records();
     let mut frameworks: BTreeMap<String, BTreeMap<String, Vec<docs::EnumerateRecord>>> =
         BTreeMap::new();
-    for (name, set) in &records.names {
+    for (name, set) in records.iter() {
         // <app>.<framework>.mesos. and _<app>._proto.<framework>.mesos.
         let Some(rest) = name.strip_suffix(".mesos.") else {
             continue;
@@ -558,7 +557,7 @@ fn addresses(records: &skein_dns::Records, name: &str) -> Vec<String> {
     records
         .get(name)
         .into_iter()
-        .flatten()
+        .flat_map(|s| s.iter())
         .filter_map(|r| match r {
             skein_dns::RData::A { ip } => Some(ip.to_string()),
             skein_dns::RData::Aaaa { ip } => Some(ip.to_string()),
@@ -593,7 +592,7 @@ async fn services(State(ctx): State<Ctx>, Path(service): Path<String>) -> Respon
     let name = fqdn(&service);
     let records = ctx.agent.records();
     let mut rows: docs::Services = Vec::new();
-    for r in records.get(&name).into_iter().flatten() {
+    for r in records.get(&name).into_iter().flat_map(|s| s.iter()) {
         if let skein_dns::RData::Srv { port, target, .. } = r {
             for ip in addresses(&records, target) {
                 rows.push(docs::ServiceRow {
@@ -657,8 +656,8 @@ async fn overlay_agent(State(ctx): State<Ctx>) -> Response {
 }
 
 async fn vips(State(ctx): State<Ctx>) -> Response {
-    let vips: docs::Vips = ctx.agent.view().vips.clone();
-    Json(vips).into_response()
+    // Serialized from the view, not copied: 10,000 VIPs are megabytes.
+    Json(&ctx.agent.view().vips).into_response()
 }
 
 async fn vip_problems(State(ctx): State<Ctx>) -> Response {

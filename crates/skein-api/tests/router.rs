@@ -236,7 +236,7 @@ async fn reads_and_writes_of_one_agent() {
     assert_eq!(web.node_id, "n1");
     assert_eq!(web.spec.app, "/web");
     assert_eq!(web.spec.framework, "marathon");
-    assert_eq!(web.spec.ports[0].labels["VIP_0"], "/web:80");
+    assert_eq!(&web.spec.ports[0].labels["VIP_0"], "/web:80");
     assert!(web.healthy);
     let missing = get(&app, "/v1/tasks/nosuch").await;
     assert_eq!(missing.error(StatusCode::NOT_FOUND), "no task nosuch");

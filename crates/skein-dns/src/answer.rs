@@ -67,7 +67,7 @@ fn soa(zone: &str) -> Option<Record> {
     Some(Record::from_rdata(name(zone)?, TTL, HRData::SOA(data)))
 }
 
-fn to_record(owner: &Name, data: &RData) -> Option<Record> {
+fn to_record(owner: &Name, data: &RData<'_>) -> Option<Record> {
     let rdata = match data {
         RData::A { ip } => HRData::A(A(*ip)),
         RData::Aaaa { ip } => HRData::AAAA(AAAA(*ip)),
@@ -81,7 +81,7 @@ fn to_record(owner: &Name, data: &RData) -> Option<Record> {
     Some(Record::from_rdata(owner.clone(), TTL, rdata))
 }
 
-fn matches(qtype: RecordType, data: &RData) -> bool {
+fn matches(qtype: RecordType, data: &RData<'_>) -> bool {
     matches!(
         (qtype, data),
         (RecordType::ANY, _)
@@ -156,7 +156,7 @@ pub fn respond(records: &Records, request: &[u8], transport: Transport, rotate: 
 
     match records.get(&qname) {
         Some(set) => {
-            let mut answers: Vec<&RData> = set.iter().filter(|d| matches(qtype, d)).collect();
+            let mut answers: Vec<RData<'_>> = set.iter().filter(|d| matches(qtype, d)).collect();
             if answers.is_empty() {
                 // NODATA: the name exists, not with this type.
                 reply.add_authorities(soa(zone));
@@ -169,7 +169,7 @@ pub fn respond(records: &Records, request: &[u8], transport: Transport, rotate: 
                     if let RData::Srv { target, .. } = data {
                         if let (Some(t), Some(addrs)) = (name(target), records.get(target)) {
                             for a in addrs.iter().filter(|a| !matches!(a, RData::Srv { .. })) {
-                                reply.add_additionals(to_record(&t, a));
+                                reply.add_additionals(to_record(&t, &a));
                             }
                         }
                     }
@@ -179,9 +179,7 @@ pub fn respond(records: &Records, request: &[u8], transport: Transport, rotate: 
         None => {
             // A name with records below it exists (empty non-terminal):
             // NODATA; anything else in our zones does not exist.
-            let suffix = format!(".{qname}");
-            let exists = records.names.keys().any(|k| k.ends_with(&suffix));
-            if !exists {
+            if !records.has_names_below(&qname) {
                 reply.metadata.response_code = ResponseCode::NXDomain;
             }
             reply.add_authorities(soa(zone));
@@ -212,31 +210,31 @@ mod tests {
     use proptest::prelude::*;
 
     fn records() -> Records {
-        let mut r = Records::default();
+        let mut r = Records::builder();
         for i in 1..=3u8 {
             r.add(
-                "httpi.marathon.mesos.".into(),
+                "httpi.marathon.mesos.",
                 RData::A {
                     ip: [10, 0, 0, i].into(),
                 },
             );
         }
         r.add(
-            "_httpi._tcp.marathon.mesos.".into(),
+            "_httpi._tcp.marathon.mesos.",
             RData::Srv {
                 priority: 0,
                 weight: 1,
                 port: 9896,
-                target: "httpi-abcde-node1.marathon.mesos.".into(),
+                target: "httpi-abcde-node1.marathon.mesos.",
             },
         );
         r.add(
-            "httpi-abcde-node1.marathon.mesos.".into(),
+            "httpi-abcde-node1.marathon.mesos.",
             RData::A {
                 ip: [10, 0, 0, 1].into(),
             },
         );
-        r
+        r.build()
     }
 
     fn ask(r: &Records, qname: &str, qtype: RecordType, edns: bool, t: Transport) -> Message {
@@ -324,16 +322,17 @@ mod tests {
 
     #[test]
     fn big_answers_truncate_over_udp_not_tcp() {
-        let mut r = Records::default();
+        let mut r = Records::builder();
         // 60 A records: ~1 KB, more than 512, less than 1232.
         for i in 0..60u8 {
             r.add(
-                "big.marathon.mesos.".into(),
+                "big.marathon.mesos.",
                 RData::A {
                     ip: [10, 1, 0, i].into(),
                 },
             );
         }
+        let r = r.build();
         let udp = ask(
             &r,
             "big.marathon.mesos.",

@@ -9,4 +9,6 @@ pub mod server;
 pub mod upstream;
 pub mod wire;
 
-pub use records::{app_label, build, label, RData, Records, VipName, TTL};
+pub use records::{
+    app_label, build, label, RData, RecordSet, Records, RecordsBuilder, VipName, TTL,
+};

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use hickory_proto::op::{Message, ResponseCode};
@@ -207,8 +207,12 @@ const ENCODED_TCP: usize = 64;
 /// has encoded, and buffers.
 struct Worker {
     records: watch::Receiver<Arc<Records>>,
-    /// The record set `encoded` was built from.
-    current: Arc<Records>,
+    /// The record set last answered from. Weak: a worker that gets no
+    /// queries must not keep a replaced set alive (megabytes at 10,000
+    /// tasks, replica-mem-bench).
+    current: Weak<Records>,
+    /// The digest of the set `encoded` was built from.
+    digest: u64,
     rotation: usize,
     /// Encoded cluster answers by (rotation slot, transport, request bytes
     /// after the id): the same question asked again is a lookup and an id
@@ -228,7 +232,8 @@ impl Worker {
         let current = records.borrow_and_update().clone();
         Worker {
             records,
-            current,
+            current: Arc::downgrade(&current),
+            digest: current.digest(),
             rotation: 0,
             encoded: HashMap::new(),
             capacity: capacity.max(1),
@@ -336,15 +341,21 @@ impl DnsServer {
 
     /// Answers from the cluster records.
     fn local(&self, w: &mut Worker, request: &[u8], transport: Transport) -> Local {
-        if w.records.has_changed().unwrap_or(false) {
-            let next = w.records.borrow_and_update().clone();
-            // The agent republishes the records on every refresh, changed
-            // or not: answers are dropped only when they would differ.
-            if next != w.current {
-                w.encoded.clear();
+        let held = match w.current.upgrade() {
+            Some(records) if !w.records.has_changed().unwrap_or(false) => records,
+            _ => {
+                let next = w.records.borrow_and_update().clone();
+                // The agent republishes the records on every refresh,
+                // changed or not: answers are dropped only when they would
+                // differ.
+                if next.digest() != w.digest {
+                    w.encoded.clear();
+                    w.digest = next.digest();
+                }
+                w.current = Arc::downgrade(&next);
+                next
             }
-            w.current = next;
-        }
+        };
         let rotate = w.rotation % ROTATIONS;
         w.rotation = w.rotation.wrapping_add(1);
         // Transport changes the answer (truncation), so it is part of the key.
@@ -361,7 +372,7 @@ impl DnsServer {
                 return Local::Reply;
             }
         }
-        match respond(&w.current, request, transport, rotate) {
+        match respond(&held, request, transport, rotate) {
             Outcome::Reply(bytes) => {
                 if bytes.len() >= 12 && request.len() >= 12 {
                     if w.encoded.len() >= w.capacity {
@@ -717,12 +728,9 @@ mod tests {
     use hickory_proto::rr::{Name, RecordType};
 
     fn records(ip: [u8; 4]) -> Arc<Records> {
-        let mut r = Records::default();
-        r.add(
-            "app.marathon.mesos.".into(),
-            crate::RData::A { ip: ip.into() },
-        );
-        Arc::new(r)
+        let mut r = Records::builder();
+        r.add("app.marathon.mesos.", crate::RData::A { ip: ip.into() });
+        Arc::new(r.build())
     }
 
     fn ask(server: &DnsServer, w: &mut Worker, id: u16) -> Message {

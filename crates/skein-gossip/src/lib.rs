@@ -284,30 +284,6 @@ impl Gossip {
         let mut s = lock(&self.shared);
         let s = &mut *s;
         let now = s.now();
-        // Operator removals published by any agent: honoured for nodes this
-        // node holds down (a live node is never evicted this way).
-        let forgotten: Vec<Name> = s
-            .replica
-            .nodes()
-            .values()
-            .flat_map(|ks| ks.live())
-            .filter_map(|(k, _)| Name::intern(k.strip_prefix(FORGET_PREFIX)?))
-            .collect();
-        let mut forgot = false;
-        for n in forgotten {
-            if s.node.forget(now, n) {
-                tracing::info!(node = %n, "forgetting a node removed by an operator");
-                s.gone.insert(n);
-                forgot = true;
-            }
-        }
-        if forgot {
-            // The protocol task reports (and counts) the events.
-            self.wake.notify_one();
-        }
-        for n in std::mem::take(&mut s.gone) {
-            s.replica.drop_node(n.as_str());
-        }
         for n in std::mem::take(&mut s.dirty) {
             let Some(m) = s.node.member(n) else {
                 s.replica.drop_node(n.as_str());
@@ -339,6 +315,32 @@ impl Gossip {
                 },
             );
         }
+        // Operator removals published by any agent (read after the updates
+        // above, so a removal acts in the refresh that brings it): honoured
+        // for nodes this node holds down (a live node is never evicted
+        // this way).
+        let forgotten: Vec<Name> = s
+            .replica
+            .nodes()
+            .values()
+            .flat_map(|ks| ks.live())
+            .filter_map(|(k, _)| Name::lookup(k.strip_prefix(FORGET_PREFIX)?))
+            .collect();
+        let mut forgot = false;
+        for n in forgotten {
+            if s.node.forget(now, n) {
+                tracing::info!(node = %n, "forgetting a node removed by an operator");
+                s.gone.insert(n);
+                forgot = true;
+            }
+        }
+        if forgot {
+            // The protocol task reports (and counts) the events.
+            self.wake.notify_one();
+        }
+        for n in std::mem::take(&mut s.gone) {
+            s.replica.drop_node(n.as_str());
+        }
         let mut liveness = BTreeMap::new();
         for m in s.node.members() {
             let status = match m.status {
@@ -354,6 +356,19 @@ impl Gossip {
             replica: s.replica.clone(),
             liveness,
         }
+    }
+
+    /// A hash of every member's liveness: it changes whenever any node's
+    /// status does, suspicions and refutations included (the protocol
+    /// reports no event for those), without building a snapshot.
+    pub fn liveness_digest(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let s = lock(&self.shared);
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for m in s.node.members() {
+            (m.name.as_str(), m.status as u8).hash(&mut h);
+        }
+        h.finish()
     }
 
     /// Everything held about every node, signed, for the data dir: what

@@ -174,7 +174,7 @@ pub fn vips_of(tasks: &[TaskView]) -> (BTreeMap<VipKey, Vec<Backend>>, Vec<VipPr
                     Err(e) => problems.push(VipProblem {
                         task_id: task.id.clone(),
                         node_id: task.node_id.clone(),
-                        label: label.clone(),
+                        label: label.to_string(),
                         error: e.to_string(),
                     }),
                 }

@@ -94,6 +94,12 @@ impl Name {
         Some(Name(id))
     }
 
+    /// The handle for `s` if it is interned already; never adds to the
+    /// table (for names read from replicated values, which must not grow it).
+    pub fn lookup(s: &str) -> Option<Name> {
+        table().read().ok()?.ids.get(s).map(|&id| Name(id))
+    }
+
     pub fn as_str(self) -> &'static str {
         entry(self.0).0
     }

@@ -3,10 +3,12 @@
 //! Pure and deterministic: no sockets, clocks or files. The gossip layer
 //! feeds it observed writes; the API and the realizers read typed views.
 
+pub mod labels;
 pub mod replica;
 pub mod task;
 pub mod view;
 
+pub use labels::Labels;
 pub use replica::{Entry, NodeId, NodeKeyspace, Replica, Update};
 pub use task::{
     validate_task_id, HealthCheck, HealthProtocol, PortMapping, Protocol, TaskError, TaskSpec,

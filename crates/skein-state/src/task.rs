@@ -2,11 +2,12 @@
 //! runs on and is single-writer data of that node, shaped like a Marathon
 //! port mapping so that DC/OS users can bring their labels unchanged.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
+
+use crate::labels::Labels;
 
 /// Upper bounds keep one node's keyspace (and so every gossip message about
 /// it) small, whatever a client sends.
@@ -50,8 +51,8 @@ pub struct PortMapping {
     #[serde(default = "default_protocol")]
     pub protocol: Protocol,
     /// `VIP_n` labels live here, e.g. `"VIP_0": "/httpi:3141"`.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Labels::is_empty")]
+    pub labels: Labels,
 }
 
 /// The body of `PUT /v1/tasks/{task-id}`.
@@ -230,7 +231,7 @@ mod tests {
         .expect("valid");
         assert_eq!(spec.framework, "marathon");
         assert_eq!(spec.ports[0].protocol, Protocol::Tcp);
-        assert_eq!(spec.ports[0].labels["VIP_0"], "/httpi:3141");
+        assert_eq!(&spec.ports[0].labels["VIP_0"], "/httpi:3141");
     }
 
     #[test]

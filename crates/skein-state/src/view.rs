@@ -160,8 +160,11 @@ pub fn tasks(
                     Ok(spec)
                 });
             match checked {
-                Ok(spec) => {
+                Ok(mut spec) => {
                     used += 1;
+                    // serde grows a list to room for four: most tasks have
+                    // one port, and there are tens of thousands of tasks.
+                    spec.ports.shrink_to_fit();
                     tasks.push(TaskView {
                         id: id.to_string(),
                         node_id: node_id.clone(),
@@ -178,6 +181,7 @@ pub fn tasks(
             }
         }
     }
+    tasks.shrink_to_fit();
     (tasks, bad)
 }
 

@@ -1,7 +1,6 @@
 //! The CLI side: talks to the local agent's HTTP API and prints tables (or
 //! the raw JSON with `--json`).
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 
@@ -443,12 +442,12 @@ pub(crate) fn parse_port(spec: &str) -> anyhow::Result<PortMapping> {
     let port: u16 = port
         .parse()
         .with_context(|| format!("--port {spec}: {port:?} is not a port number"))?;
-    let mut labels = BTreeMap::new();
+    let mut labels = skein_state::Labels::new();
     for label in parts {
         let (k, v) = label
             .split_once('=')
             .with_context(|| format!("--port {spec}: label {label:?} is not KEY=VALUE"))?;
-        labels.insert(k.to_string(), v.to_string());
+        labels.insert(k, v);
     }
     Ok(PortMapping {
         name,
@@ -601,7 +600,7 @@ n1    127.0.0.1  dcos     9.212.192.0/24  44.128.4.192/20  70:B3:D5:80:04:C0  ST
         let p = parse_port("http:9896/tcp,VIP_0=/httpi:3141").expect("parse");
         assert_eq!(p.name.as_deref(), Some("http"));
         assert_eq!(p.port, 9896);
-        assert_eq!(p.labels["VIP_0"], "/httpi:3141");
+        assert_eq!(&p.labels["VIP_0"], "/httpi:3141");
         assert_eq!(parse_port("53/udp").expect("parse").protocol, Protocol::Udp);
         assert!(parse_port("http:99999").is_err());
         assert!(parse_port("1/sctp").is_err());

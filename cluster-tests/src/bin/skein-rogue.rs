@@ -304,7 +304,7 @@ async fn impersonate(f: &std::collections::HashMap<String, String>) -> anyhow::R
             gen: m.gen,
             version,
             key: key.clone(),
-            value: Some(value.clone()),
+            value: Some(value.as_str().into()),
             sig: sign(&buf),
         });
         let announce = |gen: u64, identity: Option<Arc<Identity>>, buf: &mut Vec<u8>| {

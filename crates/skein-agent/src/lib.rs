@@ -104,6 +104,8 @@ pub struct Agent {
     waits_on_time: std::sync::atomic::AtomicBool,
     refresh_kick: Arc<tokio::sync::Notify>,
     vip_allocator: std::sync::Mutex<vips::Allocator>,
+    /// Tasks decoded per node keyspace, reused while the keyspace is.
+    task_cache: std::sync::Mutex<skein_state::TaskCache>,
     /// VIP problems already logged, so each is logged once when it appears.
     logged_problems: std::sync::Mutex<std::collections::BTreeSet<String>>,
     /// The cluster's DNS records, republished after every refresh.
@@ -158,6 +160,25 @@ fn release_freed_memory() {
     // preconditions and touches no memory in use.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+/// Sets glibc's allocator for a long-lived process whose large values
+/// (views, DNS records: megabytes each, rebuilt on every change) come and
+/// go: at most two arenas (one per core here; each thread's own arena kept
+/// its share of every freed view), and blocks of 64 KiB and more mapped on
+/// their own, so that freeing a view's vectors returns them to the kernel at
+/// once. The default threshold grows to 32 MiB after the first large free,
+/// which put every later view on the heap, fragmented. Measured with
+/// replica-mem-bench (docs/BENCHMARKS.md). Call before the runtime starts.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; it is called before
+    // the agent's threads allocate concurrently.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 * 1024);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 128 * 1024);
     }
 }
 
@@ -259,6 +280,7 @@ impl Agent {
             waits_on_time: std::sync::atomic::AtomicBool::new(false),
             refresh_kick: Arc::new(tokio::sync::Notify::new()),
             vip_allocator: Default::default(),
+            task_cache: Default::default(),
             logged_problems: Default::default(),
             overlay,
             own_leases: Mutex::new(own_leases),
@@ -368,7 +390,10 @@ impl Agent {
         let covers = self.refresh_requests.load(Ordering::SeqCst);
         let snap = self.gossip.snapshot().await;
         // Tasks are decoded once per refresh, for the allocation and the view.
-        let tasks = skein_state::tasks(&snap.replica, &snap.liveness);
+        let tasks = match self.task_cache.lock() {
+            Ok(mut cache) => cache.tasks(&snap.replica, &snap.liveness),
+            Err(_) => skein_state::tasks(&snap.replica, &snap.liveness),
+        };
         let addresses = self.reconcile_vip_claims(&snap, &tasks.0).await;
         let mut view = View::build_with_tasks(
             seq,
@@ -677,7 +702,7 @@ impl Agent {
                         // Values are JSON documents; show them as such.
                         let value = e.value.as_ref().map(|v| {
                             serde_json::from_str(v)
-                                .unwrap_or_else(|_| serde_json::Value::String(v.clone()))
+                                .unwrap_or_else(|_| serde_json::Value::String(v.to_string()))
                         });
                         let key = docs::StateKey {
                             deleted: e.value.is_none(),

@@ -436,9 +436,9 @@ pub fn render(agent: &Agent) -> String {
         {
             let records = agent.records();
             let mut zones: std::collections::BTreeMap<&str, u64> = Default::default();
-            for (name, set) in records.iter() {
-                let zone = skein_dns::answer::zone_of(name).unwrap_or("other");
-                *zones.entry(zone).or_default() += set.len() as u64;
+            for (tail, n) in records.records_per_tail() {
+                let zone = skein_dns::answer::zone_of(tail).unwrap_or("other");
+                *zones.entry(zone).or_default() += n as u64;
             }
             let rows: Vec<String> = zones.keys().map(|z| format!("zone=\"{z}\"")).collect();
             let samples: Vec<(&str, u64)> = rows

@@ -211,7 +211,11 @@ fn vip_views(
                     healthy: b.healthy,
                     in_use,
                 })
-                .collect(),
+                .collect::<Vec<_>>()
+                // Collected in place, the list kept the room for four
+                // backends the allocation grew; most VIPs have one or two.
+                .into_boxed_slice()
+                .into_vec(),
         });
     }
     (views, problems)

@@ -447,7 +447,7 @@ async fn delete_task(
 /// dcos-net's `/v1/records`: every record as `{name, type, rdata}`.
 async fn records(State(ctx): State<Ctx>) -> Response {
     let records = ctx.agent.records();
-    let rows: docs::Records = records
+    let mut rows: docs::Records = records
         .iter()
         .flat_map(|(name, set)| {
             set.iter().map(move |r| {
@@ -469,6 +469,8 @@ async fn records(State(ctx): State<Ctx>) -> Response {
             })
         })
         .collect();
+    // By name, as Mesos-DNS lists them (the set is grouped by zone).
+    rows.sort_by(|a, b| a.name.cmp(&b.name));
     Json(rows).into_response()
 }
 

@@ -37,7 +37,12 @@ pub enum Outcome {
 pub fn zone_of(name: &str) -> Option<&'static str> {
     ZONES
         .iter()
-        .find(|z| name == **z || name.ends_with(&format!(".{z}")))
+        .find(|z| {
+            name == **z
+                || name
+                    .strip_suffix(**z)
+                    .is_some_and(|rest| rest.ends_with('.'))
+        })
         .copied()
 }
 

@@ -10,13 +10,13 @@
 //! - `<app>.<framework>.agentip|containerip|autoip.dcos.thisdcos.directory`;
 //! - `ready.spartan` → 127.0.0.1 (a readiness probe).
 //!
-//! [`Records`] is packed: every name once in one text arena, a sorted index
-//! into it, and fixed-size record data (an SRV target points into the
-//! arena). A map of owned names to record lists cost ≈ 5 KB per task
-//! (eight names, each with its own allocations); packed it is ≈ 0.6 KB
+//! [`Records`] is packed: a name is its first label, stored once, plus an
+//! index into a short table of name tails, and record data is fixed-size. A
+//! map of owned names to record lists cost ≈ 5 KB per task (eight names,
+//! each with its own allocations); packed it is ≈ 0.3 KB
 //! (replica-mem-bench, docs/BENCHMARKS.md).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -66,8 +66,18 @@ struct Span {
 
 impl Span {
     fn of(text: &str, span: Span) -> &str {
-        text.get(span.start as usize..(span.start + span.len) as usize)
+        text.get(span.start as usize..(span.start as usize + span.len as usize))
             .unwrap_or("")
+    }
+
+    /// Appends `s` to `text` and returns where it is.
+    fn push(text: &mut String, s: &str) -> Span {
+        let start = text.len();
+        text.push_str(s);
+        Span {
+            start: start as u32,
+            len: s.len() as u32,
+        }
     }
 }
 
@@ -80,38 +90,59 @@ enum Stored {
         priority: u16,
         weight: u16,
         port: u16,
+        /// In `Records::targets`.
         target: Span,
     },
 }
 
-/// A name: where it is in the arena and where its records end in `data`
-/// (they start where the previous name's end).
+/// A name, split after its first label: the label (in `Records::labels`)
+/// and the rest (one of `Records::tails`, shared by every name of an app's
+/// framework and zone). Its records end at `data_end` in `Records::data`
+/// and start where the previous name's end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct NameRow {
-    name: Span,
+    label_start: u32,
+    label_len: u16,
+    tail: u16,
     data_end: u32,
 }
 
 /// All records: fully qualified lowercase names (with the final dot), each
-/// with its data sorted and without duplicates, names in byte order.
+/// with its data sorted and without duplicates.
+///
+/// Packed for size: a name is its first label, stored once however many
+/// names start with it, plus an index into a short table of the rest
+/// (`.marathon.mesos.`, `.marathon.autoip.dcos.thisdcos.directory.`, ...).
+/// Names are sorted by (rest, label) so a lookup is a search of the table
+/// and then of the index.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Records {
-    text: String,
+    labels: String,
+    tails: Vec<Box<str>>,
     names: Vec<NameRow>,
     data: Vec<Stored>,
+    targets: String,
     /// Names that have records below them (`marathon.mesos.` when
     /// `web.marathon.mesos.` exists): they exist without records of their
     /// own (RFC 8020's empty non-terminals), sorted.
-    above: Vec<Span>,
+    above: Vec<Box<str>>,
     /// A hash of the content: equal records have equal digests, so a reader
     /// can tell a republished set from a changed one without keeping it.
     digest: u64,
 }
 
+/// Splits a name after its first label: `("web", ".marathon.mesos.")`.
+fn split(name: &str) -> (&str, &str) {
+    match name.find('.') {
+        Some(i) => name.split_at(i),
+        None => (name, ""),
+    }
+}
+
 /// The records of one name.
 #[derive(Debug, Clone, Copy)]
 pub struct RecordSet<'a> {
-    text: &'a str,
+    targets: &'a str,
     data: &'a [Stored],
 }
 
@@ -125,7 +156,7 @@ impl<'a> RecordSet<'a> {
     }
 
     pub fn iter(&self) -> impl ExactSizeIterator<Item = RData<'a>> + 'a {
-        let text = self.text;
+        let targets = self.targets;
         self.data.iter().map(move |d| match *d {
             Stored::A(ip) => RData::A { ip: ip.into() },
             Stored::Aaaa(ip) => RData::Aaaa { ip: ip.into() },
@@ -138,7 +169,7 @@ impl<'a> RecordSet<'a> {
                 priority,
                 weight,
                 port,
-                target: Span::of(text, target),
+                target: Span::of(targets, target),
             },
         })
     }
@@ -172,8 +203,18 @@ impl Records {
         RecordsBuilder::default()
     }
 
-    fn name(&self, row: &NameRow) -> &str {
-        Span::of(&self.text, row.name)
+    fn label(&self, row: &NameRow) -> &str {
+        Span::of(
+            &self.labels,
+            Span {
+                start: row.label_start,
+                len: u32::from(row.label_len),
+            },
+        )
+    }
+
+    fn tail(&self, row: &NameRow) -> &str {
+        self.tails.get(usize::from(row.tail)).map_or("", |t| t)
     }
 
     fn set(&self, i: usize) -> RecordSet<'_> {
@@ -183,7 +224,7 @@ impl Records {
         };
         let end = self.names[i].data_end as usize;
         RecordSet {
-            text: &self.text,
+            targets: &self.targets,
             data: self.data.get(start..end).unwrap_or(&[]),
         }
     }
@@ -197,23 +238,43 @@ impl Records {
         } else {
             name
         };
+        let (label, tail) = split(name);
+        let tail = self.tails.binary_search_by(|t| (**t).cmp(tail)).ok()? as u16;
         let i = self
             .names
-            .binary_search_by(|row| self.name(row).cmp(name))
+            .binary_search_by(|row| row.tail.cmp(&tail).then_with(|| self.label(row).cmp(label)))
             .ok()?;
         Some(self.set(i))
     }
 
     /// Whether some name lies below `name` (lowercase, fully qualified).
     pub fn has_names_below(&self, name: &str) -> bool {
-        self.above
-            .binary_search_by(|s| Span::of(&self.text, *s).cmp(name))
-            .is_ok()
+        self.above.binary_search_by(|s| (**s).cmp(name)).is_ok()
     }
 
-    /// Every name with its records, in byte order of the names.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, RecordSet<'_>)> {
-        (0..self.names.len()).map(|i| (self.name(&self.names[i]), self.set(i)))
+    /// Every name with its records, grouped by all but their first label.
+    pub fn iter(&self) -> impl Iterator<Item = (String, RecordSet<'_>)> {
+        (0..self.names.len()).map(|i| {
+            let row = &self.names[i];
+            let mut name = String::with_capacity(usize::from(row.label_len) + self.tail(row).len());
+            name.push_str(self.label(row));
+            name.push_str(self.tail(row));
+            (name, self.set(i))
+        })
+    }
+
+    /// Each name tail (all but the first label, with its leading dot) with
+    /// the number of records under names that end with it.
+    pub fn records_per_tail(&self) -> impl Iterator<Item = (&str, usize)> {
+        let mut counts = vec![0usize; self.tails.len()];
+        let mut start = 0;
+        for row in &self.names {
+            if let Some(c) = counts.get_mut(usize::from(row.tail)) {
+                *c += row.data_end as usize - start;
+            }
+            start = row.data_end as usize;
+        }
+        self.tails.iter().map(|t| &**t).zip(counts)
     }
 
     /// Number of names.
@@ -235,12 +296,14 @@ impl Records {
         self.digest
     }
 
-    /// Heap bytes held (what replica-mem-bench attributes to DNS).
+    /// Heap bytes held.
     pub fn heap_bytes(&self) -> usize {
-        self.text.capacity()
+        self.labels.capacity()
+            + self.tails.iter().map(|t| t.len() + 16).sum::<usize>()
             + self.names.capacity() * std::mem::size_of::<NameRow>()
             + self.data.capacity() * std::mem::size_of::<Stored>()
-            + self.above.capacity() * std::mem::size_of::<Span>()
+            + self.targets.capacity()
+            + self.above.iter().map(|t| t.len() + 16).sum::<usize>()
     }
 }
 
@@ -249,7 +312,7 @@ impl Serialize for Records {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut map = s.serialize_map(Some(self.names.len()))?;
         for (name, set) in self.iter() {
-            map.serialize_entry(name, &set)?;
+            map.serialize_entry(&name, &set)?;
         }
         map.end()
     }
@@ -259,28 +322,64 @@ impl Serialize for Records {
 /// sorts and packs them.
 #[derive(Debug, Default)]
 pub struct RecordsBuilder {
+    /// First labels, as added (duplicates included), and SRV targets.
     text: String,
-    rows: Vec<(Span, Stored)>,
+    tails: HashMap<Box<str>, u16>,
+    rows: Vec<Row>,
+    /// Scratch for a name being written.
+    scratch: String,
 }
 
+/// A record as added: its name's first label (in the builder's text), the
+/// rest of its name, its data.
+#[derive(Debug, Clone, Copy)]
+struct Row {
+    label: Span,
+    tail: u16,
+    data: Stored,
+}
+
+/// More distinct name tails than this (never near: one per framework and
+/// zone) and more label bytes than `u16` are dropped, not wrapped.
+const MAX_TAILS: usize = u16::MAX as usize;
+
 impl RecordsBuilder {
-    /// Appends `name`, lowercased, to the arena.
-    fn push_name(&mut self, name: &str) -> Span {
-        let start = self.text.len();
-        self.text
-            .extend(name.chars().map(|c| c.to_ascii_lowercase()));
-        self.span_from(start)
+    /// Adds one record of `name` (fully qualified, any case).
+    pub fn add(&mut self, name: &str, data: RData<'_>) {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.clear();
+        scratch.push_str(name);
+        self.add_scratch(&mut scratch, data);
+        self.scratch = scratch;
     }
 
-    fn span_from(&self, start: usize) -> Span {
-        Span {
-            start: u32::try_from(start).unwrap_or(u32::MAX),
-            len: u32::try_from(self.text.len() - start).unwrap_or(0),
+    /// Adds one record under a name written by `name` (no allocation for
+    /// the name beyond the arena).
+    fn add_fmt(&mut self, name: std::fmt::Arguments<'_>, data: RData<'_>) {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.clear();
+        let _ = scratch.write_fmt(name);
+        self.add_scratch(&mut scratch, data);
+        self.scratch = scratch;
+    }
+
+    fn add_scratch(&mut self, name: &mut str, data: RData<'_>) {
+        name.make_ascii_lowercase();
+        let (label, tail) = split(name);
+        if label.len() > usize::from(u16::MAX) {
+            return;
         }
-    }
-
-    fn push(&mut self, name: Span, data: RData<'_>) {
-        let stored = match data {
+        let tail = match self.tails.get(tail) {
+            Some(&id) => id,
+            None if self.tails.len() < MAX_TAILS => {
+                let id = self.tails.len() as u16;
+                self.tails.insert(tail.into(), id);
+                id
+            }
+            None => return,
+        };
+        let label = Span::push(&mut self.text, label);
+        let data = match data {
             RData::A { ip } => Stored::A(ip.octets()),
             RData::Aaaa { ip } => Stored::Aaaa(ip.octets()),
             RData::Srv {
@@ -292,35 +391,37 @@ impl RecordsBuilder {
                 priority,
                 weight,
                 port,
-                target: self.push_name(target),
+                target: Span::push(&mut self.text, &target.to_ascii_lowercase()),
             },
         };
-        self.rows.push((name, stored));
+        self.rows.push(Row { label, tail, data });
     }
 
-    /// Adds one record of `name` (fully qualified, any case).
-    pub fn add(&mut self, name: &str, data: RData<'_>) {
-        let span = self.push_name(name);
-        self.push(span, data);
-    }
-
-    /// Adds one record under a name written by `write` (no allocation for
-    /// the name beyond the arena).
-    fn add_fmt(&mut self, name: std::fmt::Arguments<'_>, data: RData<'_>) {
-        let start = self.text.len();
-        let _ = self.text.write_fmt(name);
-        self.text[start..].make_ascii_lowercase();
-        let span = self.span_from(start);
-        self.push(span, data);
-    }
-
-    /// Sorts, removes duplicates and packs. An arena past 4 GiB (far beyond
-    /// any cluster's records) is cut to an empty set rather than wrapped.
+    /// Sorts, removes duplicates and packs. A builder holding past 4 GiB of
+    /// text (far beyond any cluster's records) builds an empty set rather
+    /// than wrap.
     pub fn build(self) -> Records {
-        let RecordsBuilder { text, mut rows } = self;
+        let RecordsBuilder {
+            text,
+            tails,
+            mut rows,
+            scratch: _,
+        } = self;
         if u32::try_from(text.len()).is_err() {
             return Records::default();
         }
+        // Tails in byte order, and each row's tail renumbered to match.
+        let mut sorted: Vec<(Box<str>, u16)> = tails.into_iter().collect();
+        sorted.sort_unstable();
+        let mut renumber = vec![0u16; sorted.len()];
+        for (new, (_, old)) in sorted.iter().enumerate() {
+            renumber[usize::from(*old)] = new as u16;
+        }
+        for row in &mut rows {
+            row.tail = renumber[usize::from(row.tail)];
+        }
+        let tails: Vec<Box<str>> = sorted.into_iter().map(|(t, _)| t).collect();
+
         let key = |d: &Stored| -> DataKey<'_> {
             match *d {
                 Stored::A(ip) => {
@@ -337,112 +438,89 @@ impl RecordsBuilder {
                 } => (2, [0; 16], priority, weight, port, Span::of(&text, target)),
             }
         };
-        rows.sort_unstable_by(|(a, da), (b, db)| {
-            Span::of(&text, *a)
-                .cmp(Span::of(&text, *b))
-                .then_with(|| key(da).cmp(&key(db)))
-        });
-        rows.dedup_by(|(b, db), (a, da)| {
-            Span::of(&text, *a) == Span::of(&text, *b) && key(da) == key(db)
-        });
+        let order = |a: &Row, b: &Row| {
+            a.tail
+                .cmp(&b.tail)
+                .then_with(|| Span::of(&text, a.label).cmp(Span::of(&text, b.label)))
+                .then_with(|| key(&a.data).cmp(&key(&b.data)))
+        };
+        rows.sort_unstable_by(order);
+        rows.dedup_by(|b, a| order(a, b).is_eq());
 
         let mut out = Records {
-            text: String::with_capacity(text.len() / 4),
-            names: Vec::new(),
+            tails,
             data: Vec::with_capacity(rows.len()),
-            above: Vec::new(),
-            digest: 0,
+            ..Records::default()
         };
-        // Names first, once each, in order.
-        let mut starts: Vec<u32> = Vec::with_capacity(rows.len());
-        for (name, _) in &rows {
-            let name = Span::of(&text, *name);
+        // Each first label once, however many names start with it.
+        let mut labels: HashMap<&str, u32> = HashMap::new();
+        for row in &rows {
+            let label = Span::of(&text, row.label);
             let same = out
                 .names
                 .last()
-                .is_some_and(|last| Span::of(&out.text, last.name) == name);
+                .is_some_and(|last| last.tail == row.tail && out.label(last) == label);
             if !same {
-                let start = out.text.len();
-                out.text.push_str(name);
+                let start = *labels
+                    .entry(label)
+                    .or_insert_with(|| Span::push(&mut out.labels, label).start);
                 out.names.push(NameRow {
-                    name: Span {
-                        start: start as u32,
-                        len: name.len() as u32,
-                    },
+                    label_start: start,
+                    label_len: label.len() as u16,
+                    tail: row.tail,
                     data_end: 0,
                 });
             }
-            starts.push(out.names.len() as u32 - 1);
-        }
-        // Then the data; an SRV target that is one of the names points at
-        // it, any other target is appended once.
-        let mut extra: BTreeMap<&str, Span> = BTreeMap::new();
-        for (i, (_, d)) in rows.iter().enumerate() {
-            let stored = match *d {
+            let data = match row.data {
                 Stored::Srv {
                     priority,
                     weight,
                     port,
                     target,
-                } => {
-                    let t = Span::of(&text, target);
-                    let span = match out
-                        .names
-                        .binary_search_by(|row| Span::of(&out.text, row.name).cmp(t))
-                    {
-                        Ok(j) => out.names[j].name,
-                        Err(_) => *extra.entry(t).or_insert_with(|| {
-                            let start = out.text.len();
-                            out.text.push_str(t);
-                            Span {
-                                start: start as u32,
-                                len: t.len() as u32,
-                            }
-                        }),
-                    };
-                    Stored::Srv {
-                        priority,
-                        weight,
-                        port,
-                        target: span,
-                    }
-                }
+                } => Stored::Srv {
+                    priority,
+                    weight,
+                    port,
+                    target: Span::push(&mut out.targets, Span::of(&text, target)),
+                },
                 other => other,
             };
-            out.data.push(stored);
-            if let Some(row) = out.names.get_mut(starts[i] as usize) {
-                row.data_end = out.data.len() as u32;
+            out.data.push(data);
+            if let Some(last) = out.names.last_mut() {
+                last.data_end = out.data.len() as u32;
             }
         }
+        drop(labels);
         // Every proper suffix of a name at a label boundary is a name above
-        // it; they are few (one per framework and zone), found once here.
-        let mut above: HashSet<&str> = HashSet::new();
-        let mut spans = Vec::new();
-        for row in &out.names {
-            let name = Span::of(&out.text, row.name);
-            for (i, _) in name.match_indices('.') {
-                let rest = &name[i + 1..];
+        // it: the tails and their own suffixes (few: one per framework and
+        // zone).
+        let mut above: Vec<Box<str>> = Vec::new();
+        for tail in &out.tails {
+            let mut rest: &str = tail;
+            while let Some(i) = rest.find('.') {
+                rest = &rest[i + 1..];
                 if rest.is_empty() {
                     break;
                 }
-                if above.insert(rest) {
-                    spans.push(Span {
-                        start: row.name.start + i as u32 + 1,
-                        len: rest.len() as u32,
-                    });
-                }
+                above.push(rest.into());
             }
         }
-        spans.sort_unstable_by(|a, b| Span::of(&out.text, *a).cmp(Span::of(&out.text, *b)));
-        drop(above);
-        out.above = spans;
-        out.text.shrink_to_fit();
+        above.sort_unstable();
+        above.dedup();
+        out.above = above;
+        out.labels.shrink_to_fit();
         out.names.shrink_to_fit();
         out.data.shrink_to_fit();
+        out.targets.shrink_to_fit();
         out.digest = {
             use std::hash::{Hash, Hasher};
             let mut h = std::collections::hash_map::DefaultHasher::new();
-            (&out.text, &out.names, &out.data).hash(&mut h);
+            for (name, set) in out.iter() {
+                name.hash(&mut h);
+                for d in set.iter() {
+                    d.hash(&mut h);
+                }
+            }
             h.finish()
         };
         out
@@ -757,14 +835,23 @@ mod tests {
                 b.add(name, d);
             }
             let r = b.build();
-            let got: Vec<(String, Vec<RData<'_>>)> =
-                r.iter().map(|(n, s)| (n.to_string(), s.to_vec())).collect();
+            let mut got: Vec<(String, Vec<RData<'_>>)> =
+                r.iter().map(|(n, s)| (n, s.to_vec())).collect();
+            got.sort();
             let want: Vec<(String, Vec<RData<'_>>)> = reference
                 .iter()
                 .map(|(n, s)| (n.clone(), s.iter().copied().collect()))
                 .collect();
             prop_assert_eq!(got, want);
             prop_assert_eq!(r.len(), reference.values().map(|s| s.len()).sum::<usize>());
+            for (tail, n) in r.records_per_tail() {
+                let want: usize = reference
+                    .iter()
+                    .filter(|(name, _)| split(name).1 == tail)
+                    .map(|(_, s)| s.len())
+                    .sum();
+                prop_assert_eq!(n, want, "records under {}", tail);
+            }
             for (name, set) in &reference {
                 let upper = name.to_ascii_uppercase();
                 prop_assert_eq!(r.get(&upper).map(|s| s.len()), Some(set.len()));

@@ -54,7 +54,7 @@ fn entry(origin: &str, key: &str, value: Option<&str>) -> Arc<SignedEntry> {
         gen: 3,
         version: 300,
         key: key.to_owned(),
-        value: value.map(str::to_owned),
+        value: value.map(std::sync::Arc::from),
         sig: sig(0xe7),
     })
 }
@@ -284,7 +284,7 @@ fn arb_entry() -> impl Strategy<Value = Arc<SignedEntry>> {
                 gen,
                 version,
                 key,
-                value,
+                value: value.map(Arc::from),
                 sig,
             })
         })

@@ -258,7 +258,7 @@ impl Origin {
     fn bytes(&self) -> usize {
         self.entries
             .iter()
-            .map(|e| e.key.len() + e.value.as_ref().map_or(0, String::len))
+            .map(|e| e.key.len() + e.value.as_deref().map_or(0, str::len))
             .sum()
     }
 }
@@ -523,7 +523,7 @@ impl<K: Keys> Node<K> {
             total += o.entries.capacity() * 8;
             for e in &o.entries {
                 total += std::mem::size_of::<SignedEntry>() + 16 + e.key.len();
-                total += e.value.as_ref().map_or(0, String::len);
+                total += e.value.as_deref().map_or(0, str::len);
             }
             if let Some(x) = &o.extra {
                 total += std::mem::size_of::<Extra>()
@@ -1098,7 +1098,7 @@ impl<K: Keys> Node<K> {
             gen: self.gen,
             version,
             key: key.to_string(),
-            value: value.map(str::to_string),
+            value: value.map(Arc::from),
             sig,
         })
     }
@@ -1119,7 +1119,7 @@ impl<K: Keys> Node<K> {
         self.inc = 0;
         self.floor = 0;
         self.own_tombstones.clear();
-        let live: Vec<(String, String)> = self
+        let live: Vec<(String, Arc<str>)> = self
             .entries(self.me)
             .iter()
             .filter_map(|e| Some((e.key.clone(), e.value.clone()?)))
@@ -1451,7 +1451,7 @@ impl<K: Keys> Node<K> {
                 + d.identity.as_ref().map_or(0, |i| i.0.len())
                 + d.entries
                     .iter()
-                    .map(|e| 100 + e.key.len() + e.value.as_ref().map_or(0, String::len))
+                    .map(|e| 100 + e.key.len() + e.value.as_deref().map_or(0, str::len))
                     .sum::<usize>();
             batch.push(d);
             if size >= self.cfg.max_sync_bytes {
@@ -1763,7 +1763,7 @@ impl<K: Keys> Node<K> {
         if pos.is_err() && o.entries.len() >= self.cfg.max_keys_per_origin {
             return Err(Refusal::KeyCap);
         }
-        let add = e.key.len() + e.value.as_ref().map_or(0, String::len);
+        let add = e.key.len() + e.value.as_deref().map_or(0, str::len);
         if o.bytes() + add > self.cfg.max_bytes_per_origin {
             return Err(Refusal::ByteCap);
         }

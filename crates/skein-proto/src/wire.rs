@@ -123,7 +123,8 @@ pub struct SignedEntry {
     pub gen: u64,
     pub version: u64,
     pub key: String,
-    pub value: Option<String>,
+    /// Shared with the agent's replica view, not copied into it.
+    pub value: Option<Arc<str>>,
     pub sig: Sig,
 }
 

@@ -19,14 +19,21 @@ fn cfg() -> Config {
 
 /// The value of `origin`'s `key` as node `n` holds it.
 fn value(n: &skein_proto::Node<TestKeys>, origin: Name, key: &str) -> Option<String> {
-    n.get(origin, key).and_then(|e| e.value.clone())
+    n.get(origin, key)
+        .and_then(|e| e.value.as_deref().map(String::from))
 }
 
 /// The keyspace of `origin` as node `at` holds it: (key, version, value).
 fn keyspace(n: &skein_proto::Node<TestKeys>, origin: Name) -> Vec<(String, u64, Option<String>)> {
     n.entries(origin)
         .iter()
-        .map(|e| (e.key.clone(), e.version, e.value.clone()))
+        .map(|e| {
+            (
+                e.key.clone(),
+                e.version,
+                e.value.as_deref().map(String::from),
+            )
+        })
         .collect()
 }
 

@@ -15,5 +15,5 @@ pub use task::{
 };
 pub use view::{
     health_key, nodes, task_key, tasks, BadEntry, Liveness, NodeMeta, NodeStatus, NodeView,
-    TaskView, HEALTH_PREFIX, META_KEY, TASK_PREFIX, UNHEALTHY,
+    TaskCache, TaskView, HEALTH_PREFIX, META_KEY, TASK_PREFIX, UNHEALTHY,
 };

@@ -20,7 +20,8 @@ pub type NodeId = String;
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Entry {
     pub version: u64,
-    pub value: Option<String>,
+    /// Shared with the gossip core's signed entry it mirrors.
+    pub value: Option<Arc<str>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,7 +120,7 @@ impl Replica {
             update.key.clone(),
             Entry {
                 version: update.version,
-                value: update.value.clone(),
+                value: update.value.as_deref().map(Arc::from),
             },
         );
         self.merge_node(&update.node, &single)

@@ -2,10 +2,11 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::replica::{NodeId, Replica};
+use crate::replica::{NodeId, NodeKeyspace, Replica};
 use crate::task::TaskSpec;
 
 /// Key of a node's metadata in its own keyspace.
@@ -77,8 +78,10 @@ pub struct TaskView {
     pub node_status: NodeStatus,
     /// The owning agent's latest health-check verdict (true if unchecked).
     pub healthy: bool,
+    /// Shared between views: an unchanged task is decoded once
+    /// ([`TaskCache`]), not once per refresh.
     #[serde(flatten)]
-    pub spec: TaskSpec,
+    pub spec: Arc<TaskSpec>,
 }
 
 /// A value published by a node that does not decode. Reported rather than
@@ -138,57 +141,158 @@ pub fn tasks(
     replica: &Replica,
     liveness: &BTreeMap<NodeId, Liveness>,
 ) -> (Vec<TaskView>, Vec<BadEntry>) {
-    let mut tasks = Vec::new();
-    let mut bad = Vec::new();
-    for (node_id, keyspace) in replica.nodes() {
-        let node_status = liveness.get(node_id).map_or(NodeStatus::Down, |l| l.status);
-        let mut used = 0;
-        for (key, value) in keyspace.live() {
-            let Some(id) = key.strip_prefix(TASK_PREFIX) else {
+    TaskCache::default().tasks(replica, liveness)
+}
+
+/// One node's tasks as decoded from one version of its keyspace.
+#[derive(Debug)]
+struct NodeTasks {
+    /// The keyspace they were decoded from; a replica shares an unchanged
+    /// node's keyspace between snapshots, so the same pointer means the
+    /// same tasks.
+    keyspace: Arc<NodeKeyspace>,
+    /// (task id, spec, healthy) in key order.
+    tasks: Vec<(Box<str>, Arc<TaskSpec>, bool)>,
+    bad: Vec<BadEntry>,
+}
+
+/// Decodes tasks only for nodes whose keyspace changed since the last call:
+/// a refresh after one write at 10,000 tasks decodes one node's tasks, and
+/// the views before and after share every other task's spec.
+#[derive(Debug, Default)]
+pub struct TaskCache {
+    nodes: BTreeMap<NodeId, NodeTasks>,
+}
+
+impl TaskCache {
+    /// [`tasks`], reusing what was decoded from unchanged keyspaces.
+    pub fn tasks(
+        &mut self,
+        replica: &Replica,
+        liveness: &BTreeMap<NodeId, Liveness>,
+    ) -> (Vec<TaskView>, Vec<BadEntry>) {
+        self.nodes
+            .retain(|node, _| replica.nodes().contains_key(node));
+        let mut tasks = Vec::new();
+        let mut bad = Vec::new();
+        for (node_id, keyspace) in replica.nodes() {
+            let fresh = self
+                .nodes
+                .get(node_id)
+                .is_some_and(|c| Arc::ptr_eq(&c.keyspace, keyspace));
+            if !fresh {
+                self.nodes
+                    .insert(node_id.clone(), decode_node(node_id, keyspace));
+            }
+            let Some(decoded) = self.nodes.get(node_id) else {
                 continue;
             };
-            let checked = serde_json::from_str::<TaskSpec>(value)
-                .map_err(|e| e.to_string())
-                .and_then(|spec| {
-                    crate::task::validate_task_id(id).map_err(|e| e.to_string())?;
-                    spec.validate().map_err(|e| e.to_string())?;
-                    if used >= MAX_TASKS_PER_NODE {
-                        return Err(format!(
-                            "node has more than {MAX_TASKS_PER_NODE} tasks; ignored"
-                        ));
-                    }
-                    Ok(spec)
-                });
-            match checked {
-                Ok(mut spec) => {
-                    used += 1;
-                    // serde grows a list to room for four: most tasks have
-                    // one port, and there are tens of thousands of tasks.
-                    spec.ports.shrink_to_fit();
-                    tasks.push(TaskView {
-                        id: id.to_string(),
-                        node_id: node_id.clone(),
-                        node_status,
-                        healthy: keyspace.get(&health_key(id)) != Some(UNHEALTHY),
-                        spec,
-                    })
+            let node_status = liveness.get(node_id).map_or(NodeStatus::Down, |l| l.status);
+            tasks.extend(decoded.tasks.iter().map(|(id, spec, healthy)| TaskView {
+                id: id.to_string(),
+                node_id: node_id.clone(),
+                node_status,
+                healthy: *healthy,
+                spec: spec.clone(),
+            }));
+            bad.extend(decoded.bad.iter().cloned());
+        }
+        tasks.shrink_to_fit();
+        (tasks, bad)
+    }
+}
+
+fn decode_node(node_id: &str, keyspace: &Arc<NodeKeyspace>) -> NodeTasks {
+    let mut tasks = Vec::new();
+    let mut bad = Vec::new();
+    for (key, value) in keyspace.live() {
+        let Some(id) = key.strip_prefix(TASK_PREFIX) else {
+            continue;
+        };
+        let checked = serde_json::from_str::<TaskSpec>(value)
+            .map_err(|e| e.to_string())
+            .and_then(|spec| {
+                crate::task::validate_task_id(id).map_err(|e| e.to_string())?;
+                spec.validate().map_err(|e| e.to_string())?;
+                if tasks.len() >= MAX_TASKS_PER_NODE {
+                    return Err(format!(
+                        "node has more than {MAX_TASKS_PER_NODE} tasks; ignored"
+                    ));
                 }
-                Err(error) => bad.push(BadEntry {
-                    node_id: node_id.clone(),
-                    key: key.to_string(),
-                    error,
-                }),
+                Ok(spec)
+            });
+        match checked {
+            Ok(mut spec) => {
+                // serde grows a list to room for four: most tasks have one
+                // port, and there are tens of thousands of tasks.
+                spec.ports.shrink_to_fit();
+                let healthy = keyspace.get(&health_key(id)) != Some(UNHEALTHY);
+                tasks.push((id.into(), Arc::new(spec), healthy));
             }
+            Err(error) => bad.push(BadEntry {
+                node_id: node_id.to_string(),
+                key: key.to_string(),
+                error,
+            }),
         }
     }
     tasks.shrink_to_fit();
-    (tasks, bad)
+    NodeTasks {
+        keyspace: keyspace.clone(),
+        tasks,
+        bad,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::replica::Update;
+
+    #[test]
+    fn the_cache_decodes_only_changed_keyspaces() {
+        let mut r = Replica::new();
+        let put = |r: &mut Replica, node: &str, key: &str, version: u64, value: &str| {
+            r.apply(&Update {
+                node: node.into(),
+                generation: 1,
+                key: key.into(),
+                version,
+                value: Some(value.into()),
+            });
+        };
+        let spec = |ip: &str| format!(r#"{{"app":"/a","ip":"{ip}","ports":[]}}"#);
+        put(&mut r, "n1", "task:t1", 1, &spec("10.0.0.1"));
+        put(&mut r, "n2", "task:t2", 1, &spec("10.0.0.2"));
+        put(&mut r, "n2", "task:t3", 2, "{not json");
+        let live = BTreeMap::new();
+        let mut cache = TaskCache::default();
+        let (first, bad) = cache.tasks(&r, &live);
+        assert_eq!((first.len(), bad.len()), (2, 1));
+        assert_eq!(
+            (first.clone(), bad.clone()),
+            tasks(&r, &live),
+            "same as decoding afresh"
+        );
+
+        // n2 changes: n1's spec is the same allocation, n2's is new.
+        put(&mut r, "n2", "task:t2", 3, &spec("10.0.0.9"));
+        let (second, bad) = cache.tasks(&r, &live);
+        assert_eq!((second.clone(), bad), tasks(&r, &live));
+        assert!(Arc::ptr_eq(&first[0].spec, &second[0].spec), "n1 reused");
+        assert_eq!(
+            second[1].spec.ip.to_string(),
+            "10.0.0.9",
+            "n2 decoded again"
+        );
+
+        // A node gone from the replica leaves the cache and the tasks.
+        let mut without = Replica::new();
+        without.merge_node("n2", r.node("n2").expect("n2"));
+        let (third, _) = cache.tasks(&without, &live);
+        assert_eq!(third.len(), 1);
+        assert_eq!(cache.nodes.len(), 1);
+    }
 
     #[test]
     fn tasks_carry_owner_status_and_vanish_with_a_removed_node() {

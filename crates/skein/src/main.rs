@@ -170,6 +170,7 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     if resolved.api_token.is_none() {
         resolved.api_token = Some(config::local_token(&resolved.agent.data_dir)?);
     }
+    skein_agent::tune_allocator();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

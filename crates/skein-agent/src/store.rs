@@ -4,7 +4,9 @@
 //!   task write is acknowledged, because this node is their only writer.
 //! - `replica.postcard`: the signed state of every node as gossip last
 //!   held it, so that a whole-cluster restart starts from what everyone
-//!   knew (only a cache: a missing or damaged file means a colder start).
+//!   knew (only a cache: a missing or damaged file means a colder start;
+//!   a damaged one is moved aside to `replica.postcard.corrupt`, kept for
+//!   a look, rather than overwritten by the next save).
 //! - `generation`: the last gossip generation used, so a restart always
 //!   picks a higher one even if the clock went backwards.
 
@@ -17,6 +19,7 @@ use anyhow::Context;
 use skein_state::TaskSpec;
 
 const REPLICA_FILE: &str = "replica.postcard";
+const REPLICA_CORRUPT: &str = "replica.postcard.corrupt";
 
 pub(crate) struct Store {
     dir: PathBuf,
@@ -72,8 +75,38 @@ impl Store {
 
     /// The signed state of every node as gossip last held it. A missing or
     /// unreadable file is only a colder start: gossip brings it all back.
+    /// One this version cannot read is moved aside (replacing an earlier
+    /// one) and logged, so that the evidence survives the next save.
     pub(crate) fn load_gossip_state(&self) -> Vec<u8> {
-        fs::read(self.dir.join(REPLICA_FILE)).unwrap_or_default()
+        let path = self.dir.join(REPLICA_FILE);
+        let bytes = match fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot read the persisted replica; starting without it");
+                }
+                return Vec::new();
+            }
+        };
+        match skein_gossip::check_persisted(&bytes) {
+            Ok(()) => bytes,
+            Err(why) => {
+                let aside = self.dir.join(REPLICA_CORRUPT);
+                match fs::rename(&path, &aside) {
+                    Ok(()) => tracing::warn!(
+                        error = %why,
+                        moved_to = %aside.display(),
+                        "persisted replica unreadable; moved aside, starting without it"
+                    ),
+                    Err(e) => tracing::warn!(
+                        error = %why,
+                        rename_error = %e,
+                        "persisted replica unreadable and could not be moved aside; starting without it"
+                    ),
+                }
+                Vec::new()
+            }
+        }
     }
 
     pub(crate) fn save_gossip_state(&self, bytes: &[u8]) -> anyhow::Result<()> {
@@ -151,6 +184,29 @@ mod tests {
         fs::write(dir.path().join("tasks.json"), b"{oops").expect("write");
         let err = store.load_tasks().expect_err("corrupt").to_string();
         assert!(err.contains("corrupt"), "{err}");
+    }
+
+    /// Issue 12: an unreadable replica cache is a colder start, and is kept
+    /// (moved aside), not overwritten by the next save.
+    #[test]
+    fn a_corrupt_replica_cache_is_moved_aside() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        assert!(store.load_gossip_state().is_empty(), "none yet");
+        let garbage = b"\x01\xff\xff\xff\xff\xffnot a replica".to_vec();
+        fs::write(dir.path().join(REPLICA_FILE), &garbage).expect("write");
+        assert!(store.load_gossip_state().is_empty());
+        assert!(!dir.path().join(REPLICA_FILE).exists(), "moved away");
+        assert_eq!(
+            fs::read(dir.path().join(REPLICA_CORRUPT)).expect("kept"),
+            garbage
+        );
+        // A readable one is returned as it is and stays.
+        let good = postcard::to_allocvec(&(1u8, Vec::<skein_proto::wire::OriginData>::new()))
+            .expect("encode");
+        store.save_gossip_state(&good).expect("save");
+        assert_eq!(store.load_gossip_state(), good);
+        assert!(dir.path().join(REPLICA_FILE).exists());
     }
 
     /// Issue 12, finding 7: a full disk. Needs root to mount a tiny tmpfs;

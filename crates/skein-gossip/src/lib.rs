@@ -430,6 +430,16 @@ impl Drop for Gossip {
 /// Format tag of [`Gossip::persisted`].
 const PERSIST_VERSION: u8 = 1;
 
+/// Whether `persisted` (what [`Gossip::persisted`] wrote) is readable by
+/// this version: `Err` says why not. Signatures are checked at restore.
+pub fn check_persisted(persisted: &[u8]) -> Result<(), String> {
+    match postcard::from_bytes::<(u8, Vec<OriginData>)>(persisted) {
+        Ok((PERSIST_VERSION, _)) => Ok(()),
+        Ok((v, _)) => Err(format!("format {v}, this version reads {PERSIST_VERSION}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 fn restore(node: &mut Node<CertKeys>, persisted: &[u8]) -> usize {
     if persisted.is_empty() {
         return 0;

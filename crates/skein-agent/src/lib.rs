@@ -773,11 +773,13 @@ async fn refresh_loop(agent: std::sync::Weak<Agent>) {
         // while something depends on time alone (a VIP address waiting to
         // settle): an idle cluster of thousands of tasks is not re-derived
         // at all (each rebuild holds two views at once).
+        // A status change that is no membership event (a suspicion, its
+        // refutation) is shown within MAX_VIEW_AGE, not at once: under load
+        // they come and go in bursts, and each rebuild wakes every realizer.
         let live = agent.gossip.liveness_digest();
+        let aged = last_build.is_none_or(|t| t.elapsed() >= MAX_VIEW_AGE);
         let due = !ticked
-            || liveness != Some(live)
-            || (agent.waits_on_time.load(Ordering::Relaxed)
-                && last_build.is_none_or(|t| t.elapsed() >= MAX_VIEW_AGE));
+            || (aged && (liveness != Some(live) || agent.waits_on_time.load(Ordering::Relaxed)));
         if due {
             last_build = Some(Instant::now());
             liveness = Some(live);

@@ -46,7 +46,17 @@ pub(crate) trait Dataplane: Send + 'static {
     /// (changed or already so), or the error. For dataplanes that report
     /// a status; nothing by default.
     fn stepped(&mut self, _result: Result<usize, &anyhow::Error>) {}
+    /// Whether `desired` would change with time alone for the same view
+    /// (something settling): the driver then steps again every
+    /// [`TIME_STEP`] until it no longer does. Views are not rebuilt while
+    /// nothing changes, so time must wake the realizer itself.
+    fn waits_on_time(&self) -> bool {
+        false
+    }
 }
+
+/// How often a realizer that waits on time is stepped with the same view.
+pub(crate) const TIME_STEP: Duration = Duration::from_millis(250);
 
 /// The same counters for every realizer (`/metrics`: `skein_realizer_*`).
 #[derive(Debug, Default)]
@@ -98,6 +108,8 @@ pub(crate) enum Wake {
     Resync,
     /// A retry after a failure.
     Retry,
+    /// Time passed while the dataplane waited on it (same view).
+    Time,
 }
 
 impl<D: Dataplane> Driver<D> {
@@ -226,6 +238,7 @@ pub(crate) async fn run<D: Dataplane>(
                 return;
             }
         };
+        let waits_on_time = driver.dataplane.waits_on_time();
         let retry = driver.failing().then(|| {
             let backoff = pacing
                 .retry
@@ -244,6 +257,13 @@ pub(crate) async fn run<D: Dataplane>(
                     None => std::future::pending().await,
                 }
             } => Wake::Retry,
+            _ = async {
+                if waits_on_time {
+                    tokio::time::sleep(TIME_STEP).await
+                } else {
+                    std::future::pending().await
+                }
+            } => Wake::Time,
         };
     }
 }

@@ -975,6 +975,16 @@ impl Settling {
         }
         self.settled.clone()
     }
+
+    /// Whether a later `observe` of the same leases would settle or drop
+    /// something: a lease seen but not yet settled, or a settled one gone.
+    fn waiting(&self) -> bool {
+        !self.absent_since.is_empty()
+            || self
+                .seen
+                .iter()
+                .any(|(node, (lease, _))| self.settled.get(node) != Some(lease))
+    }
 }
 
 /// The CNI network configuration for one bridge (read by `skein-cni`).
@@ -1269,6 +1279,10 @@ impl<K: VxlanKernel> realize::Dataplane for VxlanDataplane<K> {
 
     fn name(&self) -> &'static str {
         "vxlan"
+    }
+
+    fn waits_on_time(&self) -> bool {
+        self.settling.waiting()
     }
 
     fn desired(&mut self, view: &View) -> OverlayState {
@@ -1577,20 +1591,27 @@ mod tests {
         let t0 = Instant::now();
         let settle = crate::vips::SETTLE;
         let both = BTreeMap::from([("a".to_string(), lease(1)), ("b".to_string(), lease(2))]);
+        assert!(!s.waiting(), "nothing seen");
         assert!(
             s.observe(both.clone(), t0).is_empty(),
             "nothing is used at once"
         );
+        // Only time changes the outcome now: the realizer must be woken by
+        // time, since no new view comes while nothing changes.
+        assert!(s.waiting());
         assert_eq!(s.observe(both.clone(), t0 + settle).len(), 2);
+        assert!(!s.waiting(), "all settled");
         // b vanishes briefly (a restart): still there.
         let only_a = BTreeMap::from([("a".to_string(), lease(1))]);
         let t1 = t0 + settle + Duration::from_millis(100);
         assert_eq!(s.observe(only_a.clone(), t1).len(), 2);
+        assert!(s.waiting(), "b's leaving is settling");
         assert_eq!(s.observe(both.clone(), t1 + settle / 2).len(), 2);
         // b gone for good: removed after SETTLE.
         let t2 = t1 + settle;
         assert_eq!(s.observe(only_a.clone(), t2).len(), 2);
         assert_eq!(s.observe(only_a.clone(), t2 + settle).len(), 1);
+        assert!(!s.waiting());
         // A changed lease keeps the old value until the new one settled.
         let moved = BTreeMap::from([("a".to_string(), lease(9))]);
         let t3 = t2 + settle * 2;

@@ -644,10 +644,17 @@ impl Agent {
         spec.validate().map_err(|e| reject(e.to_string()))?;
         let value = serde_json::to_string(&spec).map_err(|e| reject(e.to_string()))?;
         let mut own = self.own_tasks.lock().await;
-        let mut next = own.clone();
-        let created = next.insert(id.to_string(), spec).is_none();
-        self.store.save_tasks(&next).map_err(AgentError::Storage)?;
-        *own = next;
+        let created = !own.contains_key(id);
+        let op = store::TaskOp::Put {
+            id: id.to_string(),
+            spec,
+        };
+        self.store
+            .record_task(&op, &own)
+            .map_err(AgentError::Storage)?;
+        if let store::TaskOp::Put { id, spec } = op {
+            own.insert(id, spec);
+        }
         self.gossip.set(&task_key(id), &value).await;
         drop(own);
         self.counters.task_writes.fetch_add(1, Ordering::Relaxed);
@@ -674,10 +681,10 @@ impl Agent {
                 None => AgentError::NotFound(format!("task {id}")),
             });
         }
-        let mut next = own.clone();
-        next.remove(id);
-        self.store.save_tasks(&next).map_err(AgentError::Storage)?;
-        *own = next;
+        self.store
+            .record_task(&store::TaskOp::Delete { id: id.to_string() }, &own)
+            .map_err(AgentError::Storage)?;
+        own.remove(id);
         self.gossip.delete(&task_key(id)).await;
         drop(own);
         self.counters.task_deletes.fetch_add(1, Ordering::Relaxed);

@@ -1,7 +1,10 @@
 //! The data dir: what this node must not forget across a restart.
 //!
-//! - `tasks.json`: this node's own tasks. Written (and fsynced) before a
-//!   task write is acknowledged, because this node is their only writer.
+//! - `tasks.json` and `tasks.journal`: this node's own tasks, because this
+//!   node is their only writer. A task write is appended to the journal
+//!   (one JSON line, fsynced) before it is acknowledged; the journal is
+//!   folded into `tasks.json` (written whole, atomically) once it outgrows
+//!   the snapshot, so a write costs one line, not the whole task list.
 //! - `replica.postcard`: the signed state of every node as gossip last
 //!   held it, so that a whole-cluster restart starts from what everyone
 //!   knew (only a cache: a missing or damaged file means a colder start;
@@ -23,6 +26,44 @@ const REPLICA_CORRUPT: &str = "replica.postcard.corrupt";
 
 pub(crate) struct Store {
     dir: PathBuf,
+    journal: std::sync::Mutex<Journal>,
+}
+
+const TASKS_FILE: &str = "tasks.json";
+const JOURNAL_FILE: &str = "tasks.journal";
+/// The journal is folded into `tasks.json` once it is longer than this and
+/// than twice the snapshot.
+const JOURNAL_FOLD_MIN: u64 = 256 * 1024;
+
+/// One task write, as a journal line.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum TaskOp {
+    Put { id: String, spec: TaskSpec },
+    Delete { id: String },
+}
+
+impl TaskOp {
+    fn apply(&self, tasks: &mut BTreeMap<String, TaskSpec>) {
+        match self {
+            TaskOp::Put { id, spec } => {
+                tasks.insert(id.clone(), spec.clone());
+            }
+            TaskOp::Delete { id } => {
+                tasks.remove(id);
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Journal {
+    /// Open for appending once the first line is written.
+    file: Option<File>,
+    /// Bytes in the journal.
+    len: u64,
+    /// Bytes of the last `tasks.json`.
+    snapshot_len: u64,
 }
 
 impl Store {
@@ -31,6 +72,7 @@ impl Store {
             .with_context(|| format!("cannot create data dir {}", dir.display()))?;
         Ok(Store {
             dir: dir.to_path_buf(),
+            journal: Default::default(),
         })
     }
 
@@ -50,13 +92,128 @@ impl Store {
         Ok(next)
     }
 
+    /// This node's tasks: the snapshot, then the journal replayed. A last
+    /// line cut short (a crash while appending it, never acknowledged) is
+    /// dropped; any other line that does not decode is an error, as a
+    /// corrupt snapshot is: these are the only copy of this node's tasks.
     pub(crate) fn load_tasks(&self) -> anyhow::Result<BTreeMap<String, TaskSpec>> {
-        read_json_or_default(&self.dir.join("tasks.json"))
+        let mut tasks: BTreeMap<String, TaskSpec> =
+            read_json_or_default(&self.dir.join(TASKS_FILE))?;
+        let path = self.dir.join(JOURNAL_FILE);
+        let text = match fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        let mut torn = false;
+        let lines: Vec<&[u8]> = text.split(|&b| b == b'\n').collect();
+        for (i, line) in lines.iter().enumerate() {
+            if line.is_empty() {
+                continue;
+            }
+            match serde_json::from_slice::<TaskOp>(line) {
+                Ok(op) => op.apply(&mut tasks),
+                // Only the last line can be cut short by a crash.
+                Err(_) if i + 1 == lines.len() => torn = true,
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!(
+                            "{} line {} is corrupt; move it away to start from {TASKS_FILE}",
+                            path.display(),
+                            i + 1
+                        )
+                    })
+                }
+            }
+        }
+        if torn {
+            tracing::warn!(path = %path.display(), "dropping a task write cut short by a crash (it was never acknowledged)");
+        }
+        let mut journal = self
+            .journal
+            .lock()
+            .map_err(|_| anyhow::anyhow!("journal lock poisoned"))?;
+        if torn || !text.is_empty() {
+            // Start the next journal from a snapshot of what was read.
+            self.fold(&mut journal, &tasks)?;
+        }
+        journal.snapshot_len = fs::metadata(self.dir.join(TASKS_FILE)).map_or(0, |m| m.len());
+        Ok(tasks)
     }
 
-    pub(crate) fn save_tasks(&self, tasks: &BTreeMap<String, TaskSpec>) -> anyhow::Result<()> {
+    /// Makes `op` on `current` (this node's tasks before it) durable: one
+    /// fsynced journal line, or, when the journal has outgrown the
+    /// snapshot, a new snapshot of the result. On error nothing changed.
+    pub(crate) fn record_task(
+        &self,
+        op: &TaskOp,
+        current: &BTreeMap<String, TaskSpec>,
+    ) -> anyhow::Result<()> {
+        let mut line = serde_json::to_vec(op)?;
+        line.push(b'\n');
+        let mut journal = self
+            .journal
+            .lock()
+            .map_err(|_| anyhow::anyhow!("journal lock poisoned"))?;
+        let len = journal.len + line.len() as u64;
+        if len > JOURNAL_FOLD_MIN.max(2 * journal.snapshot_len) {
+            let mut next = current.clone();
+            op.apply(&mut next);
+            return self.fold(&mut journal, &next);
+        }
+        let path = self.dir.join(JOURNAL_FILE);
+        if journal.file.is_none() {
+            let file = fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .with_context(|| format!("cannot open {}", path.display()))?;
+            journal.len = file.metadata().map_or(0, |m| m.len());
+            journal.file = Some(file);
+        }
+        let before = journal.len;
+        let Some(file) = journal.file.as_mut() else {
+            anyhow::bail!("{} is not open", path.display());
+        };
+        if let Err(e) = file.write_all(&line).and_then(|()| file.sync_data()) {
+            // A part of the line may be there: cut it, or the next line
+            // would follow a broken one.
+            let _ = file.set_len(before);
+            journal.file = None;
+            return Err(e).with_context(|| format!("cannot write {}", path.display()));
+        }
+        journal.len = before + line.len() as u64;
+        Ok(())
+    }
+
+    /// Writes `tasks` as the snapshot, then empties the journal (a crash in
+    /// between replays operations the snapshot holds already: harmless).
+    fn fold(
+        &self,
+        journal: &mut Journal,
+        tasks: &BTreeMap<String, TaskSpec>,
+    ) -> anyhow::Result<()> {
         let bytes = serde_json::to_vec_pretty(tasks)?;
-        write_atomic(&self.dir.join("tasks.json"), &bytes)
+        write_atomic(&self.dir.join(TASKS_FILE), &bytes)?;
+        journal.snapshot_len = bytes.len() as u64;
+        journal.file = None;
+        let path = self.dir.join(JOURNAL_FILE);
+        match File::create(&path).and_then(|f| f.sync_all()) {
+            Ok(()) => journal.len = 0,
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot empty {}", path.display()));
+            }
+        }
+        Ok(())
+    }
+
+    #[cfg(test)]
+    pub(crate) fn save_tasks(&self, tasks: &BTreeMap<String, TaskSpec>) -> anyhow::Result<()> {
+        let mut journal = self
+            .journal
+            .lock()
+            .map_err(|_| anyhow::anyhow!("journal lock poisoned"))?;
+        self.fold(&mut journal, tasks)
     }
 
     /// This node's overlay lease claims (pool name → claim), kept so that a
@@ -184,6 +341,114 @@ mod tests {
         fs::write(dir.path().join("tasks.json"), b"{oops").expect("write");
         let err = store.load_tasks().expect_err("corrupt").to_string();
         assert!(err.contains("corrupt"), "{err}");
+    }
+
+    fn spec(ip: u8) -> TaskSpec {
+        serde_json::from_str(&format!(r#"{{"app":"/a","ip":"10.0.0.{ip}"}}"#)).expect("spec")
+    }
+
+    /// Issue 12: a task write appends one journal line instead of
+    /// rewriting every task; whatever the writes and restarts, what is
+    /// loaded is what was acknowledged.
+    #[test]
+    fn task_writes_are_journaled_and_survive_restarts() {
+        use proptest::prelude::*;
+        let ops = prop::collection::vec((0u8..6, any::<bool>(), 0u8..4, 0u8..10), 1..60);
+        proptest!(ProptestConfig::with_cases(64), |(ops in ops)| {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let mut store = Store::open(dir.path()).expect("open");
+            let mut own = store.load_tasks().expect("load");
+            let mut model = BTreeMap::new();
+            for (id, put, ip, reopen) in ops {
+                let id = format!("t{id}");
+                let op = if put {
+                    TaskOp::Put { id: id.clone(), spec: spec(ip) }
+                } else {
+                    TaskOp::Delete { id: id.clone() }
+                };
+                store.record_task(&op, &own).expect("record");
+                op.apply(&mut own);
+                op.apply(&mut model);
+                if reopen == 0 {
+                    store = Store::open(dir.path()).expect("reopen");
+                    own = store.load_tasks().expect("reload");
+                    prop_assert_eq!(&own, &model);
+                }
+            }
+            let again = Store::open(dir.path()).expect("reopen");
+            prop_assert_eq!(again.load_tasks().expect("reload"), model);
+        });
+    }
+
+    #[test]
+    fn a_write_is_one_line_and_the_journal_is_folded_when_long() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let mut own = store.load_tasks().expect("load");
+        for i in 0..3u8 {
+            let op = TaskOp::Put {
+                id: format!("t{i}"),
+                spec: spec(i),
+            };
+            store.record_task(&op, &own).expect("record");
+            op.apply(&mut own);
+        }
+        assert!(
+            !dir.path().join(TASKS_FILE).exists(),
+            "no snapshot rewritten per write"
+        );
+        let journal = fs::read_to_string(dir.path().join(JOURNAL_FILE)).expect("journal");
+        assert_eq!(journal.lines().count(), 3);
+        // Enough writes to outgrow the fold threshold: the journal is folded
+        // into the snapshot and starts again.
+        let mut i = 0u32;
+        while fs::metadata(dir.path().join(TASKS_FILE)).is_err() {
+            let op = TaskOp::Put {
+                id: format!("many{i}"),
+                spec: spec(1),
+            };
+            store.record_task(&op, &own).expect("record");
+            op.apply(&mut own);
+            i += 1;
+            assert!(i < 100_000, "never folded");
+        }
+        assert!(
+            fs::metadata(dir.path().join(JOURNAL_FILE))
+                .expect("journal")
+                .len()
+                < 1024
+        );
+        let again = Store::open(dir.path()).expect("reopen");
+        assert_eq!(again.load_tasks().expect("reload"), own);
+    }
+
+    #[test]
+    fn a_torn_last_line_is_dropped_and_a_broken_middle_line_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let own = store.load_tasks().expect("load");
+        let op = TaskOp::Put {
+            id: "t1".into(),
+            spec: spec(1),
+        };
+        store.record_task(&op, &own).expect("record");
+        let path = dir.path().join(JOURNAL_FILE);
+        let mut text = fs::read(&path).expect("journal");
+        text.extend_from_slice(br#"{"put":{"id":"t2","sp"#);
+        fs::write(&path, &text).expect("tear");
+        let loaded = Store::open(dir.path())
+            .expect("open")
+            .load_tasks()
+            .expect("torn tail dropped");
+        assert_eq!(loaded.keys().collect::<Vec<_>>(), ["t1"]);
+        // Folded at load: the torn line is gone for good.
+        assert_eq!(fs::metadata(&path).expect("journal").len(), 0);
+        fs::write(&path, b"{oops}\n{\"delete\":{\"id\":\"t1\"}}\n").expect("write");
+        let err = Store::open(dir.path())
+            .expect("open")
+            .load_tasks()
+            .expect_err("corrupt");
+        assert!(format!("{err:#}").contains("line 1 is corrupt"), "{err:#}");
     }
 
     /// Issue 12: an unreadable replica cache is a colder start, and is kept

@@ -652,9 +652,7 @@ impl Agent {
         self.store
             .record_task(&op, &own)
             .map_err(AgentError::Storage)?;
-        if let store::TaskOp::Put { id, spec } = op {
-            own.insert(id, spec);
-        }
+        op.apply(&mut own);
         self.gossip.set(&task_key(id), &value).await;
         drop(own);
         self.counters.task_writes.fetch_add(1, Ordering::Relaxed);
@@ -681,10 +679,11 @@ impl Agent {
                 None => AgentError::NotFound(format!("task {id}")),
             });
         }
+        let op = store::TaskOp::Delete { id: id.to_string() };
         self.store
-            .record_task(&store::TaskOp::Delete { id: id.to_string() }, &own)
+            .record_task(&op, &own)
             .map_err(AgentError::Storage)?;
-        own.remove(id);
+        op.apply(&mut own);
         self.gossip.delete(&task_key(id)).await;
         drop(own);
         self.counters.task_deletes.fetch_add(1, Ordering::Relaxed);

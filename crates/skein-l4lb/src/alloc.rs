@@ -285,16 +285,11 @@ pub fn resolve(
     for ip in predicted.values().flatten() {
         *wanted.entry(*ip).or_default() += 1;
     }
-    // Two predictions on one address: one of the two moves to a later
-    // probe, chosen by whichever host claims it (a host with both takes
-    // them in turn), and that probe may be a third VIP's unique
-    // prediction. No prediction is certain then: all wait for claims.
-    let collision = wanted.values().any(|&n| n > 1);
     let has_claims: BTreeSet<&str> = claims.iter().map(|c| c.vip.as_str()).collect();
     let mut guesses = Vec::new();
     for (vip, ip) in &predicted {
         match ip {
-            Some(ip) if !collision && wanted[ip] == 1 && !has_claims.contains(vip) => {
+            Some(ip) if wanted[ip] == 1 && !has_claims.contains(vip) => {
                 taken.insert(*ip);
                 addresses.insert(
                     vip.to_string(),
@@ -886,9 +881,8 @@ mod tests {
         /// claiming from the converged view, then losers claiming anew with
         /// everything in view: any node that sees the new tasks before any
         /// of their claims (a restarted node reading that replica too) uses
-        /// every new VIP at once, each at the address the cluster settles
-        /// on, when no two predict the same address, and none otherwise (a
-        /// loser's next probe may be a third VIP's prediction).
+        /// at once exactly the VIPs whose predictions no other new VIP
+        /// shares, each at the address the cluster settles on.
         #[test]
         fn simultaneous_new_vips_are_predicted_unless_they_collide(
             base in arb_hosting(100, 30),
@@ -926,12 +920,7 @@ mod tests {
             }
             for vip in &new_names {
                 let a = seen.addresses[vip];
-                // Any two new VIPs predicting one address make every
-                // prediction uncertain (the loser's next probe may be
-                // another's): then none is used at once.
-                let shared = first_free
-                    .iter()
-                    .any(|(w, p)| first_free.iter().any(|(v, q)| v != w && p == q));
+                let shared = first_free.iter().any(|(w, p)| *w != vip && *p == first_free[vip]);
                 prop_assert_eq!(a.standing.immediate(), !shared, "{}: {:?}", vip, a);
                 if a.standing.immediate() {
                     prop_assert_eq!(a.ip, after.addresses[vip].ip, "{} moved", vip);

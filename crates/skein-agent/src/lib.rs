@@ -652,7 +652,9 @@ impl Agent {
         self.store
             .record_task(&op, &own)
             .map_err(AgentError::Storage)?;
-        op.apply(&mut own);
+        if let store::TaskOp::Put { id, spec } = op {
+            own.insert(id, spec);
+        }
         self.gossip.set(&task_key(id), &value).await;
         drop(own);
         self.counters.task_writes.fetch_add(1, Ordering::Relaxed);
@@ -679,11 +681,10 @@ impl Agent {
                 None => AgentError::NotFound(format!("task {id}")),
             });
         }
-        let op = store::TaskOp::Delete { id: id.to_string() };
         self.store
-            .record_task(&op, &own)
+            .record_task(&store::TaskOp::Delete { id: id.to_string() }, &own)
             .map_err(AgentError::Storage)?;
-        op.apply(&mut own);
+        own.remove(id);
         self.gossip.delete(&task_key(id)).await;
         drop(own);
         self.counters.task_deletes.fetch_add(1, Ordering::Relaxed);

@@ -44,7 +44,7 @@ pub(crate) enum TaskOp {
 }
 
 impl TaskOp {
-    pub(crate) fn apply(&self, tasks: &mut BTreeMap<String, TaskSpec>) {
+    fn apply(&self, tasks: &mut BTreeMap<String, TaskSpec>) {
         match self {
             TaskOp::Put { id, spec } => {
                 tasks.insert(id.clone(), spec.clone());
@@ -133,12 +133,11 @@ impl Store {
             .journal
             .lock()
             .map_err(|_| anyhow::anyhow!("journal lock poisoned"))?;
-        if text.is_empty() {
-            journal.snapshot_len = fs::metadata(self.dir.join(TASKS_FILE)).map_or(0, |m| m.len());
-        } else {
+        if torn || !text.is_empty() {
             // Start the next journal from a snapshot of what was read.
             self.fold(&mut journal, &tasks)?;
         }
+        journal.snapshot_len = fs::metadata(self.dir.join(TASKS_FILE)).map_or(0, |m| m.len());
         Ok(tasks)
     }
 

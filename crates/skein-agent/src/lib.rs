@@ -114,6 +114,10 @@ pub struct Agent {
     pub overlay: overlay::OverlayConfig,
     /// This node's lease claims as published (pool → claim).
     own_leases: Mutex<BTreeMap<String, skein_overlay::Claim>>,
+    /// When this node's lease claims become settled.
+    lease_settling: std::sync::Mutex<overlay::LeaseSettling>,
+    /// Whether a lease claim waits to settle: time alone changes it.
+    leases_settling: std::sync::atomic::AtomicBool,
     /// The VIP realizer's counters (nftables or IPVS).
     pub l4lb_realizer: Arc<realize::RealizerCounters>,
     /// The overlay realizer's counters and gauges.
@@ -284,6 +288,8 @@ impl Agent {
             logged_problems: Default::default(),
             overlay,
             own_leases: Mutex::new(own_leases),
+            lease_settling: std::sync::Mutex::new(overlay::LeaseSettling::default()),
+            leases_settling: std::sync::atomic::AtomicBool::new(false),
             records,
             dns,
             l4lb_realizer: Default::default(),
@@ -447,10 +453,23 @@ impl Agent {
         self.view().records.clone()
     }
 
+    /// Whether this node's replica includes the rest of the cluster: a
+    /// peer is alive, or there are no seeds to wait for. Only then are its
+    /// lease and VIP claims marked settled (a settled claim beats every
+    /// claim its node never saw, so it must not be one made before the
+    /// first sync).
+    fn synced(&self, liveness: &BTreeMap<String, skein_state::Liveness>) -> bool {
+        let me = &self.config.node_id;
+        self.config.seeds.is_empty()
+            || liveness
+                .iter()
+                .any(|(n, l)| n != me && l.status == NodeStatus::Alive)
+    }
+
     /// Claims (or keeps) this node's overlay leases; persisted before they
     /// are published so a restart reclaims the same ones.
     async fn reconcile_leases(&self, view: &View) {
-        let (desired, exhausted) = match overlay::desired(
+        let (mut desired, exhausted) = match overlay::desired(
             &self.overlay,
             &view.replica,
             &self.config.node_id,
@@ -472,6 +491,12 @@ impl Agent {
             }
         }
         let mut own = self.own_leases.lock().await;
+        let synced = self.synced(&view.liveness);
+        let waiting = match self.lease_settling.lock() {
+            Ok(mut s) => s.step(&mut desired, &own, synced, Instant::now(), vips::SETTLE),
+            Err(_) => false,
+        };
+        self.leases_settling.store(waiting, Ordering::Relaxed);
         if *own == desired {
             return;
         }
@@ -482,7 +507,11 @@ impl Agent {
         for (pool, claim) in &desired {
             if own.get(pool) != Some(claim) {
                 if let Ok(json) = serde_json::to_string(claim) {
-                    tracing::info!(pool, slot = claim.slot, "claiming overlay lease");
+                    if claim.settled {
+                        tracing::info!(pool, slot = claim.slot, "overlay lease settled");
+                    } else {
+                        tracing::info!(pool, slot = claim.slot, "claiming overlay lease");
+                    }
                     self.gossip
                         .set(&format!("{}{pool}", overlay::LEASE_PREFIX), &json)
                         .await;
@@ -599,6 +628,7 @@ impl Agent {
                 tasks,
                 Instant::now(),
                 unix_ms(),
+                self.synced(&snap.liveness),
             ),
             Err(_) => return self.view().vip_addresses.clone(),
         };
@@ -619,10 +649,8 @@ impl Agent {
                 .delete(&format!("{}{vip}", vips::CLAIM_PREFIX))
                 .await;
         }
-        self.waits_on_time.store(
-            outcome.addresses.values().any(|(_, usable)| !usable),
-            Ordering::Relaxed,
-        );
+        self.waits_on_time
+            .store(outcome.waits_on_time, Ordering::Relaxed);
         // Only addresses that may be handed out reach users and the kernel.
         outcome
             .addresses
@@ -786,7 +814,10 @@ async fn refresh_loop(agent: std::sync::Weak<Agent>) {
         let live = agent.gossip.liveness_digest();
         let aged = last_build.is_none_or(|t| t.elapsed() >= MAX_VIEW_AGE);
         let due = !ticked
-            || (aged && (liveness != Some(live) || agent.waits_on_time.load(Ordering::Relaxed)));
+            || (aged
+                && (liveness != Some(live)
+                    || agent.waits_on_time.load(Ordering::Relaxed)
+                    || agent.leases_settling.load(Ordering::Relaxed)));
         if due {
             last_build = Some(Instant::now());
             liveness = Some(live);

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
@@ -266,6 +267,55 @@ pub fn desired(
         }
     }
     Ok((out, exhausted))
+}
+
+/// When this node marks its lease claims settled ([`skein_overlay::lease`]
+/// explains why a settled claim beats any claim seen later, whatever the
+/// clocks): once a claim has been published and has won, unchanged, for
+/// `period`, in a view that includes the rest of the cluster (`synced`: a
+/// peer is alive, or the node has no seeds to wait for).
+#[derive(Debug, Default)]
+pub struct LeaseSettling {
+    /// Pool → when this node's current (unsettled) claim was first seen
+    /// winning.
+    winning_since: BTreeMap<String, Instant>,
+}
+
+impl LeaseSettling {
+    /// Marks settled, in `desired`, the claims that are due. Returns
+    /// whether some claim still waits (time alone will settle it).
+    pub fn step(
+        &mut self,
+        desired: &mut BTreeMap<String, Claim>,
+        published: &BTreeMap<String, Claim>,
+        synced: bool,
+        now: Instant,
+        period: Duration,
+    ) -> bool {
+        self.winning_since
+            .retain(|pool, _| desired.get(pool).is_some_and(|c| !c.settled));
+        let mut waiting = false;
+        for (pool, claim) in desired.iter_mut() {
+            if claim.settled {
+                continue;
+            }
+            // `propose` hands back the published claim exactly when it
+            // wins; a new claim must first be published.
+            if published.get(pool) != Some(claim) {
+                self.winning_since.remove(pool);
+                waiting = true;
+                continue;
+            }
+            let since = *self.winning_since.entry(pool.clone()).or_insert(now);
+            if synced && now.duration_since(since) >= period {
+                claim.settled = true;
+                self.winning_since.remove(pool);
+            } else {
+                waiting = true;
+            }
+        }
+        waiting
+    }
 }
 
 /// One node's winning leases.
@@ -556,5 +606,45 @@ mod tests {
         });
         let err = c.pools().expect_err("overlap").to_string();
         assert!(err.contains("overlap"), "{err}");
+    }
+
+    #[test]
+    fn a_claim_settles_after_winning_for_the_period_in_a_synced_view() {
+        let period = Duration::from_secs(2);
+        let t0 = Instant::now();
+        let claim = Claim {
+            slot: 5,
+            since: 10,
+            settled: false,
+        };
+        let mut s = LeaseSettling::default();
+        let pools = |c: Claim| BTreeMap::from([("vtep".to_string(), c)]);
+        // Proposed, not yet published: waits.
+        let mut desired = pools(claim);
+        assert!(s.step(&mut desired, &BTreeMap::new(), true, t0, period));
+        assert!(!desired["vtep"].settled);
+        // Published and winning: settles once it has for the period.
+        let published = pools(claim);
+        assert!(s.step(&mut desired, &published, true, t0, period));
+        assert!(s.step(&mut desired, &published, true, t0 + period / 2, period));
+        assert!(!desired["vtep"].settled);
+        // Alone (no peer alive yet, seeds to wait for): does not settle.
+        assert!(s.step(&mut desired, &published, false, t0 + period, period));
+        assert!(!desired["vtep"].settled);
+        assert!(!s.step(&mut desired, &published, true, t0 + period * 2, period));
+        assert!(desired["vtep"].settled);
+        // A claim that moved starts over.
+        let moved = Claim { slot: 6, ..claim };
+        let mut desired = pools(moved);
+        assert!(s.step(&mut desired, &published, true, t0 + period * 4, period));
+        let mut desired = pools(moved);
+        assert!(s.step(&mut desired, &pools(moved), true, t0 + period * 4, period));
+        assert!(!desired["vtep"].settled);
+        // Settled already: nothing waits.
+        let mut desired = pools(Claim {
+            settled: true,
+            ..moved
+        });
+        assert!(!s.step(&mut desired, &pools(moved), true, t0, period));
     }
 }

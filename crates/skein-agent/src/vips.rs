@@ -93,10 +93,8 @@ impl Settling {
         &mut self,
         addresses: &BTreeMap<String, Address>,
         now: Instant,
-        now_unix_ms: u64,
     ) -> BTreeMap<String, (Ipv4Addr, bool)> {
         self.seen.retain(|vip, _| addresses.contains_key(vip));
-        let settle_ms = SETTLE.as_millis() as u64;
         addresses
             .iter()
             .map(|(vip, a)| {
@@ -114,15 +112,23 @@ impl Settling {
                 }
                 seen.usable |= match a.standing {
                     Standing::Claimed | Standing::Predicted => true,
-                    Standing::Contested { since } => {
-                        now.duration_since(seen.at) >= SETTLE
-                            || now_unix_ms.saturating_sub(since) >= settle_ms
+                    // A settled winner held the address before (a
+                    // restarted agent must not drop what it served).
+                    Standing::Contested { settled } => {
+                        settled || now.duration_since(seen.at) >= SETTLE
                     }
                     Standing::Pending => false,
                 };
                 (vip.clone(), (a.ip, seen.usable))
             })
             .collect()
+    }
+
+    /// Whether `vip` has had this address here, usable, for [`SETTLE`].
+    fn held(&self, vip: &str, ip: Ipv4Addr, now: Instant) -> bool {
+        self.seen
+            .get(vip)
+            .is_some_and(|s| s.ip == ip && s.usable && now.duration_since(s.at) >= SETTLE)
     }
 }
 
@@ -135,6 +141,9 @@ pub(crate) struct Reconciled {
     pub withdraw: Vec<String>,
     /// VIP → (address, whether it may be handed to users yet).
     pub addresses: BTreeMap<String, (Ipv4Addr, bool)>,
+    /// Whether time alone changes the next step: an address waits to be
+    /// usable, or a claim of this node to be marked settled.
+    pub waits_on_time: bool,
 }
 
 /// This node's side of named-VIP allocation, as a pure step per refresh.
@@ -156,11 +165,14 @@ impl Allocator {
         now_unix_ms: u64,
     ) -> Reconciled {
         let (tasks, _) = skein_state::tasks(replica, liveness);
-        self.reconcile_tasks(me, replica, &tasks, now, now_unix_ms)
+        self.reconcile_tasks(me, replica, &tasks, now, now_unix_ms, true)
     }
 
     /// The per-refresh step, with the tasks already derived from the
-    /// same replica (the agent derives them once per refresh).
+    /// same replica (the agent derives them once per refresh). `synced`:
+    /// the replica includes the rest of the cluster (a peer is alive, or
+    /// there is nobody to wait for); only then does this node mark its
+    /// claims settled (see [`alloc::ClaimValue::settled`]).
     pub(crate) fn reconcile_tasks(
         &mut self,
         me: &str,
@@ -168,6 +180,7 @@ impl Allocator {
         tasks: &[skein_state::TaskView],
         now: Instant,
         now_unix_ms: u64,
+        synced: bool,
     ) -> Reconciled {
         let (vip_map, _) = skein_l4lb::vips_of(tasks);
         let hosted: BTreeSet<String> = vip_map
@@ -178,7 +191,23 @@ impl Allocator {
         let live: BTreeSet<String> = vip_map.keys().filter_map(vip_id).collect();
         let claims = claims_in(replica);
         let resolution = alloc::resolve(&live, &claims, &reserved(vip_map.keys()));
-        let desired = alloc::desired_claims(&hosted, &claims, &resolution.reserved, now_unix_ms);
+        let addresses = self.settling.observe(&resolution.addresses, now);
+        // A claim is marked settled once its VIP has held the address,
+        // uncontested, for SETTLE in a synced view.
+        let uncontested = |vip: &str| {
+            resolution
+                .addresses
+                .get(vip)
+                .filter(|a| a.standing == Standing::Claimed)
+                .map(|a| a.ip)
+        };
+        let desired = alloc::desired_claims(&hosted, &claims, &resolution, now_unix_ms, |vip| {
+            synced && uncontested(vip).is_some_and(|ip| self.settling.held(vip, ip, now))
+        });
+        let settles_later = synced
+            && desired
+                .iter()
+                .any(|(vip, v)| !v.settled && uncontested(vip) == Some(v.ip));
         let published: BTreeMap<String, ClaimValue> = claims
             .iter()
             .filter(|c| c.node == me)
@@ -194,13 +223,12 @@ impl Allocator {
             .filter(|v| !desired.contains_key(*v))
             .cloned()
             .collect();
-        let addresses = self
-            .settling
-            .observe(&resolution.addresses, now, now_unix_ms);
+        let waits_on_time = settles_later || addresses.values().any(|(_, usable)| !usable);
         Reconciled {
             publish,
             withdraw,
             addresses,
+            waits_on_time,
         }
     }
 }
@@ -329,25 +357,25 @@ mod tests {
     }
 
     #[test]
-    fn a_contested_winner_is_used_after_settling_or_at_once_if_old() {
+    fn a_contested_winner_is_used_after_settling_or_at_once_if_settled() {
         let ip = Ipv4Addr::new(11, 0, 0, 1);
-        let contested = |since| {
+        let contested = |settled| {
             BTreeMap::from([(
                 "web.marathon".to_string(),
                 Address {
                     ip,
-                    standing: Standing::Contested { since },
+                    standing: Standing::Contested { settled },
                 },
             )])
         };
         let t0 = Instant::now();
         let mut s = Settling::default();
-        let got = s.observe(&contested(T0_MS), t0, T0_MS + 500);
+        let got = s.observe(&contested(false), t0);
         assert_eq!(got["web.marathon"], (ip, false));
-        let got = s.observe(&contested(T0_MS), t0 + SETTLE, T0_MS + 500);
+        let got = s.observe(&contested(false), t0 + SETTLE);
         assert_eq!(got["web.marathon"], (ip, true));
-        // A restarted agent: a winning claim older than SETTLE at once.
-        let got = Settling::default().observe(&contested(T0_MS), t0, T0_MS + 60_000);
+        // A restarted agent: a settled winning claim at once.
+        let got = Settling::default().observe(&contested(true), t0);
         assert_eq!(got["web.marathon"], (ip, true));
     }
 
@@ -359,19 +387,70 @@ mod tests {
         let t0 = Instant::now();
         let mut s = Settling::default();
         assert_eq!(
-            s.observe(&at(ip, Standing::Predicted), t0, T0_MS)["web.marathon"],
+            s.observe(&at(ip, Standing::Predicted), t0)["web.marathon"],
             (ip, true)
         );
         // A conflict appears on the same address: it stays in use.
         assert_eq!(
-            s.observe(&at(ip, Standing::Pending), t0, T0_MS)["web.marathon"],
+            s.observe(&at(ip, Standing::Pending), t0)["web.marathon"],
             (ip, true)
         );
         // Another address is a new one: it waits like any guess.
         let other = Ipv4Addr::new(11, 0, 0, 2);
         assert_eq!(
-            s.observe(&at(other, Standing::Pending), t0, T0_MS)["web.marathon"],
+            s.observe(&at(other, Standing::Pending), t0)["web.marathon"],
             (other, false)
+        );
+    }
+
+    #[test]
+    fn a_held_address_is_claimed_settled_and_beats_a_lagging_clock() {
+        let (x, y) = colliding_apps();
+        let (xv, yv) = (format!("{x}.marathon"), format!("{y}.marathon"));
+        let p = alloc::probe(&xv, 0);
+        let t0 = Instant::now();
+        let mut replica = Replica::new();
+        task(&mut replica, "n1", &x);
+        let mut n1 = Allocator::default();
+        let tasks = |r: &Replica| skein_state::tasks(r, &alive(&["n1", "n2", "n3"])).0;
+        let first = n1.reconcile_tasks("n1", &replica, &tasks(&replica), t0, T0_MS, true);
+        assert!(!first.publish[&xv].settled);
+        publish(&mut replica, "n1", &first);
+        // Its claim in view: time alone will settle it.
+        let claimed = n1.reconcile_tasks("n1", &replica, &tasks(&replica), t0, T0_MS, true);
+        assert!(claimed.publish.is_empty());
+        assert!(claimed.waits_on_time, "settles with time");
+        // Not synced (no peer alive yet): held long enough, still unsettled.
+        let alone = n1.reconcile_tasks("n1", &replica, &tasks(&replica), t0 + SETTLE, T0_MS, false);
+        assert!(alone.publish.is_empty());
+        assert!(!alone.waits_on_time, "only a peer coming up can settle it");
+        let settled =
+            n1.reconcile_tasks("n1", &replica, &tasks(&replica), t0 + SETTLE, T0_MS, true);
+        assert_eq!(settled.publish[&xv].ip, p);
+        assert!(settled.publish[&xv].settled);
+        assert!(!settled.waits_on_time);
+        publish(&mut replica, "n1", &settled);
+        // n3 rejoins with a wiped data dir and a clock a day behind, and
+        // claims y at p before it has synced.
+        let mut only_y = Replica::new();
+        task(&mut only_y, "n3", &y);
+        let mut n3 = Allocator::default();
+        let lagging = T0_MS - 86_400_000;
+        let claim_y = n3.reconcile_tasks("n3", &only_y, &tasks(&only_y), t0, lagging, false);
+        assert_eq!(claim_y.publish[&yv].ip, p);
+        assert!(claim_y.publish[&yv].since < T0_MS);
+        task(&mut replica, "n3", &y);
+        publish(&mut replica, "n3", &claim_y);
+        // Everyone keeps x at p; y's host moves on.
+        let mut n2 = Allocator::default();
+        let r = n2.reconcile_tasks("n2", &replica, &tasks(&replica), t0, T0_MS, true);
+        assert_eq!(r.addresses[&xv], (p, true), "settled: usable at once");
+        assert!(!r.addresses[&yv].1);
+        let again = n3.reconcile_tasks("n3", &replica, &tasks(&replica), t0, lagging, true);
+        assert_ne!(again.publish[&yv].ip, p);
+        assert!(
+            again.publish[&yv].since > T0_MS,
+            "after every claim n3 has seen"
         );
     }
 }

@@ -7,23 +7,34 @@
 //! certificate therefore carries the same DNS SAN, [`SERVER_NAME`], which a
 //! dialer uses as the TLS server name; the node's identity is the certificate
 //! CN, read back with [`peer_node_id`].
+//!
+//! Every node certificate also names its cluster, as a URI SAN
+//! `skein://<cluster-id>/<node-id>` (both parts percent-encoded), read back
+//! with [`peer_cluster_id`]. Both handshake verifiers refuse a peer whose
+//! certificate names another cluster, or none (certificates issued before
+//! the cluster id was put in them), even when it chains to the same CA.
+//! Beyond the chain, a CRL in the TLS dir ([`CRL_FILE`], written by
+//! [`revoke`]) refuses revoked certificates; [`TlsWatch`] notices when the
+//! files change so that the agent can switch to them without a restart.
 
 use std::fs;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType, PKCS_ECDSA_P256_SHA256,
 };
 use rustls::client::danger::ServerCertVerifier;
-use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, DnsName, PrivateKeyDer, ServerName, UnixTime};
-use rustls::server::WebPkiClientVerifier;
+use rustls::pki_types::{
+    CertificateDer, CertificateRevocationListDer, DnsName, PrivateKeyDer, ServerName, UnixTime,
+};
+use rustls::server::danger::ClientCertVerifier;
 use rustls::RootCertStore;
 
 /// DNS SAN carried by every node certificate; dialers verify the peer's chain
@@ -38,6 +49,18 @@ pub const CA_CERT_FILE: &str = "ca.pem";
 pub const CA_KEY_FILE: &str = "ca-key.pem";
 pub const NODE_CERT_FILE: &str = "node.pem";
 pub const NODE_KEY_FILE: &str = "node-key.pem";
+/// The cluster's CRL: written into the CA dir by `skein cert revoke`, copied
+/// by the operator into each node's TLS dir (optional there: without it,
+/// nothing is revoked).
+pub const CRL_FILE: &str = "ca.crl.pem";
+
+/// Scheme of the URI SAN that names a node's cluster.
+pub const CLUSTER_URI_SCHEME: &str = "skein";
+/// Default lifetime of a node certificate, in days (`--days`).
+pub const DEFAULT_NODE_DAYS: u32 = 365;
+/// What `init_ca` puts before the cluster id in the CA's CN; `issue_node`
+/// reads the cluster id back from it.
+const CA_CN_PREFIX: &str = "skein cluster CA ";
 
 /// What can go wrong with the cluster's certificates and keys. Messages
 /// name the file and what is wrong with it; `{e:#}`-style chains come from
@@ -78,16 +101,23 @@ impl<T, E: std::error::Error + Send + Sync + 'static> Context<T> for std::result
 }
 
 macro_rules! bail {
-    ($($arg:tt)*) => { return Err(TlsError::Invalid(format!($($arg)*))) };
+    ($($arg:tt)*) => { return Err($crate::TlsError::Invalid(format!($($arg)*))) };
 }
 
 macro_rules! anyhow {
-    ($($arg:tt)*) => { TlsError::Invalid(format!($($arg)*)) };
+    ($($arg:tt)*) => { $crate::TlsError::Invalid(format!($($arg)*)) };
 }
+
+mod revoke;
+mod verify;
+mod watch;
+
+pub use revoke::{revoke, RevokeTarget, Revoked, ISSUED_DIR};
+pub use verify::{Refusal, TlsStats, WrongCluster};
+pub use watch::TlsWatch;
 
 const DAY: Duration = Duration::from_secs(24 * 60 * 60);
 const CA_VALIDITY: Duration = Duration::from_secs(20 * 365 * 24 * 60 * 60);
-const NODE_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
 /// Certificates start being valid a day in the past so that a node whose
 /// clock lags the issuing machine's still accepts fresh certificates.
 const BACKDATE: Duration = DAY;
@@ -112,7 +142,10 @@ pub fn init_ca(dir: &Path, cluster_id: &str) -> Result<()> {
 
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).context("generating CA key")?;
     let mut params = CertificateParams::default();
-    params.distinguished_name = distinguished_name(&format!("skein cluster CA {cluster_id}"));
+    if cluster_id.is_empty() {
+        bail!("cluster id must not be empty");
+    }
+    params.distinguished_name = distinguished_name(&format!("{CA_CN_PREFIX}{cluster_id}"));
     // Path length 0: the CA signs node certificates directly, never
     // intermediates, so a leaked node key can never mint other nodes.
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -133,22 +166,75 @@ pub fn init_ca(dir: &Path, cluster_id: &str) -> Result<()> {
     Ok(())
 }
 
+/// How [`issue_node_with`] issues a node certificate.
+#[derive(Debug, Clone)]
+pub struct IssueOptions {
+    /// Lifetime in days (capped at the CA's own expiry).
+    pub days: u32,
+    /// The cluster the certificate is for; `None`: the CA's (from its CN).
+    /// Only needed when one CA serves several clusters.
+    pub cluster_id: Option<String>,
+}
+
+impl Default for IssueOptions {
+    fn default() -> Self {
+        IssueOptions {
+            days: DEFAULT_NODE_DAYS,
+            cluster_id: None,
+        }
+    }
+}
+
+/// What [`issue_node_with`] issued.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    /// Serial number, lowercase hex (what `skein cert revoke --serial` takes).
+    pub serial: String,
+    pub cluster_id: String,
+    pub not_after: SystemTime,
+}
+
+/// [`issue_node_with`] with the defaults: [`DEFAULT_NODE_DAYS`], the CA's
+/// cluster id.
+pub fn issue_node(ca_dir: &Path, node_id: &str, out_dir: &Path) -> Result<Issued> {
+    issue_node_with(ca_dir, node_id, out_dir, &IssueOptions::default())
+}
+
 /// Issues a certificate for `node_id` signed by the CA in `ca_dir` and writes
 /// `ca.pem`, `node.pem` and `node-key.pem` (mode 0600) into `out_dir`, which
-/// is then everything [`NodeTls::load`] needs. Existing node files in
-/// `out_dir` are replaced (re-issuing is how a node key is rotated).
-pub fn issue_node(ca_dir: &Path, node_id: &str, out_dir: &Path) -> Result<()> {
+/// is then everything [`NodeTls::load`] needs (plus the CA dir's CRL, if it
+/// has one). Existing node files in `out_dir` are replaced (re-issuing is
+/// how a node key is rotated). A copy of the certificate is kept in
+/// `<ca_dir>/issued/` so that [`revoke`] can find it by node id.
+pub fn issue_node_with(
+    ca_dir: &Path,
+    node_id: &str,
+    out_dir: &Path,
+    options: &IssueOptions,
+) -> Result<Issued> {
     if node_id.is_empty() {
         bail!("node id must not be empty");
     }
+    if options.days == 0 {
+        bail!("a node certificate must be valid for at least one day");
+    }
+    let (issuer, ca_pem) = load_issuer(ca_dir)?;
     let ca_cert_path = ca_dir.join(CA_CERT_FILE);
     let ca_key_path = ca_dir.join(CA_KEY_FILE);
-    let ca_pem = read_to_string(&ca_cert_path)?;
-    let ca_key_pem = read_to_string(&ca_key_path)?;
-    let ca_key = KeyPair::from_pem(&ca_key_pem)
-        .with_context(|| format!("{} is not a valid private key", ca_key_path.display()))?;
-    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)
-        .with_context(|| format!("{} is not a valid CA certificate", ca_cert_path.display()))?;
+    let ca_der = CertificateDer::from_pem_slice(ca_pem.as_bytes())
+        .map_err(|e| anyhow!("{}: invalid PEM: {e}", ca_cert_path.display()))?;
+    let cluster_id = match &options.cluster_id {
+        Some(id) => id.clone(),
+        None => ca_cluster_id(&ca_der).ok_or_else(|| {
+            anyhow!(
+                "{}: the CA's name does not say its cluster id; pass one with --cluster-id",
+                ca_cert_path.display()
+            )
+        })?,
+    };
+    if cluster_id.is_empty() {
+        bail!("cluster id must not be empty");
+    }
 
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).context("generating node key")?;
     let mut params = CertificateParams::default();
@@ -163,6 +249,12 @@ pub fn issue_node(ca_dir: &Path, node_id: &str, out_dir: &Path) -> Result<()> {
             .subject_alt_names
             .push(SanType::DnsName(node_id.try_into().context("the node id")?));
     }
+    // The cluster, checked by every peer's handshake (see the crate docs).
+    params.subject_alt_names.push(SanType::URI(
+        node_uri(&cluster_id, node_id)
+            .try_into()
+            .context("the cluster URI")?,
+    ));
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     // Every node is both a QUIC server (accepting gossip) and a client
@@ -172,21 +264,32 @@ pub fn issue_node(ca_dir: &Path, node_id: &str, out_dir: &Path) -> Result<()> {
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
     params.use_authority_key_identifier_extension = true;
-    set_validity(&mut params, NODE_VALIDITY);
+    set_validity(&mut params, DAY * options.days);
+    // A node certificate outliving its CA would only fail later, confusingly.
+    if let Some(ca_end) = not_after(&ca_der) {
+        if SystemTime::from(params.not_after) > ca_end {
+            params.not_after = ca_end.into();
+        }
+    }
     let cert = params
         .signed_by(&key, &issuer)
         .context("signing node certificate")?;
 
     // rcgen does not check that ca-key.pem belongs to ca.pem; a mismatch
     // would yield certificates every peer rejects. Verify before writing.
-    let roots = root_store(&ca_pem, &ca_cert_path)?;
-    verify_chain(&roots, cert.der()).with_context(|| {
+    let roots = Arc::new(root_store(&ca_pem, &ca_cert_path)?);
+    verify_chain(&roots, &[], cert.der()).with_context(|| {
         format!(
             "issued certificate does not verify against {}; does {} belong to it?",
             ca_cert_path.display(),
             ca_key_path.display()
         )
     })?;
+    let serial = revoke::cert_serial(cert.der())
+        .ok_or_else(|| anyhow!("cannot read back the serial of the issued certificate"))?;
+    // Recorded before it is handed out, so anything deployed is revocable
+    // by node id.
+    revoke::record_issued(ca_dir, &serial, &cert.pem())?;
 
     fs::create_dir_all(out_dir)
         .with_context(|| format!("creating output directory {}", out_dir.display()))?;
@@ -199,16 +302,46 @@ pub fn issue_node(ca_dir: &Path, node_id: &str, out_dir: &Path) -> Result<()> {
     )?;
     write_replace(&out_dir.join(NODE_CERT_FILE), cert.pem().as_bytes(), 0o644)?;
     write_replace(&out_dir.join(CA_CERT_FILE), ca_pem.as_bytes(), 0o644)?;
-    Ok(())
+    // A new node starts with the cluster's current CRL.
+    let crl = ca_dir.join(CRL_FILE);
+    if crl.exists() {
+        write_replace(&out_dir.join(CRL_FILE), &read(&crl)?, 0o644)?;
+    }
+    Ok(Issued {
+        serial: revoke::hex(&serial),
+        cluster_id,
+        not_after: params.not_after.into(),
+    })
 }
 
-/// A node's TLS identity: its certificate chain and key, and the cluster CA
-/// it trusts.
+/// The CA in `ca_dir` as an issuer, and its certificate's PEM.
+fn load_issuer(ca_dir: &Path) -> Result<(Issuer<'static, KeyPair>, String)> {
+    let ca_cert_path = ca_dir.join(CA_CERT_FILE);
+    let ca_key_path = ca_dir.join(CA_KEY_FILE);
+    let ca_pem = read_to_string(&ca_cert_path)?;
+    let ca_key_pem = read_to_string(&ca_key_path)?;
+    let ca_key = KeyPair::from_pem(&ca_key_pem)
+        .with_context(|| format!("{} is not a valid private key", ca_key_path.display()))?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)
+        .with_context(|| format!("{} is not a valid CA certificate", ca_cert_path.display()))?;
+    Ok((issuer, ca_pem))
+}
+
+/// A node's TLS identity: its certificate chain and key, the cluster CA it
+/// trusts, the CRL it applies, and the cluster it belongs to.
 pub struct NodeTls {
+    dir: PathBuf,
     node_id: String,
+    cluster_id: String,
     certs: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     roots: Arc<RootCertStore>,
+    crls: Vec<CertificateRevocationListDer<'static>>,
+    not_after: SystemTime,
+    ca_not_after: SystemTime,
+    /// Digest of the files this was loaded from (see [`TlsWatch`]).
+    fingerprint: [u8; 32],
+    stats: Arc<TlsStats>,
 }
 
 impl std::fmt::Debug for NodeTls {
@@ -216,49 +349,160 @@ impl std::fmt::Debug for NodeTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NodeTls")
             .field("node_id", &self.node_id)
+            .field("cluster_id", &self.cluster_id)
             .field("certs", &self.certs.len())
+            .field("crls", &self.crls.len())
             .finish_non_exhaustive()
     }
 }
 
+/// The files of a TLS dir, as read at one moment. A missing CRL is empty.
+struct TlsFiles {
+    ca: Vec<u8>,
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    crl: Option<Vec<u8>>,
+}
+
+impl TlsFiles {
+    fn read(dir: &Path) -> Result<TlsFiles> {
+        let crl_path = dir.join(CRL_FILE);
+        let crl = match fs::read(&crl_path) {
+            Ok(bytes) => Some(bytes),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e).with_context(|| format!("reading {}", crl_path.display())),
+        };
+        Ok(TlsFiles {
+            ca: read(&dir.join(CA_CERT_FILE))?,
+            cert: read(&dir.join(NODE_CERT_FILE))?,
+            key: read(&dir.join(NODE_KEY_FILE))?,
+            crl,
+        })
+    }
+
+    fn fingerprint(&self) -> [u8; 32] {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        for part in [
+            Some(&self.ca),
+            Some(&self.cert),
+            Some(&self.key),
+            self.crl.as_ref(),
+        ] {
+            // Length-prefixed so that bytes moving between files count.
+            let part = part.map_or(&[][..], Vec::as_slice);
+            ctx.update(&(part.len() as u64).to_be_bytes());
+            ctx.update(part);
+        }
+        let mut out = [0u8; 32];
+        out.copy_from_slice(ctx.finish().as_ref());
+        out
+    }
+}
+
 impl NodeTls {
-    /// Loads `ca.pem`, `node.pem` and `node-key.pem` from `dir` and checks
-    /// that they fit together (certificate signed by the CA, key matching the
-    /// certificate), so a misconfiguration fails at startup rather than as
-    /// handshake errors on every peer.
+    /// Loads `ca.pem`, `node.pem`, `node-key.pem` and, if present,
+    /// `ca.crl.pem` from `dir` and checks that they fit together (certificate
+    /// signed by the CA, not revoked, carrying a cluster id; key matching the
+    /// certificate; CRL signed by the CA), so a misconfiguration fails at
+    /// startup rather than as handshake errors on every peer.
     pub fn load(dir: &Path) -> Result<NodeTls> {
+        NodeTls::load_with_stats(dir, Arc::default())
+    }
+
+    /// [`NodeTls::load`], counting into `stats` (shared across reloads).
+    pub fn load_with_stats(dir: &Path, stats: Arc<TlsStats>) -> Result<NodeTls> {
+        let files = TlsFiles::read(dir)?;
+        let tls = NodeTls::from_files(dir, &files, stats)?;
+        tls.stats
+            .cert_not_after
+            .store(unix(tls.not_after), Ordering::Relaxed);
+        tls.stats
+            .ca_not_after
+            .store(unix(tls.ca_not_after), Ordering::Relaxed);
+        Ok(tls)
+    }
+
+    fn from_files(dir: &Path, files: &TlsFiles, stats: Arc<TlsStats>) -> Result<NodeTls> {
         let ca_path = dir.join(CA_CERT_FILE);
         let cert_path = dir.join(NODE_CERT_FILE);
         let key_path = dir.join(NODE_KEY_FILE);
+        let crl_path = dir.join(CRL_FILE);
 
-        let roots = Arc::new(root_store(&read_to_string(&ca_path)?, &ca_path)?);
-        let certs = CertificateDer::pem_slice_iter(&read(&cert_path)?)
+        let ca_pem = std::str::from_utf8(&files.ca)
+            .map_err(|_| anyhow!("{}: not a PEM file", ca_path.display()))?;
+        let roots = Arc::new(root_store(ca_pem, &ca_path)?);
+        let ca_not_after = CertificateDer::pem_slice_iter(&files.ca)
+            .filter_map(|c| c.ok().and_then(|c| not_after(&c)))
+            .min()
+            .ok_or_else(|| anyhow!("{}: no readable CA certificate", ca_path.display()))?;
+        let certs = CertificateDer::pem_slice_iter(&files.cert)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| anyhow!("{}: invalid PEM: {e}", cert_path.display()))?;
         let leaf = certs
             .first()
             .ok_or_else(|| anyhow!("{}: no certificate found", cert_path.display()))?;
-        let key = PrivateKeyDer::from_pem_slice(&read(&key_path)?)
+        let key = PrivateKeyDer::from_pem_slice(&files.key)
             .map_err(|e| anyhow!("{}: no usable private key: {e}", key_path.display()))?;
+        let crls = match &files.crl {
+            None => Vec::new(),
+            Some(pem) => {
+                let crls = CertificateRevocationListDer::pem_slice_iter(pem)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| anyhow!("{}: invalid PEM: {e}", crl_path.display()))?;
+                if crls.is_empty() {
+                    bail!("{}: no CRL found", crl_path.display());
+                }
+                crls
+            }
+        };
         let node_id = peer_node_id(leaf).ok_or_else(|| {
             anyhow!(
                 "{}: certificate has no readable common name (node id)",
                 cert_path.display()
             )
         })?;
-        verify_chain(&roots, leaf).with_context(|| {
+        let cluster_id = peer_cluster_id(leaf).ok_or_else(|| {
+            anyhow!(
+                "{}: certificate carries no cluster id (a {CLUSTER_URI_SCHEME}:// URI SAN); \
+                 it was issued by an older skein: issue a new one with `skein cert issue`",
+                cert_path.display()
+            )
+        })?;
+        let not_after = not_after(leaf)
+            .ok_or_else(|| anyhow!("{}: unreadable validity", cert_path.display()))?;
+        // Without the CRL first, so that a CRL problem is named as one.
+        verify_chain(&roots, &[], leaf).with_context(|| {
             format!(
                 "{} is not a valid node certificate of the CA in {}",
                 cert_path.display(),
                 ca_path.display()
             )
         })?;
+        // Checking our own certificate against the CRL is what checks the
+        // CRL: webpki refuses a CRL not signed by the CA (or not the CA's)
+        // only when it meets a certificate, and would then refuse every peer.
+        if !crls.is_empty() {
+            verify_chain(&roots, &crls, leaf).with_context(|| {
+                format!(
+                    "{} refuses this node's own certificate {} (revoked, or not the CA's CRL)",
+                    crl_path.display(),
+                    cert_path.display()
+                )
+            })?;
+        }
 
         let tls = NodeTls {
+            dir: dir.to_owned(),
             node_id,
+            cluster_id,
             certs,
             key,
             roots,
+            crls,
+            not_after,
+            ca_not_after,
+            fingerprint: files.fingerprint(),
+            stats,
         };
         // Building a config is what checks the key against the certificate.
         tls.server_config().with_context(|| {
@@ -271,9 +515,78 @@ impl NodeTls {
         Ok(tls)
     }
 
+    /// Loads the same dir again, counting into the same stats. Refuses
+    /// material for another node id or cluster (a node does not change
+    /// identity under a running agent). Counts the outcome in
+    /// `reloads_ok`/`reloads_error`.
+    pub fn reload(&self) -> Result<NodeTls> {
+        let result = NodeTls::load_with_stats_unpublished(&self.dir, self.stats.clone())
+            .and_then(|new| {
+                if new.node_id != self.node_id || new.cluster_id != self.cluster_id {
+                    bail!(
+                        "{}: new certificate is for node {:?} of cluster {:?}, this agent is node {:?} of cluster {:?}",
+                        self.dir.join(NODE_CERT_FILE).display(),
+                        new.node_id,
+                        new.cluster_id,
+                        self.node_id,
+                        self.cluster_id
+                    );
+                }
+                Ok(new)
+            });
+        let counter = match &result {
+            Ok(new) => {
+                // Only material that will be used moves the expiry gauges.
+                self.stats
+                    .cert_not_after
+                    .store(unix(new.not_after), Ordering::Relaxed);
+                self.stats
+                    .ca_not_after
+                    .store(unix(new.ca_not_after), Ordering::Relaxed);
+                &self.stats.reloads_ok
+            }
+            Err(_) => &self.stats.reloads_error,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        result
+    }
+
+    fn load_with_stats_unpublished(dir: &Path, stats: Arc<TlsStats>) -> Result<NodeTls> {
+        NodeTls::from_files(dir, &TlsFiles::read(dir)?, stats)
+    }
+
+    /// The dir this was loaded from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// This node's id, the CN of its certificate.
     pub fn node_id(&self) -> &str {
         &self.node_id
+    }
+
+    /// This node's cluster, from its certificate; peers must carry the same.
+    pub fn cluster_id(&self) -> &str {
+        &self.cluster_id
+    }
+
+    /// When this node's certificate expires.
+    pub fn not_after(&self) -> SystemTime {
+        self.not_after
+    }
+
+    /// When the CA certificate expires.
+    pub fn ca_not_after(&self) -> SystemTime {
+        self.ca_not_after
+    }
+
+    /// CRLs in effect (zero or one, from [`CRL_FILE`]).
+    pub fn crl_count(&self) -> usize {
+        self.crls.len()
+    }
+
+    pub fn stats(&self) -> &Arc<TlsStats> {
+        &self.stats
     }
 
     /// A secret that is the same every time this node starts (derived from
@@ -290,35 +603,63 @@ impl NodeTls {
         out
     }
 
+    fn client_verifier(&self, count: bool) -> Result<Arc<dyn ClientCertVerifier>> {
+        Ok(Arc::new(verify::ClusterClientVerifier {
+            inner: verify::webpki_client(&self.roots, &self.crls)?,
+            cluster_id: self.cluster_id.clone(),
+            stats: count.then(|| self.stats.clone()),
+        }))
+    }
+
+    fn server_verifier(&self, count: bool) -> Result<Arc<verify::ClusterServerVerifier>> {
+        Ok(Arc::new(verify::ClusterServerVerifier {
+            inner: verify::webpki_server(&self.roots, &self.crls)?,
+            cluster_id: self.cluster_id.clone(),
+            stats: count.then(|| self.stats.clone()),
+        }))
+    }
+
     /// Server side of gossip: presents the node certificate and requires a
-    /// client certificate chained to the cluster CA. TLS 1.3 only (QUIC).
+    /// client certificate chained to the cluster CA, not revoked, of this
+    /// node's cluster. TLS 1.3 only (QUIC).
     pub fn server_config(&self) -> Result<rustls::ServerConfig> {
-        let provider = provider();
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider.clone())
-                .build()
-                .context("building client certificate verifier")?;
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        let mut config = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .context("TLS 1.3 with the ring provider")?
-            .with_client_cert_verifier(verifier)
+            .with_client_cert_verifier(self.client_verifier(true)?)
             .with_single_cert(self.certs.clone(), self.key.clone_key())
             .context("node certificate/key rejected by rustls")?;
         config.alpn_protocols = vec![ALPN.to_vec()];
         Ok(config)
     }
 
-    /// Client side of gossip: verifies the server's chain to the cluster CA
-    /// and its [`SERVER_NAME`], and presents the node certificate.
+    /// Client side of gossip: verifies the server's chain to the cluster CA,
+    /// its [`SERVER_NAME`], the CRL and its cluster id, and presents the
+    /// node certificate.
     pub fn client_config(&self) -> Result<rustls::ClientConfig> {
         let mut config = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .context("TLS 1.3 with the ring provider")?
-            .with_root_certificates(self.roots.clone())
+            .dangerous()
+            .with_custom_certificate_verifier(self.server_verifier(true)?)
             .with_client_auth_cert(self.certs.clone(), self.key.clone_key())
             .context("node certificate/key rejected by rustls")?;
         config.alpn_protocols = vec![ALPN.to_vec()];
         Ok(config)
+    }
+
+    /// Whether a peer that presented `certs` (leaf first) at its handshake
+    /// would be accepted by this material now: how open connections are
+    /// re-checked after a reload (a CRL revoking the peer, say). Not counted
+    /// as a handshake refusal.
+    pub fn check_peer(&self, certs: &[CertificateDer<'_>]) -> Result<()> {
+        let (leaf, intermediates) = certs
+            .split_first()
+            .ok_or_else(|| anyhow!("no peer certificate"))?;
+        self.client_verifier(false)?
+            .verify_client_cert(leaf, intermediates, UnixTime::now())
+            .map_err(|e| verify::tls_error("peer certificate", e))?;
+        Ok(())
     }
 }
 
@@ -329,7 +670,8 @@ pub struct GossipSigner {
     cert: Vec<u8>,
     key: ring::signature::EcdsaKeyPair,
     rng: ring::rand::SystemRandom,
-    verifier: Arc<WebPkiServerVerifier>,
+    /// Chain, CRL (as loaded at start) and cluster id.
+    verifier: Arc<verify::ClusterServerVerifier>,
 }
 
 impl std::fmt::Debug for GossipSigner {
@@ -355,7 +697,8 @@ impl GossipSigner {
     }
 
     /// Whether `cert_der` is a certificate the cluster CA issued for node
-    /// `node_id` (and valid now).
+    /// `node_id` of this cluster (valid now, not revoked by the CRL this
+    /// signer was made with).
     pub fn check_identity(&self, node_id: &str, cert_der: &[u8]) -> bool {
         let cert = CertificateDer::from(cert_der);
         let Ok(name) = ServerName::try_from(SERVER_NAME) else {
@@ -395,9 +738,7 @@ impl NodeTls {
             &rng,
         )
         .map_err(|e| anyhow!("the node key is not an ECDSA P-256 key: {e}"))?;
-        let verifier = WebPkiServerVerifier::builder_with_provider(self.roots.clone(), provider())
-            .build()
-            .context("building certificate verifier")?;
+        let verifier = self.server_verifier(false)?;
         let cert = self
             .certs
             .first()
@@ -538,16 +879,106 @@ fn root_store(ca_pem: &str, path: &Path) -> Result<RootCertStore> {
 }
 
 /// Checks `leaf` the way a dialing peer will: chain to `roots`, validity
-/// period, serverAuth, and the [`SERVER_NAME`] SAN.
-fn verify_chain(roots: &RootCertStore, leaf: &CertificateDer<'_>) -> Result<()> {
-    let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots.clone()), provider())
-        .build()
-        .context("building certificate verifier")?;
+/// period, serverAuth, the [`SERVER_NAME`] SAN, and `crls`.
+fn verify_chain(
+    roots: &Arc<RootCertStore>,
+    crls: &[CertificateRevocationListDer<'static>],
+    leaf: &CertificateDer<'_>,
+) -> Result<()> {
+    let verifier = verify::webpki_server(roots, crls)?;
     let server_name = ServerName::try_from(SERVER_NAME).context("the server name")?;
     verifier
         .verify_server_cert(leaf, &[], &server_name, &[], UnixTime::now())
         .context("certificate chain")?;
     Ok(())
+}
+
+/// The URI SAN naming a node's cluster: `skein://<cluster-id>/<node-id>`,
+/// each part percent-encoded (any byte but RFC 3986's unreserved ones), so
+/// any id makes a valid URI.
+pub fn node_uri(cluster_id: &str, node_id: &str) -> String {
+    format!(
+        "{CLUSTER_URI_SCHEME}://{}/{}",
+        pct_encode(cluster_id),
+        pct_encode(node_id)
+    )
+}
+
+/// The cluster id a certificate's `skein://` URI SAN names, or `None` if
+/// it has none, more than one, or one that does not decode.
+///
+/// Only meaningful for a certificate verified against the cluster CA.
+pub fn peer_cluster_id(cert_der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    let prefix = format!("{CLUSTER_URI_SCHEME}://");
+    let mut found = None;
+    for name in &san.value.general_names {
+        let x509_parser::extensions::GeneralName::URI(uri) = name else {
+            continue;
+        };
+        let Some(rest) = uri.strip_prefix(&prefix) else {
+            continue;
+        };
+        let authority = rest.split('/').next()?;
+        let id = pct_decode(authority)?;
+        if id.is_empty() || found.is_some() {
+            // Two cluster URIs are ambiguous; neither is trusted.
+            return None;
+        }
+        found = Some(id);
+    }
+    found
+}
+
+/// The cluster id in a CA certificate's CN (as `init_ca` writes it).
+fn ca_cluster_id(ca_der: &[u8]) -> Option<String> {
+    let cn = peer_node_id(ca_der)?;
+    let id = cn.strip_prefix(CA_CN_PREFIX)?;
+    (!id.is_empty()).then(|| id.to_owned())
+}
+
+fn not_after(cert_der: &[u8]) -> Option<SystemTime> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    let secs = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
+    Some(UNIX_EPOCH + Duration::from_secs(secs))
+}
+
+fn unix(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+fn pct_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn pct_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3)?;
+            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                return None;
+            }
+            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 fn read(path: &Path) -> Result<Vec<u8>> {
@@ -678,9 +1109,7 @@ mod tests {
         let foreign = cluster(&tmp.path().join("b"), "b", "foreign");
 
         // Server side: good's client verifier must refuse foreign's cert.
-        let verifier = WebPkiClientVerifier::builder_with_provider(good.roots.clone(), provider())
-            .build()
-            .unwrap();
+        let verifier = good.client_verifier(false).unwrap();
         let err = verifier
             .verify_client_cert(&foreign.certs[0], &[], UnixTime::now())
             .unwrap_err();
@@ -770,6 +1199,387 @@ mod tests {
         for len in 0..der.len() {
             // Any truncation must be handled without panicking.
             let _ = peer_node_id(&der[..len]);
+        }
+    }
+
+    const YEAR: u64 = 365 * 24 * 60 * 60;
+
+    /// Seconds from now until `t` (negative if past).
+    fn secs_until(t: SystemTime) -> i64 {
+        unix(t) - unix(SystemTime::now())
+    }
+
+    #[test]
+    fn node_cert_names_its_cluster_and_lives_a_year_by_default() {
+        let tmp = tempfile::tempdir().unwrap();
+        let tls = cluster(tmp.path(), "prod/eu 1:ä", "node-1");
+        assert_eq!(tls.cluster_id(), "prod/eu 1:ä");
+        assert_eq!(
+            peer_cluster_id(&tls.certs[0]).as_deref(),
+            Some("prod/eu 1:ä")
+        );
+        let left = secs_until(tls.not_after());
+        assert!((left - YEAR as i64).abs() < 86_400, "{left}");
+        // The gauge behind skein_tls_cert_expiry_seconds says the same.
+        assert!((tls.stats().cert_expiry_seconds() - left).abs() < 60);
+        assert!(tls.stats().ca_expiry_seconds() > 19 * YEAR as i64);
+
+        let issued = issue_node_with(
+            &tmp.path().join("ca"),
+            "short",
+            &tmp.path().join("short"),
+            &IssueOptions {
+                days: 30,
+                cluster_id: None,
+            },
+        )
+        .unwrap();
+        let left = secs_until(issued.not_after);
+        assert!((left - 30 * 86_400).abs() < 86_400, "{left}");
+        let short = NodeTls::load(&tmp.path().join("short")).unwrap();
+        assert!((secs_until(short.not_after()) - left).abs() < 60);
+    }
+
+    #[test]
+    fn issue_refuses_zero_days() {
+        let tmp = tempfile::tempdir().unwrap();
+        init_ca(tmp.path(), "c1").unwrap();
+        let options = IssueOptions {
+            days: 0,
+            cluster_id: None,
+        };
+        assert!(issue_node_with(tmp.path(), "n", tmp.path(), &options).is_err());
+    }
+
+    /// A client that accepts any server: a rogue peer does not check us,
+    /// so the server's own check must hold alone.
+    #[derive(Debug)]
+    struct AcceptAnyServer;
+
+    impl ServerCertVerifier for AcceptAnyServer {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+        fn verify_tls13_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            provider()
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    }
+
+    /// A client presenting `certs`/`key` that trusts any server.
+    fn rogue_client(
+        certs: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> rustls::ClientConfig {
+        let mut config = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnyServer))
+            .with_client_auth_cert(certs, key)
+            .unwrap();
+        config.alpn_protocols = vec![ALPN.to_vec()];
+        config
+    }
+
+    fn connect(
+        client: rustls::ClientConfig,
+        server: rustls::ServerConfig,
+    ) -> Result<(), rustls::Error> {
+        let mut client = rustls::ClientConnection::new(
+            Arc::new(client),
+            ServerName::try_from(SERVER_NAME).unwrap(),
+        )
+        .unwrap();
+        let mut server = rustls::ServerConnection::new(Arc::new(server)).unwrap();
+        handshake(&mut client, &mut server)
+    }
+
+    fn issue_load(ca: &Path, node_id: &str, dir: &Path, cluster_id: Option<&str>) -> NodeTls {
+        let options = IssueOptions {
+            cluster_id: cluster_id.map(str::to_owned),
+            ..IssueOptions::default()
+        };
+        issue_node_with(ca, node_id, dir, &options).unwrap();
+        NodeTls::load(dir).unwrap()
+    }
+
+    #[test]
+    fn peer_of_another_cluster_is_refused_by_both_verifiers() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ca = tmp.path().join("ca");
+        init_ca(&ca, "c1").unwrap();
+        let a = issue_load(&ca, "a", &tmp.path().join("a"), None);
+        let a2 = issue_load(&ca, "a2", &tmp.path().join("a2"), None);
+        // Same CA, another cluster id.
+        let b = issue_load(&ca, "b", &tmp.path().join("b"), Some("c2"));
+        assert_eq!((a.cluster_id(), b.cluster_id()), ("c1", "c2"));
+
+        // Same cluster: fine.
+        connect(a2.client_config().unwrap(), a.server_config().unwrap()).unwrap();
+
+        // a dials b: a's client verifier refuses b's certificate.
+        let err = connect(a.client_config().unwrap(), b.server_config().unwrap()).unwrap_err();
+        assert_eq!(Refusal::of(&err), Refusal::WrongCluster, "{err}");
+        assert!(err.to_string().contains("\"c2\""), "{err}");
+        assert_eq!(a.stats().refused(Refusal::WrongCluster), 1);
+
+        // b dials a without checking a at all: a's server verifier refuses.
+        let err = connect(
+            rogue_client(b.certs.clone(), b.key.clone_key()),
+            a.server_config().unwrap(),
+        )
+        .unwrap_err();
+        assert_eq!(Refusal::of(&err), Refusal::WrongCluster, "{err}");
+        assert!(
+            err.to_string()
+                .contains("peer certificate is for cluster \"c2\""),
+            "{err}"
+        );
+        assert_eq!(a.stats().refused(Refusal::WrongCluster), 2);
+        let err = a.check_peer(&b.certs).unwrap_err();
+        assert!(format!("{err:#}").contains("cluster \"c2\""), "{err:#}");
+        // Not a handshake: not counted.
+        assert_eq!(a.stats().refused(Refusal::WrongCluster), 2);
+
+        // And gossip identities of the other cluster are refused too.
+        let signer = a.gossip_signer().unwrap();
+        assert!(signer.check_identity("a2", &a2.certs[0]));
+        assert!(!signer.check_identity("b", &b.certs[0]));
+    }
+
+    #[test]
+    fn certificate_without_cluster_id_is_refused() {
+        // What skein issued before the cluster URI: same CA, no URI SAN.
+        let tmp = tempfile::tempdir().unwrap();
+        let ca = tmp.path().join("ca");
+        init_ca(&ca, "c1").unwrap();
+        let a = issue_load(&ca, "a", &tmp.path().join("a"), None);
+        let (issuer, _) = load_issuer(&ca).unwrap();
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        params.distinguished_name = distinguished_name("old");
+        params.subject_alt_names = vec![SanType::DnsName(SERVER_NAME.try_into().unwrap())];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        set_validity(&mut params, YEAR_DURATION);
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        let old = tmp.path().join("old");
+        fs::create_dir_all(&old).unwrap();
+        fs::write(old.join(NODE_CERT_FILE), cert.pem()).unwrap();
+        fs::write(old.join(NODE_KEY_FILE), key.serialize_pem()).unwrap();
+        fs::copy(ca.join(CA_CERT_FILE), old.join(CA_CERT_FILE)).unwrap();
+
+        let err = format!("{:#}", NodeTls::load(&old).unwrap_err());
+        assert!(
+            err.contains("no cluster id") && err.contains("skein cert issue"),
+            "{err}"
+        );
+
+        let der = cert.der().clone();
+        let key = PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).unwrap();
+        assert!(connect(
+            rogue_client(vec![der.clone()], key),
+            a.server_config().unwrap()
+        )
+        .is_err());
+        assert_eq!(a.stats().refused(Refusal::WrongCluster), 1);
+        let err = format!("{:#}", a.check_peer(&[der]).unwrap_err());
+        assert!(err.contains("carries no cluster id"), "{err}");
+    }
+
+    const YEAR_DURATION: Duration = Duration::from_secs(YEAR);
+
+    #[test]
+    fn revoked_peer_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ca = tmp.path().join("ca");
+        init_ca(&ca, "c1").unwrap();
+        let a_dir = tmp.path().join("a");
+        let a = issue_load(&ca, "a", &a_dir, None);
+        let b = issue_load(&ca, "b", &tmp.path().join("b"), None);
+        let c = issue_load(&ca, "c", &tmp.path().join("c"), None);
+        connect(b.client_config().unwrap(), a.server_config().unwrap()).unwrap();
+
+        let revoked = revoke(&ca, RevokeTarget::Node("b")).unwrap();
+        assert_eq!(revoked.added.len(), 1);
+        assert_eq!((revoked.total, revoked.crl_number), (1, 1));
+        fs::copy(ca.join(CRL_FILE), a_dir.join(CRL_FILE)).unwrap();
+        let a = NodeTls::load(&a_dir).unwrap();
+        assert_eq!(a.crl_count(), 1);
+
+        // b dials a: a's server verifier refuses the revoked certificate.
+        let err = connect(
+            rogue_client(b.certs.clone(), b.key.clone_key()),
+            a.server_config().unwrap(),
+        );
+        assert!(err.is_err());
+        assert_eq!(a.stats().refused(Refusal::Revoked), 1);
+        // a dials b: a's client verifier refuses it too.
+        let err = connect(a.client_config().unwrap(), b.server_config().unwrap()).unwrap_err();
+        assert_eq!(Refusal::of(&err), Refusal::Revoked, "{err}");
+        assert_eq!(a.stats().refused(Refusal::Revoked), 2);
+        // c is untouched.
+        connect(c.client_config().unwrap(), a.server_config().unwrap()).unwrap();
+        connect(a.client_config().unwrap(), c.server_config().unwrap()).unwrap();
+        assert!(!a.gossip_signer().unwrap().check_identity("b", &b.certs[0]));
+
+        // Revoking again adds nothing but still bumps the CRL number.
+        let again = revoke(&ca, RevokeTarget::Node("b")).unwrap();
+        assert!(again.added.is_empty());
+        assert_eq!((again.total, again.crl_number), (1, 2));
+
+        // A node cannot start on a CRL that revokes itself; re-issued, it can.
+        let b_dir = tmp.path().join("b");
+        fs::copy(ca.join(CRL_FILE), b_dir.join(CRL_FILE)).unwrap();
+        let err = format!("{:#}", NodeTls::load(&b_dir).unwrap_err());
+        assert!(err.contains(CRL_FILE), "{err}");
+        let b2 = issue_load(&ca, "b", &b_dir, None);
+        assert_eq!(b2.crl_count(), 1, "issue copies the CA dir's CRL");
+        connect(b2.client_config().unwrap(), a.server_config().unwrap()).unwrap();
+
+        // Revoking by node id now takes both of b's certificates.
+        let both = revoke(&ca, RevokeTarget::Node("b")).unwrap();
+        assert_eq!((both.added.len(), both.total), (1, 2));
+    }
+
+    #[test]
+    fn revoke_by_serial_and_unknown_node() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ca = tmp.path().join("ca");
+        init_ca(&ca, "c1").unwrap();
+        let a_dir = tmp.path().join("a");
+        let a = issue_load(&ca, "a", &a_dir, None);
+        let issued = issue_node(&ca, "b", &tmp.path().join("b")).unwrap();
+        let b = NodeTls::load(&tmp.path().join("b")).unwrap();
+        let err = revoke(&ca, RevokeTarget::Node("nobody")).unwrap_err();
+        assert!(err.to_string().contains("--serial"), "{err}");
+        // As openssl prints it: upper case, colons.
+        let openssl_style = issued
+            .serial
+            .as_bytes()
+            .chunks(2)
+            .map(|c| std::str::from_utf8(c).unwrap().to_uppercase())
+            .collect::<Vec<_>>()
+            .join(":");
+        let revoked = revoke(&ca, RevokeTarget::Serial(&openssl_style)).unwrap();
+        assert_eq!(revoked.added, vec![issued.serial.clone()]);
+        fs::copy(ca.join(CRL_FILE), a_dir.join(CRL_FILE)).unwrap();
+        let a = NodeTls::load(a.dir()).unwrap();
+        let err = format!("{:#}", a.check_peer(&b.certs).unwrap_err());
+        assert!(err.to_lowercase().contains("revoked"), "{err}");
+    }
+
+    #[test]
+    fn crl_of_another_ca_does_not_load() {
+        // webpki would refuse every peer with it; refuse the file instead.
+        let tmp = tempfile::tempdir().unwrap();
+        let a_dir = tmp.path().join("a");
+        let _a = cluster(&a_dir, "c1", "a");
+        let other = tmp.path().join("other");
+        init_ca(&other, "c1").unwrap();
+        issue_node(&other, "x", &tmp.path().join("x")).unwrap();
+        revoke(&other, RevokeTarget::Node("x")).unwrap();
+        fs::copy(other.join(CRL_FILE), a_dir.join("a").join(CRL_FILE)).unwrap();
+        let err = format!("{:#}", NodeTls::load(&a_dir.join("a")).unwrap_err());
+        assert!(err.contains(CRL_FILE), "{err}");
+    }
+
+    #[test]
+    fn watch_reloads_settled_changes_and_keeps_old_material_on_bad_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ca = tmp.path().join("ca");
+        init_ca(&ca, "c1").unwrap();
+        let a_dir = tmp.path().join("a");
+        let a = issue_load(&ca, "a", &a_dir, None);
+        let b = issue_load(&ca, "b", &tmp.path().join("b"), None);
+        let mut watch = TlsWatch::new();
+        assert!(watch.poll(&a, false).is_none());
+        assert!(watch.poll(&a, false).is_none());
+
+        revoke(&ca, RevokeTarget::Node("b")).unwrap();
+        fs::copy(ca.join(CRL_FILE), a_dir.join(CRL_FILE)).unwrap();
+        // First sight: wait one poll for the files to settle.
+        assert!(watch.poll(&a, false).is_none());
+        let new = watch.poll(&a, false).unwrap().unwrap();
+        assert_eq!(new.crl_count(), 1);
+        assert!(new.check_peer(&b.certs).is_err());
+        assert_eq!(a.stats().reloads_ok.load(Ordering::Relaxed), 1);
+        let a = new;
+        assert!(watch.poll(&a, false).is_none());
+
+        // A broken CRL: reported once, counted, the old material stays.
+        fs::write(a_dir.join(CRL_FILE), "-----BEGIN X509 CRL-----\ngarbage\n").unwrap();
+        assert!(watch.poll(&a, false).is_none());
+        let err = watch.poll(&a, false).unwrap().unwrap_err();
+        assert!(format!("{err:#}").contains(CRL_FILE), "{err:#}");
+        assert!(watch.poll(&a, false).is_none());
+        assert!(watch.poll(&a, false).is_none());
+        assert_eq!(a.stats().reloads_error.load(Ordering::Relaxed), 1);
+        assert!(a.check_peer(&b.certs).is_err(), "still the old CRL");
+        // SIGHUP retries at once.
+        assert!(watch.poll(&a, true).unwrap().is_err());
+        assert_eq!(a.stats().reloads_error.load(Ordering::Relaxed), 2);
+
+        // A new key and certificate for the same node: picked up.
+        let old_expiry = a.not_after();
+        issue_node_with(
+            &ca,
+            "a",
+            &a_dir,
+            &IssueOptions {
+                days: 10,
+                cluster_id: None,
+            },
+        )
+        .unwrap();
+        let new = watch.poll(&a, true).unwrap().unwrap();
+        assert!(new.not_after() < old_expiry);
+        assert!((a.stats().cert_expiry_seconds() - 10 * 86_400).abs() < 86_400);
+
+        // Another node's material in the dir is refused.
+        issue_node(&ca, "z", &a_dir).unwrap();
+        let err = watch.poll(&new, true).unwrap().unwrap_err();
+        assert!(format!("{err:#}").contains("\"z\""), "{err:#}");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn pct_roundtrip(s in "\\PC*") {
+            let encoded = pct_encode(&s);
+            proptest::prop_assert!(encoded.bytes().all(|b| b.is_ascii_graphic() && b != b'/'));
+            proptest::prop_assert_eq!(pct_decode(&encoded), Some(s));
+        }
+
+        #[test]
+        fn pct_decode_never_panics(s in "[%0-9a-fA-F+ä/]*") {
+            let _ = pct_decode(&s);
         }
     }
 }

@@ -12,11 +12,16 @@
 //! the message for a per-peer task that owns dialling and writing. A dead
 //! peer thus costs a full queue and dropped messages — which gossip
 //! tolerates — instead of a stalled protocol loop.
+//!
+//! New TLS material (a renewed certificate, a CRL) is switched to with
+//! [`QuicTransport::apply_tls`]: new connections, either way, use it, and
+//! open connections whose peer it refuses (a revoked certificate) are
+//! closed; the others keep the keys they agreed on.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -123,8 +128,10 @@ fn bump(counter: &AtomicU64, by: u64) {
 
 /// Gossip over QUIC with mutual TLS from the cluster CA.
 pub struct QuicTransport {
-    tls: Arc<NodeTls>,
+    tls: Mutex<Arc<NodeTls>>,
     stats: Arc<GossipStats>,
+    /// The endpoint once open, for [`QuicTransport::apply_tls`].
+    node: Mutex<Weak<Node>>,
 }
 
 /// Why the gossip endpoint could not be opened or used.
@@ -149,9 +156,77 @@ pub enum TransportError {
 
 impl QuicTransport {
     pub fn new(tls: Arc<NodeTls>, stats: Arc<GossipStats>) -> Self {
-        QuicTransport { tls, stats }
+        QuicTransport {
+            tls: Mutex::new(tls),
+            stats,
+            node: Mutex::new(Weak::new()),
+        }
     }
 
+    /// The TLS material in use.
+    pub fn tls(&self) -> Arc<NodeTls> {
+        lock(&self.tls).clone()
+    }
+
+    /// Switches to new TLS material: the open endpoint (if any) accepts and
+    /// dials with it from now on, and every open connection whose peer it
+    /// refuses is closed. Returns how many were closed.
+    pub fn apply_tls(&self, tls: Arc<NodeTls>) -> Result<usize, TransportError> {
+        let configs = Configs::new(&tls)?;
+        *lock(&self.tls) = tls.clone();
+        let Some(node) = lock(&self.node).upgrade() else {
+            return Ok(0);
+        };
+        node.endpoint.set_server_config(Some(configs.server));
+        *lock(&node.client_config) = configs.client;
+        let open: Vec<Connection> = lock(&node.live).values().cloned().collect();
+        let mut closed = 0;
+        for conn in open {
+            let Some(certs) = peer_certs(&conn) else {
+                continue;
+            };
+            if let Err(err) = tls.check_peer(&certs) {
+                let remote = canonical(conn.remote_address());
+                warn!(%remote, reason = %format!("{err:#}"), "closing gossip connection: the new TLS material refuses the peer");
+                conn.close(VarInt::from_u32(CLOSE_REJECTED), b"certificate refused");
+                bump(&self.stats.rejected_peers, 1);
+                closed += 1;
+            }
+        }
+        Ok(closed)
+    }
+}
+
+/// The quinn configs made from one set of TLS material.
+struct Configs {
+    server: quinn::ServerConfig,
+    client: quinn::ClientConfig,
+}
+
+impl Configs {
+    fn new(tls: &NodeTls) -> Result<Configs, TransportError> {
+        let transport = Arc::new(transport_config()?);
+        let server_crypto = QuicServerConfig::try_from(tls.server_config()?)?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
+        server.transport_config(transport.clone());
+        // The remote address is where replies go; it must not change under
+        // an established connection.
+        server.migration(false);
+        let client_crypto = QuicClientConfig::try_from(tls.client_config()?)?;
+        let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
+        client.transport_config(transport);
+        Ok(Configs { server, client })
+    }
+}
+
+/// The certificates a connection's peer presented at its handshake.
+fn peer_certs(conn: &Connection) -> Option<Vec<CertificateDer<'static>>> {
+    conn.peer_identity()
+        .and_then(|identity| identity.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .map(|certs| *certs)
+}
+
+impl QuicTransport {
     pub fn stats(&self) -> Arc<GossipStats> {
         self.stats.clone()
     }
@@ -160,22 +235,16 @@ impl QuicTransport {
 impl QuicTransport {
     /// Binds the gossip endpoint.
     pub async fn open(&self, listen_addr: SocketAddr) -> Result<QuicSocket, TransportError> {
-        let transport = Arc::new(transport_config()?);
-
-        let server_crypto = QuicServerConfig::try_from(self.tls.server_config()?)?;
-        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
-        server_config.transport_config(transport.clone());
-        // The remote address is where replies go; it must not change under
-        // an established connection.
-        server_config.migration(false);
-
-        let client_crypto = QuicClientConfig::try_from(self.tls.client_config()?)?;
-        let mut client_config = quinn::ClientConfig::new(Arc::new(client_crypto));
-        client_config.transport_config(transport);
+        let tls = self.tls();
+        let Configs {
+            server: server_config,
+            client: client_config,
+        } = Configs::new(&tls)?;
 
         // A reset key that survives restarts (see `stateless_reset_secret`).
+        // It stays that of the key at open: a reloaded key does not change it.
         let reset_key =
-            ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.tls.stateless_reset_secret());
+            ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &tls.stateless_reset_secret());
         let socket =
             std::net::UdpSocket::bind(listen_addr).map_err(|source| TransportError::Bind {
                 addr: listen_addr,
@@ -189,19 +258,21 @@ impl QuicTransport {
         endpoint_config
             .max_udp_payload_size(MAX_UDP_PAYLOAD)
             .map_err(|e| TransportError::Config(format!("max UDP payload: {e}")))?;
-        let mut endpoint = Endpoint::new(endpoint_config, Some(server_config), socket, runtime)
+        let endpoint = Endpoint::new(endpoint_config, Some(server_config), socket, runtime)
             .map_err(|source| TransportError::Bind {
                 addr: listen_addr,
                 source,
             })?;
-        endpoint.set_default_client_config(client_config);
 
         let node = Arc::new(Node {
             endpoint,
+            client_config: Mutex::new(client_config),
             stats: self.stats.clone(),
             conns: Mutex::new(HashMap::new()),
+            live: Mutex::new(HashMap::new()),
             per_host: Mutex::new(HashMap::new()),
         });
+        *lock(&self.node) = Arc::downgrade(&node);
         let (inbox_tx, inbox) = mpsc::channel(RECV_QUEUE_CAPACITY);
         let deliver = inbox_tx.downgrade();
         let mut tasks = JoinSet::new();
@@ -209,7 +280,7 @@ impl QuicTransport {
         // endpoint closes, it and all connection readers end, and `recv`
         // reports the transport as broken.
         tasks.spawn(node.clone().accept_loop(inbox_tx));
-        debug!(%listen_addr, node_id = self.tls.node_id(), "gossip QUIC endpoint open");
+        debug!(%listen_addr, node_id = tls.node_id(), "gossip QUIC endpoint open");
         Ok(QuicSocket {
             node,
             peers: HashMap::new(),
@@ -244,11 +315,16 @@ pub type Delivery = (SocketAddr, Arc<str>, Vec<u8>);
 /// State shared by the socket and its background tasks.
 struct Node {
     endpoint: Endpoint,
+    /// What new outgoing connections use; replaced by `apply_tls`.
+    client_config: Mutex<quinn::ClientConfig>,
     stats: Arc<GossipStats>,
     /// Live connections by (canonical) peer address, incoming or dialled:
     /// whichever exists is reused for sending, so two nodes usually share
     /// one connection.
     conns: Mutex<HashMap<SocketAddr, (Connection, Instant)>>,
+    /// Every authenticated connection still being read, by stable id (a
+    /// peer may have two): what `apply_tls` re-checks.
+    live: Mutex<HashMap<usize, Connection>>,
     /// Live incoming connections per peer host.
     per_host: Mutex<HashMap<std::net::IpAddr, usize>>,
 }
@@ -298,7 +374,11 @@ impl Node {
         peer: SocketAddr,
         deliver: &mpsc::WeakSender<Delivery>,
     ) -> Option<Connection> {
-        let connecting = match self.endpoint.connect(peer, skein_tls::SERVER_NAME) {
+        let config = lock(&self.client_config).clone();
+        let connecting = match self
+            .endpoint
+            .connect_with(config, peer, skein_tls::SERVER_NAME)
+        {
             Ok(connecting) => connecting,
             Err(err) => {
                 warn!(%peer, error = %err, "cannot dial gossip peer");
@@ -337,9 +417,7 @@ impl Node {
             .handshake_data()
             .and_then(|data| data.downcast::<HandshakeData>().ok())
             .is_some_and(|data| data.protocol.as_deref() == Some(skein_tls::ALPN));
-        let peer_id = conn
-            .peer_identity()
-            .and_then(|identity| identity.downcast::<Vec<CertificateDer<'static>>>().ok())
+        let peer_id = peer_certs(conn)
             .and_then(|certs| certs.first().and_then(|c| skein_tls::peer_node_id(c)));
         let reason = match (alpn_ok, peer_id) {
             (true, Some(peer_id)) => return Some(peer_id),
@@ -370,6 +448,7 @@ impl Node {
     /// other at the same moment keep both, so neither loses its fresh one.
     fn register(&self, peer: SocketAddr, conn: &Connection) {
         let now = Instant::now();
+        lock(&self.live).insert(conn.stable_id(), conn.clone());
         let old = lock(&self.conns).insert(peer, (conn.clone(), now));
         if let Some((old, since)) = old {
             if old.stable_id() != conn.stable_id() && now.duration_since(since) > REPLACE_AFTER {
@@ -433,6 +512,7 @@ impl Node {
                 }
             }
         }
+        lock(&self.live).remove(&conn.stable_id());
         self.forget(peer, conn.stable_id());
     }
 

@@ -50,6 +50,27 @@ impl Ca {
         Arc::new(NodeTls::load(&dir).unwrap())
     }
 
+    /// A node certificate from this CA that names another cluster.
+    fn node_of_cluster(&self, node_id: &str, cluster_id: &str) -> Arc<NodeTls> {
+        let dir = self.tmp.path().join(node_id);
+        let options = skein_tls::IssueOptions {
+            cluster_id: Some(cluster_id.to_owned()),
+            ..Default::default()
+        };
+        skein_tls::issue_node_with(&self.dir(), node_id, &dir, &options).unwrap();
+        Arc::new(NodeTls::load(&dir).unwrap())
+    }
+
+    /// Revokes `node_id` and copies the CRL into `into`'s TLS dir.
+    fn revoke(&self, node_id: &str, into: &NodeTls) {
+        skein_tls::revoke(&self.dir(), skein_tls::RevokeTarget::Node(node_id)).unwrap();
+        std::fs::copy(
+            self.dir().join(skein_tls::CRL_FILE),
+            into.dir().join(skein_tls::CRL_FILE),
+        )
+        .unwrap();
+    }
+
     fn ca_cert(&self) -> CertificateDer<'static> {
         CertificateDer::from_pem_file(self.dir().join("ca.pem")).unwrap()
     }
@@ -59,6 +80,7 @@ struct Node {
     socket: QuicSocket,
     stats: Arc<GossipStats>,
     addr: SocketAddr,
+    transport: QuicTransport,
 }
 
 /// A port that was free a moment ago; `open` retries if someone took it.
@@ -89,6 +111,7 @@ async fn open(tls: Arc<NodeTls>) -> Node {
                     socket,
                     stats,
                     addr,
+                    transport,
                 };
             }
             Err(err) => last_err = Some(err),
@@ -269,6 +292,185 @@ async fn foreign_ca_cannot_deliver() {
     assert_quiet(&mut foreign).await;
     assert_eq!(get(&good.stats.messages_out), 0);
     assert_eq!(get(&good.stats.messages_in), 0);
+}
+
+fn refused(node: &Node, reason: skein_tls::Refusal) -> u64 {
+    node.transport.tls().stats().refused(reason)
+}
+
+#[tokio::test]
+async fn peer_of_another_cluster_cannot_deliver() {
+    // Same CA, but the certificate names another cluster: refused at the
+    // handshake, in both directions, before any message.
+    let ca = Ca::new("c1");
+    let mut good = open(ca.node("good")).await;
+    let mut other = open(ca.node_of_cluster("other", "c2")).await;
+    use skein_tls::Refusal::WrongCluster;
+
+    other.socket.send(good.addr, heartbeat(1));
+    // The dialler checks the server first: `other` refuses `good`.
+    wait_for("other to refuse good's certificate", || {
+        refused(&other, WrongCluster) >= 1
+    })
+    .await;
+    good.socket.send(other.addr, heartbeat(2));
+    wait_for("good to refuse other's certificate", || {
+        refused(&good, WrongCluster) >= 1 && get(&good.stats.rejected_peers) >= 1
+    })
+    .await;
+    assert_quiet(&mut good).await;
+    assert_quiet(&mut other).await;
+    assert_eq!(get(&good.stats.messages_out), 0);
+    assert_eq!(get(&other.stats.messages_out), 0);
+}
+
+#[tokio::test]
+async fn peer_of_another_cluster_is_refused_by_the_server() {
+    // A client that does not check the server at all (a rogue): the
+    // server's own check refuses it.
+    let ca = Ca::new("c1");
+    let mut good = open(ca.node("good")).await;
+    let other = ca.node_of_cluster("other", "c2");
+    let endpoint = raw_client(rogue_client_config(&other));
+    let conn = try_send_raw(&endpoint, good.addr).await;
+    wait_for("good to refuse the client", || {
+        refused(&good, skein_tls::Refusal::WrongCluster) >= 1
+    })
+    .await;
+    if let Some(conn) = conn {
+        timeout(DEADLINE, conn.closed())
+            .await
+            .expect("refused connection stays open");
+    }
+    assert_quiet(&mut good).await;
+}
+
+#[tokio::test]
+async fn revoked_peer_cannot_deliver() {
+    let ca = Ca::new("c1");
+    let revoked = ca.node("revoked");
+    let tls = ca.node("good");
+    ca.revoke("revoked", &tls);
+    let tls = Arc::new(NodeTls::load(tls.dir()).unwrap());
+    assert_eq!(tls.crl_count(), 1);
+    let mut good = open(tls).await;
+    let mut revoked = open(revoked).await;
+    use skein_tls::Refusal::Revoked;
+
+    revoked.socket.send(good.addr, heartbeat(1));
+    wait_for("good to refuse the revoked client", || {
+        refused(&good, Revoked) >= 1
+    })
+    .await;
+    good.socket.send(revoked.addr, heartbeat(2));
+    wait_for("good to refuse the revoked server", || {
+        refused(&good, Revoked) >= 2
+    })
+    .await;
+    assert_quiet(&mut good).await;
+    assert_quiet(&mut revoked).await;
+    assert_eq!(get(&good.stats.messages_out), 0);
+    assert_eq!(get(&good.stats.messages_in), 0);
+}
+
+#[tokio::test]
+async fn reloaded_crl_closes_and_refuses_the_revoked_peer() {
+    let ca = Ca::new("c1");
+    let mut good = open(ca.node("good")).await;
+    let mut peer = open(ca.node("peer")).await;
+    let mut bystander = open(ca.node("bystander")).await;
+
+    // Both talk to good over connections they dialled.
+    peer.socket.send(good.addr, heartbeat(1));
+    assert_eq!(recv(&mut good).await.1, "peer");
+    bystander.socket.send(good.addr, heartbeat(2));
+    assert_eq!(recv(&mut good).await.1, "bystander");
+
+    // The operator revokes `peer` and copies the CRL to good, which
+    // reloads (what the agent does on a change or SIGHUP).
+    let tls = good.transport.tls();
+    ca.revoke("peer", &tls);
+    let mut watch = skein_tls::TlsWatch::new();
+    let reloaded = Arc::new(watch.poll(&tls, true).expect("a change").unwrap());
+    assert_eq!(reloaded.crl_count(), 1);
+    assert_eq!(tls.stats().reloads_ok.load(Ordering::Relaxed), 1);
+    let closed = good.transport.apply_tls(reloaded).unwrap();
+    assert_eq!(closed, 1, "the revoked peer's open connection is closed");
+
+    // The revoked peer's next attempts need a new connection: refused.
+    let start = Instant::now();
+    while refused(&good, skein_tls::Refusal::Revoked) == 0 {
+        assert!(start.elapsed() < DEADLINE, "revoked peer never redialled");
+        peer.socket.send(good.addr, heartbeat(3));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // good refuses to dial it too.
+    good.socket.send(peer.addr, heartbeat(4));
+    wait_for("good to refuse dialling the revoked peer", || {
+        refused(&good, skein_tls::Refusal::Revoked) >= 2
+    })
+    .await;
+    assert_quiet(&mut peer).await;
+
+    // The bystander's connection survived the reload and still delivers.
+    bystander.socket.send(good.addr, heartbeat(5));
+    let (_, from, bytes) = recv(&mut good).await;
+    assert_eq!((from.as_str(), bytes), ("bystander", heartbeat(5)));
+    assert_quiet(&mut good).await;
+}
+
+/// A client config presenting `tls`'s certificate that trusts any server.
+fn rogue_client_config(tls: &NodeTls) -> rustls::ClientConfig {
+    #[derive(Debug)]
+    struct AcceptAny(Arc<rustls::crypto::CryptoProvider>);
+    impl rustls::client::danger::ServerCertVerifier for AcceptAny {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &rustls::pki_types::ServerName<'_>,
+            _: &[u8],
+            _: rustls::pki_types::UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+        fn verify_tls13_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let certs = CertificateDer::pem_file_iter(tls.dir().join(skein_tls::NODE_CERT_FILE))
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key =
+        rustls::pki_types::PrivateKeyDer::from_pem_file(tls.dir().join(skein_tls::NODE_KEY_FILE))
+            .unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
+        .with_client_auth_cert(certs, key)
+        .unwrap();
+    config.alpn_protocols = vec![skein_tls::ALPN.to_vec()];
+    config
 }
 
 /// A raw quinn client endpoint with the given TLS config.

@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod overlay;
 mod realize;
 mod store;
+pub mod tls;
 pub mod view;
 mod vips;
 pub mod vxlan;
@@ -91,6 +92,8 @@ pub struct Agent {
     gossip: Gossip,
     store: Store,
     stats: Arc<GossipStats>,
+    /// The gossip transport, whose TLS material `tls::watch` reloads.
+    transport: Arc<QuicTransport>,
     /// Serializes own-task writes so the file and the gossip keyspace are
     /// updated in the same order.
     own_tasks: Mutex<BTreeMap<String, TaskSpec>>,
@@ -200,6 +203,16 @@ impl Agent {
                 tls.node_id()
             );
         }
+        // The certificate names the cluster and peers check it at the
+        // handshake; a node configured for another would be refused by all.
+        if tls.cluster_id() != config.cluster_id {
+            anyhow::bail!(
+                "cluster id {:?} does not match the certificate in {} (issued for cluster {:?})",
+                config.cluster_id,
+                config.tls_dir.display(),
+                tls.cluster_id()
+            );
+        }
         let generation = store.next_generation(unix_ms())?;
         let own_tasks = store.load_tasks()?;
         let own_leases = store.load_leases()?;
@@ -231,7 +244,7 @@ impl Agent {
 
         let stats = Arc::new(GossipStats::default());
         let signer = tls.gossip_signer()?;
-        let transport = QuicTransport::new(Arc::new(tls), stats.clone());
+        let transport = Arc::new(QuicTransport::new(Arc::new(tls), stats.clone()));
         let gossip_config = GossipConfig {
             node_id: config.node_id.clone(),
             generation,
@@ -278,6 +291,7 @@ impl Agent {
             gossip,
             store,
             stats,
+            transport,
             own_tasks: Mutex::new(own_tasks),
             view,
             refresh_requests: AtomicU64::new(0),
@@ -303,6 +317,7 @@ impl Agent {
         let first = agent.build_view(1).await;
         agent.publish_view(first).await;
         tokio::spawn(refresh_loop(Arc::downgrade(&agent)));
+        tokio::spawn(tls::watch(Arc::downgrade(&agent.transport)));
         tokio::spawn(health::run(Arc::downgrade(&agent)));
         match agent.config.l4lb_dataplane {
             l4lb::Dataplane::Nftables => {
@@ -350,6 +365,11 @@ impl Agent {
 
     pub fn gossip_stats(&self) -> &GossipStats {
         &self.stats
+    }
+
+    /// Counters and expiry of the TLS material in use.
+    pub fn tls_stats(&self) -> Arc<skein_tls::TlsStats> {
+        self.transport.tls().stats().clone()
     }
 
     pub fn uptime(&self) -> Duration {

@@ -40,6 +40,7 @@ pub fn render(agent: &Agent) -> String {
     );
     let g = agent.gossip_stats();
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    crate::tls::render(&mut out.0, &agent.tls_stats());
     out.metric(
         "skein_gossip_bytes_total",
         "counter",

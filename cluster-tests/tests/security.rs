@@ -285,3 +285,94 @@ fn loopback_writes_need_the_agents_own_token() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn revoked_node_is_cut_off_once_the_crl_is_copied() -> anyhow::Result<()> {
+    let mut c = Cluster::new(3)?;
+    c.start(1, &[], &[])?;
+    c.start(2, &[1], &[])?;
+    c.start(3, &[1], &[])?;
+    for i in [1, 2] {
+        c.wait_status(i, "node3", "alive")?;
+    }
+    let expiry = metric_i64(&c, 1, "skein_tls_cert_expiry_seconds{cert=\"node\"}")?;
+    assert!(
+        (expiry - 365 * 86_400).abs() < 86_400,
+        "node1's certificate expires in {expiry} s, not about a year"
+    );
+
+    // What an operator does: revoke with the CLI, copy the CRL next to
+    // node.pem on the other nodes. The agents notice within seconds.
+    let ca = c.dir.path().join("ca");
+    let out = run_skein(&[
+        "cert",
+        "revoke",
+        "--ca-dir",
+        ca.to_str().expect("utf8"),
+        "node3",
+    ])?;
+    println!("{}", String::from_utf8_lossy(&out.stdout).trim());
+    for i in [1, 2] {
+        std::fs::copy(ca.join("ca.crl.pem"), c.node(i).tls_dir.join("ca.crl.pem"))?;
+    }
+    for i in [1, 2] {
+        wait_for(
+            &format!("node{i} to reload its TLS dir"),
+            Duration::from_secs(15),
+            || Ok((metric(&c, i, "skein_tls_reloads_total{result=\"ok\"}")? == 1).then_some(())),
+        )?;
+    }
+    // Its open connections were closed and its new ones are refused: the
+    // others stop hearing it and declare it down.
+    wait_for(
+        "node1 to refuse node3 as revoked",
+        Duration::from_secs(15),
+        || {
+            Ok((metric(
+                &c,
+                1,
+                "skein_tls_handshakes_refused_total{reason=\"revoked\"}",
+            )? > 0)
+                .then_some(()))
+        },
+    )?;
+    for i in [1, 2] {
+        c.wait_status(i, "node3", "down")?;
+    }
+    // node1 and node2 still talk to each other.
+    assert_eq!(
+        c.statuses(1)?
+            .iter()
+            .find(|(n, _)| n == "node2")
+            .map(|(_, s)| s.as_str()),
+        Some("alive")
+    );
+
+    // A broken CRL is refused and counted; the revocation stays in force.
+    std::fs::write(c.node(1).tls_dir.join("ca.crl.pem"), "not a CRL\n")?;
+    wait_for(
+        "node1 to count the bad reload",
+        Duration::from_secs(15),
+        || Ok((metric(&c, 1, "skein_tls_reloads_total{result=\"error\"}")? == 1).then_some(())),
+    )?;
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        c.statuses(1)?
+            .iter()
+            .find(|(n, _)| n == "node3")
+            .map(|(_, s)| s.as_str()),
+        Some("down")
+    );
+    Ok(())
+}
+
+fn metric_i64(c: &Cluster, i: usize, name: &str) -> anyhow::Result<i64> {
+    let out = cluster_tests::curl(
+        &c.node(i).netns,
+        &["-sf", &format!("{}/metrics", cluster_tests::API)],
+    )?;
+    let text = String::from_utf8_lossy(&out);
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+        .ok_or_else(|| anyhow::anyhow!("metric {name} missing"))
+}

@@ -70,11 +70,37 @@ enum CertCommand {
         #[arg(long, default_value = "skein")]
         cluster_id: String,
     },
-    /// Issue a node certificate signed by the CA in CA_DIR into OUT_DIR.
+    /// Issue a node certificate signed by the CA in CA_DIR into OUT_DIR
+    /// (with the CA dir's CRL, if any). The certificate names the cluster
+    /// (URI SAN skein://<cluster-id>/<node-id>); peers of other clusters
+    /// refuse it. A copy is kept in CA_DIR/issued/ for `cert revoke`.
     Issue {
         ca_dir: PathBuf,
         node_id: String,
         out_dir: PathBuf,
+        /// Lifetime in days (capped at the CA's expiry).
+        #[arg(long, default_value_t = skein_tls::DEFAULT_NODE_DAYS)]
+        days: u32,
+        /// The cluster the certificate is for; default: the CA's (the one
+        /// given to `cert init`). Only for one CA serving several clusters.
+        #[arg(long)]
+        cluster_id: Option<String>,
+    },
+    /// Revoke a node's certificates (or one by serial): rewrites
+    /// CA_DIR/ca.crl.pem. Copy that file to every node's TLS dir, next to
+    /// node.pem, as ca.crl.pem; agents pick it up within seconds (or on
+    /// SIGHUP) and close open connections of revoked peers.
+    Revoke {
+        /// The CA dir (ca.pem, ca-key.pem, issued/).
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// Revoke every certificate issued for this node id.
+        #[arg(required_unless_present = "serial", conflicts_with = "serial")]
+        node_id: Option<String>,
+        /// Revoke one certificate by serial number (hex, colons allowed, as
+        /// `openssl x509 -noout -serial` prints it).
+        #[arg(long)]
+        serial: Option<String>,
     },
 }
 
@@ -122,11 +148,47 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ca_dir,
             node_id,
             out_dir,
+            days,
+            cluster_id,
         }) => {
-            skein_tls::issue_node(&ca_dir, &node_id, &out_dir)?;
+            let options = skein_tls::IssueOptions { days, cluster_id };
+            let issued = skein_tls::issue_node_with(&ca_dir, &node_id, &out_dir, &options)?;
+            let days_left = issued
+                .not_after
+                .duration_since(std::time::SystemTime::now())
+                .map_or(0, |d| d.as_secs() / 86_400);
             println!(
-                "certificate for node {node_id:?} written to {}",
-                out_dir.display()
+                "certificate for node {node_id:?} of cluster {:?} written to {} \
+                 (serial {}, valid {days_left} days)",
+                issued.cluster_id,
+                out_dir.display(),
+                issued.serial
+            );
+            Ok(())
+        }
+        Command::Cert(CertCommand::Revoke {
+            ca_dir,
+            node_id,
+            serial,
+        }) => {
+            let target = match (&node_id, &serial) {
+                (_, Some(serial)) => skein_tls::RevokeTarget::Serial(serial),
+                (Some(node_id), None) => skein_tls::RevokeTarget::Node(node_id),
+                (None, None) => anyhow::bail!("name a node id or pass --serial"),
+            };
+            let revoked = skein_tls::revoke(&ca_dir, target)?;
+            if revoked.added.is_empty() {
+                println!("already revoked; nothing added");
+            }
+            for serial in &revoked.added {
+                println!("revoked serial {serial}");
+            }
+            println!(
+                "{} (CRL number {}, {} revoked in all): copy it to every node's TLS dir as {}",
+                revoked.crl_path.display(),
+                revoked.crl_number,
+                revoked.total,
+                skein_tls::CRL_FILE
             );
             Ok(())
         }

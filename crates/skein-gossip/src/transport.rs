@@ -179,6 +179,7 @@ impl QuicTransport {
         };
         node.endpoint.set_server_config(Some(configs.server));
         *lock(&node.client_config) = configs.client;
+        *lock(&node.tls) = tls.clone();
         let open: Vec<Connection> = lock(&node.live).values().cloned().collect();
         let mut closed = 0;
         for conn in open {
@@ -267,6 +268,7 @@ impl QuicTransport {
         let node = Arc::new(Node {
             endpoint,
             client_config: Mutex::new(client_config),
+            tls: Mutex::new(tls.clone()),
             stats: self.stats.clone(),
             conns: Mutex::new(HashMap::new()),
             live: Mutex::new(HashMap::new()),
@@ -317,6 +319,8 @@ struct Node {
     endpoint: Endpoint,
     /// What new outgoing connections use; replaced by `apply_tls`.
     client_config: Mutex<quinn::ClientConfig>,
+    /// The material in use, which `register` checks every new peer against.
+    tls: Mutex<Arc<NodeTls>>,
     stats: Arc<GossipStats>,
     /// Live connections by (canonical) peer address, incoming or dialled:
     /// whichever exists is reused for sending, so two nodes usually share
@@ -359,7 +363,9 @@ impl Node {
                     return;
                 };
                 debug!(%remote, %peer_id, "accepted gossip connection");
-                node.register(remote, &conn);
+                if !node.register(remote, &conn) {
+                    return;
+                }
                 node.read_connection(conn, remote, peer_id.into(), deliver)
                     .await;
             });
@@ -401,7 +407,9 @@ impl Node {
         // reader that nobody would hear.
         let deliver = deliver.upgrade()?;
         debug!(%peer, %peer_id, "dialled gossip peer");
-        self.register(peer, &conn);
+        if !self.register(peer, &conn) {
+            return None;
+        }
         tokio::spawn(
             self.clone()
                 .read_connection(conn.clone(), peer, peer_id.into(), deliver),
@@ -446,9 +454,24 @@ impl Node {
     /// and writes into its previous life would only wait out their timeout
     /// (holding up everything queued behind them). Two nodes dialling each
     /// other at the same moment keep both, so neither loses its fresh one.
-    fn register(&self, peer: SocketAddr, conn: &Connection) {
+    ///
+    /// Returns false, having closed it, if the TLS material in use now
+    /// refuses the peer: its handshake may have started before
+    /// `apply_tls` switched material, and finished after that re-checked
+    /// the open connections. (Inserted into `live` first, then checked:
+    /// either this check sees the new material or `apply_tls` sees this
+    /// connection.)
+    fn register(&self, peer: SocketAddr, conn: &Connection) -> bool {
         let now = Instant::now();
         lock(&self.live).insert(conn.stable_id(), conn.clone());
+        let tls = lock(&self.tls).clone();
+        if let Some(Err(err)) = peer_certs(conn).map(|certs| tls.check_peer(&certs)) {
+            warn!(%peer, reason = %format!("{err:#}"), "rejected gossip peer (refused by reloaded TLS material)");
+            bump(&self.stats.rejected_peers, 1);
+            conn.close(VarInt::from_u32(CLOSE_REJECTED), b"certificate refused");
+            lock(&self.live).remove(&conn.stable_id());
+            return false;
+        }
         let old = lock(&self.conns).insert(peer, (conn.clone(), now));
         if let Some((old, since)) = old {
             if old.stable_id() != conn.stable_id() && now.duration_since(since) > REPLACE_AFTER {
@@ -458,6 +481,7 @@ impl Node {
                 );
             }
         }
+        true
     }
 
     /// Forgets `peer`'s cached connection if it is still the given one (a

@@ -7,8 +7,12 @@
 #      changes on both sides, then healed: all nodes converge (target <= 5 s), nothing lost;
 #   3. a rolling restart of every agent, one at a time: target 0 failed requests and 0 DNS
 #      failures for cluster names;
-#   4. a whole-cluster stop and start: the same VIP address, overlay subnets and tasks after.
-# FAULTS_ONLY=kill|partition|roll|restart runs one of them.
+#   4. a whole-cluster stop and start: the same VIP address, overlay subnets and tasks after;
+#   5. node3 partitioned for longer than the dead-node grace (GRACE_S, 8 s here, set for the
+#      test) so each side forgets the other, with writes on both sides, then healed; then
+#      node3's agent stopped, its data dir wiped and started: nothing lost, no overlay address
+#      duplicated or moved, the VIP's address unchanged.
+# FAULTS_ONLY=kill|partition|roll|restart|grace runs one of them.
 set -eu
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -35,6 +39,7 @@ wait_until() { # what, seconds, command...: polls until the command succeeds
     done
 }
 token() { ex "${1:-node1}" cat /etc/skein/api-token; }
+task_ids() { ex "$1" curl -sf http://127.0.0.1:62080/v1/tasks | grep -o '"id":"[^"]*"' | sort; }
 api() { # node method path [body]: via the node's own loopback API with its own token
     _node=$1; m=$2; p=$3; b=${4:-}
     ex "$_node" curl -sf -X "$m" -H "Authorization: Bearer $(token "$_node")" -H 'Content-Type: application/json' \
@@ -134,7 +139,6 @@ api node3 PUT /v1/tasks/during-partition-b \
 sleep "$PARTITION_S"
 t0=$(now_ms)
 docker network connect --ip 172.31.250.13 "$NET" "$CID"
-task_ids() { ex "$1" curl -sf http://127.0.0.1:62080/v1/tasks | grep -o '"id":"[^"]*"' | sort; }
 converged_tasks() {
     a=$(task_ids node1); b=$(task_ids node2); c=$(task_ids node3)
     [ "$a" = "$b" ] && [ "$b" = "$c" ] \
@@ -190,6 +194,120 @@ diff "$TMP/before" "$TMP/after" >&2 || fail "VIP addresses, overlay subnets or t
 SENT=- FAILED=- DNSFAIL=- STALE=-
 report "whole-cluster stop/start" "$converged"
 say "same VIP address, overlay subnets and tasks after: $(tr '\n' ' ' <"$TMP/after" | cut -c1-200)"
+fi
+
+if [ -z "${FAULTS_ONLY:-}" ] || [ "$FAULTS_ONLY" = grace ]; then
+# --- 5. partition longer than the grace period; node3 rejoining with a wiped data dir --
+GRACE_S=${GRACE_S:-8}
+say "fault 5: dead-node grace ${GRACE_S}s; node3 partitioned until each side has forgotten the other"
+# Every agent restarted with the short grace (read by the supervisor at each start).
+set_grace() { # seconds, or '' for the default
+    for n in $NODES; do
+        if [ -n "$1" ]; then
+            ex "$n" sh -c "mkdir -p /run/skein && echo 'export SKEIN_DEAD_NODE_GRACE_S=$1' > /run/skein/agent.env"
+        else
+            ex "$n" rm -f /run/skein/agent.env
+        fi
+        ex "$n" skein-restart-agent >/dev/null || fail "restarting $n's agent"
+        wait_until "$n's agent back with the cluster" "$TIMEOUT" all_alive
+    done
+    wait_until "all instances after the restarts" "$TIMEOUT" all_instances
+}
+# Each agent's overlay addresses as node1 sees them ("node subnet vtep" lines), checked for
+# duplicates; and the named VIP's address.
+overlay_leases() {
+    ex "${1:-node1}" curl -sf http://127.0.0.1:62080/overlay-master/state | python3 -c '
+import json, sys
+agents = json.load(sys.stdin)["agents"]
+rows = sorted((a["node_id"], o["subnet"], o["backend"]["vxlan"]["vtep_ip"]) for a in agents for o in a["overlays"])
+subnets = [r[1] for r in rows]; vteps = [r[2] for r in rows]
+for r in rows: print(*r)
+if len(set(subnets)) != len(subnets) or len(set(vteps)) != len(vteps): sys.exit("duplicate overlay address")'
+}
+vip_address() { ex node1 curl -sf http://127.0.0.1:62080/v1/vips | grep -o '"address":"[^"]*"' | sort -u; }
+forgot() { # node other: node no longer holds any task of other
+    ! task_ids "$1" | grep -q "httpi-$2-"
+}
+set_grace "$GRACE_S"
+overlay_leases >"$TMP/leases-before" || fail "duplicate overlay addresses before fault 5"
+VIP_BEFORE=$(vip_address)
+CID=$($DC ps -q node3)
+NET=$(docker inspect -f '{{range $k, $v := .NetworkSettings.Networks}}{{$k}}{{end}}' "$CID")
+client_start grace
+t0=$(now_ms)
+docker network disconnect "$NET" "$CID"
+api node1 PUT /v1/tasks/beyond-grace-a \
+    '{"app":"/grace-a","ip":"172.31.250.11","ports":[{"name":"http","port":7003,"protocol":"tcp"}]}' >/dev/null
+api node3 PUT /v1/tasks/beyond-grace-b \
+    '{"app":"/grace-b","ip":"172.31.250.13","ports":[{"name":"http","port":7004,"protocol":"tcp"}]}' >/dev/null
+wait_until "node1 forgetting node3 (grace ${GRACE_S}s)" $((GRACE_S * 4 + 10)) forgot node1 node3
+wait_until "node3 forgetting node1" $((GRACE_S * 4 + 10)) forgot node3 node1
+partitioned=$(secs_since "$t0")
+t0=$(now_ms)
+docker network connect --ip 172.31.250.13 "$NET" "$CID"
+wait_until "all nodes converged after the heal" 60 sh -c '
+    a=$('"$DC"' exec -T node1 curl -sf http://127.0.0.1:62080/v1/tasks | grep -o "\"id\":\"[^\"]*\"" | sort)
+    for n in node2 node3; do
+        b=$('"$DC"' exec -T $n curl -sf http://127.0.0.1:62080/v1/tasks | grep -o "\"id\":\"[^\"]*\"" | sort)
+        [ "$a" = "$b" ] || exit 1
+    done
+    printf "%s" "$a" | grep -q beyond-grace-a && printf "%s" "$a" | grep -q beyond-grace-b && printf "%s" "$a" | grep -q httpi-node3-'
+converged=$(secs_since "$t0")
+wait_until "3 alive after the heal" 30 all_alive
+wait_until "$INSTANCES instances after the heal" "$TIMEOUT" all_instances
+client_stop grace
+report "partition ${partitioned}s > grace ${GRACE_S}s" "$converged"
+overlay_leases >"$TMP/leases-healed" || fail "duplicate overlay addresses after the heal"
+diff "$TMP/leases-before" "$TMP/leases-healed" >&2 || fail "overlay addresses changed across the long partition"
+[ "$(vip_address)" = "$VIP_BEFORE" ] || fail "the VIP address changed across the long partition"
+say "no overlay address changed or duplicated: $(tr '\n' ';' <"$TMP/leases-healed")"
+
+# node3's agent stopped, its data dir wiped (tasks, leases, replica, CNI state), started.
+say "node3 rejoining with a wiped data dir"
+# node3's own tasks as registered (their bodies), to register them again after the wipe.
+ex node3 curl -sf http://127.0.0.1:62080/v1/tasks | python3 -c '
+import json, sys
+for t in json.load(sys.stdin)["tasks"]:
+    if t["node_id"] == "node3":
+        tid = t.pop("id")
+        for k in ("node_id", "node_status", "healthy"): t.pop(k, None)
+        print(tid, json.dumps(t, separators=(",", ":")))' >"$TMP/node3-tasks"
+[ -s "$TMP/node3-tasks" ] || fail "no tasks of node3 before the wipe"
+t0=$(now_ms)
+ex node3 sh -c 'mkdir -p /run/skein && touch /run/skein/hold && kill -TERM "$(cat /run/skein-agent.pid)"'
+wait_until "node3's agent stopped" 30 sh -c "! $DC exec -T node3 skein version"
+ex node3 sh -c 'rm -rf /var/lib/skein/* && rm /run/skein/hold'
+wait_until "node3 back with a new generation" "$TIMEOUT" all_alive
+rejoined=$(secs_since "$t0")
+# Its own registrations went with its data dir: their framework registers them again, as
+# Marathon does when an agent comes back without its state.
+while read -r id body; do
+    api node3 PUT "/v1/tasks/$id" "$body" </dev/null >/dev/null || fail "re-registering $id"
+done <"$TMP/node3-tasks"
+wait_until "$INSTANCES instances after the wipe" "$TIMEOUT" all_instances
+for n in $NODES; do
+    overlay_leases "$n" >"$TMP/leases-wiped-$n" || fail "duplicate overlay addresses on $n after the wipe"
+done
+diff "$TMP/leases-wiped-node1" "$TMP/leases-wiped-node2" >&2 && diff "$TMP/leases-wiped-node1" "$TMP/leases-wiped-node3" >&2 \
+    || fail "nodes disagree on overlay addresses after the wipe"
+grep -v '^node3 ' "$TMP/leases-before" >"$TMP/others-before"
+grep -v '^node3 ' "$TMP/leases-wiped-node1" >"$TMP/others-after"
+diff "$TMP/others-before" "$TMP/others-after" >&2 || fail "another node's overlay addresses changed when node3 came back wiped"
+[ "$(vip_address)" = "$VIP_BEFORE" ] || fail "the VIP address changed when node3 came back wiped"
+# What other nodes wrote (during the partition too) is all there, on every node.
+for n in $NODES; do
+    task_ids "$n" | grep -q beyond-grace-a || fail "node1's beyond-grace-a lost on $n"
+done
+SENT=- FAILED=- DNSFAIL=- STALE=-
+report "node3 wiped data dir" "$rejoined"
+if diff -q "$TMP/leases-before" "$TMP/leases-wiped-node1" >/dev/null; then
+    say "node3 kept its overlay addresses: $(grep '^node3 ' "$TMP/leases-wiped-node1")"
+else
+    say "node3's overlay addresses: $(grep '^node3 ' "$TMP/leases-before") -> $(grep '^node3 ' "$TMP/leases-wiped-node1")"
+fi
+api node1 DELETE /v1/tasks/beyond-grace-a >/dev/null
+api node1 DELETE /v1/tasks/beyond-grace-b >/dev/null 2>&1 || api node3 DELETE /v1/tasks/beyond-grace-b >/dev/null
+set_grace ""
 fi
 
 echo

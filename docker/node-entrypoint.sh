@@ -41,7 +41,17 @@ agent=
 backoff=1
 trap 'stopping=1; [ -n "$agent" ] && kill -TERM "$agent" 2>/dev/null; wait' TERM INT
 while :; do
+    # Held (`touch /run/skein/hold`, as a stopped service on a host): the agent is not
+    # started again until the file is gone; used to wipe its data dir while it is down.
+    while [ -e /run/skein/hold ] && [ "$stopping" = 0 ]; do
+        sleep 0.5 &
+        wait $! || true
+    done
+    [ "$stopping" = 1 ] && exit 0
     started=$(date +%s)
+    # Overrides of the agent's environment, read at every start (e.g. a shorter
+    # SKEIN_DEAD_NODE_GRACE_S for a fault test): lines `export NAME=value`.
+    if [ -r /run/skein/agent.env ]; then . /run/skein/agent.env; fi
     skein agent "$@" &
     agent=$!
     echo "$agent" >/run/skein-agent.pid

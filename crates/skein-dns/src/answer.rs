@@ -200,10 +200,17 @@ fn finish(reply: Message, transport: Transport, client_size: usize) -> Outcome {
     if transport == Transport::Udp && bytes.len() > client_size {
         // Too big for the client's UDP buffer: TC set, the client retries
         // over TCP.
-        return reply
-            .truncate()
-            .to_vec()
-            .map_or(Outcome::Drop, Outcome::Reply);
+        let mut truncated = reply.truncate();
+        let Ok(bytes) = truncated.to_vec() else {
+            return Outcome::Drop;
+        };
+        if bytes.len() <= client_size {
+            return Outcome::Reply(bytes);
+        }
+        // The questions alone are too big (a FORMERR echoing several long
+        // ones): the header says enough.
+        truncated.queries.clear();
+        return truncated.to_vec().map_or(Outcome::Drop, Outcome::Reply);
     }
     Outcome::Reply(bytes)
 }
@@ -254,6 +261,35 @@ mod tests {
             Outcome::Reply(b) => Message::from_vec(&b).expect("decodable reply"),
             other => panic!("{qname}: {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_reply_over_udp_fits_even_when_its_questions_do_not() {
+        // Found by the dns_respond fuzzer: a FORMERR echoing two long
+        // questions was 539 bytes over UDP even truncated.
+        let mut q = Message::query();
+        for c in ["a", "b"] {
+            // 255 bytes, nothing in common (no compression).
+            let label = c.repeat(63);
+            let long = format!("{label}.{label}.{label}.{}.", &label[..61]);
+            q.add_query(Query::query(
+                Name::from_ascii(&long).expect("name"),
+                RecordType::A,
+            ));
+        }
+        let request = q.to_vec().expect("encode");
+        let Outcome::Reply(bytes) = respond(&records(), &request, Transport::Udp, 0) else {
+            panic!("no reply");
+        };
+        assert!(bytes.len() <= 512, "{} bytes", bytes.len());
+        let reply = Message::from_vec(&bytes).expect("decodes");
+        assert_eq!(reply.metadata.response_code, ResponseCode::FormErr);
+        assert!(reply.metadata.truncation);
+        // Over TCP the whole reply goes.
+        let Outcome::Reply(tcp) = respond(&records(), &request, Transport::Tcp, 0) else {
+            panic!("no reply");
+        };
+        assert!(tcp.len() > 512);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! the limit are shed, a slow client is cut at the connection's lifetime.
 //! Every wait is on a condition with a deadline.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use axum::routing::get;
 use axum::Router;
-use skein_agent::{Agent, AgentConfig};
+use skein_agent::Agent;
 use skein_api::{Limits, ServeCounters};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -26,48 +26,15 @@ const CLUSTER: &str = "limits-test";
 /// How long any one awaited condition may take before the test fails.
 const DEADLINE: Duration = Duration::from_secs(30);
 
+mod support;
+
 fn ca() -> TempDir {
-    let dir = tempfile::tempdir().expect("tempdir");
-    skein_tls::init_ca(&dir.path().join("ca"), CLUSTER).expect("CA");
-    dir
+    support::ca(CLUSTER)
 }
 
-fn free_udp_port(ip: Ipv4Addr) -> u16 {
-    std::net::UdpSocket::bind((ip, 0))
-        .and_then(|s| s.local_addr())
-        .expect("free port")
-        .port()
-}
-
-/// A real single agent on loopback (no DNS, no dataplane), as in router.rs.
+/// A real single agent on loopback (no DNS, no dataplane).
 async fn agent(ca: &Path) -> (Arc<Agent>, TempDir) {
-    let ip = Ipv4Addr::LOCALHOST;
-    let data = tempfile::tempdir().expect("tempdir");
-    let tls_dir = data.path().join("tls");
-    skein_tls::issue_node(&ca.join("ca"), "n1", &tls_dir).expect("node certificate");
-    let config = AgentConfig {
-        node_id: "n1".to_string(),
-        hostname: "n1.test".to_string(),
-        advertise: IpAddr::V4(ip),
-        gossip_listen: SocketAddr::from((ip, free_udp_port(ip))),
-        seeds: vec![],
-        data_dir: data.path().to_path_buf(),
-        tls_dir,
-        cluster_id: CLUSTER.to_string(),
-        gossip_interval: Duration::from_millis(50),
-        suspect_after: Duration::from_millis(1000),
-        dead_node_grace: Duration::from_secs(3600),
-        dns_listen: vec![],
-        dns_upstreams: vec!["127.0.0.1:9".parse().expect("addr")],
-        dns_zone_upstreams: vec![],
-        l4lb_dataplane: skein_agent::l4lb::Dataplane::None,
-        l4lb_resync: Duration::from_secs(30),
-        overlay: Default::default(),
-        overlay_dataplane: skein_agent::vxlan::OverlayDataplane::None,
-        overlay_resync: Duration::from_secs(10),
-    };
-    let agent = Agent::start(config).await.expect("agent starts");
-    (agent, data)
+    support::agent(ca, CLUSTER, "n1", Ipv4Addr::LOCALHOST, vec![]).await
 }
 
 fn agent_router(agent: &Arc<Agent>) -> Router {

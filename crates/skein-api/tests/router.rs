@@ -2,7 +2,7 @@
 //! loopback, no DNS server, no dataplane), driven with `oneshot`; bodies
 //! are decoded into the documents of `skein_agent::docs`.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,24 +12,17 @@ use axum::http::{header, Method, Request, StatusCode};
 use axum::Router;
 use http_body_util::BodyExt;
 use serde::de::DeserializeOwned;
-use skein_agent::{docs, Agent, AgentConfig};
+use skein_agent::{docs, Agent};
 use tempfile::TempDir;
 use tower::ServiceExt;
 
 const CLUSTER: &str = "router-test";
 
+mod support;
+
 /// A cluster CA in a temporary directory.
 fn ca() -> TempDir {
-    let dir = tempfile::tempdir().expect("tempdir");
-    skein_tls::init_ca(&dir.path().join("ca"), CLUSTER).expect("CA");
-    dir
-}
-
-fn free_udp_port(ip: Ipv4Addr) -> u16 {
-    std::net::UdpSocket::bind((ip, 0))
-        .and_then(|s| s.local_addr())
-        .expect("free port")
-        .port()
+    support::ca(CLUSTER)
 }
 
 /// A real agent `node_id` advertising `ip`, its data in a temporary
@@ -40,32 +33,7 @@ async fn agent(
     ip: Ipv4Addr,
     seeds: Vec<String>,
 ) -> (Arc<Agent>, TempDir) {
-    let data = tempfile::tempdir().expect("tempdir");
-    let tls_dir = data.path().join("tls");
-    skein_tls::issue_node(&ca.join("ca"), node_id, &tls_dir).expect("node certificate");
-    let config = AgentConfig {
-        node_id: node_id.to_string(),
-        hostname: format!("{node_id}.test"),
-        advertise: IpAddr::V4(ip),
-        gossip_listen: SocketAddr::from((ip, free_udp_port(ip))),
-        seeds,
-        data_dir: data.path().to_path_buf(),
-        tls_dir,
-        cluster_id: CLUSTER.to_string(),
-        gossip_interval: Duration::from_millis(50),
-        suspect_after: Duration::from_millis(1000),
-        dead_node_grace: Duration::from_secs(3600),
-        dns_listen: vec![],
-        dns_upstreams: vec!["127.0.0.1:9".parse().expect("addr")],
-        dns_zone_upstreams: vec![],
-        l4lb_dataplane: skein_agent::l4lb::Dataplane::None,
-        l4lb_resync: Duration::from_secs(30),
-        overlay: Default::default(),
-        overlay_dataplane: skein_agent::vxlan::OverlayDataplane::None,
-        overlay_resync: Duration::from_secs(10),
-    };
-    let agent = Agent::start(config).await.expect("agent starts");
-    (agent, data)
+    support::agent(ca, CLUSTER, node_id, ip, seeds).await
 }
 
 fn router(agent: &Arc<Agent>, token: Option<&str>) -> Router {

@@ -18,7 +18,6 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use skein_agent::docs;
 use skein_agent::{Agent, AgentError};
-use skein_state::TaskSpec;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::limit::GlobalConcurrencyLimitLayer;
 use tower::{ServiceBuilder, ServiceExt};
@@ -419,7 +418,7 @@ async fn put_task(
     authorize(&ctx, &headers)?;
     // Parse by hand: serde's message (field, line, column) is the clearest
     // thing to tell a client, and axum's Json rejection would hide it.
-    let spec: TaskSpec = serde_json::from_slice(&body)
+    let spec = skein_state::parse_task_body(&body)
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("invalid task body: {e}")))?;
     let created = ctx.agent.put_task(&id, spec).await?;
     let status = if created {

@@ -11,7 +11,8 @@ pub mod view;
 pub use labels::Labels;
 pub use replica::{Entry, NodeId, NodeKeyspace, Replica, Update};
 pub use task::{
-    validate_task_id, HealthCheck, HealthProtocol, PortMapping, Protocol, TaskError, TaskSpec,
+    parse_task_body, validate_task_id, HealthCheck, HealthProtocol, PortMapping, Protocol,
+    TaskError, TaskSpec,
 };
 pub use view::{
     health_key, nodes, task_key, tasks, BadEntry, Liveness, NodeMeta, NodeStatus, NodeView,

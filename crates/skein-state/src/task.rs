@@ -42,8 +42,12 @@ fn default_framework() -> String {
 }
 
 /// One port of a task, as Marathon writes a port mapping.
+///
+/// Task types read unknown fields tolerantly (ignored) so that a task a
+/// newer agent gossips with fields this version does not know is kept, not
+/// discarded, during a rolling upgrade; what a client sends is read
+/// strictly by [`parse_task_body`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct PortMapping {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
@@ -55,9 +59,8 @@ pub struct PortMapping {
     pub labels: Labels,
 }
 
-/// The body of `PUT /v1/tasks/{task-id}`.
+/// The body of `PUT /v1/tasks/{task-id}` (read with [`parse_task_body`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct TaskSpec {
     /// Marathon app id, e.g. `/httpi` or `/group/app`.
     pub app: String,
@@ -96,7 +99,6 @@ fn default_unhealthy_after() -> u32 {
 /// `{"protocol":"tcp"|"http","path":"/","interval_s":2,"timeout_s":1,"unhealthy_after":2}`,
 /// probing the task's first port (or `port_index`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct HealthCheck {
     pub protocol: HealthProtocol,
     #[serde(default = "default_path")]
@@ -213,12 +215,32 @@ impl TaskSpec {
     }
 }
 
+/// A task body from a client (`PUT /v1/tasks/{id}`, the CLI): any field
+/// this version does not know is an error that names it (most likely a
+/// typo, which would otherwise be dropped silently). What peers gossip is
+/// read with plain serde, tolerating fields a newer version added.
+pub fn parse_task_body(body: &[u8]) -> Result<TaskSpec, String> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let mut unknown = Vec::new();
+    let spec: TaskSpec = serde_ignored::deserialize(&mut de, |path| {
+        // serde_ignored writes an Option's inside as `?`: not a field.
+        unknown.push(format!("`{}`", path.to_string().replace(".?", "")));
+    })
+    .map_err(|e| e.to_string())?;
+    de.end().map_err(|e| e.to_string())?;
+    match unknown.len() {
+        0 => Ok(spec),
+        1 => Err(format!("unknown field {}", unknown[0])),
+        _ => Err(format!("unknown fields {}", unknown.join(", "))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn parse(body: &str) -> Result<TaskSpec, String> {
-        let spec: TaskSpec = serde_json::from_str(body).map_err(|e| e.to_string())?;
+        let spec = parse_task_body(body.as_bytes())?;
         spec.validate().map_err(|e| e.to_string())?;
         Ok(spec)
     }
@@ -232,6 +254,22 @@ mod tests {
         assert_eq!(spec.framework, "marathon");
         assert_eq!(spec.ports[0].protocol, Protocol::Tcp);
         assert_eq!(&spec.ports[0].labels["VIP_0"], "/httpi:3141");
+    }
+
+    #[test]
+    fn a_client_gets_unknown_fields_named_and_a_peer_has_them_ignored() {
+        let body = r#"{"app":"/a","ip":"10.0.0.3","labels":{"HAPROXY_GROUP":"external"},
+            "ports":[{"port":80,"weight":3}],"health_check":{"protocol":"tcp","grace_s":5}}"#;
+        assert_eq!(
+            parse_task_body(body.as_bytes()).expect_err("strict"),
+            "unknown fields `labels`, `ports.0.weight`, `health_check.grace_s`"
+        );
+        // Gossiped by a newer agent: kept, the unknown fields ignored.
+        let spec: TaskSpec = serde_json::from_str(body).expect("tolerant");
+        spec.validate().expect("valid");
+        assert_eq!(spec.ports[0].port, 80);
+        // Trailing garbage is an error, as with serde_json::from_slice.
+        assert!(parse_task_body(br#"{"app":"/a","ip":"10.0.0.3"} x"#).is_err());
     }
 
     #[test]

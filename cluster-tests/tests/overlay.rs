@@ -1,5 +1,6 @@
 //! Overlay leases across real agents: every node agrees on each agent's
-//! subnet and VTEP, they are distinct, and a restarted agent keeps its own.
+//! subnet and VTEP, they are distinct, and a restarted agent keeps its own
+//! (also when its replica cache is damaged); every claim ends settled.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -106,6 +107,34 @@ fn every_node_agrees_on_leases_and_a_restart_keeps_them() -> anyhow::Result<()> 
         Duration::from_secs(20),
         || Ok((leases(&c, 1)? == agreed && leases(&c, 2)? == agreed).then_some(())),
     )?;
+    // Every claim is marked settled once it has won for a while in a synced
+    // view: a node claiming before its first sync (a wiped data dir, a
+    // lagging clock) then loses to it whatever the clocks say.
+    wait_for("every lease claim settled", Duration::from_secs(20), || {
+        let state = c.get(1, "/v1/state")?;
+        let settled = ["node1", "node2", "node3"].iter().all(|n| {
+            ["lease:vtep", "lease:overlay/dcos"]
+                .iter()
+                .all(|k| state["nodes"][n]["keys"][k]["value"]["settled"] == true)
+        });
+        Ok(settled.then_some(()))
+    })?;
+    // Node 2 restarts with its replica cache damaged: the cache is moved
+    // aside (kept for a post-mortem), the agent starts, rejoins and keeps
+    // its leases.
+    c.kill(2)?;
+    let cache = c.node(2).data_dir.join("replica.postcard");
+    assert!(cache.exists(), "node2 persisted its replica");
+    std::fs::write(&cache, b"\x07 not a replica")?;
+    c.start(2, &[1], &[])?;
+    wait_for(
+        "node2 back after a corrupt replica cache",
+        Duration::from_secs(20),
+        || Ok((leases(&c, 1)? == agreed && leases(&c, 2)? == agreed).then_some(())),
+    )?;
+    c.wait_status(1, "node2", "alive")?;
+    let aside = std::fs::read(c.node(2).data_dir.join("replica.postcard.corrupt"))?;
+    assert_eq!(aside, b"\x07 not a replica");
     // Node 3 leaves for good: deleting it frees its leases on every node.
     let delete = r#"{"agents":["10.77.0.3"]}"#;
     let (code, text) = c.write(1, "POST", "/overlay-master/agents/delete", Some(delete))?;

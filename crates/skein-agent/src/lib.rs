@@ -234,7 +234,21 @@ impl Agent {
             initial.push((task_key(id), serde_json::to_string(spec)?));
         }
         // Leases come back with the node, with their original `since`, so
-        // they win again over anyone who claimed the same slot later.
+        // they win again over anyone who claimed the same slot later, but
+        // unsettled: if this node was down past the grace period and its
+        // slot was leased and settled by another meanwhile, the slot stays
+        // with that node (whose containers use it) and this one moves. It
+        // settles again once it has synced.
+        let own_leases: BTreeMap<String, skein_overlay::Claim> = own_leases
+            .into_iter()
+            .map(|(pool, claim)| {
+                let claim = skein_overlay::Claim {
+                    settled: false,
+                    ..claim
+                };
+                (pool, claim)
+            })
+            .collect();
         for (pool, claim) in &own_leases {
             initial.push((
                 format!("{}{pool}", overlay::LEASE_PREFIX),
@@ -473,17 +487,19 @@ impl Agent {
         self.view().records.clone()
     }
 
-    /// Whether this node's replica includes the rest of the cluster: a
-    /// peer is alive, or there are no seeds to wait for. Only then are its
-    /// lease and VIP claims marked settled (a settled claim beats every
-    /// claim its node never saw, so it must not be one made before the
-    /// first sync).
+    /// Whether this node's replica includes the rest of the cluster: it has
+    /// received a peer's state since it started (a replica restored from
+    /// the data dir does not count) and a peer is alive, or there are no
+    /// seeds to wait for. Only then are its lease and VIP claims marked
+    /// settled (a settled claim beats every claim its node never saw, so it
+    /// must not be one made before the first sync).
     fn synced(&self, liveness: &BTreeMap<String, skein_state::Liveness>) -> bool {
         let me = &self.config.node_id;
         self.config.seeds.is_empty()
-            || liveness
-                .iter()
-                .any(|(n, l)| n != me && l.status == NodeStatus::Alive)
+            || (self.gossip.joined()
+                && liveness
+                    .iter()
+                    .any(|(n, l)| n != me && l.status == NodeStatus::Alive))
     }
 
     /// Claims (or keeps) this node's overlay leases; persisted before they

@@ -306,8 +306,16 @@ impl LeaseSettling {
                 waiting = true;
                 continue;
             }
+            if !synced {
+                // The hold counts from the first synced view: a claim that
+                // only "won" in a view without the cluster proves nothing.
+                // Syncing changes keys and members, which rebuild the view:
+                // no need to wait on time meanwhile.
+                self.winning_since.remove(pool);
+                continue;
+            }
             let since = *self.winning_since.entry(pool.clone()).or_insert(now);
-            if synced && now.duration_since(since) >= period {
+            if now.duration_since(since) >= period {
                 claim.settled = true;
                 self.winning_since.remove(pool);
             } else {
@@ -628,10 +636,13 @@ mod tests {
         assert!(s.step(&mut desired, &published, true, t0, period));
         assert!(s.step(&mut desired, &published, true, t0 + period / 2, period));
         assert!(!desired["vtep"].settled);
-        // Alone (no peer alive yet, seeds to wait for): does not settle.
-        assert!(s.step(&mut desired, &published, false, t0 + period, period));
+        // Unsynced (no peer's state yet): does not settle, does not wait on
+        // time, and the hold starts over from the first synced view.
+        assert!(!s.step(&mut desired, &published, false, t0 + period, period));
         assert!(!desired["vtep"].settled);
-        assert!(!s.step(&mut desired, &published, true, t0 + period * 2, period));
+        assert!(s.step(&mut desired, &published, true, t0 + period * 2, period));
+        assert!(!desired["vtep"].settled, "held unsynced: starts over");
+        assert!(!s.step(&mut desired, &published, true, t0 + period * 3, period));
         assert!(desired["vtep"].settled);
         // A claim that moved starts over.
         let moved = Claim { slot: 6, ..claim };

@@ -9,8 +9,8 @@
 //! once, so a new VIP works on a node as soon as its task is there. Only
 //! where something actually conflicts does an address wait: a winning
 //! claim that another VIP claims too is used once the loser has claimed
-//! anew, or after [`SETTLE`] (or at once if the winning claim is older than
-//! that: a restarted agent must not drop what it served before); a guess
+//! anew, or after [`SETTLE`] (or at once if the winning claim is settled: a
+//! restarted agent must not drop what it served before); a guess
 //! (two new VIPs wanting one address, or a VIP whose every claim lost)
 //! waits for the claims. An address once handed out stays so for as long
 //! as it stays the VIP's.
@@ -85,6 +85,9 @@ struct Seen {
     /// When this address became the VIP's here.
     at: Instant,
     usable: bool,
+    /// Since when the VIP has held it by a winning claim (uncontested or
+    /// not), without a break.
+    won_at: Option<Instant>,
 }
 
 impl Settling {
@@ -98,18 +101,20 @@ impl Settling {
         addresses
             .iter()
             .map(|(vip, a)| {
-                let seen = self.seen.entry(vip.clone()).or_insert(Seen {
+                let fresh = || Seen {
                     ip: a.ip,
                     at: now,
                     usable: false,
-                });
+                    won_at: None,
+                };
+                let seen = self.seen.entry(vip.clone()).or_insert_with(fresh);
                 if seen.ip != a.ip {
-                    *seen = Seen {
-                        ip: a.ip,
-                        at: now,
-                        usable: false,
-                    };
+                    *seen = fresh();
                 }
+                seen.won_at = match a.standing {
+                    Standing::Claimed | Standing::Contested { .. } => seen.won_at.or(Some(now)),
+                    Standing::Predicted | Standing::Pending => None,
+                };
                 seen.usable |= match a.standing {
                     Standing::Claimed | Standing::Predicted => true,
                     // A settled winner held the address before (a
@@ -124,11 +129,15 @@ impl Settling {
             .collect()
     }
 
-    /// Whether `vip` has had this address here, usable, for [`SETTLE`].
-    fn held(&self, vip: &str, ip: Ipv4Addr, now: Instant) -> bool {
-        self.seen
-            .get(vip)
-            .is_some_and(|s| s.ip == ip && s.usable && now.duration_since(s.at) >= SETTLE)
+    /// Whether `vip` has held `ip` by a winning claim, here, for
+    /// [`SETTLE`] counted from no earlier than `synced_since`.
+    fn held(&self, vip: &str, ip: Ipv4Addr, now: Instant, synced_since: Instant) -> bool {
+        self.seen.get(vip).is_some_and(|s| {
+            s.ip == ip
+                && s.usable
+                && s.won_at
+                    .is_some_and(|t| now.duration_since(t.max(synced_since)) >= SETTLE)
+        })
     }
 }
 
@@ -150,6 +159,8 @@ pub(crate) struct Reconciled {
 #[derive(Default)]
 pub(crate) struct Allocator {
     settling: Settling,
+    /// Since when this node's view has been synced without a break.
+    synced_since: Option<Instant>,
 }
 
 impl Allocator {
@@ -192,22 +203,32 @@ impl Allocator {
         let claims = claims_in(replica);
         let resolution = alloc::resolve(&live, &claims, &reserved(vip_map.keys()));
         let addresses = self.settling.observe(&resolution.addresses, now);
-        // A claim is marked settled once its VIP has held the address,
-        // uncontested, for SETTLE in a synced view.
-        let uncontested = |vip: &str| {
+        self.synced_since = if synced {
+            self.synced_since.or(Some(now))
+        } else {
+            None
+        };
+        // A claim is marked settled once its VIP has held the address by a
+        // winning claim for SETTLE of synced views (contested too: the loser's
+        // claim may stay while its node is down, and the winner is the
+        // winner either way).
+        let winning = |vip: &str| {
             resolution
                 .addresses
                 .get(vip)
-                .filter(|a| a.standing == Standing::Claimed)
+                .filter(|a| matches!(a.standing, Standing::Claimed | Standing::Contested { .. }))
                 .map(|a| a.ip)
         };
+        let synced_since = self.synced_since;
         let desired = alloc::desired_claims(&hosted, &claims, &resolution, now_unix_ms, |vip| {
-            synced && uncontested(vip).is_some_and(|ip| self.settling.held(vip, ip, now))
+            synced_since.is_some_and(|since| {
+                winning(vip).is_some_and(|ip| self.settling.held(vip, ip, now, since))
+            })
         });
-        let settles_later = synced
+        let settles_later = synced_since.is_some()
             && desired
                 .iter()
-                .any(|(vip, v)| !v.settled && uncontested(vip) == Some(v.ip));
+                .any(|(vip, v)| !v.settled && winning(vip) == Some(v.ip));
         let published: BTreeMap<String, ClaimValue> = claims
             .iter()
             .filter(|c| c.node == me)
@@ -424,8 +445,20 @@ mod tests {
         let alone = n1.reconcile_tasks("n1", &replica, &tasks(&replica), t0 + SETTLE, T0_MS, false);
         assert!(alone.publish.is_empty());
         assert!(!alone.waits_on_time, "only a peer coming up can settle it");
-        let settled =
+        // Synced again: the hold starts over (held while unsynced proves
+        // nothing), a full SETTLE.
+        let resynced =
             n1.reconcile_tasks("n1", &replica, &tasks(&replica), t0 + SETTLE, T0_MS, true);
+        assert!(resynced.publish.is_empty());
+        assert!(resynced.waits_on_time);
+        let settled = n1.reconcile_tasks(
+            "n1",
+            &replica,
+            &tasks(&replica),
+            t0 + SETTLE * 2,
+            T0_MS,
+            true,
+        );
         assert_eq!(settled.publish[&xv].ip, p);
         assert!(settled.publish[&xv].settled);
         assert!(!settled.waits_on_time);

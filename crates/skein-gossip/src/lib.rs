@@ -238,6 +238,13 @@ impl Gossip {
         self.generation.load(Ordering::Relaxed)
     }
 
+    /// Whether this node has received a peer's state since it started (or
+    /// has no seeds: a cluster of one). A replica restored from the data dir
+    /// does not count: it may be long out of date.
+    pub fn joined(&self) -> bool {
+        lock(&self.shared).node.joined()
+    }
+
     /// Fails if the protocol task has stopped: the view would be frozen.
     pub fn ensure_running(&self) -> Result<(), GossipError> {
         if self.task.is_finished() {

@@ -240,8 +240,12 @@ pub fn parse_layout(msg: &[u8]) -> Option<Layout> {
 /// client's server cookie to another. `false` when a cookie had to stay.
 pub fn strip_cookie(msg: &mut Vec<u8>, opt: (usize, usize)) -> bool {
     let (start, end) = opt;
+    // The OPT record's owner is the root name, one zero byte (RFC 6891
+    // §6.1.2); any other owner (a compression pointer, a label) would put
+    // the options elsewhere than start + 11: such a message is not touched
+    // (nor cached).
     let rdata = start + 11;
-    if end != msg.len() || rdata > end {
+    if end != msg.len() || rdata > end || msg.get(start) != Some(&0) {
         return false;
     }
     let mut kept = Vec::new();
@@ -391,6 +395,30 @@ mod tests {
         }
     }
 
+    #[test]
+    fn an_opt_record_not_owned_by_the_root_is_left_alone() {
+        // Found by the dns_wire_cache fuzzer: an OPT record owned by a name
+        // (not the root) had its options read from its fixed fields, found
+        // a "cookie" there, and the stripped message no longer parsed.
+        let mut msg = vec![0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        msg.extend_from_slice(&[7, 101, 120, 97, 109, 112, 216, 3, 0]);
+        msg.extend_from_slice(&[0, 41, 4, 208, 0, 0, 0, 10, 0, 0]);
+        let layout = parse_layout(&msg).expect("a well-formed message");
+        let opt = layout.opt.expect("an OPT record");
+        let before = msg.clone();
+        assert!(!strip_cookie(&mut msg, opt));
+        assert_eq!(msg, before, "left as it was");
+        // Owned by the root, with a COOKIE option: the cookie goes, the
+        // rest still reads.
+        let mut rooted = vec![0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        rooted.extend_from_slice(&[0, 0, 41, 4, 208, 0, 0, 0, 0, 0, 12]);
+        rooted.extend_from_slice(&[0, 10, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8]);
+        let opt = parse_layout(&rooted).expect("reads").opt.expect("OPT");
+        assert!(strip_cookie(&mut rooted, opt));
+        assert_eq!(rooted.len(), 12 + 11);
+        parse_layout(&rooted).expect("still reads");
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(20_000))]
 
@@ -405,7 +433,10 @@ mod tests {
                 }
                 if let Some(opt) = layout.opt {
                     prop_assert!(opt.0 < opt.1 && opt.1 <= bytes.len());
-                    strip_cookie(&mut bytes, opt);
+                    let len = bytes.len();
+                    if strip_cookie(&mut bytes, opt) && bytes.len() != len {
+                        prop_assert!(parse_layout(&bytes).is_some(), "stripped, still reads");
+                    }
                 }
             }
             if let Some(end) = question_end(&bytes) {

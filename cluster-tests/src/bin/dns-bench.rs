@@ -292,6 +292,18 @@ fn load() -> String {
         .unwrap_or_default()
 }
 
+/// A process's resident memory (VmRSS), in MB.
+fn rss_mb(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+            let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(format!("{:.1}", kb / 1024.0))
+        })
+        .unwrap_or_else(|| "?".to_string())
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     match v.len() {
@@ -483,9 +495,12 @@ fn measure(s: &Setup, shape: Shape, o: &Options) -> anyhow::Result<(f64, f64)> {
     }
     let (ours, theirs) = (median(ours), median(theirs));
     println!(
-        "  median of {}: skein {ours:.0} q/s, unbound {theirs:.0} q/s, ratio {:.2} (target ≥ 1.0)\n",
+        "  median of {}: skein {ours:.0} q/s, unbound {theirs:.0} q/s, ratio {:.2} (target ≥ 1.0); \
+         resident memory skein {} MB, unbound {} MB\n",
         o.rounds,
-        ours / theirs
+        ours / theirs,
+        rss_mb(s.skein_pid),
+        rss_mb(unbound_pid),
     );
     Ok((ours, theirs))
 }

@@ -252,6 +252,19 @@ impl Worker {
             out: Vec::with_capacity(4096),
         }
     }
+
+    /// Takes the records the watch holds now. The agent republishes them
+    /// on every refresh, changed or not: stored answers are dropped only
+    /// when they would differ.
+    fn refresh(&mut self) -> Arc<Records> {
+        let next = self.records.borrow_and_update().clone();
+        if next.digest() != self.digest {
+            self.encoded.clear();
+            self.digest = next.digest();
+        }
+        self.current = Arc::downgrade(&next);
+        next
+    }
 }
 
 /// How many different answers rotation makes of `reply` (encoded with
@@ -378,21 +391,14 @@ impl DnsServer {
 
     /// Answers from the cluster records.
     fn local(&self, w: &mut Worker, request: &[u8], transport: Transport) -> Local {
-        let held = match w.current.upgrade() {
-            Some(records) if !w.records.has_changed().unwrap_or(false) => records,
-            _ => {
-                let next = w.records.borrow_and_update().clone();
-                // The agent republishes the records on every refresh,
-                // changed or not: answers are dropped only when they would
-                // differ.
-                if next.digest() != w.digest {
-                    w.encoded.clear();
-                    w.digest = next.digest();
-                }
-                w.current = Arc::downgrade(&next);
-                next
-            }
-        };
+        // A stored answer is good while the records have not changed since
+        // the worker last looked (a load of the watch's version): the hit
+        // below touches nothing shared but a counter, not even the records'
+        // reference count (upgrading the weak reference on every query
+        // made every reader write that one cache line).
+        if w.records.has_changed().unwrap_or(false) {
+            w.refresh();
+        }
         let rotate = w.rotation % ROTATIONS;
         w.rotation = w.rotation.wrapping_add(1);
         // Transport changes the answer (truncation), so it is part of the key.
@@ -413,6 +419,12 @@ impl DnsServer {
                 return Local::Reply;
             }
         }
+        // Not stored: build it from the records (still the watch's
+        // current set, which keeps them alive, unless replaced just now).
+        let held = match w.current.upgrade() {
+            Some(records) => records,
+            None => w.refresh(),
+        };
         match respond(&held, request, transport, rotate) {
             Outcome::Reply(bytes) => {
                 if bytes.len() >= 12 && request.len() >= 12 {

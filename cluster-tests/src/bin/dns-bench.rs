@@ -109,12 +109,22 @@ fn ticks_per_second() -> f64 {
         .unwrap_or(100.0)
 }
 
-fn dnsperf(netns: &str, server: &str, pid: u32, data: &str, secs: u64) -> anyhow::Result<Perf> {
+/// dnsperf with `clients` sockets (`-c`) and 50 queries per client
+/// outstanding at most (`-q`, a total: 200 with the default 4 clients).
+fn dnsperf(
+    netns: &str,
+    server: &str,
+    pid: u32,
+    data: &str,
+    secs: u64,
+    clients: u32,
+) -> anyhow::Result<Perf> {
     let cpu_before = cpu_ticks(pid);
     let drops_before = udp_drops(netns, server);
     let out = Command::new("ip")
         .args(["netns", "exec", netns, "dnsperf", "-s", server, "-d", data])
-        .args(["-l", &secs.to_string(), "-c", "4", "-q", "200", "-t", "2"])
+        .args(["-l", &secs.to_string(), "-c", &clients.to_string()])
+        .args(["-q", &(50 * clients.max(1)).to_string(), "-t", "2"])
         .output()
         .context("cannot run dnsperf (apt-get install dnsperf)")?;
     let cpu = (cpu_ticks(pid) - cpu_before) as f64 / ticks_per_second();
@@ -234,10 +244,12 @@ struct Options {
     shapes: Vec<Shape>,
     /// Runs without and/or with the two other agents.
     clusters: Vec<bool>,
+    /// dnsperf's client sockets.
+    clients: u32,
 }
 
 const USAGE: &str = "dns-bench [SECONDS] [--seconds N] [--rounds N] \
-    [--shapes names100,hot,many,forwarded] [--cluster off|on|both]";
+    [--shapes names100,hot,many,forwarded] [--cluster off|on|both] [--clients 4]";
 
 fn options() -> anyhow::Result<Options> {
     let mut o = Options {
@@ -245,6 +257,7 @@ fn options() -> anyhow::Result<Options> {
         rounds: 3,
         shapes: Shape::ALL.to_vec(),
         clusters: vec![false, true],
+        clients: 4,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -266,6 +279,7 @@ fn options() -> anyhow::Result<Options> {
                     })
                     .collect::<anyhow::Result<_>>()?
             }
+            "--clients" => o.clients = value()?.parse::<u32>()?.max(1),
             "--cluster" => {
                 o.clusters = match value()?.as_str() {
                     "off" => vec![false],
@@ -463,17 +477,17 @@ fn measure(s: &Setup, shape: Shape, o: &Options) -> anyhow::Result<(f64, f64)> {
     if shape == Shape::Forwarded {
         // Warm the caches: one pass over the forwarded names.
         for server in ["127.0.0.1", "127.0.0.2"] {
-            dnsperf(&s.netns, server, 0, file, 1)?;
+            dnsperf(&s.netns, server, 0, file, 1, o.clients)?;
         }
     }
     println!("{}  [load {}]", shape.title(), load());
-    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    let (mut ours, mut theirs, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     for round in 1..=o.rounds {
         let run = |skein: bool| -> anyhow::Result<Perf> {
             if skein {
-                dnsperf(&s.netns, "127.0.0.1", s.skein_pid, file, o.secs)
+                dnsperf(&s.netns, "127.0.0.1", s.skein_pid, file, o.secs, o.clients)
             } else {
-                dnsperf(&s.netns, "127.0.0.2", unbound_pid, file, o.secs)
+                dnsperf(&s.netns, "127.0.0.2", unbound_pid, file, o.secs, o.clients)
             }
         };
         let (skein, unbound) = if round % 2 == 1 {
@@ -490,15 +504,17 @@ fn measure(s: &Setup, shape: Shape, o: &Options) -> anyhow::Result<(f64, f64)> {
             skein.qps / unbound.qps,
             load()
         );
+        ratios.push(skein.qps / unbound.qps);
         ours.push(skein.qps);
         theirs.push(unbound.qps);
     }
     let (ours, theirs) = (median(ours), median(theirs));
     println!(
-        "  median of {}: skein {ours:.0} q/s, unbound {theirs:.0} q/s, ratio {:.2} (target ≥ 1.0); \
-         resident memory skein {} MB, unbound {} MB\n",
+        "  median of {}: skein {ours:.0} q/s, unbound {theirs:.0} q/s, ratio {:.2} (median of the rounds' \
+         ratios {:.2}; target ≥ 1.0); resident memory skein {} MB, unbound {} MB\n",
         o.rounds,
         ours / theirs,
+        median(ratios),
         rss_mb(s.skein_pid),
         rss_mb(unbound_pid),
     );
@@ -518,8 +534,10 @@ fn main() -> anyhow::Result<()> {
         }
     }
     println!(
-        "dnsperf -c 4 -q 200, {} s per run, {} rounds alternating skein and Unbound; skein (2 tokio workers) vs Unbound {} \
+        "dnsperf -c {} -q {}, {} s per run, {} rounds alternating skein and Unbound; skein (2 tokio workers) vs Unbound {} \
          (num-threads 2), same namespace, same {} cores; load at start {}\n",
+        o.clients,
+        50 * o.clients,
         o.secs,
         o.rounds,
         String::from_utf8_lossy(&sh(&["unbound", "-V"])?.stdout)
@@ -549,6 +567,14 @@ fn main() -> anyhow::Result<()> {
                 } else {
                     "alone"
                 }
+            );
+            // What the measured agent costs with no queries (its gossip,
+            // with the cluster running).
+            let before = cpu_ticks(s.skein_pid);
+            std::thread::sleep(Duration::from_secs(5));
+            println!(
+                "skein with no queries: {:.1} % of a core over 5 s\n",
+                (cpu_ticks(s.skein_pid) - before) as f64 / ticks_per_second() / 5.0 * 100.0
             );
             for &shape in &shapes {
                 let (ours, theirs) = measure(&s, shape, &o)?;

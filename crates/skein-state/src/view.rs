@@ -295,6 +295,40 @@ mod tests {
     }
 
     #[test]
+    fn gossiped_tasks_are_validated_and_capped_per_node() {
+        let mut r = Replica::new();
+        let mut version = 0;
+        let mut put = |r: &mut Replica, key: &str, value: &str| {
+            version += 1;
+            r.apply(&Update {
+                node: "n1".into(),
+                generation: 1,
+                key: key.into(),
+                version,
+                value: Some(value.into()),
+            });
+        };
+        // Decodes, but a local write of it would be refused: port 0, a
+        // name DNS cannot carry, a bad task id.
+        put(
+            &mut r,
+            "task:p0",
+            r#"{"app":"/a","ip":"10.0.0.1","ports":[{"port":0}]}"#,
+        );
+        put(&mut r, "task:dns", r#"{"app":"/a b","ip":"10.0.0.1"}"#);
+        put(&mut r, "task:bad id", r#"{"app":"/a","ip":"10.0.0.1"}"#);
+        let ok = r#"{"app":"/a","ip":"10.0.0.1"}"#;
+        for i in 0..MAX_TASKS_PER_NODE + 5 {
+            put(&mut r, &format!("task:t{i:05}"), ok);
+        }
+        let (tasks, bad) = tasks(&r, &BTreeMap::new());
+        assert_eq!(tasks.len(), MAX_TASKS_PER_NODE);
+        assert_eq!(bad.len(), 3 + 5, "{:?}", &bad[..3]);
+        assert!(bad.iter().any(|b| b.key == "task:p0"));
+        assert!(bad.iter().any(|b| b.error.contains("more than")));
+    }
+
+    #[test]
     fn tasks_carry_owner_status_and_vanish_with_a_removed_node() {
         let mut r = Replica::new();
         let spec = r#"{"app":"/a","framework":"marathon","ip":"10.0.0.1","ports":[]}"#;

@@ -15,7 +15,7 @@
 //! data dir and a clock an hour behind would otherwise beat the owner of a
 //! lease that containers have used for days. Hence `settled`: a node marks
 //! its claim settled once it has won, unchanged, for a while in a view that
-//! includes the rest of the cluster ([`settle`]), and a settled claim beats
+//! includes the rest of the cluster (the agent's `LeaseSettling`), and a settled claim beats
 //! every unsettled one whatever the clocks say. A claim made without seeing
 //! a settled one (before the first sync) therefore loses to it, and its node
 //! moves before it has used the slot. A new claim's `since` is also later
@@ -118,7 +118,7 @@ pub struct Claim {
     /// Unix milliseconds when the node first claimed this slot.
     pub since: u64,
     /// The claim has won, unchanged, in a view of the whole cluster for a
-    /// while ([`settle`]); it then beats any unsettled claim. Absent in
+    /// while (the agent decides when); it then beats any unsettled claim. Absent in
     /// claims of earlier versions (read as false, which orders them as
     /// before).
     #[serde(default, skip_serializing_if = "is_false")]
@@ -200,17 +200,6 @@ pub fn after_all(seen: impl Iterator<Item = u64>, now_ms: u64) -> u64 {
     seen.map(|s| s.saturating_add(1)).fold(now_ms, u64::max)
 }
 
-/// `node`'s claim marked settled, if it is the one `claims` give it: the
-/// caller decides when (it has won, unchanged, for the settling period, in a
-/// view that includes the rest of the cluster). `None` if it does not win.
-pub fn settle(pool: &Pool, node: &str, claims: &BTreeMap<String, Claim>) -> Option<Claim> {
-    let claim = claims.get(node)?;
-    (resolve(pool, claims).get(node) == Some(&claim.slot)).then_some(Claim {
-        settled: true,
-        ..*claim
-    })
-}
-
 /// DC/OS's VTEP MAC: the OUI 70:B3:D5 and the low 24 bits of the VTEP IP.
 pub fn vtep_mac(vtep_ip: Ipv4Addr) -> [u8; 6] {
     let o = vtep_ip.octets();
@@ -221,6 +210,17 @@ pub fn vtep_mac(vtep_ip: Ipv4Addr) -> [u8; 6] {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// `node`'s claim marked settled, if it is the one `claims` give it (the
+    /// model settles where the agent would: after convergence). `None` if
+    /// it does not win.
+    fn settle(pool: &Pool, node: &str, claims: &BTreeMap<String, Claim>) -> Option<Claim> {
+        let claim = claims.get(node)?;
+        (resolve(pool, claims).get(node) == Some(&claim.slot)).then_some(Claim {
+            settled: true,
+            ..*claim
+        })
+    }
 
     fn dcos() -> Pool {
         Pool::subnets(Ipv4Addr::new(9, 0, 0, 0), 8, 24).expect("pool")

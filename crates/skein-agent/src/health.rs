@@ -365,6 +365,7 @@ mod tests {
                 labels: skein_state::Labels::new(),
             }],
             health_check: Some(check),
+            labels: skein_state::Labels::new(),
         }
     }
 

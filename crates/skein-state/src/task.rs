@@ -16,6 +16,12 @@ pub const MAX_APP_LEN: usize = 255;
 pub const MAX_PORTS: usize = 64;
 pub const MAX_LABELS: usize = 32;
 pub const MAX_LABEL_LEN: usize = 255;
+/// The app's own labels (Marathon's app-level `labels`, where
+/// `HAPROXY_{n}_*` and `DCOS_SERVICE_*` live) are more and longer than a
+/// port's: 39 HAProxy labels exist, and a value may be a path or a list of
+/// virtual hosts.
+pub const MAX_APP_LABELS: usize = 128;
+pub const MAX_APP_LABEL_VALUE_LEN: usize = 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -74,6 +80,12 @@ pub struct TaskSpec {
     /// task's ports get no new connections through VIPs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check: Option<HealthCheck>,
+    /// The app's labels as Marathon has them (`HAPROXY_GROUP`,
+    /// `HAPROXY_0_VHOST`, ...): `HAPROXY_{n}_*` refer to `ports[n]`.
+    /// Agents before this field existed ignore it (they read peers'
+    /// tasks tolerantly), so a task carrying it survives a rolling upgrade.
+    #[serde(default, skip_serializing_if = "Labels::is_empty")]
+    pub labels: Labels,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -131,6 +143,8 @@ pub enum TaskError {
     BadLabels { index: usize },
     #[error("port {index}: name must be at most 63 characters")]
     BadPortName { index: usize },
+    #[error("labels: at most {MAX_APP_LABELS}, each key 1 to {MAX_LABEL_LEN} characters of [A-Za-z0-9_.-] and each value at most {MAX_APP_LABEL_VALUE_LEN} characters without control characters")]
+    BadAppLabels,
     #[error("health_check: {0}")]
     BadHealthCheck(&'static str),
 }
@@ -187,6 +201,18 @@ impl TaskSpec {
             if !labels_ok {
                 return Err(TaskError::BadLabels { index });
             }
+        }
+        let app_labels_ok = self.labels.len() <= MAX_APP_LABELS
+            && self.labels.iter().all(|(k, v)| {
+                !k.is_empty()
+                    && k.len() <= MAX_LABEL_LEN
+                    && k.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+                    && v.len() <= MAX_APP_LABEL_VALUE_LEN
+                    && !v.chars().any(|c| c.is_control())
+            });
+        if !app_labels_ok {
+            return Err(TaskError::BadAppLabels);
         }
         if let Some(hc) = &self.health_check {
             if hc.port_index >= self.ports.len() {
@@ -257,12 +283,41 @@ mod tests {
     }
 
     #[test]
+    fn app_labels_are_kept_and_checked() {
+        let spec = parse(
+            r#"{"app":"/web","ip":"10.0.0.3","ports":[{"port":80}],
+                "labels":{"HAPROXY_GROUP":"external","HAPROXY_0_VHOST":"web.example.com"}}"#,
+        )
+        .expect("valid");
+        assert_eq!(spec.labels.get("HAPROXY_0_VHOST"), Some("web.example.com"));
+        let text = serde_json::to_string(&spec).expect("serializable");
+        assert!(text.contains(r#""labels":{"HAPROXY_0_VHOST""#), "{text}");
+        // Without labels the field is not written (older agents' bytes).
+        let bare = parse(r#"{"app":"/web","ip":"10.0.0.3"}"#).expect("valid");
+        assert!(!serde_json::to_string(&bare)
+            .expect("ser")
+            .contains("labels"));
+        for bad in [
+            r#"{"app":"/w","ip":"10.0.0.3","labels":{"":"x"}}"#,
+            r#"{"app":"/w","ip":"10.0.0.3","labels":{"A B":"x"}}"#,
+            r#"{"app":"/w","ip":"10.0.0.3","labels":{"A":"x\ny"}}"#,
+        ] {
+            assert!(parse(bad).expect_err(bad).contains("labels"), "{bad}");
+        }
+        let long = format!(
+            r#"{{"app":"/w","ip":"10.0.0.3","labels":{{"A":"{}"}}}}"#,
+            "x".repeat(MAX_APP_LABEL_VALUE_LEN + 1)
+        );
+        assert!(parse(&long).is_err());
+    }
+
+    #[test]
     fn a_client_gets_unknown_fields_named_and_a_peer_has_them_ignored() {
-        let body = r#"{"app":"/a","ip":"10.0.0.3","labels":{"HAPROXY_GROUP":"external"},
+        let body = r#"{"app":"/a","ip":"10.0.0.3","owner":"ops",
             "ports":[{"port":80,"weight":3}],"health_check":{"protocol":"tcp","grace_s":5}}"#;
         assert_eq!(
             parse_task_body(body.as_bytes()).expect_err("strict"),
-            "unknown fields `labels`, `ports.0.weight`, `health_check.grace_s`"
+            "unknown fields `owner`, `ports.0.weight`, `health_check.grace_s`"
         );
         // Gossiped by a newer agent: kept, the unknown fields ignored.
         let spec: TaskSpec = serde_json::from_str(body).expect("tolerant");

@@ -473,8 +473,13 @@ pub(crate) struct TaskAddArgs {
     /// `http:9896/tcp,VIP_0=/httpi:3141`.
     #[arg(long = "port")]
     pub ports: Vec<String>,
+    /// An app label `KEY=VALUE`, repeatable; e.g. `HAPROXY_GROUP=external`,
+    /// `HAPROXY_0_VHOST=web.example.com` (`HAPROXY_{n}_*` refer to the
+    /// n-th `--port`).
+    #[arg(long = "label")]
+    pub labels: Vec<String>,
     /// The whole task as JSON instead (`@file` reads a file).
-    #[arg(long, conflicts_with_all = ["app", "ip", "ports"])]
+    #[arg(long, conflicts_with_all = ["app", "ip", "ports", "labels"])]
     pub body: Option<String>,
 }
 
@@ -502,6 +507,14 @@ impl TaskAddArgs {
                 .map(|p| parse_port(p))
                 .collect::<anyhow::Result<_>>()?,
             health_check: None,
+            labels: self
+                .labels
+                .iter()
+                .map(|l| {
+                    l.split_once('=')
+                        .with_context(|| format!("--label {l:?} is not KEY=VALUE"))
+                })
+                .collect::<anyhow::Result<_>>()?,
         };
         Ok(serde_json::to_value(spec)?)
     }

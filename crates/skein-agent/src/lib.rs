@@ -4,6 +4,7 @@
 
 mod command;
 pub mod docs;
+pub mod edge;
 mod health;
 mod ipvs;
 pub mod l4lb;
@@ -66,6 +67,9 @@ pub struct AgentConfig {
     pub overlay_dataplane: vxlan::OverlayDataplane,
     /// How often the kernel's overlay entries are checked for drift.
     pub overlay_resync: Duration,
+    /// The edge's service ports (`--edge-service-ports`), identical on
+    /// every node.
+    pub edge_service_ports: (u16, u16),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +111,10 @@ pub struct Agent {
     waits_on_time: std::sync::atomic::AtomicBool,
     refresh_kick: Arc<tokio::sync::Notify>,
     vip_allocator: std::sync::Mutex<vips::Allocator>,
+    /// This node's service-port claims for the edge.
+    edge_ports: std::sync::Mutex<edge::EdgePorts>,
+    /// Whether a service port waits to settle (as `waits_on_time`).
+    edge_waits_on_time: std::sync::atomic::AtomicBool,
     /// Tasks decoded per node keyspace, reused while the keyspace is.
     task_cache: std::sync::Mutex<skein_state::TaskCache>,
     /// VIP problems already logged, so each is logged once when it appears.
@@ -191,6 +199,7 @@ pub fn tune_allocator() {
 
 impl Agent {
     pub async fn start(config: AgentConfig) -> anyhow::Result<Arc<Agent>> {
+        let edge_service_ports = config.edge_service_ports;
         let store = Store::open(&config.data_dir)?;
         let tls = skein_tls::NodeTls::load(&config.tls_dir)
             .with_context(|| format!("loading TLS material from {}", config.tls_dir.display()))?;
@@ -312,6 +321,8 @@ impl Agent {
             waits_on_time: std::sync::atomic::AtomicBool::new(false),
             refresh_kick: Arc::new(tokio::sync::Notify::new()),
             vip_allocator: Default::default(),
+            edge_ports: std::sync::Mutex::new(edge::EdgePorts::new(edge_service_ports)),
+            edge_waits_on_time: std::sync::atomic::AtomicBool::new(false),
             task_cache: Default::default(),
             logged_problems: Default::default(),
             overlay,
@@ -435,6 +446,7 @@ impl Agent {
             Err(_) => skein_state::tasks(&snap.replica, &snap.liveness),
         };
         let addresses = self.reconcile_vip_claims(&snap, &tasks.0).await;
+        let edge_ports = self.reconcile_edge_ports(&snap, &tasks.0).await;
         let mut view = View::build_with_tasks(
             seq,
             &self.config.node_id,
@@ -444,6 +456,7 @@ impl Agent {
             &self.overlay,
         );
         view.covers_request = covers;
+        view.edge_ports = edge_ports;
         view
     }
 
@@ -695,6 +708,36 @@ impl Agent {
             .collect()
     }
 
+    /// Publishes this node's claims of edge service ports for the exposed
+    /// app ports it hosts; returns the ports usable now.
+    async fn reconcile_edge_ports(
+        &self,
+        snap: &skein_gossip::ClusterSnapshot,
+        tasks: &[TaskView],
+    ) -> BTreeMap<skein_edge::routes::PortKey, skein_edge::routes::ServicePort> {
+        let outcome = match self.edge_ports.lock() {
+            Ok(mut ports) => ports.reconcile(
+                &self.config.node_id,
+                &snap.replica,
+                tasks,
+                Instant::now(),
+                unix_ms(),
+                self.synced(&snap.liveness),
+            ),
+            Err(_) => return self.view().edge_ports.clone(),
+        };
+        for (key, json) in &outcome.publish {
+            self.gossip.set(key, json).await;
+        }
+        for key in &outcome.withdraw {
+            tracing::info!(key, "withdrawing edge service-port claim");
+            self.gossip.delete(key).await;
+        }
+        self.edge_waits_on_time
+            .store(outcome.waits_on_time, Ordering::Relaxed);
+        outcome.ports
+    }
+
     /// Registers or replaces a task running on this node. Returns once the
     /// task is durable in the data dir; gossip spreads it from there.
     pub async fn put_task(&self, id: &str, spec: TaskSpec) -> Result<bool, AgentError> {
@@ -853,6 +896,7 @@ async fn refresh_loop(agent: std::sync::Weak<Agent>) {
             || (aged
                 && (liveness != Some(live)
                     || agent.waits_on_time.load(Ordering::Relaxed)
+                    || agent.edge_waits_on_time.load(Ordering::Relaxed)
                     || agent.leases_settling.load(Ordering::Relaxed)));
         if due {
             last_build = Some(Instant::now());

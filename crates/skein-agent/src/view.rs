@@ -70,6 +70,10 @@ pub struct View {
     pub records: Arc<skein_dns::Records>,
     overlay_config: OverlayConfig,
     overlay_state: OnceLock<Result<crate::docs::OverlayMasterState, String>>,
+    /// The agreed edge service ports usable now (see `edge.rs`).
+    pub edge_ports: BTreeMap<skein_edge::routes::PortKey, skein_edge::routes::ServicePort>,
+    /// What every edge serves, computed on first use.
+    edge_routes: OnceLock<Arc<skein_edge::Routes>>,
 }
 
 impl View {
@@ -115,7 +119,20 @@ impl View {
             records,
             overlay_config: overlay_config.clone(),
             overlay_state: OnceLock::new(),
+            edge_ports: BTreeMap::new(),
+            edge_routes: OnceLock::new(),
         }
+    }
+
+    /// The routes every edge serves (`GET /v1/edge`), computed once per
+    /// view, when first asked for.
+    pub fn edge_routes(&self) -> &Arc<skein_edge::Routes> {
+        self.edge_routes.get_or_init(|| {
+            Arc::new(skein_edge::compute(&skein_edge::Input {
+                tasks: &self.tasks,
+                service_ports: &self.edge_ports,
+            }))
+        })
     }
 
     /// An empty view, before the first refresh.

@@ -150,6 +150,9 @@ pub(crate) struct Reconciled {
     pub withdraw: Vec<String>,
     /// VIP → (address, whether it may be handed to users yet).
     pub addresses: BTreeMap<String, (Ipv4Addr, bool)>,
+    /// The winning claim's `(since, settled)` per name that has one: its
+    /// age, for whoever orders names by it.
+    pub ranks: BTreeMap<String, (u64, bool)>,
     /// Whether time alone changes the next step: an address waits to be
     /// usable, or a claim of this node to be marked settled.
     pub waits_on_time: bool,
@@ -201,7 +204,36 @@ impl Allocator {
             .collect();
         let live: BTreeSet<String> = vip_map.keys().filter_map(vip_id).collect();
         let claims = claims_in(replica);
-        let resolution = alloc::resolve(&live, &claims, &reserved(vip_map.keys()));
+        let reserved = reserved(vip_map.keys());
+        self.reconcile_claims(
+            &alloc::Pool::VIPS,
+            me,
+            &hosted,
+            &live,
+            &claims,
+            &reserved,
+            now,
+            now_unix_ms,
+            synced,
+        )
+    }
+
+    /// The step for any pool of slots: `hosted` are the names this node
+    /// claims for, `live` every name in use, `claims` every claim seen.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn reconcile_claims(
+        &mut self,
+        pool: &alloc::Pool,
+        me: &str,
+        hosted: &BTreeSet<String>,
+        live: &BTreeSet<String>,
+        claims: &[Claim],
+        reserved: &BTreeSet<Ipv4Addr>,
+        now: Instant,
+        now_unix_ms: u64,
+        synced: bool,
+    ) -> Reconciled {
+        let resolution = alloc::resolve_in(pool, live, claims, reserved);
         let addresses = self.settling.observe(&resolution.addresses, now);
         self.synced_since = if synced {
             self.synced_since.or(Some(now))
@@ -220,11 +252,12 @@ impl Allocator {
                 .map(|a| a.ip)
         };
         let synced_since = self.synced_since;
-        let desired = alloc::desired_claims(&hosted, &claims, &resolution, now_unix_ms, |vip| {
-            synced_since.is_some_and(|since| {
-                winning(vip).is_some_and(|ip| self.settling.held(vip, ip, now, since))
-            })
-        });
+        let desired =
+            alloc::desired_claims_in(pool, hosted, claims, &resolution, now_unix_ms, |vip| {
+                synced_since.is_some_and(|since| {
+                    winning(vip).is_some_and(|ip| self.settling.held(vip, ip, now, since))
+                })
+            });
         let settles_later = synced_since.is_some()
             && desired
                 .iter()
@@ -245,10 +278,17 @@ impl Allocator {
             .cloned()
             .collect();
         let waits_on_time = settles_later || addresses.values().any(|(_, usable)| !usable);
+        let ranks = resolution
+            .allocation
+            .assigned
+            .iter()
+            .map(|(name, v)| (name.clone(), (v.since, v.settled)))
+            .collect();
         Reconciled {
             publish,
             withdraw,
             addresses,
+            ranks,
             waits_on_time,
         }
     }

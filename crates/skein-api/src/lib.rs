@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -16,6 +16,7 @@ use axum::Extension;
 use axum::{Json, Router};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Deserialize;
 use skein_agent::docs;
 use skein_agent::{Agent, AgentError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -61,6 +62,8 @@ pub fn router(agent: Arc<Agent>, auth: ApiAuth) -> Router {
         .route("/v1/hosts/{host}", get(hosts))
         .route("/v1/services/{service}", get(services))
         .route("/v1/vips/problems", get(vip_problems))
+        .route("/v1/edge", get(edge))
+        .route("/v1/edge/problems", get(edge_problems))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -663,6 +666,55 @@ async fn vips(State(ctx): State<Ctx>) -> Response {
 
 async fn vip_problems(State(ctx): State<Ctx>) -> Response {
     Json(docs::VipProblems(ctx.agent.view().vip_problems.clone())).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct EdgeQuery {
+    /// Comma-separated edge groups; all groups when absent.
+    groups: Option<String>,
+    /// Answer once the routes' version differs from this one (long-poll).
+    wait_version: Option<u64>,
+    /// How long a long-poll waits at most (default 25 s, at most 50 s).
+    timeout_s: Option<u64>,
+}
+
+/// `GET /v1/edge[?groups=a,b][&wait_version=V[&timeout_s=S]]`: what an edge
+/// of those groups serves. With `wait_version`, answers when the routes
+/// differ from that version, or when the wait ends, whichever is first: an
+/// edge learns of a change as soon as this node's view has it.
+async fn edge(State(ctx): State<Ctx>, Query(q): Query<EdgeQuery>) -> Response {
+    let groups: Option<Vec<String>> = q.groups.as_deref().map(|g| {
+        g.split(',')
+            .map(str::trim)
+            .filter(|g| !g.is_empty())
+            .map(str::to_string)
+            .collect()
+    });
+    let doc_of = |view: &skein_agent::view::View| {
+        let routes = view.edge_routes();
+        skein_edge::EdgeDoc::new(match &groups {
+            Some(g) => routes.for_groups(g),
+            None => (**routes).clone(),
+        })
+    };
+    let wait = Duration::from_secs(q.timeout_s.unwrap_or(25).min(50));
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut views = ctx.agent.subscribe_view();
+    loop {
+        let view = views.borrow_and_update().clone();
+        let doc = doc_of(&view);
+        if q.wait_version != Some(doc.version) {
+            return Json(doc).into_response();
+        }
+        match tokio::time::timeout_at(deadline, views.changed()).await {
+            Ok(Ok(())) => continue,
+            _ => return Json(doc).into_response(),
+        }
+    }
+}
+
+async fn edge_problems(State(ctx): State<Ctx>) -> Response {
+    Json(serde_json::json!({ "problems": ctx.agent.view().edge_routes().problems })).into_response()
 }
 
 async fn state(State(ctx): State<Ctx>) -> Response {

@@ -537,3 +537,141 @@ async fn another_nodes_task_and_agent_are_not_ours_to_delete() {
     let state: docs::State = get(&app1, "/v1/state").await.ok();
     assert!(state.nodes["n2"].keys.contains_key("task:db.1"));
 }
+
+/// Issue 13: `GET /v1/edge` serves the routes every edge uses, the same on
+/// every agent, with service ports agreed between the nodes hosting the
+/// apps; a long-poll answers as soon as the routes change; conflicts and
+/// bad labels are reported at `/v1/edge/problems`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_routes_are_agreed_and_long_polled() {
+    use skein_edge::EdgeDoc;
+    let ca = ca();
+    let ip1 = Ipv4Addr::new(127, 0, 0, 1);
+    let ip2 = Ipv4Addr::new(127, 0, 0, 2);
+    let (a1, _d1) = agent(ca.path(), "n1", ip1, vec![]).await;
+    let seed = a1.config().gossip_listen.to_string();
+    let (a2, _d2) = agent(ca.path(), "n2", ip2, vec![seed]).await;
+    let (app1, app2) = (router(&a1, None), router(&a2, None));
+    let web = |ip: &str| {
+        format!(
+            r#"{{"app":"/web","ip":"{ip}","ports":[{{"port":8080}}],
+                "labels":{{"HAPROXY_GROUP":"external","HAPROXY_0_VHOST":"web.example.com"}}}}"#
+        )
+    };
+    let put = |app: Router, id: &'static str, body: String| async move {
+        let reply = call(&app, Method::PUT, &format!("/v1/tasks/{id}"), &body, None).await;
+        assert_eq!(reply.status, StatusCode::CREATED, "{id}");
+    };
+    put(app1.clone(), "web.1", web("10.0.0.5")).await;
+    put(app2.clone(), "web.2", web("10.0.0.6")).await;
+    put(
+        app2.clone(),
+        "api.1",
+        r#"{"app":"/grp/api","ip":"10.0.0.7","ports":[{"port":9000},{"port":9001}],
+            "labels":{"HAPROXY_GROUP":"internal","HAPROXY_0_PORT":"3141","HAPROXY_1_BALANCE":"fastest"}}"#
+            .into(),
+    )
+    .await;
+
+    // Both agents compute the same routes once the claims have met.
+    let converged = |d: &EdgeDoc| {
+        d.routes.backends.len() == 2
+            && d.routes
+                .backends
+                .iter()
+                .find(|b| b.app == "/web")
+                .is_some_and(|b| b.servers.len() == 2 && b.service_port.is_some())
+    };
+    let d1: EdgeDoc = wait_for(&app1, "/v1/edge", converged).await;
+    let d2: EdgeDoc = wait_for(&app2, "/v1/edge", |d: &EdgeDoc| d.version == d1.version).await;
+    assert_eq!(d1, d2);
+    let web_backend = d1
+        .routes
+        .backends
+        .iter()
+        .find(|b| b.app == "/web")
+        .expect("web");
+    let port = web_backend.service_port.expect("service port");
+    assert!((10000..=10100).contains(&port), "{port}");
+    assert_eq!(web_backend.name, format!("web_{port}"));
+    assert_eq!(web_backend.bind_port, Some(port));
+    assert_eq!(d1.routes.http_routes.len(), 1);
+    assert_eq!(
+        d1.routes.http_routes[0].host.as_deref(),
+        Some("web.example.com")
+    );
+    let api = d1
+        .routes
+        .backends
+        .iter()
+        .find(|b| b.app == "/grp/api")
+        .expect("api");
+    assert_eq!(api.name, "grp_api_3141");
+    assert_eq!(api.bind_port, Some(3141));
+    assert_ne!(api.service_port, Some(port), "distinct service ports");
+
+    // One group only.
+    let external: EdgeDoc = get(&app1, "/v1/edge?groups=external").await.ok();
+    let apps: Vec<&str> = external
+        .routes
+        .backends
+        .iter()
+        .map(|b| b.app.as_str())
+        .collect();
+    assert_eq!(apps, vec!["/web"]);
+
+    // A long-poll on the current version answers once a task changes it.
+    let version = external.version;
+    let poll = {
+        let app = app1.clone();
+        tokio::spawn(async move {
+            get(
+                &app,
+                &format!("/v1/edge?groups=external&wait_version={version}&timeout_s=20"),
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!poll.is_finished(), "answered before anything changed");
+    // A newer app claims the same virtual host: it loses it, reported.
+    put(
+        app2.clone(),
+        "copy.1",
+        r#"{"app":"/copy","ip":"10.0.0.8","ports":[{"port":80}],
+            "labels":{"HAPROXY_GROUP":"external","HAPROXY_0_VHOST":"WEB.example.com"}}"#
+            .into(),
+    )
+    .await;
+    let changed: EdgeDoc = tokio::time::timeout(Duration::from_secs(10), poll)
+        .await
+        .expect("the long-poll answers")
+        .expect("joins")
+        .ok();
+    assert_ne!(changed.version, version);
+    let problems: serde_json::Value =
+        wait_for(&app1, "/v1/edge/problems", |p: &serde_json::Value| {
+            p["problems"]
+                .as_array()
+                .is_some_and(|ps| ps.iter().any(|p| p["app"] == "/copy"))
+        })
+        .await;
+    let text = problems.to_string();
+    assert!(text.contains("already routed to the older web_"), "{text}");
+    assert!(
+        text.contains("HAPROXY_1_BALANCE"),
+        "the bad label is reported: {text}"
+    );
+    let after: EdgeDoc = get(&app1, "/v1/edge").await.ok();
+    let routes: Vec<&str> = after
+        .routes
+        .http_routes
+        .iter()
+        .map(|r| r.backend.as_str())
+        .collect();
+    assert_eq!(
+        routes,
+        vec![web_backend.name.as_str()],
+        "the older app keeps the vhost"
+    );
+}

@@ -63,7 +63,7 @@ pub struct BasicAuth {
 }
 
 /// What the labels say about one app port that an edge should expose.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct PortLabels {
     /// The edge groups that serve it (`HAPROXY_{n}_GROUP`, else
     /// `HAPROXY_GROUP`; comma separated), sorted, at least one.
@@ -103,6 +103,9 @@ pub struct LabelProblem {
 
 /// How one app port's labels read.
 #[derive(Debug, Clone, PartialEq, Eq)]
+// Exposed is by far the common case: boxing it would cost an allocation
+// per app port on every computation.
+#[allow(clippy::large_enum_variant)]
 pub enum PortOutcome {
     /// No group, or `HAPROXY_{n}_ENABLED=false`: no edge serves it.
     NotExposed,
@@ -232,14 +235,32 @@ fn auth(raw: &str) -> Result<BasicAuth, &'static str> {
     })
 }
 
+/// `HAPROXY_<n>_<NAME>` → `(n, NAME)`.
+fn port_label(key: &str) -> Option<(usize, &str)> {
+    let rest = key.strip_prefix("HAPROXY_")?;
+    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+    let n = rest.get(..digits)?.parse().ok()?;
+    let name = rest.get(digits..)?.strip_prefix('_')?;
+    Some((n, name))
+}
+
 /// Reads port `index`'s labels out of the app's.
 pub fn parse_port(app: &Labels, index: usize) -> PortOutcome {
-    let prefix = format!("HAPROXY_{index}_");
-    let own = |name: &str| app.get(&format!("{prefix}{name}"));
+    // This port's labels, found in one pass (an app has a few dozen), and
+    // without formatting its prefix: this runs for every app port on every
+    // view an edge asks for.
+    let mine: Vec<(&str, &str)> = app
+        .iter()
+        .filter_map(|(k, v)| match port_label(k) {
+            Some((n, name)) if n == index => Some((name, v)),
+            _ => None,
+        })
+        .collect();
+    let own = |name: &str| mine.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
     let mut problems = Vec::new();
     let mut bad = |label: &str, message: String| {
         problems.push(LabelProblem {
-            label: format!("{prefix}{label}"),
+            label: format!("HAPROXY_{index}_{label}"),
             message,
             disables: true,
         });
@@ -416,16 +437,13 @@ pub fn parse_port(app: &Labels, index: usize) -> PortOutcome {
         "AUTH",
     ];
     let mut ignored = Vec::new();
-    for (key, _) in app.iter() {
-        let Some(name) = key.strip_prefix(&prefix) else {
-            continue;
-        };
+    for &(name, _) in &mine {
         if KNOWN.contains(&name) {
             continue;
         }
         if TEMPLATE_LABELS.contains(&name) {
             ignored.push(LabelProblem {
-                label: key.to_string(),
+                label: format!("HAPROXY_{index}_{name}"),
                 message: "a raw HAProxy template label: unsupported, ignored".into(),
                 disables: false,
             });

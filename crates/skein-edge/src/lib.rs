@@ -15,4 +15,6 @@ pub mod labels;
 pub mod routes;
 
 pub use labels::{Balance, Mode, PortLabels};
-pub use routes::{compute, Backend, HttpRoute, Input, Problem, Routes, Server, ServerState};
+pub use routes::{
+    compute, Backend, EdgeDoc, HttpRoute, Input, Problem, Routes, Server, ServerState,
+};

@@ -13,9 +13,11 @@
 //! the same bind port or the same virtual host and path, the older keeps
 //! it and the newer loses that one route, with a [`Problem`] saying so.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::hash::BuildHasherDefault;
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 use skein_state::{NodeStatus, TaskView};
@@ -54,16 +56,21 @@ pub enum ServerState {
 /// One task behind a backend.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Server {
-    /// Marathon-LB's server name, `<node>_<ip>_<port>`.
-    pub name: String,
     pub addr: SocketAddr,
     pub node: String,
     pub task: String,
     pub state: ServerState,
 }
 
+impl Server {
+    /// Marathon-LB's server name, `<node>_<ip>_<port>`.
+    pub fn name(&self) -> String {
+        format!("{}_{}_{}", self.node, self.addr.ip(), self.addr.port())
+    }
+}
+
 /// One exposed app port.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Backend {
     /// `<app>_<port>` (the bind port, else the service port), as
     /// Marathon-LB named backends: `/accedge` on 10042 → `accedge_10042`.
@@ -78,14 +85,14 @@ pub struct Backend {
     /// the port (then reachable only by its HTTP routes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bind_port: Option<u16>,
-    #[serde(flatten)]
+    /// What the app's labels say about this port.
     pub labels: PortLabels,
     /// Sorted by name.
     pub servers: Vec<Server>,
 }
 
 /// A virtual host and/or path prefix on the edge's HTTP and HTTPS ports.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct HttpRoute {
     /// Lowercase; `*.domain` matches every name under it; none matches any
     /// host (a path-only route).
@@ -124,7 +131,7 @@ impl fmt::Display for Problem {
 }
 
 /// Everything an edge serves, the same on every node with the same view.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Routes {
     /// Sorted by name.
     pub backends: Vec<Backend>,
@@ -136,7 +143,32 @@ pub struct Routes {
     pub problems: Vec<Problem>,
 }
 
+/// `GET /v1/edge`: the routes for the groups asked, and a version that
+/// changes whenever they do (a client long-polls with `wait_version`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EdgeDoc {
+    pub version: u64,
+    pub routes: Routes,
+}
+
+impl EdgeDoc {
+    pub fn new(routes: Routes) -> EdgeDoc {
+        EdgeDoc {
+            version: routes.version(),
+            routes,
+        }
+    }
+}
+
 impl Routes {
+    /// A digest of the routes' content: equal
+    /// routes, equal versions, on every node.
+    pub fn version(&self) -> u64 {
+        let mut h = Fnv(0xcbf2_9ce4_8422_2325);
+        self.hash(&mut h);
+        h.finish()
+    }
+
     /// The routes an edge serving `groups` uses: backends in any of them
     /// and the HTTP routes to those (problems are kept whole).
     pub fn for_groups(&self, groups: &[String]) -> Routes {
@@ -154,6 +186,32 @@ impl Routes {
             http_routes,
             problems: self.problems.clone(),
         }
+    }
+}
+
+/// FNV-1a: stable across runs and processes, unlike std's hasher, and
+/// faster on short keys (the maps below hash app names and ports).
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Fnv {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<Fnv>>;
+type FastSet<K> = HashSet<K, BuildHasherDefault<Fnv>>;
+
+impl Hasher for Fnv {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
     }
 }
 
@@ -194,10 +252,18 @@ pub fn compute(input: &Input<'_>) -> Routes {
 
     // Tasks by app, each app's in (node, id) order: the first task's labels
     // are the app's (tasks of one app normally carry the same).
-    let mut by_app: BTreeMap<&str, Vec<&TaskView>> = BTreeMap::new();
+    // Hashed, not ordered: what comes out is sorted (by age, by name).
+    let mut by_app: FastMap<&str, Vec<&TaskView>> = FastMap::default();
     for t in input.tasks {
-        by_app.entry(t.spec.app.as_str()).or_default().push(t);
+        if !t.spec.labels.is_empty() || by_app.contains_key(t.spec.app.as_str()) {
+            by_app.entry(t.spec.app.as_str()).or_default().push(t);
+        }
     }
+    let service_ports: FastMap<(&str, usize), ServicePort> = input
+        .service_ports
+        .iter()
+        .map(|((app, n), p)| ((app.as_str(), *n), *p))
+        .collect();
     let mut candidates: Vec<Candidate<'_>> = Vec::new();
     let by_app: Vec<(&str, Vec<&TaskView>)> = by_app
         .into_iter()
@@ -238,7 +304,7 @@ pub fn compute(input: &Input<'_>) -> Routes {
                     problems: ps,
                 } => {
                     problems.extend(ps.into_iter().map(|p| problem(app, Some(index), p)));
-                    let service = input.service_ports.get(&(app.to_string(), index)).copied();
+                    let service = service_ports.get(&(*app, index)).copied();
                     candidates.push(Candidate {
                         app,
                         index,
@@ -250,15 +316,25 @@ pub fn compute(input: &Input<'_>) -> Routes {
             }
         }
     }
-    candidates.sort_by(|a, b| a.age().cmp(&b.age()));
+    // Indices sorted, not candidates: a candidate is large.
+    let mut by_age: Vec<usize> = (0..candidates.len()).collect();
+    by_age.sort_by(|&a, &b| candidates[a].age().cmp(&candidates[b].age()));
 
-    let mut backends: Vec<Backend> = Vec::with_capacity(candidates.len());
-    let mut http_routes: Vec<(i32, u8, usize, usize, HttpRoute)> = Vec::new();
-    // Bind port → the backend holding it; (host, path) → likewise.
-    let mut bound: HashMap<u16, String> = HashMap::new();
-    let mut routed: HashMap<(Option<String>, Option<String>), String> = HashMap::new();
-    let mut names: BTreeSet<String> = BTreeSet::new();
-    for (order, c) in candidates.into_iter().enumerate() {
+    // First pass, oldest first, by reference: names, bind ports and HTTP
+    // routes, each contested one kept by the older app port.
+    struct Decided {
+        name: String,
+        bind_port: Option<u16>,
+    }
+    let mut decided: Vec<Decided> = Vec::with_capacity(candidates.len());
+    let mut http_routes: Vec<(i32, u8, usize, usize, usize)> = Vec::new();
+    let mut route_keys: Vec<(Option<&str>, Option<&str>)> = Vec::new();
+    // Bind port → the index of the backend holding it; likewise routes.
+    let mut bound: FastMap<u16, usize> = FastMap::default();
+    let mut routed: FastMap<(Option<&str>, Option<&str>), usize> = FastMap::default();
+    let mut names: FastSet<String> = FastSet::default();
+    for (order, &i) in by_age.iter().enumerate() {
+        let c = &candidates[i];
         let wanted_port = c.labels.bind_port.or(c.service.map(|s| s.port));
         let app_name = labels::backend_app_name(c.app);
         let mut name = match wanted_port {
@@ -280,7 +356,8 @@ pub fn compute(input: &Input<'_>) -> Routes {
         };
         let bind_port = match wanted_port {
             Some(p) => match bound.get(&p) {
-                Some(holder) => {
+                Some(&holder) => {
+                    let holder = &decided[holder].name;
                     lose(
                         "PORT",
                         format!("port {p} is already bound for the older {holder}"),
@@ -288,102 +365,125 @@ pub fn compute(input: &Input<'_>) -> Routes {
                     None
                 }
                 None => {
-                    bound.insert(p, name.clone());
+                    bound.insert(p, order);
                     Some(p)
                 }
             },
             None => None,
         };
         if c.labels.mode == Mode::Http {
-            let hosts: Vec<Option<String>> = if c.labels.vhosts.is_empty() {
-                if c.labels.path.is_some() {
-                    vec![None]
+            let path = c.labels.path.as_deref();
+            let any_host = [None];
+            let hosts: Vec<Option<&str>> = if c.labels.vhosts.is_empty() {
+                if path.is_some() {
+                    any_host.to_vec()
                 } else {
-                    vec![]
+                    Vec::new()
                 }
             } else {
-                c.labels.vhosts.iter().cloned().map(Some).collect()
+                c.labels.vhosts.iter().map(|h| Some(h.as_str())).collect()
             };
             for host in hosts {
-                let key = (host.clone(), c.labels.path.clone());
-                if let Some(holder) = routed.get(&key) {
-                    let what = match (&key.0, &key.1) {
+                let key = (host, path);
+                if let Some(&holder) = routed.get(&key) {
+                    let holder = if holder == order {
+                        &name
+                    } else {
+                        &decided[holder].name
+                    };
+                    let what = match key {
                         (Some(h), Some(p)) => format!("{h}{p}"),
-                        (Some(h), None) => h.clone(),
+                        (Some(h), None) => h.to_string(),
                         (None, Some(p)) => format!("path {p}"),
                         (None, None) => String::new(),
                     };
                     lose(
-                        if key.0.is_some() { "VHOST" } else { "PATH" },
+                        if host.is_some() { "VHOST" } else { "PATH" },
                         format!("{what} is already routed to the older {holder}"),
                     );
                     continue;
                 }
-                routed.insert(key, name.clone());
-                let specificity = match &host {
+                routed.insert(key, order);
+                let specificity = match host {
                     Some(h) if h.starts_with("*.") => 1,
                     Some(_) => 0,
                     None => 2,
                 };
-                let path_len = c.labels.path.as_ref().map_or(0, |p| p.len());
+                let path_len = path.map_or(0, str::len);
                 http_routes.push((
                     -c.labels.backend_weight,
                     specificity,
                     usize::MAX - path_len,
                     order,
-                    HttpRoute {
-                        host,
-                        path: c.labels.path.clone(),
-                        backend: name.clone(),
-                    },
+                    route_keys.len(),
                 ));
+                route_keys.push(key);
             }
         }
-        let mut servers: Vec<Server> = c
-            .tasks
-            .iter()
-            .filter_map(|t| {
-                let port = t.spec.ports.get(c.index)?.port;
-                let state = if t.node_status != NodeStatus::Alive {
-                    ServerState::NodeDown
-                } else if !t.healthy {
-                    ServerState::Unhealthy
-                } else {
-                    ServerState::Up
-                };
-                Some(Server {
-                    name: format!("{}_{}_{}", t.node_id, ip_text(t.spec.ip), port),
-                    addr: SocketAddr::new(t.spec.ip, port),
-                    node: t.node_id.clone(),
-                    task: t.id.clone(),
-                    state,
-                })
-            })
-            .collect();
-        servers.sort();
-        backends.push(Backend {
-            name,
-            app: c.app.to_string(),
-            port_index: c.index,
-            service_port: c.service.map(|s| s.port),
-            bind_port,
-            labels: c.labels,
-            servers,
-        });
+        decided.push(Decided { name, bind_port });
     }
-    backends.sort_by(|a, b| a.name.cmp(&b.name));
-    http_routes.sort_by(|a, b| (a.0, a.1, a.2, a.3).cmp(&(b.0, b.1, b.2, b.3)));
+    http_routes.sort_unstable();
+    let http_routes: Vec<HttpRoute> = http_routes
+        .into_iter()
+        .map(|(_, _, _, order, key)| {
+            let (host, path) = route_keys[key];
+            HttpRoute {
+                host: host.map(str::to_string),
+                path: path.map(str::to_string),
+                backend: decided[order].name.clone(),
+            }
+        })
+        .collect();
+    drop(route_keys);
+    drop(routed);
+
+    // Second pass: the backends, taking the labels over.
+    let mut slots: Vec<Option<Candidate<'_>>> = candidates.into_iter().map(Some).collect();
+    let mut backends: Vec<Backend> = by_age
+        .iter()
+        .zip(decided)
+        .filter_map(|(&i, d)| Some((slots[i].take()?, d)))
+        .map(|(c, d)| {
+            // The app's tasks are in (node, id) order already.
+            let servers: Vec<Server> = c
+                .tasks
+                .iter()
+                .filter_map(|t| {
+                    let port = t.spec.ports.get(c.index)?.port;
+                    let state = if t.node_status != NodeStatus::Alive {
+                        ServerState::NodeDown
+                    } else if !t.healthy {
+                        ServerState::Unhealthy
+                    } else {
+                        ServerState::Up
+                    };
+                    Some(Server {
+                        addr: SocketAddr::new(t.spec.ip, port),
+                        node: t.node_id.clone(),
+                        task: t.id.clone(),
+                        state,
+                    })
+                })
+                .collect();
+            Backend {
+                name: d.name,
+                app: c.app.to_string(),
+                port_index: c.index,
+                service_port: c.service.map(|s| s.port),
+                bind_port: d.bind_port,
+                labels: c.labels,
+                servers,
+            }
+        })
+        .collect();
+    backends.sort_unstable_by(|a, b| a.name.cmp(&b.name));
     problems.sort();
     problems.dedup();
     Routes {
         backends,
-        http_routes: http_routes.into_iter().map(|r| r.4).collect(),
+        http_routes,
         problems,
     }
-}
-
-fn ip_text(ip: IpAddr) -> String {
-    ip.to_string()
 }
 
 #[cfg(test)]

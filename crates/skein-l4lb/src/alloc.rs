@@ -109,6 +109,11 @@ pub struct Allocation {
 /// gives the same allocation on every node, whatever order they arrive in.
 /// `reserved` are addresses nobody may be assigned (IP VIPs taken as given).
 pub fn allocate(claims: &[Claim], reserved: &BTreeSet<Ipv4Addr>) -> Allocation {
+    allocate_in(&Pool::VIPS, claims, reserved)
+}
+
+/// [`allocate`] in `pool`.
+pub fn allocate_in(pool: &Pool, claims: &[Claim], reserved: &BTreeSet<Ipv4Addr>) -> Allocation {
     let mut by_vip: BTreeMap<&str, Vec<&Claim>> = BTreeMap::new();
     for c in claims {
         by_vip.entry(c.vip.as_str()).or_default().push(c);
@@ -126,7 +131,7 @@ pub fn allocate(claims: &[Claim], reserved: &BTreeSet<Ipv4Addr>) -> Allocation {
     for (_, vip) in order {
         let winner = by_vip[vip]
             .iter()
-            .find(|c| in_vip_net(c.value.ip) && !taken.contains(&c.value.ip));
+            .find(|c| pool.contains(c.value.ip) && !taken.contains(&c.value.ip));
         match winner {
             Some(c) => {
                 taken.insert(c.value.ip);
@@ -141,9 +146,68 @@ pub fn allocate(claims: &[Claim], reserved: &BTreeSet<Ipv4Addr>) -> Allocation {
 }
 
 pub fn in_vip_net(ip: Ipv4Addr) -> bool {
-    let o = ip.octets();
-    // Network and broadcast addresses of 11.0.0.0/8 are never handed out.
-    o[0] == 11 && ip != Ipv4Addr::new(11, 0, 0, 0) && ip != Ipv4Addr::new(11, 255, 255, 255)
+    Pool::VIPS.contains(ip)
+}
+
+/// A space of slots claims are made in, as addresses: 11.0.0.0/8 for
+/// named VIPs, or a port range (a port `p` is the address `0.0.x.y` with
+/// the value `p`) for the edge's service ports. Probes hash a name into it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pool {
+    /// The first slot's value.
+    base: u32,
+    /// How many slots probes spread over.
+    span: u32,
+    /// The first and last slots are never handed out (a network's own
+    /// and broadcast addresses).
+    skip_ends: bool,
+}
+
+impl Pool {
+    /// 11.0.0.0/8, as in DC/OS (in unit tests a tiny space, to make
+    /// collisions common enough to test).
+    pub const VIPS: Pool = Pool {
+        base: u32::from_be_bytes([11, 0, 0, 0]),
+        span: PROBE_SPACE as u32,
+        skip_ends: true,
+    };
+
+    /// The ports `first..=last` (`first <= last`).
+    pub const fn ports(first: u16, last: u16) -> Pool {
+        Pool {
+            base: first as u32,
+            span: last as u32 - first as u32 + 1,
+            skip_ends: false,
+        }
+    }
+
+    /// A port as a slot of a port pool.
+    pub fn port_slot(port: u16) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(port))
+    }
+
+    /// A port pool's slot as the port (`None` if it is not one).
+    pub fn slot_port(slot: Ipv4Addr) -> Option<u16> {
+        u16::try_from(u32::from(slot)).ok()
+    }
+
+    pub fn contains(&self, slot: Ipv4Addr) -> bool {
+        let v = u32::from(slot);
+        // The VIP pool's membership is the whole /8, whatever the probes
+        // spread over (an address claimed by a version with another probe
+        // space is still ours).
+        let span = if self.skip_ends { 1 << 24 } else { self.span };
+        let Some(offset) = v.checked_sub(self.base) else {
+            return false;
+        };
+        offset < span && !(self.skip_ends && (offset == 0 || offset == span - 1))
+    }
+
+    /// The `k`-th candidate slot of `name`.
+    pub fn probe(&self, name: &str, k: u32) -> Ipv4Addr {
+        let h = fnv1a(&[name.as_bytes(), &k.to_le_bytes()]);
+        Ipv4Addr::from(self.base + (h % u64::from(self.span)) as u32)
+    }
 }
 
 /// FNV-1a: stable across versions and platforms, unlike std's hasher.
@@ -167,14 +231,23 @@ const PROBE_SPACE: u64 = 64;
 
 /// The `k`-th candidate address of a VIP.
 pub fn probe(vip: &str, k: u32) -> Ipv4Addr {
-    let h = fnv1a(&[vip.as_bytes(), &k.to_le_bytes()]);
-    let host = (h % PROBE_SPACE) as u32;
-    Ipv4Addr::from(u32::from(VIP_NET) | host)
+    Pool::VIPS.probe(vip, k)
 }
 
 /// A fresh claim for `vip`: its first probe address not used by any claim
 /// or reservation. `None` only if 11.0.0.0/8 is (practically) full.
 pub fn propose(
+    vip: &str,
+    claims: &[Claim],
+    reserved: &BTreeSet<Ipv4Addr>,
+    now_ms: u64,
+) -> Option<ClaimValue> {
+    propose_in(&Pool::VIPS, vip, claims, reserved, now_ms)
+}
+
+/// [`propose`] in `pool`.
+pub fn propose_in(
+    pool: &Pool,
     vip: &str,
     claims: &[Claim],
     reserved: &BTreeSet<Ipv4Addr>,
@@ -187,8 +260,8 @@ pub fn propose(
         .chain(reserved.iter().copied())
         .collect();
     (0..4096)
-        .map(|k| probe(vip, k))
-        .find(|ip| in_vip_net(*ip) && !used.contains(ip))
+        .map(|k| pool.probe(vip, k))
+        .find(|ip| pool.contains(*ip) && !used.contains(ip))
         .map(|ip| ClaimValue {
             ip,
             since: after_all(claims.iter().map(|c| c.value.since), now_ms),
@@ -211,6 +284,18 @@ pub fn desired_claims(
     now_ms: u64,
     settle: impl Fn(&str) -> bool,
 ) -> BTreeMap<String, ClaimValue> {
+    desired_claims_in(&Pool::VIPS, hosted, claims, resolution, now_ms, settle)
+}
+
+/// [`desired_claims`] in `pool`.
+pub fn desired_claims_in(
+    pool: &Pool,
+    hosted: &BTreeSet<String>,
+    claims: &[Claim],
+    resolution: &Resolution,
+    now_ms: u64,
+    settle: impl Fn(&str) -> bool,
+) -> BTreeMap<String, ClaimValue> {
     let allocation = &resolution.allocation;
     let mut out = BTreeMap::new();
     let mut proposed = resolution.reserved.clone();
@@ -226,7 +311,7 @@ pub fn desired_claims(
                 });
                 let avoid: BTreeSet<Ipv4Addr> =
                     proposed.iter().copied().chain(others_predicted).collect();
-                propose(vip, claims, &avoid, now_ms)
+                propose_in(pool, vip, claims, &avoid, now_ms)
             }
         };
         if let Some(v) = value {
@@ -295,14 +380,24 @@ pub fn resolve(
     claims: &[Claim],
     ip_vips: &BTreeSet<Ipv4Addr>,
 ) -> Resolution {
-    let named = allocate(claims, &BTreeSet::new());
+    resolve_in(&Pool::VIPS, live, claims, ip_vips)
+}
+
+/// [`resolve`] in `pool`; `ip_vips` are the slots reserved in it.
+pub fn resolve_in(
+    pool: &Pool,
+    live: &BTreeSet<String>,
+    claims: &[Claim],
+    ip_vips: &BTreeSet<Ipv4Addr>,
+) -> Resolution {
+    let named = allocate_in(pool, claims, &BTreeSet::new());
     let named_ips: BTreeSet<Ipv4Addr> = named.assigned.values().map(|v| v.ip).collect();
     let reserved: BTreeSet<Ipv4Addr> = ip_vips
         .iter()
         .filter(|ip| !named_ips.contains(ip))
         .copied()
         .collect();
-    let allocation = allocate(claims, &reserved);
+    let allocation = allocate_in(pool, claims, &reserved);
     // Addresses claimed by more than one VIP (the losers' claims are still
     // in the view until their hosts claim anew).
     let mut claimants: BTreeMap<Ipv4Addr, BTreeSet<&str>> = BTreeMap::new();
@@ -333,7 +428,10 @@ pub fn resolve(
     let mut predicted: BTreeMap<&str, Option<Ipv4Addr>> = BTreeMap::new();
     for vip in live {
         if !allocation.assigned.contains_key(vip) {
-            predicted.insert(vip, propose(vip, claims, &reserved, 0).map(|v| v.ip));
+            predicted.insert(
+                vip,
+                propose_in(pool, vip, claims, &reserved, 0).map(|v| v.ip),
+            );
         }
     }
     let mut wanted: BTreeMap<Ipv4Addr, usize> = BTreeMap::new();
@@ -360,8 +458,8 @@ pub fn resolve(
     // The rest, by name, get distinct guesses (never handed out as such).
     for vip in guesses {
         let guess = (0..4096)
-            .map(|k| probe(vip, k))
-            .find(|ip| in_vip_net(*ip) && !taken.contains(ip));
+            .map(|k| pool.probe(vip, k))
+            .find(|ip| pool.contains(*ip) && !taken.contains(ip));
         if let Some(ip) = guess {
             taken.insert(ip);
             addresses.insert(

@@ -85,6 +85,10 @@ pub(crate) struct AgentArgs {
     /// Seconds between checks of the kernel's overlay entries for drift [default: 10].
     #[arg(long, env = "SKEIN_OVERLAY_RESYNC_S")]
     pub overlay_resync_s: Option<u64>,
+    /// The range edge service ports are agreed from, `FIRST-LAST`; the same
+    /// on every agent [default: 10000-10100].
+    #[arg(long, env = "SKEIN_EDGE_SERVICE_PORTS")]
+    pub edge_service_ports: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -107,9 +111,30 @@ struct FileConfig {
     overlay_config: Option<PathBuf>,
     overlay_dataplane: Option<String>,
     overlay_resync_s: Option<u64>,
+    edge_service_ports: Option<String>,
     dns_listen: Option<String>,
     dns_upstream: Option<String>,
     dns_forward_zones: Option<String>,
+}
+
+/// `FIRST-LAST`, both ports, `FIRST <= LAST`.
+pub(crate) fn parse_port_range(text: &str) -> anyhow::Result<(u16, u16)> {
+    let (a, b) = text
+        .trim()
+        .split_once('-')
+        .with_context(|| format!("{text:?} is not FIRST-LAST"))?;
+    let first: u16 = a
+        .trim()
+        .parse()
+        .with_context(|| format!("{a:?} is not a port"))?;
+    let last: u16 = b
+        .trim()
+        .parse()
+        .with_context(|| format!("{b:?} is not a port"))?;
+    if first == 0 || first > last {
+        bail!("{text:?}: need 1 <= FIRST <= LAST <= 65535");
+    }
+    Ok((first, last))
 }
 
 /// What the binary needs besides [`AgentConfig`].
@@ -315,6 +340,10 @@ impl AgentArgs {
                 .unwrap_or(10)
                 .max(1),
         );
+        let edge_service_ports = match self.edge_service_ports.or(file.edge_service_ports) {
+            Some(text) => parse_port_range(&text).context("--edge-service-ports")?,
+            None => skein_agent::edge::DEFAULT_SERVICE_PORTS,
+        };
         let dns_listen = parse_addrs(
             self.dns_listen
                 .or(file.dns_listen)
@@ -358,6 +387,7 @@ impl AgentArgs {
                 overlay,
                 overlay_dataplane,
                 overlay_resync,
+                edge_service_ports,
                 hostname: hostname(),
                 node_id,
                 advertise,

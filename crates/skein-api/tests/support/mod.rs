@@ -56,6 +56,7 @@ pub(crate) async fn agent(
         overlay: Default::default(),
         overlay_dataplane: skein_agent::vxlan::OverlayDataplane::None,
         overlay_resync: Duration::from_secs(10),
+        edge_service_ports: skein_agent::edge::DEFAULT_SERVICE_PORTS,
     };
     let agent = Agent::start(config).await.expect("agent starts");
     (agent, data)

@@ -1,0 +1,181 @@
+//! How long computing an edge's routes takes at scale (issue 13: 10,000
+//! apps / 50,000 backends in ≤ 20 ms).
+//!
+//!   cargo build --release -p cluster-tests
+//!   target/release/edge-routes-bench [--apps 10000] [--tasks 5] [--runs 20]
+//!
+//! Builds the tasks an agent's view holds (each app `--tasks` tasks on as
+//! many nodes, Marathon-LB labels), then times `skein_edge::compute` (what
+//! an agent does once per view when an edge asks), `Routes::for_groups`
+//! plus the version digest (what each long-poll answer costs) and the JSON
+//! an edge downloads, over three shapes: every app on its own virtual host;
+//! two ports per app with paths, a tenth of the apps contending for the
+//! same hosts; TCP service ports only. There is no peer here to compare
+//! with: Marathon-LB regenerated and reloaded a whole HAProxy config per
+//! change (seconds at this size; its issues #563, #544).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use skein_edge::routes::{PortKey, ServicePort};
+use skein_state::{Labels, NodeStatus, PortMapping, Protocol, TaskSpec, TaskView};
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1)?.parse().ok())
+        .unwrap_or(default)
+}
+
+#[derive(Clone, Copy)]
+enum Shape {
+    Vhosts,
+    PathsContended,
+    TcpPorts,
+}
+
+impl Shape {
+    fn name(self) -> &'static str {
+        match self {
+            Shape::Vhosts => "one vhost per app",
+            Shape::PathsContended => "2 ports, paths, 10% contended hosts",
+            Shape::TcpPorts => "tcp service ports only",
+        }
+    }
+}
+
+fn cluster(
+    apps: usize,
+    tasks: usize,
+    shape: Shape,
+) -> (Vec<TaskView>, BTreeMap<PortKey, ServicePort>) {
+    let mut out = Vec::with_capacity(apps * tasks);
+    let mut ports = BTreeMap::new();
+    for a in 0..apps {
+        let app = format!("/team{}/app{a}", a % 50);
+        let mut labels = Labels::new();
+        labels.insert("HAPROXY_GROUP", "external");
+        let port_count = match shape {
+            Shape::Vhosts => {
+                labels.insert("HAPROXY_0_VHOST", format!("app{a}.example.com"));
+                1
+            }
+            Shape::PathsContended => {
+                let host = if a % 10 == 0 { 0 } else { a };
+                labels.insert("HAPROXY_0_VHOST", format!("app{host}.example.com"));
+                labels.insert("HAPROXY_0_PATH", "/api");
+                labels.insert("HAPROXY_1_MODE", "http");
+                labels.insert("HAPROXY_1_PATH", format!("/static{a}"));
+                2
+            }
+            Shape::TcpPorts => 1,
+        };
+        for n in 0..port_count {
+            ports.insert(
+                (app.clone(), n),
+                ServicePort {
+                    port: (10_000 + a * port_count + n) as u16,
+                    since: a as u64,
+                    settled: true,
+                },
+            );
+        }
+        for t in 0..tasks {
+            out.push(TaskView {
+                id: format!("app{a}.{t}"),
+                node_id: format!("node{}", (a + t) % 1000),
+                node_status: NodeStatus::Alive,
+                healthy: t != 0 || a % 7 != 0,
+                spec: Arc::new(TaskSpec {
+                    app: app.clone(),
+                    framework: "marathon".into(),
+                    ip: std::net::IpAddr::from([
+                        10,
+                        (t % 250) as u8,
+                        (a / 250 % 250) as u8,
+                        (a % 250) as u8,
+                    ]),
+                    ports: (0..port_count)
+                        .map(|n| PortMapping {
+                            name: None,
+                            port: 8080 + n as u16,
+                            protocol: Protocol::Tcp,
+                            labels: Labels::new(),
+                        })
+                        .collect(),
+                    health_check: None,
+                    labels: labels.clone(),
+                }),
+            });
+        }
+    }
+    (out, ports)
+}
+
+/// This thread's CPU time: what a figure costs even when other processes
+/// share the cores (wall time is printed too).
+fn cpu_now() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn main() {
+    let apps = arg("--apps", 10_000);
+    let tasks = arg("--tasks", 5);
+    let runs = arg("--runs", 20).max(1);
+    println!("edge-routes-bench: {apps} apps x {tasks} tasks, median of {runs} runs");
+    for shape in [Shape::Vhosts, Shape::PathsContended, Shape::TcpPorts] {
+        let (tasks, ports) = cluster(apps, tasks, shape);
+        let input = skein_edge::Input {
+            tasks: &tasks,
+            service_ports: &ports,
+        };
+        let mut compute = Vec::new();
+        let mut compute_cpu = Vec::new();
+        let mut answer = Vec::new();
+        let mut routes = skein_edge::compute(&input);
+        for _ in 0..runs {
+            let (t, c) = (Instant::now(), cpu_now());
+            let fresh = skein_edge::compute(&input);
+            compute.push(t.elapsed());
+            compute_cpu.push(cpu_now().saturating_sub(c));
+            // The previous routes are dropped outside the timing, as an
+            // agent drops an old view's after the new one is published.
+            routes = fresh;
+            let t = Instant::now();
+            let doc = skein_edge::EdgeDoc::new(routes.for_groups(&["external".to_string()]));
+            answer.push(t.elapsed());
+            std::hint::black_box(doc);
+        }
+        let servers: usize = routes.backends.iter().map(|b| b.servers.len()).sum();
+        let json = serde_json::to_vec(&routes).map(|j| j.len()).unwrap_or(0);
+        println!(
+            "  {:<38} {:>6} backends {:>6} servers {:>6} routes {:>5} problems: compute {:>7.2} ms wall {:>7.2} ms CPU (target <= 20), long-poll answer {:>7.2} ms, JSON {:.1} MB",
+            shape.name(),
+            routes.backends.len(),
+            servers,
+            routes.http_routes.len(),
+            routes.problems.len(),
+            ms(median(compute)),
+            ms(median(compute_cpu)),
+            ms(median(answer)),
+            json as f64 / 1e6,
+        );
+    }
+}

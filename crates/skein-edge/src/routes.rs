@@ -18,6 +18,7 @@ use std::fmt;
 use std::hash::BuildHasherDefault;
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use skein_state::{NodeStatus, TaskView};
@@ -57,8 +58,8 @@ pub enum ServerState {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Server {
     pub addr: SocketAddr,
-    pub node: String,
-    pub task: String,
+    /// The node the task runs on (shared between its servers).
+    pub node: Arc<str>,
     pub state: ServerState,
 }
 
@@ -439,6 +440,8 @@ pub fn compute(input: &Input<'_>) -> Routes {
 
     // Second pass: the backends, taking the labels over.
     let mut slots: Vec<Option<Candidate<'_>>> = candidates.into_iter().map(Some).collect();
+    // Node names, one allocation each however many servers they run.
+    let mut nodes: FastMap<&str, Arc<str>> = FastMap::default();
     let mut backends: Vec<Backend> = by_age
         .iter()
         .zip(decided)
@@ -457,10 +460,13 @@ pub fn compute(input: &Input<'_>) -> Routes {
                     } else {
                         ServerState::Up
                     };
+                    let node = nodes
+                        .entry(t.node_id.as_str())
+                        .or_insert_with(|| Arc::from(t.node_id.as_str()))
+                        .clone();
                     Some(Server {
                         addr: SocketAddr::new(t.spec.ip, port),
-                        node: t.node_id.clone(),
-                        task: t.id.clone(),
+                        node,
                         state,
                     })
                 })

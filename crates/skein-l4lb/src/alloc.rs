@@ -1297,4 +1297,52 @@ mod tests {
             }
         }
     }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// A port pool (the edge's service ports): names settle on distinct
+        /// ports inside the range, as many as there are ports; a name
+        /// keeps its port while names come and go around it.
+        #[test]
+        fn port_pools_hand_out_each_port_once_and_keep_it(
+            first in 1000u16..60000,
+            len in 1u16..12,
+            names in prop::collection::btree_set("[a-z]{1,4}#[0-2]", 1..20),
+            leaving in prop::collection::vec(any::<bool>(), 20),
+        ) {
+            let pool = Pool::ports(first, first + len - 1);
+            let names: Vec<String> = names.into_iter().collect();
+            // Each name claimed in turn by its own node, as hosts do.
+            let mut claims: Vec<Claim> = Vec::new();
+            for (i, name) in names.iter().enumerate() {
+                let live: BTreeSet<String> = names[..=i].iter().cloned().collect();
+                let r = resolve_in(&pool, &live, &claims, &BTreeSet::new());
+                let hosted = BTreeSet::from([name.clone()]);
+                let want = desired_claims_in(&pool, &hosted, &claims, &r, i as u64, |_| false);
+                for (vip, value) in want {
+                    claims.push(Claim { vip, node: format!("n{i}"), value });
+                }
+            }
+            let live: BTreeSet<String> = names.iter().cloned().collect();
+            let r = resolve_in(&pool, &live, &claims, &BTreeSet::new());
+            let ports: Vec<u16> = r.allocation.assigned.values()
+                .map(|v| Pool::slot_port(v.ip).expect("a port"))
+                .collect();
+            let unique: BTreeSet<u16> = ports.iter().copied().collect();
+            prop_assert_eq!(unique.len(), ports.len(), "a port given twice");
+            prop_assert!(ports.iter().all(|p| (first..first + len).contains(p)));
+            prop_assert_eq!(ports.len(), names.len().min(usize::from(len)));
+            // Some names leave (their claims withdrawn): the rest keep theirs.
+            let kept: Vec<Claim> = claims.iter()
+                .filter(|c| !leaving[names.iter().position(|n| *n == c.vip).unwrap_or(0)])
+                .cloned()
+                .collect();
+            let live: BTreeSet<String> = kept.iter().map(|c| c.vip.clone()).collect();
+            let after = resolve_in(&pool, &live, &kept, &BTreeSet::new());
+            for (vip, v) in &after.allocation.assigned {
+                prop_assert_eq!(Some(v), r.allocation.assigned.get(vip), "{} moved", vip);
+            }
+        }
+    }
 }

@@ -1,6 +1,8 @@
 //! A test backend, like the seed article's `httpi`: answers every HTTP
 //! request on TCP `ADDR` with its own NAME, and every UDP datagram on the
 //! same address with NAME too, so a test can tell which backend a VIP chose.
+//! HTTP answers also say the request's path (`X-Path`) and the
+//! `X-Forwarded-For` it carried (`X-Seen-Forwarded-For`), for proxy tests.
 //! A TCP connection that starts with `ECHO\n` instead stays open and gets
 //! `NAME` back for every line it sends (a long-lived connection).
 //!
@@ -46,10 +48,26 @@ fn main() -> std::io::Result<()> {
                     break;
                 }
             }
+            // What the request looked like, for tests of proxies: its path
+            // and the client address a proxy says it forwarded for.
+            let head = String::from_utf8_lossy(&seen);
+            let path = head
+                .lines()
+                .next()
+                .and_then(|l| l.split(' ').nth(1))
+                .unwrap_or("")
+                .to_string();
+            let forwarded = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("x-forwarded-for").then(|| v.trim().to_string())
+                })
+                .unwrap_or_default();
             let body = format!("{name}\n");
             let _ = write!(
                 stream,
-                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-Path: {path}\r\nX-Seen-Forwarded-For: {forwarded}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             );
         });

@@ -74,6 +74,8 @@ pub struct View {
     pub edge_ports: BTreeMap<skein_edge::routes::PortKey, skein_edge::routes::ServicePort>,
     /// What every edge serves, computed on first use.
     edge_routes: OnceLock<Arc<skein_edge::Routes>>,
+    /// Apps' labels as read for earlier views (shared by the agent's views).
+    pub edge_labels: Arc<std::sync::Mutex<skein_edge::LabelCache>>,
 }
 
 impl View {
@@ -121,6 +123,7 @@ impl View {
             overlay_state: OnceLock::new(),
             edge_ports: BTreeMap::new(),
             edge_routes: OnceLock::new(),
+            edge_labels: Default::default(),
         }
     }
 
@@ -128,10 +131,14 @@ impl View {
     /// view, when first asked for.
     pub fn edge_routes(&self) -> &Arc<skein_edge::Routes> {
         self.edge_routes.get_or_init(|| {
-            Arc::new(skein_edge::compute(&skein_edge::Input {
+            let input = skein_edge::Input {
                 tasks: &self.tasks,
                 service_ports: &self.edge_ports,
-            }))
+            };
+            Arc::new(match self.edge_labels.lock() {
+                Ok(mut cache) => skein_edge::compute_cached(&input, &mut cache),
+                Err(_) => skein_edge::compute(&input),
+            })
         })
     }
 

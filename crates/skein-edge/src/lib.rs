@@ -16,5 +16,6 @@ pub mod routes;
 
 pub use labels::{Balance, Mode, PortLabels};
 pub use routes::{
-    compute, Backend, EdgeDoc, HttpRoute, Input, Problem, Routes, Server, ServerState,
+    compute, compute_cached, Backend, EdgeDoc, HttpRoute, Input, LabelCache, Problem, Routes,
+    Server, ServerState,
 };

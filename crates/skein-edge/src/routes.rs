@@ -21,7 +21,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use skein_state::{NodeStatus, TaskView};
+use skein_state::{NodeStatus, TaskSpec, TaskView};
 
 use crate::labels::{self, LabelProblem, Mode, PortLabels, PortOutcome};
 
@@ -86,8 +86,9 @@ pub struct Backend {
     /// the port (then reachable only by its HTTP routes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bind_port: Option<u16>,
-    /// What the app's labels say about this port.
-    pub labels: PortLabels,
+    /// What the app's labels say about this port (shared with the label
+    /// cache: unchanged apps are not parsed again).
+    pub labels: Arc<PortLabels>,
     /// Sorted by name.
     pub servers: Vec<Server>,
 }
@@ -220,7 +221,8 @@ impl Hasher for Fnv {
 struct Candidate<'a> {
     app: &'a str,
     index: usize,
-    labels: PortLabels,
+    labels: Arc<PortLabels>,
+    parsed: Arc<ParsedApp>,
     service: Option<ServicePort>,
     tasks: &'a [&'a TaskView],
 }
@@ -246,9 +248,75 @@ fn problem(app: &str, index: Option<usize>, p: LabelProblem) -> Problem {
     }
 }
 
+/// One app's labels as read: what [`labels`] says about each of its ports.
+struct ParsedApp {
+    /// The task spec they were read from, held so that its address (the
+    /// cache's key) cannot be reused by another spec while cached.
+    spec: Arc<TaskSpec>,
+    app_name: String,
+    app_problems: Vec<LabelProblem>,
+    ports: Vec<Parsed>,
+}
+
+enum Parsed {
+    NotExposed,
+    Disabled(Vec<LabelProblem>),
+    Exposed(Arc<PortLabels>, Vec<LabelProblem>),
+}
+
+impl ParsedApp {
+    fn read(spec: &Arc<TaskSpec>) -> ParsedApp {
+        let ports = (0..spec.ports.len())
+            .map(|index| match labels::parse_port(&spec.labels, index) {
+                PortOutcome::NotExposed => Parsed::NotExposed,
+                PortOutcome::Disabled { problems } => Parsed::Disabled(problems),
+                PortOutcome::Exposed { labels, problems } => {
+                    Parsed::Exposed(Arc::new(labels), problems)
+                }
+            })
+            .collect();
+        ParsedApp {
+            spec: spec.clone(),
+            app_name: labels::backend_app_name(&spec.app),
+            app_problems: labels::app_problems(&spec.labels, spec.ports.len()),
+            ports,
+        }
+    }
+}
+
+/// Apps' labels as last read, reused while an app's first task is the same
+/// decoded spec (an agent shares unchanged specs between views), so a
+/// change re-reads only the apps it touched. Holds only what the last
+/// computation used.
+#[derive(Default)]
+pub struct LabelCache {
+    apps: FastMap<usize, Arc<ParsedApp>>,
+}
+
+impl fmt::Debug for LabelCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "LabelCache({} apps)", self.apps.len())
+    }
+}
+
+impl LabelCache {
+    fn parsed(&self, spec: &Arc<TaskSpec>) -> Arc<ParsedApp> {
+        match self.apps.get(&(Arc::as_ptr(spec) as usize)) {
+            Some(p) if Arc::ptr_eq(&p.spec, spec) => p.clone(),
+            _ => Arc::new(ParsedApp::read(spec)),
+        }
+    }
+}
+
 /// Computes the routes. Pure and deterministic: the same tasks and service
 /// ports give the same routes on every node.
 pub fn compute(input: &Input<'_>) -> Routes {
+    compute_cached(input, &mut LabelCache::default())
+}
+
+/// [`compute`], reading only the labels of apps `cache` has not seen as
+/// they are now (the result is the same).
+pub fn compute_cached(input: &Input<'_>, cache: &mut LabelCache) -> Routes {
     let mut problems = Vec::new();
 
     // Tasks by app, each app's in (node, id) order: the first task's labels
@@ -273,6 +341,7 @@ pub fn compute(input: &Input<'_>) -> Routes {
             (app, tasks)
         })
         .collect();
+    let mut fresh = FastMap::default();
     for (app, tasks) in &by_app {
         let first = tasks[0];
         if first.spec.labels.is_empty() {
@@ -290,26 +359,25 @@ pub fn compute(input: &Input<'_>) -> Routes {
                 disables: false,
             });
         }
-        let port_count = first.spec.ports.len();
-        for p in labels::app_problems(&first.spec.labels, port_count) {
-            problems.push(problem(app, None, p));
+        let parsed = cache.parsed(&first.spec);
+        fresh.insert(Arc::as_ptr(&first.spec) as usize, parsed.clone());
+        for p in &parsed.app_problems {
+            problems.push(problem(app, None, p.clone()));
         }
-        for index in 0..port_count {
-            match labels::parse_port(&first.spec.labels, index) {
-                PortOutcome::NotExposed => {}
-                PortOutcome::Disabled { problems: ps } => {
-                    problems.extend(ps.into_iter().map(|p| problem(app, Some(index), p)));
+        for (index, outcome) in parsed.ports.iter().enumerate() {
+            match outcome {
+                Parsed::NotExposed => {}
+                Parsed::Disabled(ps) => {
+                    problems.extend(ps.iter().map(|p| problem(app, Some(index), p.clone())));
                 }
-                PortOutcome::Exposed {
-                    labels,
-                    problems: ps,
-                } => {
-                    problems.extend(ps.into_iter().map(|p| problem(app, Some(index), p)));
+                Parsed::Exposed(labels, ps) => {
+                    problems.extend(ps.iter().map(|p| problem(app, Some(index), p.clone())));
                     let service = service_ports.get(&(*app, index)).copied();
                     candidates.push(Candidate {
                         app,
                         index,
-                        labels,
+                        labels: labels.clone(),
+                        parsed: parsed.clone(),
                         service,
                         tasks,
                     });
@@ -337,7 +405,7 @@ pub fn compute(input: &Input<'_>) -> Routes {
     for (order, &i) in by_age.iter().enumerate() {
         let c = &candidates[i];
         let wanted_port = c.labels.bind_port.or(c.service.map(|s| s.port));
-        let app_name = labels::backend_app_name(c.app);
+        let app_name = &c.parsed.app_name;
         let mut name = match wanted_port {
             Some(p) => format!("{app_name}_{p}"),
             None => format!("{app_name}_p{}", c.index),
@@ -483,6 +551,7 @@ pub fn compute(input: &Input<'_>) -> Routes {
         })
         .collect();
     backends.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+    cache.apps = fresh;
     problems.sort();
     problems.dedup();
     Routes {

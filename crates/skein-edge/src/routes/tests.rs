@@ -356,6 +356,28 @@ proptest! {
         }
     }
 
+    /// The label cache changes nothing: after any sequence of clusters,
+    /// computing with the cache gives what computing afresh gives.
+    #[test]
+    fn the_label_cache_is_transparent(steps in prop::collection::vec(cluster_strategy(), 1..5)) {
+        let mut cache = LabelCache::default();
+        let mut kept: Vec<TaskView> = Vec::new();
+        for apps in steps {
+            // Keep the previous step's tasks (same specs) where the app is
+            // unchanged in name, as an agent shares unchanged specs.
+            let mut tasks = tasks_of(&apps);
+            for t in tasks.iter_mut() {
+                if let Some(old) = kept.iter().find(|o| o.id == t.id && o.spec == t.spec) {
+                    t.spec = old.spec.clone();
+                }
+            }
+            let ports = ports_of(&apps);
+            let input = Input { tasks: &tasks, service_ports: &ports };
+            prop_assert_eq!(compute_cached(&input, &mut cache), compute(&input));
+            kept = tasks;
+        }
+    }
+
     /// Every node computes the same routes whatever order its tasks are in;
     /// an edge's groups select exactly the backends in them.
     #[test]

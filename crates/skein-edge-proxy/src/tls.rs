@@ -21,6 +21,9 @@ use rustls::sign::CertifiedKey;
 use crate::state::Table;
 
 type Stamp = Vec<(PathBuf, Option<(SystemTime, u64)>)>;
+/// A backend's certificate files → what they were when read, and what
+/// reading them gave.
+type Loaded = HashMap<Vec<String>, (Stamp, Result<Arc<CertifiedKey>, String>)>;
 
 #[derive(Default)]
 struct SniMap {
@@ -30,7 +33,7 @@ struct SniMap {
 }
 
 pub(crate) struct CertStore {
-    cache: Mutex<HashMap<Vec<String>, (Stamp, Result<Arc<CertifiedKey>, String>)>>,
+    cache: Mutex<Loaded>,
     map: ArcSwap<SniMap>,
     default: Option<Arc<CertifiedKey>>,
 }

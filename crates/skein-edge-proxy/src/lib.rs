@@ -177,7 +177,7 @@ impl Shared {
     pub(crate) async fn apply(self: &Arc<Self>, version: u64, routes: Routes) -> Duration {
         let _one = self.apply_lock.lock().await;
         let started = Instant::now();
-        let routes = routes.for_groups(&self.cfg.groups);
+        let routes = for_groups(routes, &self.cfg.groups);
         let addrs = *self.addrs.lock().unwrap_or_else(|e| e.into_inner());
         let reserved = [addrs.http.port(), addrs.https.port(), addrs.stats.port()];
         let limits = Limits {
@@ -224,6 +224,22 @@ impl Shared {
         self.apply.rejected.fetch_add(1, Ordering::Relaxed);
         *self.rejected.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
     }
+}
+
+/// `Routes::for_groups`, consuming (no copy of what is kept).
+fn for_groups(mut routes: Routes, groups: &[String]) -> Routes {
+    routes
+        .backends
+        .retain(|b| b.labels.groups.iter().any(|g| groups.contains(g)));
+    let names: std::collections::HashSet<&str> =
+        routes.backends.iter().map(|b| b.name.as_str()).collect();
+    let http_routes = std::mem::take(&mut routes.http_routes)
+        .into_iter()
+        .filter(|r| names.contains(r.backend.as_str()))
+        .collect();
+    drop(names);
+    routes.http_routes = http_routes;
+    routes
 }
 
 /// A running edge.

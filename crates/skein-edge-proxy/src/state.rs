@@ -486,6 +486,16 @@ impl Registry {
         }
     }
 
+    /// Requests in flight, tunnels and TCP connections, over all servers.
+    pub(crate) fn busy(&self) -> i64 {
+        let slots = self.backends.lock().unwrap_or_else(|e| e.into_inner());
+        slots
+            .values()
+            .flat_map(|s| s.servers.values())
+            .map(|rt| rt.c.scur())
+            .sum()
+    }
+
     /// Removed servers still holding connections (the DRAIN rows).
     pub(crate) fn draining(&self) -> Vec<Arc<ServerRt>> {
         let slots = self.backends.lock().unwrap_or_else(|e| e.into_inner());

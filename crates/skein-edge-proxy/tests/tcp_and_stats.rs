@@ -506,44 +506,47 @@ async fn an_absent_agent_is_retried_and_its_routes_applied_when_it_answers() {
 #[tokio::test]
 async fn applying_a_change_to_a_thousand_backends_is_quick() {
     let a = tcp_server("a").await;
-    let edge = edge().await;
-    let set = |v: u64| {
-        let backends = (0..1000u16)
-            .map(|i| {
-                let mut l = labels(Mode::Http);
-                l.vhosts = vec![format!("app{i}.example.com")];
-                let mut servers: Vec<_> = (0..3u16)
-                    .map(|k| dead_server(SocketAddr::new(LOOPBACK, 20000 + i * 3 + k)))
-                    .collect();
-                if i == 500 && v.is_multiple_of(2) {
-                    servers.push(server(&a, ServerState::Up));
-                }
-                backend(&format!("app{i}_1"), l, None, servers)
-            })
-            .collect::<Vec<_>>();
-        let http_routes = (0..1000u16)
-            .map(|i| {
-                route(
-                    Some(&format!("app{i}.example.com")),
-                    None,
-                    &format!("app{i}_1"),
-                )
-            })
-            .collect();
-        routes(backends, http_routes)
-    };
-    edge.apply(1, set(1)).await;
-    let mut took = Vec::new();
-    for v in 2..12 {
-        took.push(edge.apply(v, set(v)).await);
+    for size in [100u16, 1000] {
+        let edge = edge().await;
+        let set = |v: u64| {
+            let backends = (0..size)
+                .map(|i| {
+                    let mut l = labels(Mode::Http);
+                    l.vhosts = vec![format!("app{i}.example.com")];
+                    let mut servers: Vec<_> = (0..3u16)
+                        .map(|k| dead_server(SocketAddr::new(LOOPBACK, 20000 + i * 3 + k)))
+                        .collect();
+                    if i == size / 2 && v.is_multiple_of(2) {
+                        servers.push(server(&a, ServerState::Up));
+                    }
+                    backend(&format!("app{i}_1"), l, None, servers)
+                })
+                .collect::<Vec<_>>();
+            let http_routes = (0..size)
+                .map(|i| {
+                    route(
+                        Some(&format!("app{i}.example.com")),
+                        None,
+                        &format!("app{i}_1"),
+                    )
+                })
+                .collect();
+            routes(backends, http_routes)
+        };
+        edge.apply(1, set(1)).await;
+        let mut took = Vec::new();
+        for v in 2..22 {
+            took.push(edge.apply(v, set(v)).await);
+        }
+        took.sort();
+        let median = took[took.len() / 2];
+        eprintln!(
+            "apply of one server change at {size} backends, {} servers, {size} routes: median {median:?}, max {:?}",
+            size * 3,
+            took.last()
+        );
+        // Debug build, shared cores: a loose bound (release: about 1 ms at
+        // 1000 backends; the edge's /metrics has the histogram).
+        assert!(median < Duration::from_millis(100), "{took:?}");
     }
-    took.sort();
-    let median = took[took.len() / 2];
-    eprintln!(
-        "apply of 1000 backends, 3000 servers: median {median:?}, max {:?}",
-        took.last()
-    );
-    // Debug build, shared CI cores: a loose bound (release: well under 1 ms
-    // per change at this size is the target; see /metrics).
-    assert!(median < Duration::from_millis(100), "{took:?}");
 }

@@ -61,7 +61,8 @@ fn main() -> std::io::Result<()> {
                 .lines()
                 .find_map(|l| {
                     let (k, v) = l.split_once(':')?;
-                    k.eq_ignore_ascii_case("x-forwarded-for").then(|| v.trim().to_string())
+                    k.eq_ignore_ascii_case("x-forwarded-for")
+                        .then(|| v.trim().to_string())
                 })
                 .unwrap_or_default();
             let body = format!("{name}\n");

@@ -69,6 +69,9 @@ pub struct PortLabels {
     /// `HAPROXY_GROUP`; comma separated), sorted, at least one.
     pub groups: Vec<String>,
     /// `HAPROXY_{n}_PORT`: the port to bind instead of the service port.
+    /// In JSON `label_port`, not to be read as the backend's effective
+    /// `bind_port`.
+    #[serde(rename = "label_port", default)]
     pub bind_port: Option<u16>,
     pub bind_addr: Option<IpAddr>,
     pub mode: Mode,

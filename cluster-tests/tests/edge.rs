@@ -215,24 +215,14 @@ fn the_edge_routes_by_labels_and_follows_the_cluster() -> anyhow::Result<()> {
     let state_dir = c.dir.path().join("edge");
     let edge_log = c.dir.path().join("edge.log");
     let skein = cluster_tests::skein_bin();
-    let _edge = spawn_in_logged(
-        &ns1,
-        skein.to_str().unwrap_or("skein"),
-        &[
-            "edge",
-            "--group",
-            "external",
-            "--http-port",
-            &EDGE_HTTP.to_string(),
-            "--https-port",
-            &EDGE_HTTPS.to_string(),
-            "--stats-port",
-            &STATS.to_string(),
-            "--state-dir",
-            state_dir.to_str().unwrap_or_default(),
-        ],
-        Some(&edge_log),
-    )?;
+    // Its log (stderr) goes to the file too: `sh -c 'exec ... 2>&1'`.
+    let command = format!(
+        "exec {} edge --group external --http-port {EDGE_HTTP} --https-port {EDGE_HTTPS} \
+         --stats-port {STATS} --state-dir {} 2>&1",
+        skein.display(),
+        state_dir.display()
+    );
+    let _edge = spawn_in_logged(&ns1, "sh", &["-c", &command], Some(&edge_log))?;
     let client = &ns1;
     let at = |port: u16, path: &str| format!("http://{ip1}:{port}{path}");
     let dump = || std::fs::read_to_string(&edge_log).unwrap_or_default();

@@ -23,7 +23,7 @@ mod stats;
 mod tls;
 mod tunnel;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -159,6 +159,8 @@ pub(crate) struct Shared {
     apply_lock: tokio::sync::Mutex<()>,
     /// Sockets taken over from a previous edge, until the first apply.
     pub inherited: Mutex<Inherited>,
+    /// Problems already logged (each is logged once, when it appears).
+    logged_problems: Mutex<BTreeSet<String>>,
     /// Copies of the HTTP, HTTPS and stats sockets, to hand over.
     own_fds: Vec<(ListenerKind, SocketAddr, OwnedFd)>,
     /// What stops when the listeners are handed over.
@@ -198,6 +200,25 @@ impl Shared {
             .unwrap_or(self.cfg.https_port)
     }
 
+    /// Logs each problem of the routes (a label that disables, a conflict
+    /// lost, a port this edge refuses) once, when it first appears.
+    fn log_new_problems(&self, table: &Table) {
+        let now: BTreeSet<String> = table
+            .problems
+            .iter()
+            .map(|p| p.to_string())
+            .chain(table.local_problems.iter().cloned())
+            .collect();
+        let mut logged = self
+            .logged_problems
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for p in now.difference(&logged) {
+            tracing::warn!(problem = %p, "edge route problem");
+        }
+        *logged = now;
+    }
+
     /// Applies a route set: compile, swap, reconcile bind ports and
     /// certificates, start drains. Returns how long it took.
     pub(crate) async fn apply(self: &Arc<Self>, version: u64, routes: Routes) -> Duration {
@@ -219,6 +240,7 @@ impl Shared {
             wanted.insert((ip, *port), b.spec.name.clone());
         }
         table.local_problems.extend(self.certs.update(&table));
+        self.log_new_problems(&table);
         // The table goes live before new ports accept, so their first
         // connection finds its backend. Ports that cannot be bound are
         // kept by the listeners (and shown in the status).
@@ -357,6 +379,7 @@ impl Edge {
             rejected: Mutex::new(None),
             apply_lock: tokio::sync::Mutex::new(()),
             inherited: Mutex::new(inherited),
+            logged_problems: Mutex::default(),
             own_fds: vec![http_fd, https_fd, stats_fd],
             stoppable: Mutex::default(),
             handed_over: watch::channel(false).0,

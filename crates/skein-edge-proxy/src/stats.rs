@@ -390,6 +390,21 @@ pub(crate) fn html(shared: &Shared) -> String {
     if !current.is_empty() {
         out.push_str("</table>\n");
     }
+    // What is not served, and why: labels, conflicts lost, ports refused.
+    let table = shared.table.load();
+    let problems: Vec<String> = table
+        .problems
+        .iter()
+        .map(|p| p.to_string())
+        .chain(table.local_problems.iter().cloned())
+        .collect();
+    if !problems.is_empty() {
+        out.push_str("<h2>Problems</h2><ul class=\"problems\">\n");
+        for p in &problems {
+            let _ = writeln!(out, "<li>{}</li>", html_escape(p));
+        }
+        out.push_str("</ul>\n");
+    }
     out.push_str("</body></html>\n");
     out
 }

@@ -7,6 +7,9 @@
 #   Lab 6c: curl httpi.marathon.l4lb.thisdcos.directory:3141 from every node answers
 #           3.1415926536, spread over every instance;
 #   Lab 6d: curl a container's overlay address from another node; /overlay-master/state.
+#   Lab 6b: the edge on node1 (Marathon-LB's labels on httpi), from the host: the bind port
+#           3141, the virtual host httpi.example.com on the HTTP port, the stats page and its
+#           CSV, Marathon-LB's endpoints, /v1/edge on the agent and `skein edge status`.
 #
 #   cluster-tests/labs.sh               against a running cluster (scripts/cluster-up)
 #   LABS_UP=1 cluster-tests/labs.sh     bring the cluster up first and tear it down after
@@ -101,6 +104,44 @@ until_ok "node1 → node3's container at $CIP over VXLAN" container_ok
 show node1 curl -s "http://$CIP:9896/"
 show node2 curl -s http://127.0.0.1:62080/overlay-master/state
 echo
+
+say "Lab 6b: the edge on node1 (Marathon-LB's labels), from this host"
+hshow() { printf '\n$ %s\n' "$*"; "$@"; }
+edge_port_ok() { [ "$(curl -s --max-time 3 http://127.0.0.1:3141/)" = 3.1415926536 ]; }
+until_ok "curl 127.0.0.1:3141 (HAPROXY_0_PORT through node1's edge) answers pi" edge_port_ok
+edge_vhost_ok() {
+    [ "$(curl -s --max-time 3 -H 'Host: httpi.example.com' http://127.0.0.1:10080/)" = 3.1415926536 ]
+}
+until_ok "the virtual host httpi.example.com on the edge's HTTP port answers pi" edge_vhost_ok
+hshow curl -s http://127.0.0.1:3141/
+hshow curl -s -H 'Host: httpi.example.com' http://127.0.0.1:10080/
+code=$(curl -s -o /dev/null -w '%{http_code}' -H 'Host: nobody.example.com' http://127.0.0.1:10080/)
+[ "$code" = 503 ] || fail "an unknown host got HTTP $code, want 503"
+say "ok: an unknown host gets 503"
+seen=$(for i in $(seq 40); do curl -si --max-time 3 http://127.0.0.1:3141/ | grep -i '^x-instance'; done \
+    | tr -d '\r' | awk '{print $2}' | sort | uniq -c)
+distinct=$(printf '%s\n' "$seen" | grep -c .)
+say "40 requests through the edge spread over $distinct instances: $(printf '%s' "$seen" | tr '\n' ' ')"
+[ "$distinct" -eq "$INSTANCES" ] || fail "the edge reached $distinct of $INSTANCES instances"
+csv_up() {
+    [ "$(curl -s --max-time 3 'http://127.0.0.1:9090/haproxy?stats;csv' | grep -c '^httpi_3141,node[^,]*,.*,UP,')" -eq "$INSTANCES" ]
+}
+until_ok "the stats CSV lists httpi_3141 with $INSTANCES servers UP" csv_up
+printf '\n$ curl -s "http://127.0.0.1:9090/haproxy?stats;csv" | cut -d, -f1-2,18 | grep httpi\n'
+curl -s 'http://127.0.0.1:9090/haproxy?stats;csv' | cut -d, -f1-2,18 | grep httpi
+curl -sf 'http://127.0.0.1:9090/haproxy?stats' | grep -q httpi_3141 || fail "the stats page lacks httpi_3141"
+say "ok: the stats page lists httpi_3141"
+for path in /_haproxy_health_check /_haproxy_getvhostmap /_haproxy_getappmap /_haproxy_getpids \
+            /_haproxy_getconfig /metrics; do
+    curl -sf "http://127.0.0.1:9090$path" >/dev/null || fail "GET :9090$path"
+done
+curl -sf http://127.0.0.1:9090/_haproxy_getvhostmap | grep -q '^httpi.example.com httpi_3141' \
+    || fail "the vhost map lacks httpi.example.com"
+say "ok: Marathon-LB's endpoints answer on :9090"
+hshow curl -s http://127.0.0.1:9090/_haproxy_getvhostmap
+ex node1 curl -sf 'http://127.0.0.1:62080/v1/edge?groups=external' | grep -q '"httpi_3141"' \
+    || fail "/v1/edge lacks httpi_3141"
+show node1 skein edge status
 
 say "Secrets: each node holds its own key and API token, no other node's"
 for n in $NODES; do

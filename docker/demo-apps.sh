@@ -1,6 +1,8 @@
 #!/bin/sh
 # The seed article's demo app on this node, registered with the local agent as Marathon
-# would have: `httpi` (answers pi to ten decimals) behind the named VIP /httpi:3141,
+# would have: `httpi` (answers pi to ten decimals) behind the named VIP /httpi:3141, and
+# with the seed article's Marathon-LB labels (HAPROXY_GROUP=external, HAPROXY_0_MODE=http,
+# HAPROXY_0_PORT=3141) and a virtual host, httpi.example.com, for the edge on node1,
 #   - in host mode on the node's own address, port 9896 (every node), and
 #   - in container mode on the `dcos` overlay (SKEIN_DEMO_OVERLAY=1): a network namespace
 #     attached with the skein-cni plugin exactly as a container runtime calls it.
@@ -24,7 +26,7 @@ wait_for() { # what, seconds, command...
 }
 
 put_task() { # id ip
-    body=$(printf '{"app":"/httpi","framework":"marathon","ip":"%s","ports":[{"name":"http","port":9896,"protocol":"tcp","labels":{"VIP_0":"/httpi:3141"}}]}' "$2")
+    body=$(printf '{"app":"/httpi","framework":"marathon","ip":"%s","ports":[{"name":"http","port":9896,"protocol":"tcp","labels":{"VIP_0":"/httpi:3141"}}],"labels":{"HAPROXY_GROUP":"external","HAPROXY_0_MODE":"http","HAPROXY_0_PORT":"3141","HAPROXY_0_VHOST":"httpi.example.com"}}' "$2")
     wait_for "registering $1" 60 curl -sf -X PUT -H "Authorization: Bearer $TOKEN" \
         -H 'Content-Type: application/json' -d "$body" "$API/v1/tasks/$1" \
         && log "registered $1 at $2:9896"

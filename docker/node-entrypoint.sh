@@ -36,6 +36,22 @@ umask 022
 
 skein-demo-apps &
 
+# The edge (SKEIN_EDGE_GROUPS, e.g. `external` on a public node): its own process,
+# supervised apart from the agent, so restarting the agent drops no edge connection.
+# It keeps serving its last routes while the agent is away.
+if [ -n "${SKEIN_EDGE_GROUPS:-}" ]; then
+    (
+        groups=
+        for g in $SKEIN_EDGE_GROUPS; do groups="$groups --group $g"; done
+        while :; do
+            # shellcheck disable=SC2086
+            skein edge $groups --state-dir /run/skein-edge || true
+            echo "node-entrypoint: the edge exited; starting it again in 1s" >&2
+            sleep 1
+        done
+    ) &
+fi
+
 stopping=0
 agent=
 backoff=1

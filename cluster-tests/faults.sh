@@ -6,7 +6,8 @@
 #   2. node3 partitioned (docker network disconnect) for PARTITION_S (30) seconds with task
 #      changes on both sides, then healed: all nodes converge (target <= 5 s), nothing lost;
 #   3. a rolling restart of every agent, one at a time: target 0 failed requests and 0 DNS
-#      failures for cluster names;
+#      failures for cluster names, and 0 failed requests through node1's edge (its own
+#      process: restarting the agent beside it must not disturb it);
 #   4. a whole-cluster stop and start: the same VIP address, overlay subnets and tasks after;
 #   5. node3 partitioned for longer than the dead-node grace (GRACE_S, 8 s here, set for the
 #      test) so each side forgets the other, with writes on both sides, then healed; then
@@ -159,6 +160,19 @@ if [ -z "${FAULTS_ONLY:-}" ] || [ "$FAULTS_ONLY" = roll ]; then
 # --- 3. rolling restart ---------------------------------------------------------------
 say "fault 3: rolling restart of every agent"
 client_start roll
+# A second client, on this host, through node1's edge (HAPROXY_0_PORT=3141).
+rm -f "$TMP/edge.stop"
+(
+    while [ ! -e "$TMP/edge.stop" ]; do
+        if [ "$(curl -s --max-time 2 http://127.0.0.1:3141/)" = 3.1415926536 ]; then
+            echo OK
+        else
+            echo "FAILED $(date +%T.%N | cut -c1-12)"
+        fi
+        sleep 0.1
+    done
+) >"$TMP/edge-roll.log" 2>&1 &
+edge_client=$!
 t0=$(now_ms)
 for node in $NODES; do
     say "  restarting $node's agent at $(date +%T.%N | cut -c1-12)"
@@ -169,7 +183,14 @@ for node in $NODES; do
 done
 converged=$(secs_since "$t0")
 client_stop roll
+touch "$TMP/edge.stop"
+wait "$edge_client" || true
+EDGE_SENT=$(grep -c . "$TMP/edge-roll.log" || true)
+EDGE_FAILED=$(grep -c '^FAILED' "$TMP/edge-roll.log" || true)
 report "rolling restart (3 agents)" "$converged"
+say "through node1's edge during the rolling restart: sent $EDGE_SENT, failed $EDGE_FAILED"
+[ "$EDGE_FAILED" = 0 ] || { grep '^FAILED' "$TMP/edge-roll.log" >&2; fail "$EDGE_FAILED failed requests through the edge during the rolling restart"; }
+[ "$EDGE_SENT" -gt 0 ] || fail "no request went through the edge during the rolling restart"
 [ "$FAILED" = 0 ] || { grep -v '^OK' "$TMP/client-roll.log" >&2; fail "$FAILED failed requests during the rolling restart"; }
 [ "$DNSFAIL" = 0 ] || fail "$DNSFAIL DNS failures during the rolling restart"
 

@@ -514,8 +514,12 @@ impl Registry {
 /// (and the server has not come back), its tunnels are closed.
 pub(crate) fn start_drain(rt: Arc<ServerRt>, after: Duration) {
     let gen = rt.drain_gen.load(Ordering::Relaxed);
+    // The timer holds the server weakly: one that left with nothing open is
+    // forgotten at once (its memory with it), not after the drain time.
+    let rt = Arc::downgrade(&rt);
     tokio::spawn(async move {
         tokio::time::sleep(after).await;
+        let Some(rt) = rt.upgrade() else { return };
         if rt.removed.load(Ordering::Relaxed) && rt.drain_gen.load(Ordering::Relaxed) == gen {
             tracing::info!(backend = %rt.backend, server = %rt.name, "drain time over: closing its remaining connections");
             rt.close.send_replace(true);

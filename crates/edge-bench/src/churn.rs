@@ -383,7 +383,7 @@ pub(crate) async fn run(
     }
     let long_lived_reset = long_lived.iter().filter(|l| !l.survived).count();
     Ok(Outcome {
-        edge: edge.name(),
+        edge: format!("{} ({})", edge.name(), edge.updated_by()),
         seconds: elapsed,
         req_per_s: counts.sent as f64 / elapsed,
         latency_p50_ms: counts.latency_ms(0.5),

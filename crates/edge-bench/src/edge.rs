@@ -40,8 +40,10 @@ impl Ports {
 }
 
 pub(crate) trait Edge {
-    /// For reports: `haproxy 2.6.12 (reloads)`, `skein-edge`.
+    /// For reports: `haproxy 2.6.12`, `skein-edge`.
     fn name(&self) -> String;
+    /// How a change reaches it: `reloads`, `routes file`.
+    fn updated_by(&self) -> &'static str;
     fn ports(&self) -> Ports;
     /// Makes the edge serve `cluster` after `change`.
     fn apply(&mut self, cluster: &Cluster, change: &Change) -> anyhow::Result<()>;
@@ -219,6 +221,10 @@ impl SkeinEdge {
 impl Edge for SkeinEdge {
     fn name(&self) -> String {
         "skein-edge".to_string()
+    }
+
+    fn updated_by(&self) -> &'static str {
+        "routes file"
     }
 
     fn ports(&self) -> Ports {

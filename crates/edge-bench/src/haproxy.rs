@@ -25,6 +25,10 @@ pub(crate) struct Settings {
     /// `hard-stop-after` in seconds; none: old workers live until their
     /// last connection closes (HAProxy's default).
     pub(crate) hard_stop_after: Option<u64>,
+    /// `option http-server-close` (Marathon-LB's default: a new server
+    /// connection per request); off, HAProxy keeps server connections
+    /// alive and reuses them (its own default).
+    pub(crate) http_server_close: bool,
     /// For the stats and master sockets.
     pub(crate) dir: PathBuf,
 }
@@ -83,14 +87,17 @@ pub(crate) fn render(routes: &Routes, s: &Settings) -> String {
   mode http
   retries 3
   option redispatch
-  option http-server-close
   option dontlognull
   timeout connect 3s
   timeout client 30s
   timeout server 30s
   timeout tunnel 3600s
-\n",
+",
     );
+    if s.http_server_close {
+        out.push_str("  option http-server-close\n");
+    }
+    out.push('\n');
     let _ = writeln!(out, "listen stats");
     let _ = writeln!(out, "  bind 127.0.0.1:{}", s.ports.stats);
     let _ = writeln!(out, "  mode http");
@@ -232,7 +239,11 @@ impl Haproxy {
 
 impl Edge for Haproxy {
     fn name(&self) -> String {
-        format!("haproxy {} (reloads)", self.version)
+        format!("haproxy {}", self.version)
+    }
+
+    fn updated_by(&self) -> &'static str {
+        "reloads"
     }
 
     fn ports(&self) -> Ports {
@@ -333,6 +344,7 @@ mod tests {
             },
             nbthread: 1,
             hard_stop_after: None,
+            http_server_close: true,
             dir: PathBuf::from("/tmp/x"),
         };
         let cfg = render(&c.routes(10000), &settings);
@@ -347,5 +359,6 @@ mod tests {
         );
         assert!(cfg.contains("timeout connect 3s"));
         assert!(!cfg.contains("hard-stop-after"));
+        assert!(cfg.contains("  option http-server-close\n"));
     }
 }

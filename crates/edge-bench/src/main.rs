@@ -90,6 +90,13 @@ struct Common {
     /// HAProxy: an old worker lives until its last connection closes.
     #[arg(long)]
     hard_stop_after: Option<u64>,
+    /// HAProxy's `option http-server-close` (a new server connection per
+    /// request, Marathon-LB's default) or HAProxy's own default,
+    /// server connections kept alive: `server-close` or `keep-alive`.
+    /// Default: `server-close` for churn (as Marathon-LB ran it),
+    /// `keep-alive` for speed (the faster peer).
+    #[arg(long)]
+    haproxy_http: Option<String>,
     /// HAProxy's HTTP port; skein edge gets the next one.
     #[arg(long, default_value_t = 18080)]
     http_port: u16,
@@ -185,6 +192,16 @@ fn kinds(c: &Common) -> anyhow::Result<Vec<Kind>> {
         .collect()
 }
 
+/// Whether HAProxy runs with `option http-server-close`.
+fn server_close(c: &Common) -> anyhow::Result<bool> {
+    match c.haproxy_http.as_deref() {
+        Some("server-close") => Ok(true),
+        Some("keep-alive") => Ok(false),
+        Some(other) => bail!("--haproxy-http {other:?}: server-close or keep-alive"),
+        None => bail!("--haproxy-http has no default here"),
+    }
+}
+
 fn ports(c: &Common, kind: Kind) -> Ports {
     let off = u16::from(kind == Kind::Skein);
     Ports {
@@ -226,6 +243,7 @@ fn start(
                 ports: p,
                 nbthread: c.edge_threads,
                 hard_stop_after: c.hard_stop_after,
+                http_server_close: server_close(c)?,
                 dir: haproxy_dir.to_path_buf(),
             },
         )?),
@@ -268,18 +286,27 @@ fn thousands(n: u64) -> String {
 fn fairness(c: &Common) -> String {
     format!(
         "threads: each edge {} (HAProxy nbthread {}, skein edge TOKIO_WORKER_THREADS={}), backends {} tokio worker(s), \
-         client {} tokio worker(s); no CPU pinning; {} cores shared with other work",
+         client {} tokio worker(s); no CPU pinning; {} cores shared with other work; HAProxy HTTP {}",
         c.edge_threads,
         c.edge_threads,
         c.edge_threads,
         c.backend_threads,
         c.client_threads,
-        std::thread::available_parallelism().map_or(1, |n| n.get())
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        match c.haproxy_http.as_deref() {
+            Some("server-close") => "option http-server-close (Marathon-LB's)",
+            _ => "server connections kept alive (HAProxy's default)",
+        }
     )
 }
 
 async fn churn_main(a: ChurnArgs) -> anyhow::Result<serde_json::Value> {
-    let c = &a.common;
+    let mut common = a.common.clone();
+    common
+        .haproxy_http
+        .get_or_insert_with(|| "server-close".to_string());
+    let c = &common;
+    server_close(c)?;
     let kinds = kinds(c)?;
     let o = churn::Options {
         seconds: a.seconds,
@@ -493,7 +520,12 @@ struct SpeedRow {
 }
 
 async fn speed_main(a: SpeedArgs) -> anyhow::Result<serde_json::Value> {
-    let c = &a.common;
+    let mut common = a.common.clone();
+    common
+        .haproxy_http
+        .get_or_insert_with(|| "keep-alive".to_string());
+    let c = &common;
+    server_close(c)?;
     let kinds = kinds(c)?;
     let backends = backends::Backends::new(c.backend_threads, 0)?;
     let servers = [backends.spawn("web-0")?, backends.spawn("web-1")?];

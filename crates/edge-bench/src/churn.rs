@@ -231,6 +231,7 @@ pub(crate) struct Outcome {
     /// Two seconds after every client connection closed.
     pub(crate) processes_after_close: usize,
     pub(crate) threads: String,
+    pub(crate) notes: Option<String>,
     pub(crate) servers_started: u64,
     pub(crate) servers_stopped: u64,
 }
@@ -400,6 +401,7 @@ pub(crate) async fn run(
         processes_at_end,
         processes_after_close,
         threads: edge.threads(),
+        notes: edge.notes(),
         servers_started: world.servers_started,
         servers_stopped: world.servers_stopped,
     })

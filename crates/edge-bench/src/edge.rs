@@ -54,6 +54,10 @@ pub(crate) trait Edge {
     fn threads(&self) -> String;
     /// Changes applied (HAProxy: reloads signalled).
     fn applies(&self) -> u64;
+    /// What the edge's own log says about the run, if anything.
+    fn notes(&self) -> Option<String> {
+        None
+    }
     fn stop(&mut self);
 }
 

@@ -151,6 +151,7 @@ pub(crate) fn render(routes: &Routes, s: &Settings) -> String {
 pub(crate) struct Haproxy {
     child: Child,
     cfg: PathBuf,
+    log: PathBuf,
     settings: Settings,
     version: String,
     reloads: u64,
@@ -217,6 +218,7 @@ impl Haproxy {
         Ok(Haproxy {
             child,
             cfg,
+            log,
             settings,
             version,
             reloads: 0,
@@ -278,6 +280,20 @@ impl Edge for Haproxy {
 
     fn applies(&self) -> u64 {
         self.reloads
+    }
+
+    fn notes(&self) -> Option<String> {
+        let text = std::fs::read_to_string(&self.log).ok()?;
+        let count = |needle: &str| text.lines().filter(|l| l.contains(needle)).count();
+        Some(format!(
+            "haproxy's log: {} reloads done by the master for {} signalled (signals that arrive during a reload \
+             are merged), {} failed to load, {} former workers exited, {} alerts",
+            count("Loading success"),
+            self.reloads,
+            count("Loading failure"),
+            count("Former worker"),
+            count("[ALERT]")
+        ))
     }
 
     fn stop(&mut self) {

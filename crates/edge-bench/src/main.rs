@@ -98,13 +98,15 @@ struct Common {
     #[arg(long)]
     haproxy_http: Option<String>,
     /// HAProxy's HTTP port; skein edge gets the next one.
-    #[arg(long, default_value_t = 18080)]
+    #[arg(long, default_value_t = 28080)]
     http_port: u16,
     /// HAProxy's stats port; skein edge gets the next one.
-    #[arg(long, default_value_t = 19090)]
+    #[arg(long, default_value_t = 29090)]
     stats_port: u16,
-    /// HAProxy's service ports start here, skein edge's 50 above.
-    #[arg(long, default_value_t = 10000)]
+    /// HAProxy's service ports start here, skein edge's 50 above (away
+    /// from Marathon-LB's 10000-10100, which other tests on this machine
+    /// use).
+    #[arg(long, default_value_t = 27000)]
     service_port_base: u16,
     /// One JSON document on stdout (the plain lines go to stderr).
     #[arg(long)]
@@ -447,17 +449,22 @@ fn print_churn(o: &churn::Outcome, long_lived: usize, stable_served: u64, web_le
     for (t, (sent, failed)) in &c.per_target {
         say!("  {t}: {failed} failed / {}", thousands(*sent));
     }
-    let resets: Vec<String> = o
-        .long_lived
-        .iter()
-        .filter(|l| !l.survived)
-        .map(|l| {
-            format!(
-                "{} after {:.1} s: {}",
-                l.label,
-                l.failed_after_s.unwrap_or(0.0),
-                l.reason.as_deref().unwrap_or("?")
-            )
+    // Grouped by path and reason: `10 × tcp service port :10002: closed
+    // after 3.5–3.6 s`.
+    let mut groups: BTreeMap<(String, String), (usize, f64, f64)> = BTreeMap::new();
+    for l in o.long_lived.iter().filter(|l| !l.survived) {
+        let path = l.label.split(" #").next().unwrap_or("").to_string();
+        let reason = l.reason.clone().unwrap_or_default();
+        let t = l.failed_after_s.unwrap_or(0.0);
+        let g = groups.entry((path, reason)).or_insert((0, f64::MAX, 0.0));
+        g.0 += 1;
+        g.1 = g.1.min(t);
+        g.2 = g.2.max(t);
+    }
+    let resets: Vec<String> = groups
+        .into_iter()
+        .map(|((path, reason), (n, lo, hi))| {
+            format!("{n} × {path}: {reason} after {lo:.1}–{hi:.1} s")
         })
         .collect();
     say!(
@@ -495,6 +502,9 @@ fn print_churn(o: &churn::Outcome, long_lived: usize, stable_served: u64, web_le
         o.processes_after_close,
         o.threads
     );
+    if let Some(n) = &o.notes {
+        say!("  {n}");
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

@@ -69,6 +69,10 @@ pub struct PortLabels {
     /// `HAPROXY_GROUP`; comma separated), sorted, at least one.
     pub groups: Vec<String>,
     /// `HAPROXY_{n}_PORT`: the port to bind instead of the service port.
+    /// In JSON `label_port`: a [`Backend`](crate::Backend) flattens these
+    /// labels next to its own (effective) `bind_port`, and one object
+    /// cannot hold the key twice.
+    #[serde(rename = "label_port", default)]
     pub bind_port: Option<u16>,
     pub bind_addr: Option<IpAddr>,
     pub mode: Mode,
@@ -102,6 +106,8 @@ pub struct LabelProblem {
 }
 
 /// How one app port's labels read.
+// Short-lived (one per app port per route computation): not worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PortOutcome {
     /// No group, or `HAPROXY_{n}_ENABLED=false`: no edge serves it.

@@ -372,7 +372,7 @@ pub fn compute(input: &Input<'_>) -> Routes {
         });
     }
     backends.sort_by(|a, b| a.name.cmp(&b.name));
-    http_routes.sort_by(|a, b| (a.0, a.1, a.2, a.3).cmp(&(b.0, b.1, b.2, b.3)));
+    http_routes.sort_by_key(|r| (r.0, r.1, r.2, r.3));
     problems.sort();
     problems.dedup();
     Routes {

@@ -2,6 +2,7 @@
 
 mod client;
 mod config;
+mod edge;
 mod httpi;
 
 use std::path::PathBuf;
@@ -50,6 +51,10 @@ enum Command {
     Overlay(ApiArgs),
     /// Version of this binary and of the agent it talks to.
     Version(ApiArgs),
+    /// The edge load balancer (Marathon-LB's labels, ports and endpoints)
+    /// serving the agent's edge routes; `skein edge status` shows a running
+    /// one.
+    Edge(Box<edge::EdgeArgs>),
     /// The seed article's demo app: an HTTP server answering pi to ten
     /// decimals (with the instance's name in `X-Instance`).
     Httpi {
@@ -196,6 +201,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Tasks(api) => Client::new(&api)?.show("/v1/tasks", client::print_tasks),
         Command::Vips(api) => Client::new(&api)?.show_vips(),
         Command::Httpi { listen, name } => httpi::serve(listen, &name),
+        Command::Edge(args) => edge::run(*args),
         Command::Overlay(api) => {
             Client::new(&api)?.show("/overlay-master/state", client::print_overlay)
         }
@@ -211,7 +217,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
+fn init_logs() {
     use std::io::IsTerminal;
     // Logs go to stderr, coloured only for a terminal (not for
     // `docker logs` or a journal).
@@ -224,6 +230,10 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             }),
         )
         .init();
+}
+
+fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
+    init_logs();
     let mut resolved = args.resolve()?;
     // Every write needs a credential, on every listener: without a token
     // file, the agent's own token in its data dir (mode 0600), which the

@@ -1,0 +1,347 @@
+//! `skein edge`: the edge load balancer, serving the routes `skein-edge`
+//! computes from Marathon-LB's labels, with Marathon-LB's ports and
+//! endpoints.
+//!
+//! Marathon-LB rendered an HAProxy configuration and reloaded HAProxy on
+//! every change; reloads dropped requests and piled up processes. Here one
+//! process applies a new route set by compiling it into a [`state`] table
+//! and swapping an `Arc`: established connections never see the change,
+//! bind ports are added and removed one by one, and a server that leaves
+//! gets no new requests while its open ones finish (its tunnels close after
+//! the drain time). Route sets come from the local agent's long-poll
+//! endpoint or from a file.
+
+mod auth;
+mod client;
+mod listen;
+mod lock;
+mod proxy;
+mod source;
+mod state;
+mod stats;
+mod tls;
+mod tunnel;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::ops::RangeInclusive;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
+use skein_edge::Routes;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+pub use lock::{acquire as lock_state_dir, PidLock};
+pub use stats::{print_status, BackendStatus, FrontendStatus, ServerStatus, StatusDoc};
+
+use crate::listen::Listeners;
+use crate::state::{Counters, Limits, Registry, Table};
+
+/// Marathon-LB's default timeouts.
+#[derive(Debug, Clone)]
+pub struct Timeouts {
+    /// Connecting to a server (`timeout connect`, 3 s).
+    pub connect: Duration,
+    /// Waiting for a client's request head (`timeout client`, 30 s).
+    pub client: Duration,
+    /// Waiting for a server's response head (`timeout server`, 30 s).
+    pub server: Duration,
+    /// An idle TCP or upgraded connection (`timeout tunnel`, 3600 s).
+    pub tunnel: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(3),
+            client: Duration::from_secs(30),
+            server: Duration::from_secs(30),
+            tunnel: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// Where route sets come from.
+#[derive(Debug, Clone)]
+pub enum RouteSource {
+    /// The local agent's `GET /v1/edge` long poll.
+    Agent { url: String, token: Option<String> },
+    /// A JSON file (`Routes`, or `{"version", "routes"}`), re-read when it
+    /// changes.
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub source: RouteSource,
+    /// Edge groups served (backends in none of them are ignored).
+    pub groups: Vec<String>,
+    pub bind: IpAddr,
+    pub http_port: u16,
+    pub https_port: u16,
+    pub stats_port: u16,
+    /// Service ports bound without an explicit `HAPROXY_{n}_PORT`.
+    pub service_ports: RangeInclusive<u16>,
+    pub timeouts: Timeouts,
+    /// How long connections to a removed server may stay open.
+    pub drain_timeout: Duration,
+    /// Served to HTTPS clients whose SNI names no backend's certificate.
+    pub default_cert: Option<PathBuf>,
+}
+
+impl Config {
+    pub fn new(source: RouteSource) -> Config {
+        Config {
+            source,
+            groups: vec!["external".to_string()],
+            bind: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            http_port: 80,
+            https_port: 443,
+            stats_port: 9090,
+            service_ports: 10000..=10100,
+            timeouts: Timeouts::default(),
+            drain_timeout: Duration::from_secs(30),
+            default_cert: None,
+        }
+    }
+}
+
+/// The document `GET /v1/edge` answers (and a route file may hold).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EdgeDoc {
+    pub version: u64,
+    pub routes: Routes,
+}
+
+/// Route-apply timings, for `/metrics`.
+#[derive(Default)]
+pub(crate) struct ApplyStats {
+    pub count: AtomicU64,
+    pub rejected: AtomicU64,
+    pub last_micros: AtomicU64,
+    pub sum_micros: AtomicU64,
+    /// Cumulative counts per bucket of [`APPLY_BUCKETS_MICROS`].
+    pub buckets: [AtomicU64; APPLY_BUCKETS_MICROS.len()],
+}
+
+pub(crate) const APPLY_BUCKETS_MICROS: [u64; 8] = [50, 100, 250, 500, 1000, 2500, 10_000, 100_000];
+
+/// Everything the tasks of one edge share.
+pub(crate) struct Shared {
+    pub cfg: Config,
+    pub table: ArcSwap<Table>,
+    pub registry: Registry,
+    pub certs: Arc<tls::CertStore>,
+    pub listeners: Mutex<Listeners>,
+    pub auth: auth::AuthCache,
+    pub apply: ApplyStats,
+    /// Wakes the route source to fetch now (`/_mlb_signal/hup`).
+    pub refetch: Notify,
+    pub base: Instant,
+    pub addrs: Mutex<Addrs>,
+    pub http_fe: Arc<Counters>,
+    pub https_fe: Arc<Counters>,
+    pub stats_fe: Arc<Counters>,
+    /// What the route source last said about itself (for the status).
+    pub source_state: Mutex<String>,
+    /// A route set rejected (the last one's reason), kept until one applies.
+    pub rejected: Mutex<Option<String>>,
+    /// Serialises appliers (the source and signals).
+    apply_lock: tokio::sync::Mutex<()>,
+}
+
+/// The addresses the edge listens on (ports resolved when 0 was asked).
+#[derive(Debug, Clone, Copy)]
+pub struct Addrs {
+    pub http: SocketAddr,
+    pub https: SocketAddr,
+    pub stats: SocketAddr,
+}
+
+impl Shared {
+    pub(crate) fn https_port(&self) -> u16 {
+        self.addrs
+            .lock()
+            .map(|a| a.https.port())
+            .unwrap_or(self.cfg.https_port)
+    }
+
+    /// Applies a route set: compile, swap, reconcile bind ports and
+    /// certificates, start drains. Returns how long it took.
+    pub(crate) async fn apply(self: &Arc<Self>, version: u64, routes: Routes) -> Duration {
+        let _one = self.apply_lock.lock().await;
+        let started = Instant::now();
+        let routes = routes.for_groups(&self.cfg.groups);
+        let addrs = *self.addrs.lock().unwrap_or_else(|e| e.into_inner());
+        let reserved = [addrs.http.port(), addrs.https.port(), addrs.stats.port()];
+        let limits = Limits {
+            service_ports: &self.cfg.service_ports,
+            reserved: &reserved,
+        };
+        let (mut table, left) = state::compile(&self.registry, version, routes, &limits, self.base);
+        let mut wanted: BTreeMap<(IpAddr, u16), String> = BTreeMap::new();
+        for (port, b) in &table.by_port {
+            let ip = b.spec.labels.bind_addr.unwrap_or(self.cfg.bind);
+            wanted.insert((ip, *port), b.spec.name.clone());
+        }
+        table.local_problems.extend(self.certs.update(&table));
+        // The table goes live before new ports accept, so their first
+        // connection finds its backend. Ports that cannot be bound are
+        // kept by the listeners (and shown in the status).
+        self.table.store(Arc::new(table));
+        self.listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .reconcile(self, &wanted);
+        for rt in left {
+            tracing::info!(backend = %rt.backend, server = %rt.name, "server left the routes: no new requests, draining");
+            state::start_drain(rt, self.cfg.drain_timeout);
+        }
+        *self.rejected.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let took = started.elapsed();
+        let micros = took.as_micros() as u64;
+        let a = &self.apply;
+        a.count.fetch_add(1, Ordering::Relaxed);
+        a.last_micros.store(micros, Ordering::Relaxed);
+        a.sum_micros.fetch_add(micros, Ordering::Relaxed);
+        for (i, le) in APPLY_BUCKETS_MICROS.iter().enumerate() {
+            if micros <= *le {
+                a.buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        tracing::info!(version, micros, "routes applied");
+        took
+    }
+
+    pub(crate) fn reject(&self, why: String) {
+        tracing::warn!(reason = %why, "route set rejected; the previous routes stay");
+        self.apply.rejected.fetch_add(1, Ordering::Relaxed);
+        *self.rejected.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+    }
+}
+
+/// A running edge.
+pub struct Edge {
+    shared: Arc<Shared>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Edge {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        // Bind-port accept loops hold the shared state: stop them.
+        self.shared
+            .listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .ports
+            .clear();
+    }
+}
+
+impl Edge {
+    /// Binds the HTTP, HTTPS and stats ports (0: any free port) and starts
+    /// serving; routes arrive from the source.
+    pub async fn start(cfg: Config) -> anyhow::Result<Edge> {
+        let default_cert = match &cfg.default_cert {
+            Some(p) => Some(tls::load(&[p]).map_err(|e| anyhow::anyhow!("--default-cert: {e}"))?),
+            None => None,
+        };
+        let certs = Arc::new(tls::CertStore::new(default_cert));
+        let http = listen::bind(SocketAddr::new(cfg.bind, cfg.http_port))
+            .with_context(|| format!("cannot listen on {}:{} (HTTP)", cfg.bind, cfg.http_port))?;
+        let https = listen::bind(SocketAddr::new(cfg.bind, cfg.https_port))
+            .with_context(|| format!("cannot listen on {}:{} (HTTPS)", cfg.bind, cfg.https_port))?;
+        let stats = listen::bind(SocketAddr::new(cfg.bind, cfg.stats_port))
+            .with_context(|| format!("cannot listen on {}:{} (stats)", cfg.bind, cfg.stats_port))?;
+        let addrs = Addrs {
+            http: http.local_addr()?,
+            https: https.local_addr()?,
+            stats: stats.local_addr()?,
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(certs.clone())?);
+        let shared = Arc::new(Shared {
+            cfg,
+            table: ArcSwap::from_pointee(Table::default()),
+            registry: Registry::default(),
+            certs,
+            listeners: Mutex::default(),
+            auth: auth::AuthCache::default(),
+            apply: ApplyStats::default(),
+            refetch: Notify::new(),
+            base: Instant::now(),
+            addrs: Mutex::new(addrs),
+            http_fe: Arc::default(),
+            https_fe: Arc::default(),
+            stats_fe: Arc::default(),
+            source_state: Mutex::new("starting".to_string()),
+            rejected: Mutex::new(None),
+            apply_lock: tokio::sync::Mutex::new(()),
+        });
+        tracing::info!(http = %addrs.http, https = %addrs.https, stats = %addrs.stats, "edge listening");
+        let tasks = vec![
+            tokio::spawn(listen::accept_http(
+                shared.clone(),
+                http,
+                shared.http_fe.clone(),
+            )),
+            tokio::spawn(listen::accept_https(
+                shared.clone(),
+                https,
+                acceptor,
+                shared.https_fe.clone(),
+            )),
+            tokio::spawn(stats::serve(shared.clone(), stats)),
+            tokio::spawn(source::run(shared.clone())),
+            tokio::spawn(gc(shared.clone())),
+        ];
+        Ok(Edge { shared, tasks })
+    }
+
+    pub fn addrs(&self) -> Addrs {
+        *self.shared.addrs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The version of the route set in use (0 before the first).
+    pub fn version(&self) -> u64 {
+        self.shared.table.load().version
+    }
+
+    /// How many route sets were applied.
+    pub fn applied(&self) -> u64 {
+        self.shared.apply.count.load(Ordering::Relaxed)
+    }
+
+    /// How many route sets were rejected.
+    pub fn rejected(&self) -> u64 {
+        self.shared.apply.rejected.load(Ordering::Relaxed)
+    }
+
+    /// Applies a route set directly (as the source would).
+    pub async fn apply(&self, version: u64, routes: Routes) -> Duration {
+        self.shared.apply(version, routes).await
+    }
+
+    /// The status document `/_skein/status` serves.
+    pub fn status(&self) -> StatusDoc {
+        stats::status(&self.shared)
+    }
+}
+
+/// Forgets drained servers every second (so DRAIN rows disappear once
+/// their last connection closed).
+async fn gc(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        shared.registry.gc();
+    }
+}

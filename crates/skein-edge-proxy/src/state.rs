@@ -1,0 +1,534 @@
+//! What the proxy keeps between route changes, and the table it swaps.
+//!
+//! A route change must never disturb traffic to servers that stay, so the
+//! runtime state of a server (counters, in-flight requests, its idle
+//! connections, its drain signal) lives in a [`Registry`] keyed by backend
+//! and address and outlives any one route set. Each route set is compiled
+//! into an immutable [`Table`] that only points at that state; applying
+//! routes is building a table and swapping one `Arc`, and connections hold
+//! the `Arc<ServerRt>` they were given, so they never look at a table again.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use skein_edge::{Backend, Balance, Mode, Routes, Server, ServerState};
+use tokio::sync::watch;
+
+use crate::client::Pool;
+
+/// Consecutive connect failures that take a server out of rotation.
+pub(crate) const EJECT_AFTER: u32 = 3;
+/// How long an ejected server gets no requests.
+pub(crate) const EJECT_FOR: Duration = Duration::from_secs(10);
+
+/// HAProxy-style counters of a frontend, backend or server.
+#[derive(Default, Debug)]
+pub(crate) struct Counters {
+    /// Current sessions (connections, or requests in flight for HTTP
+    /// backends and servers).
+    pub scur: AtomicI64,
+    pub smax: AtomicI64,
+    pub stot: AtomicU64,
+    pub bin: AtomicU64,
+    pub bout: AtomicU64,
+    pub econ: AtomicU64,
+    pub eresp: AtomicU64,
+    /// Retries (another server tried after a connect failure).
+    pub wretr: AtomicU64,
+    /// 1xx..5xx, other.
+    pub hrsp: [AtomicU64; 6],
+    pub req_tot: AtomicU64,
+    pub ejections: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn open(&self) {
+        let now = self.scur.fetch_add(1, Ordering::Relaxed) + 1;
+        self.smax.fetch_max(now, Ordering::Relaxed);
+        self.stot.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn close(&self) {
+        self.scur.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn status(&self, code: u16) {
+        let i = match code {
+            100..=199 => 0,
+            200..=299 => 1,
+            300..=399 => 2,
+            400..=499 => 3,
+            500..=599 => 4,
+            _ => 5,
+        };
+        self.hrsp[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn get(a: &AtomicU64) -> u64 {
+        a.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn scur(&self) -> i64 {
+        self.scur.load(Ordering::Relaxed).max(0)
+    }
+}
+
+/// Holds one session open on a set of counters; closes it when dropped.
+pub(crate) struct Session(Vec<Arc<Counters>>);
+
+impl Session {
+    pub(crate) fn open(counters: Vec<Arc<Counters>>) -> Session {
+        for c in &counters {
+            c.open();
+        }
+        Session(counters)
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        for c in &self.0 {
+            c.close();
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A server's life across route sets.
+pub(crate) struct ServerRt {
+    pub backend: String,
+    pub name: String,
+    pub addr: SocketAddr,
+    /// The sticky cookie's value: a hash of backend and server name, the
+    /// same on every edge.
+    pub cookie: String,
+    pub c: Arc<Counters>,
+    pub failures: AtomicU32,
+    /// Milliseconds since `base` until which it gets no requests (0: none).
+    ejected_until: AtomicU64,
+    base: Instant,
+    /// Left the routes: gets nothing new, closes tunnels when the drain
+    /// timer fires.
+    pub removed: AtomicBool,
+    drain_gen: AtomicU64,
+    /// True once a removed server's drain time is over: its tunnels close.
+    pub close: watch::Sender<bool>,
+    /// The state the routes last gave it (ServerState as u8), and when it
+    /// changed (Unix seconds), for the stats page.
+    state: AtomicU8,
+    pub lastchg: AtomicU64,
+    pub pool: Pool,
+}
+
+fn state_code(s: ServerState) -> u8 {
+    match s {
+        ServerState::Up => 0,
+        ServerState::Unhealthy => 1,
+        ServerState::NodeDown => 2,
+    }
+}
+
+impl ServerRt {
+    fn new(backend: &str, s: &Server, base: Instant) -> ServerRt {
+        ServerRt {
+            backend: backend.to_string(),
+            name: s.name.clone(),
+            addr: s.addr,
+            cookie: cookie_value(backend, &s.name),
+            c: Arc::default(),
+            failures: AtomicU32::new(0),
+            ejected_until: AtomicU64::new(0),
+            base,
+            removed: AtomicBool::new(false),
+            drain_gen: AtomicU64::new(0),
+            close: watch::channel(false).0,
+            state: AtomicU8::new(state_code(s.state)),
+            lastchg: AtomicU64::new(unix_now()),
+            pool: Pool::default(),
+        }
+    }
+
+    fn millis(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.base).as_millis() as u64 + 1
+    }
+
+    pub(crate) fn ejected(&self, now: Instant) -> bool {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        until != 0 && self.millis(now) < until
+    }
+
+    /// A connect failure: the third in a row ejects it for [`EJECT_FOR`].
+    /// Returns whether this one ejected it.
+    pub(crate) fn connect_failed(&self, now: Instant) -> bool {
+        self.c.econ.fetch_add(1, Ordering::Relaxed);
+        let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= EJECT_AFTER {
+            self.failures.store(0, Ordering::Relaxed);
+            self.ejected_until
+                .store(self.millis(now + EJECT_FOR), Ordering::Relaxed);
+            self.c.ejections.fetch_add(1, Ordering::Relaxed);
+            self.lastchg.store(unix_now(), Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+
+    pub(crate) fn connected(&self) {
+        self.failures.store(0, Ordering::Relaxed);
+    }
+
+    pub(crate) fn route_state(&self) -> ServerState {
+        match self.state.load(Ordering::Relaxed) {
+            0 => ServerState::Up,
+            1 => ServerState::Unhealthy,
+            _ => ServerState::NodeDown,
+        }
+    }
+
+    /// HAProxy's status word for it.
+    pub(crate) fn status_word(&self, now: Instant) -> &'static str {
+        if self.removed.load(Ordering::Relaxed) {
+            return "DRAIN";
+        }
+        match self.route_state() {
+            ServerState::Up if self.ejected(now) => "DOWN",
+            ServerState::Up => "UP",
+            ServerState::Unhealthy => "DOWN",
+            ServerState::NodeDown => "MAINT",
+        }
+    }
+
+    pub(crate) fn check_status(&self, now: Instant) -> &'static str {
+        if self.removed.load(Ordering::Relaxed) {
+            return "";
+        }
+        match self.route_state() {
+            ServerState::Up if self.ejected(now) => "L4CON",
+            ServerState::Up => "L7OK",
+            ServerState::Unhealthy => "L7STS",
+            ServerState::NodeDown => "",
+        }
+    }
+}
+
+/// FNV-1a, for stable hashes across processes and edges.
+pub(crate) fn fnv(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+fn cookie_value(backend: &str, server: &str) -> String {
+    format!("{:016x}", fnv(format!("{backend}/{server}").as_bytes()))
+}
+
+/// A backend's life across route sets.
+#[derive(Default)]
+pub(crate) struct BackendRt {
+    pub c: Arc<Counters>,
+    pub rr: AtomicU64,
+}
+
+/// Runtime state by name, shared by every table.
+#[derive(Default)]
+pub(crate) struct Registry {
+    pub servers: Mutex<HashMap<(String, SocketAddr), Arc<ServerRt>>>,
+    pub backends: Mutex<HashMap<String, Arc<BackendRt>>>,
+}
+
+/// One server of a backend as a table sees it.
+pub(crate) struct ServerEntry {
+    pub spec: Server,
+    pub rt: Arc<ServerRt>,
+}
+
+pub(crate) struct BackendEntry {
+    pub spec: Backend,
+    pub rt: Arc<BackendRt>,
+    pub servers: Vec<ServerEntry>,
+}
+
+/// An HTTP route, ready to match.
+pub(crate) struct RouteEntry {
+    pub host: Option<String>,
+    pub path: Option<String>,
+    pub backend: Arc<BackendEntry>,
+}
+
+/// One route set, compiled. Immutable; swapped whole.
+#[derive(Default)]
+pub(crate) struct Table {
+    pub version: u64,
+    /// The routes it was built from (after the group filter).
+    pub routes: Routes,
+    pub backends: BTreeMap<String, Arc<BackendEntry>>,
+    pub http_routes: Vec<RouteEntry>,
+    /// Bind port → backend (only ports this edge binds).
+    pub by_port: HashMap<u16, Arc<BackendEntry>>,
+    /// Things this edge does not serve, beyond the routes' own problems.
+    pub local_problems: Vec<String>,
+}
+
+/// Whether `host` (lowercase, no port) matches a route's host.
+pub(crate) fn host_matches(pattern: &str, host: &str) -> bool {
+    match pattern.strip_prefix("*.") {
+        Some(domain) => {
+            host.len() > domain.len() + 1
+                && host.ends_with(domain)
+                && host.as_bytes()[host.len() - domain.len() - 1] == b'.'
+        }
+        None => pattern == host,
+    }
+}
+
+impl Table {
+    /// The backend for a request on the HTTP or HTTPS port.
+    pub(crate) fn route(&self, host: Option<&str>, path: &str) -> Option<&Arc<BackendEntry>> {
+        self.http_routes
+            .iter()
+            .find(|r| {
+                let host_ok = match (&r.host, host) {
+                    (None, _) => true,
+                    (Some(p), Some(h)) => host_matches(p, h),
+                    (Some(_), None) => false,
+                };
+                host_ok && r.path.as_deref().is_none_or(|p| path.starts_with(p))
+            })
+            .map(|r| &r.backend)
+    }
+}
+
+/// What the table needs from the edge's configuration.
+pub(crate) struct Limits<'a> {
+    pub service_ports: &'a std::ops::RangeInclusive<u16>,
+    /// Ports the edge itself holds (HTTP, HTTPS, stats).
+    pub reserved: &'a [u16],
+}
+
+/// Whether this edge binds a backend's port, and if not, why.
+pub(crate) fn bind_decision(b: &Backend, limits: &Limits<'_>) -> Result<Option<u16>, String> {
+    let Some(port) = b.bind_port else {
+        return Ok(None);
+    };
+    if limits.reserved.contains(&port) {
+        return Err(format!(
+            "{}: bind port {port} is one of the edge's own ports; not bound",
+            b.name
+        ));
+    }
+    let explicit = b.service_port != Some(port);
+    if !explicit && !limits.service_ports.contains(&port) {
+        return Err(format!(
+            "{}: service port {port} is outside --service-ports {}-{}; not bound",
+            b.name,
+            limits.service_ports.start(),
+            limits.service_ports.end()
+        ));
+    }
+    Ok(Some(port))
+}
+
+/// Builds the table for `routes`, creating runtime state for new servers
+/// and backends and starting the drain of servers that left. Returns the
+/// servers that left (to drain).
+pub(crate) fn compile(
+    registry: &Registry,
+    version: u64,
+    routes: Routes,
+    limits: &Limits<'_>,
+    base: Instant,
+) -> (Table, Vec<Arc<ServerRt>>) {
+    let mut servers = registry.servers.lock().unwrap_or_else(|e| e.into_inner());
+    let mut backend_rts = registry.backends.lock().unwrap_or_else(|e| e.into_inner());
+    let mut seen: std::collections::HashSet<(String, SocketAddr)> = Default::default();
+    let mut local_problems = Vec::new();
+    let mut backends = BTreeMap::new();
+    let mut by_port = HashMap::new();
+    let now = unix_now();
+    for b in &routes.backends {
+        let rt = backend_rts.entry(b.name.clone()).or_default().clone();
+        let entries = b
+            .servers
+            .iter()
+            .map(|s| {
+                let key = (b.name.clone(), s.addr);
+                seen.insert(key.clone());
+                let rt = servers
+                    .entry(key)
+                    .or_insert_with(|| Arc::new(ServerRt::new(&b.name, s, base)))
+                    .clone();
+                if rt.removed.swap(false, Ordering::Relaxed) {
+                    // Back before its drain ended: cancel the drain.
+                    rt.drain_gen.fetch_add(1, Ordering::Relaxed);
+                    rt.close.send_replace(false);
+                    rt.lastchg.store(now, Ordering::Relaxed);
+                }
+                let code = state_code(s.state);
+                if rt.state.swap(code, Ordering::Relaxed) != code {
+                    rt.lastchg.store(now, Ordering::Relaxed);
+                }
+                ServerEntry {
+                    spec: s.clone(),
+                    rt,
+                }
+            })
+            .collect();
+        let entry = Arc::new(BackendEntry {
+            spec: b.clone(),
+            rt,
+            servers: entries,
+        });
+        match bind_decision(b, limits) {
+            Ok(Some(port)) => {
+                by_port.insert(port, entry.clone());
+            }
+            Ok(None) => {}
+            Err(e) => local_problems.push(e),
+        }
+        backends.insert(b.name.clone(), entry);
+    }
+    let http_routes = routes
+        .http_routes
+        .iter()
+        .filter_map(|r| {
+            let backend = backends.get(&r.backend)?.clone();
+            Some(RouteEntry {
+                host: r.host.clone(),
+                path: r.path.clone(),
+                backend,
+            })
+        })
+        .collect();
+    let mut left = Vec::new();
+    for (key, rt) in servers.iter() {
+        if !seen.contains(key) && !rt.removed.swap(true, Ordering::Relaxed) {
+            rt.lastchg.store(now, Ordering::Relaxed);
+            rt.pool.clear();
+            left.push(rt.clone());
+        }
+    }
+    // Servers that left and hold nothing open are forgotten.
+    servers.retain(|key, rt| seen.contains(key) || rt.c.scur() > 0);
+    let names: std::collections::HashSet<&str> =
+        routes.backends.iter().map(|b| b.name.as_str()).collect();
+    backend_rts
+        .retain(|name, _| names.contains(name.as_str()) || servers.keys().any(|(b, _)| b == name));
+    drop(servers);
+    drop(backend_rts);
+    (
+        Table {
+            version,
+            routes,
+            backends,
+            http_routes,
+            by_port,
+            local_problems,
+        },
+        left,
+    )
+}
+
+impl Registry {
+    /// Forgets removed servers that hold nothing open.
+    pub(crate) fn gc(&self) {
+        let mut servers = self.servers.lock().unwrap_or_else(|e| e.into_inner());
+        servers.retain(|_, rt| !rt.removed.load(Ordering::Relaxed) || rt.c.scur() > 0);
+    }
+
+    /// Removed servers still holding connections (the DRAIN rows).
+    pub(crate) fn draining(&self) -> Vec<Arc<ServerRt>> {
+        let servers = self.servers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<Arc<ServerRt>> = servers
+            .values()
+            .filter(|rt| rt.removed.load(Ordering::Relaxed))
+            .cloned()
+            .collect();
+        out.sort_by(|a, b| (&a.backend, &a.name).cmp(&(&b.backend, &b.name)));
+        out
+    }
+}
+
+/// Starts the drain timer of a server that left the routes: when it fires
+/// (and the server has not come back), its tunnels are closed.
+pub(crate) fn start_drain(rt: Arc<ServerRt>, after: Duration) {
+    let gen = rt.drain_gen.load(Ordering::Relaxed);
+    tokio::spawn(async move {
+        tokio::time::sleep(after).await;
+        if rt.removed.load(Ordering::Relaxed) && rt.drain_gen.load(Ordering::Relaxed) == gen {
+            tracing::info!(backend = %rt.backend, server = %rt.name, "drain time over: closing its remaining connections");
+            rt.close.send_replace(true);
+        }
+    });
+}
+
+/// Picks a server for a new request or connection: Up, not ejected, not
+/// already tried; the sticky one if it qualifies; else by the backend's
+/// balance. If every Up server is ejected, ejection is ignored (better a
+/// try than a certain 503).
+pub(crate) fn pick<'a>(
+    b: &'a BackendEntry,
+    client: IpAddr,
+    sticky: Option<&str>,
+    tried: &[SocketAddr],
+    now: Instant,
+) -> Option<&'a ServerEntry> {
+    let up = |s: &&ServerEntry| s.spec.state == ServerState::Up && !tried.contains(&s.spec.addr);
+    let mut candidates: Vec<&ServerEntry> = b
+        .servers
+        .iter()
+        .filter(up)
+        .filter(|s| !s.rt.ejected(now))
+        .collect();
+    if candidates.is_empty() {
+        candidates = b.servers.iter().filter(up).collect();
+    }
+    if candidates.is_empty() {
+        return None;
+    }
+    if let Some(cookie) = sticky {
+        if let Some(s) = candidates.iter().find(|s| s.rt.cookie == cookie) {
+            return Some(s);
+        }
+    }
+    let n = candidates.len() as u64;
+    let i = match b.spec.labels.balance {
+        Balance::Roundrobin => b.rt.rr.fetch_add(1, Ordering::Relaxed) % n,
+        Balance::Leastconn => {
+            let start = b.rt.rr.fetch_add(1, Ordering::Relaxed) % n;
+            let mut best = start;
+            let mut best_load = i64::MAX;
+            for k in 0..n {
+                let j = (start + k) % n;
+                let load = candidates[j as usize].rt.c.scur();
+                if load < best_load {
+                    best = j;
+                    best_load = load;
+                }
+            }
+            best
+        }
+        Balance::Source => {
+            let bytes = match client {
+                IpAddr::V4(a) => a.octets().to_vec(),
+                IpAddr::V6(a) => a.octets().to_vec(),
+            };
+            fnv(&bytes) % n
+        }
+    };
+    candidates.get(i as usize).copied()
+}
+
+pub(crate) fn is_http(b: &BackendEntry) -> bool {
+    b.spec.labels.mode == Mode::Http
+}

@@ -479,9 +479,10 @@ fn print_churn(o: &churn::Outcome, long_lived: usize, stable_served: u64, web_le
     );
     let changes: Vec<String> = o.changes.iter().map(|(k, v)| format!("{k} {v}")).collect();
     say!(
-        "  changes: {} ({}); applied {} (apply p99 {:.2} ms), {} apply errors{}; servers started {}, stopped {}, \
-         /web servers at end {}; stable servers answered {} streams",
+        "  changes: {} ({:.1}/s: {}); applied {} (apply p99 {:.2} ms), {} apply errors{}; servers started {}, \
+         stopped {}, /web servers at end {}; stable servers answered {} streams",
         o.changes.values().sum::<u64>(),
+        o.changes.values().sum::<u64>() as f64 / o.seconds.max(1e-9),
         changes.join(", "),
         o.changes_applied,
         o.apply_p99_ms,
@@ -509,10 +510,10 @@ fn print_churn(o: &churn::Outcome, long_lived: usize, stable_served: u64, web_le
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
-        0.0
-    } else {
-        v[v.len() / 2]
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 0 => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        n => v[n / 2],
     }
 }
 
@@ -600,6 +601,7 @@ async fn speed_main(a: SpeedArgs) -> anyhow::Result<serde_json::Value> {
     }
     let direct_url = format!("http://{}/", servers[0].addr);
     let mut rows: Vec<SpeedRow> = Vec::new();
+    let mut ratios: Vec<serde_json::Value> = Vec::new();
     let wrk = |url: String, host: Option<&'static str>, keepalive: bool, conns: usize| {
         let bin = a.wrk_bin.clone();
         let (threads, secs) = (a.wrk_threads, a.seconds);
@@ -722,11 +724,36 @@ async fn speed_main(a: SpeedArgs) -> anyhow::Result<serde_json::Value> {
                     });
                 }
                 if let (Some(s), Some(h)) = (by_kind.get("skein"), by_kind.get("haproxy")) {
+                    // The rounds' own ratios (each pair measured back to back).
+                    let name = |k: Kind| {
+                        edges
+                            .iter()
+                            .find(|(kind, _)| *kind == k)
+                            .map(|(_, e)| e.name())
+                    };
+                    let per_round: Vec<f64> = match (name(Kind::Skein), name(Kind::Haproxy)) {
+                        (Some(sn), Some(hn)) => {
+                            match (runs.get(&(shape, sn)), runs.get(&(shape, hn))) {
+                                (Some(sv), Some(hv)) => sv
+                                    .iter()
+                                    .zip(hv)
+                                    .map(|(a, b)| a.req_per_s / b.req_per_s.max(1e-9))
+                                    .collect(),
+                                _ => Vec::new(),
+                            }
+                        }
+                        _ => Vec::new(),
+                    };
+                    let listed: Vec<String> = per_round.iter().map(|r| format!("{r:.2}")).collect();
                     say!(
-                        "  {:<6} ratio skein/haproxy req/s {:.2} (target ≥ 0.9)",
+                        "  {:<6} ratio skein/haproxy req/s {:.2} (of the medians; rounds [{}], their median {:.2}; target ≥ 0.9)",
                         shape,
-                        s / h.max(1e-9)
+                        s / h.max(1e-9),
+                        listed.join(", "),
+                        median(per_round.clone())
                     );
+                    ratios.push(json!({"mode": mode, "conns": conns, "shape": shape,
+                        "ratio_of_medians": s / h.max(1e-9), "rounds": per_round}));
                 }
             }
         }
@@ -743,6 +770,7 @@ async fn speed_main(a: SpeedArgs) -> anyhow::Result<serde_json::Value> {
         "wrk_threads": a.wrk_threads,
         "threads": fairness(c),
         "rows": rows,
+        "ratios_skein_over_haproxy": ratios,
     }))
 }
 

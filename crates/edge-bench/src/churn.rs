@@ -218,6 +218,10 @@ pub(crate) struct Outcome {
     pub(crate) req_per_s: f64,
     pub(crate) latency_p50_ms: f64,
     pub(crate) latency_p99_ms: f64,
+    pub(crate) latency_max_ms: f64,
+    /// Requests that took a second or more (a worker busy that long
+    /// skips its ticks: see `missed_ticks`).
+    pub(crate) slower_than_1s: usize,
     pub(crate) long_lived: Vec<LongLived>,
     pub(crate) long_lived_reset: usize,
     pub(crate) changes: BTreeMap<&'static str, u64>,
@@ -389,6 +393,12 @@ pub(crate) async fn run(
         req_per_s: counts.sent as f64 / elapsed,
         latency_p50_ms: counts.latency_ms(0.5),
         latency_p99_ms: counts.latency_ms(0.99),
+        latency_max_ms: counts.latency_ms(1.0),
+        slower_than_1s: counts
+            .latencies_us
+            .iter()
+            .filter(|&&us| us >= 1_000_000)
+            .count(),
         counts,
         long_lived,
         long_lived_reset,

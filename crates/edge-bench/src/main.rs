@@ -430,8 +430,8 @@ async fn churn_main(a: ChurnArgs) -> anyhow::Result<serde_json::Value> {
 fn print_churn(o: &churn::Outcome, long_lived: usize, stable_served: u64, web_left: usize) {
     let c = &o.counts;
     say!(
-        "{}: {} requests in {:.1} s ({:.0} req/s), {} OK, {} failed ({:.3} %): {}; latency p50 {:.2} ms, p99 {:.2} ms; \
-         {} keep-alive / {} new-connection requests; {} ticks missed (workers busy)",
+        "{}: {} requests in {:.1} s ({:.0} req/s), {} OK, {} failed ({:.3} %): {}; latency p50 {:.2} ms, p99 {:.2} ms, \
+         max {:.0} ms, {} took ≥ 1 s; {} keep-alive / {} new-connection requests; {} ticks missed (workers busy)",
         o.edge,
         thousands(c.sent),
         o.seconds,
@@ -442,6 +442,8 @@ fn print_churn(o: &churn::Outcome, long_lived: usize, stable_served: u64, web_le
         c.breakdown(),
         o.latency_p50_ms,
         o.latency_p99_ms,
+        o.latency_max_ms,
+        o.slower_than_1s,
         thousands(c.sent_keepalive),
         thousands(c.sent_new_conn),
         c.missed_ticks

@@ -498,8 +498,8 @@ fn print_churn(o: &churn::Outcome, long_lived: usize, stable_served: u64, web_le
         stable_served
     );
     say!(
-        "  edge processes: max {} during the run, {} at the end of the load (long-lived connections open), {} two \
-         seconds after every client connection closed; {}",
+        "  edge processes: max {} during the run (sampled every 10 changes), {} one second after the last change \
+         (long-lived connections open), {} two seconds after every client connection closed; {}",
         o.processes_max,
         o.processes_at_end,
         o.processes_after_close,

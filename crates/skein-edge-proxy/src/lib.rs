@@ -13,6 +13,7 @@
 
 mod auth;
 mod client;
+pub mod handover;
 mod listen;
 mod lock;
 mod proxy;
@@ -25,7 +26,8 @@ mod tunnel;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::ops::RangeInclusive;
-use std::path::PathBuf;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -34,12 +36,13 @@ use anyhow::Context;
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 use skein_edge::Routes;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
 pub use lock::{acquire as lock_state_dir, PidLock};
 pub use stats::{print_status, BackendStatus, FrontendStatus, ServerStatus, StatusDoc};
 
+use crate::handover::{Inherited, ListenerKind};
 use crate::listen::Listeners;
 use crate::state::{Counters, Limits, Registry, Table};
 
@@ -154,6 +157,13 @@ pub(crate) struct Shared {
     pub rejected: Mutex<Option<String>>,
     /// Serialises appliers (the source and signals).
     apply_lock: tokio::sync::Mutex<()>,
+    /// Sockets taken over from a previous edge, until the first apply.
+    pub inherited: Mutex<Inherited>,
+    /// Copies of the HTTP, HTTPS and stats sockets, to hand over.
+    own_fds: Vec<(ListenerKind, SocketAddr, OwnedFd)>,
+    /// What stops when the listeners are handed over.
+    stoppable: Mutex<Vec<tokio::task::AbortHandle>>,
+    handed_over: watch::Sender<bool>,
 }
 
 /// The addresses the edge listens on (ports resolved when 0 was asked).
@@ -165,6 +175,22 @@ pub struct Addrs {
 }
 
 impl Shared {
+    /// Copies of every listening socket (kind, address), to hand over.
+    fn listening_copies(&self) -> Vec<(ListenerKind, SocketAddr, OwnedFd)> {
+        let mut out: Vec<(ListenerKind, SocketAddr, OwnedFd)> = self
+            .own_fds
+            .iter()
+            .filter_map(|(k, a, fd)| Some((k.clone(), *a, fd.try_clone().ok()?)))
+            .collect();
+        let listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
+        for l in listeners.ports.values() {
+            if let Ok(fd) = l.fd.try_clone() {
+                out.push((ListenerKind::Port, l.addr, fd));
+            }
+        }
+        out
+    }
+
     pub(crate) fn https_port(&self) -> u16 {
         self.addrs
             .lock()
@@ -177,14 +203,16 @@ impl Shared {
     pub(crate) async fn apply(self: &Arc<Self>, version: u64, routes: Routes) -> Duration {
         let _one = self.apply_lock.lock().await;
         let started = Instant::now();
-        let routes = routes.for_groups(&self.cfg.groups);
+        let routes = for_groups(routes, &self.cfg.groups);
         let addrs = *self.addrs.lock().unwrap_or_else(|e| e.into_inner());
         let reserved = [addrs.http.port(), addrs.https.port(), addrs.stats.port()];
         let limits = Limits {
             service_ports: &self.cfg.service_ports,
             reserved: &reserved,
         };
-        let (mut table, left) = state::compile(&self.registry, version, routes, &limits, self.base);
+        let prev = self.table.load_full();
+        let (mut table, left) =
+            state::compile(&self.registry, &prev, version, routes, &limits, self.base);
         let mut wanted: BTreeMap<(IpAddr, u16), String> = BTreeMap::new();
         for (port, b) in &table.by_port {
             let ip = b.spec.labels.bind_addr.unwrap_or(self.cfg.bind);
@@ -199,12 +227,21 @@ impl Shared {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .reconcile(self, &wanted);
+        // Sockets taken over but no longer routed close now.
+        self.inherited
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .sockets
+            .clear();
         for rt in left {
             tracing::info!(backend = %rt.backend, server = %rt.name, "server left the routes: no new requests, draining");
             state::start_drain(rt, self.cfg.drain_timeout);
         }
         *self.rejected.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        // Serving the new routes from here; freeing the old table is not
+        // part of the change's latency.
         let took = started.elapsed();
+        drop(prev);
         let micros = took.as_micros() as u64;
         let a = &self.apply;
         a.count.fetch_add(1, Ordering::Relaxed);
@@ -224,6 +261,22 @@ impl Shared {
         self.apply.rejected.fetch_add(1, Ordering::Relaxed);
         *self.rejected.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
     }
+}
+
+/// `Routes::for_groups`, consuming (no copy of what is kept).
+fn for_groups(mut routes: Routes, groups: &[String]) -> Routes {
+    routes
+        .backends
+        .retain(|b| b.labels.groups.iter().any(|g| groups.contains(g)));
+    let names: std::collections::HashSet<&str> =
+        routes.backends.iter().map(|b| b.name.as_str()).collect();
+    let http_routes = std::mem::take(&mut routes.http_routes)
+        .into_iter()
+        .filter(|r| names.contains(r.backend.as_str()))
+        .collect();
+    drop(names);
+    routes.http_routes = http_routes;
+    routes
 }
 
 /// A running edge.
@@ -251,17 +304,35 @@ impl Edge {
     /// Binds the HTTP, HTTPS and stats ports (0: any free port) and starts
     /// serving; routes arrive from the source.
     pub async fn start(cfg: Config) -> anyhow::Result<Edge> {
+        Edge::start_inheriting(cfg, Inherited::default()).await
+    }
+
+    /// Starts with sockets taken over from a running edge
+    /// ([`handover::receive`]): those matching a port this edge serves are
+    /// used instead of binding it.
+    pub async fn start_inheriting(cfg: Config, mut inherited: Inherited) -> anyhow::Result<Edge> {
         let default_cert = match &cfg.default_cert {
             Some(p) => Some(tls::load(&[p]).map_err(|e| anyhow::anyhow!("--default-cert: {e}"))?),
             None => None,
         };
         let certs = Arc::new(tls::CertStore::new(default_cert));
-        let http = listen::bind(SocketAddr::new(cfg.bind, cfg.http_port))
-            .with_context(|| format!("cannot listen on {}:{} (HTTP)", cfg.bind, cfg.http_port))?;
-        let https = listen::bind(SocketAddr::new(cfg.bind, cfg.https_port))
-            .with_context(|| format!("cannot listen on {}:{} (HTTPS)", cfg.bind, cfg.https_port))?;
-        let stats = listen::bind(SocketAddr::new(cfg.bind, cfg.stats_port))
-            .with_context(|| format!("cannot listen on {}:{} (stats)", cfg.bind, cfg.stats_port))?;
+        let mut open = |kind: ListenerKind, port: u16, what: &str| {
+            let addr = SocketAddr::new(cfg.bind, port);
+            let std = match inherited.take(kind.clone(), addr) {
+                Some(l) => {
+                    tracing::info!(%addr, what, "listening on a socket taken over");
+                    l
+                }
+                None => listen::bind_std(addr)
+                    .with_context(|| format!("cannot listen on {addr} ({what})"))?,
+            };
+            let local = std.local_addr()?;
+            let copy = OwnedFd::from(std.try_clone()?);
+            anyhow::Ok((tokio::net::TcpListener::from_std(std)?, (kind, local, copy)))
+        };
+        let (http, http_fd) = open(ListenerKind::Http, cfg.http_port, "HTTP")?;
+        let (https, https_fd) = open(ListenerKind::Https, cfg.https_port, "HTTPS")?;
+        let (stats, stats_fd) = open(ListenerKind::Stats, cfg.stats_port, "stats")?;
         let addrs = Addrs {
             http: http.local_addr()?,
             https: https.local_addr()?,
@@ -285,9 +356,13 @@ impl Edge {
             source_state: Mutex::new("starting".to_string()),
             rejected: Mutex::new(None),
             apply_lock: tokio::sync::Mutex::new(()),
+            inherited: Mutex::new(inherited),
+            own_fds: vec![http_fd, https_fd, stats_fd],
+            stoppable: Mutex::default(),
+            handed_over: watch::channel(false).0,
         });
         tracing::info!(http = %addrs.http, https = %addrs.https, stats = %addrs.stats, "edge listening");
-        let tasks = vec![
+        let stoppable = vec![
             tokio::spawn(listen::accept_http(
                 shared.clone(),
                 http,
@@ -301,9 +376,102 @@ impl Edge {
             )),
             tokio::spawn(stats::serve(shared.clone(), stats)),
             tokio::spawn(source::run(shared.clone())),
-            tokio::spawn(gc(shared.clone())),
         ];
+        *shared.stoppable.lock().unwrap_or_else(|e| e.into_inner()) =
+            stoppable.iter().map(|t| t.abort_handle()).collect();
+        let mut tasks = stoppable;
+        tasks.push(tokio::spawn(gc(shared.clone())));
         Ok(Edge { shared, tasks })
+    }
+
+    /// Serves [`handover::SOCKET`] in `state_dir`: a new edge asking gets
+    /// every listening socket; this edge then stops accepting and fetching
+    /// routes, and releases `lock` (see [`Edge::handed_over`]).
+    pub fn serve_handover(&self, state_dir: &Path, lock: PidLock) -> anyhow::Result<()> {
+        let (listener, path) = handover::listen(state_dir)?;
+        listener.set_nonblocking(true)?;
+        let listener = tokio::net::UnixListener::from_std(listener)?;
+        let shared = self.shared.clone();
+        let task = tokio::spawn(async move {
+            let mut lock = Some(lock);
+            loop {
+                let stream = match listener.accept().await {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, path = %path.display(), "handover accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let sockets = shared.listening_copies();
+                let sent = tokio::task::spawn_blocking(move || {
+                    let std = stream.into_std()?;
+                    std.set_nonblocking(false)?;
+                    handover::read_request(&std)?;
+                    let raw: Vec<_> = sockets
+                        .iter()
+                        .map(|(k, a, fd)| (k.clone(), *a, fd.as_raw_fd()))
+                        .collect();
+                    handover::send(&std, &raw)?;
+                    anyhow::Ok(raw.len())
+                })
+                .await;
+                match sent {
+                    Ok(Ok(n)) => {
+                        tracing::info!(sockets = n, "listeners handed over to a new edge: no longer accepting; finishing open connections");
+                        for h in shared
+                            .stoppable
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .drain(..)
+                        {
+                            h.abort();
+                        }
+                        shared
+                            .listeners
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .ports
+                            .clear();
+                        drop(lock.take());
+                        shared.handed_over.send_replace(true);
+                        return;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %format!("{e:#}"), "handover failed; still serving")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "handover failed; still serving"),
+                }
+            }
+        });
+        // The handover task holds the shared state: stopped with the edge.
+        self.shared
+            .stoppable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(task.abort_handle());
+        Ok(())
+    }
+
+    /// Resolves once the listeners were handed over to a new edge.
+    pub async fn handed_over(&self) {
+        let mut rx = self.shared.handed_over.subscribe();
+        let _ = rx.wait_for(|v| *v).await;
+    }
+
+    /// Waits until no request, tunnel or TCP connection is open (idle
+    /// keep-alive client connections do not count), or `limit` passed.
+    pub async fn wait_idle(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            if self.shared.registry.busy() == 0 {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     pub fn addrs(&self) -> Addrs {

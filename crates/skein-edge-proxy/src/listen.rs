@@ -27,6 +27,8 @@ use crate::Shared;
 /// A bound bind port.
 pub(crate) struct PortListener {
     pub addr: SocketAddr,
+    /// A copy of the socket, to hand over.
+    pub fd: std::os::fd::OwnedFd,
     pub counters: Arc<Counters>,
     task: JoinHandle<()>,
 }
@@ -45,10 +47,10 @@ pub(crate) struct Listeners {
 }
 
 /// Binds a TCP listener now (so a failure is known at once).
-pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+pub(crate) fn bind_std(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let std = std::net::TcpListener::bind(addr)?;
     std.set_nonblocking(true)?;
-    TcpListener::from_std(std)
+    Ok(std)
 }
 
 /// Serves HTTP/1 (keep-alive, upgrades) on one accepted connection.
@@ -212,8 +214,21 @@ impl Listeners {
                 continue;
             }
             let addr = SocketAddr::new(key.0, key.1);
-            match bind(addr) {
-                Ok(listener) => {
+            let taken = shared
+                .inherited
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take_port(key.0, key.1);
+            let opened = match taken {
+                Some(l) => Ok(l),
+                None => bind_std(addr),
+            }
+            .and_then(|std| {
+                let fd = std::os::fd::OwnedFd::from(std.try_clone()?);
+                Ok((TcpListener::from_std(std)?, fd))
+            });
+            match opened {
+                Ok((listener, fd)) => {
                     let addr = listener.local_addr().unwrap_or(addr);
                     tracing::info!(%addr, %backend, "listening on a bind port");
                     self.failed.remove(key);
@@ -228,6 +243,7 @@ impl Listeners {
                         *key,
                         PortListener {
                             addr,
+                            fd,
                             counters,
                             task,
                         },

@@ -87,6 +87,7 @@ async fn agent(shared: Arc<Shared>, url: String, token: Option<String>) {
             None => format!("/v1/edge?groups={groups}"),
         };
         let timeout = Duration::from_secs(POLL_TIMEOUT_S + 10);
+        let asked = std::time::Instant::now();
         let got = tokio::select! {
             r = client::get(&url, &path, token.as_deref(), timeout, MAX_DOC_BYTES) => r,
             _ = shared.refetch.notified() => {
@@ -103,10 +104,18 @@ async fn agent(shared: Arc<Shared>, url: String, token: Option<String>) {
                     }
                     backoff = Duration::from_millis(250);
                     set_state(&shared, format!("agent {url}: version {version}"));
-                    if have != Some(version) || shared.table.load().version != version {
+                    let unchanged = have == Some(version);
+                    if !unchanged || shared.table.load().version != version {
                         shared.apply(version, routes).await;
                     }
                     have = Some(version);
+                    if unchanged && asked.elapsed() < Duration::from_millis(50) {
+                        // An agent that does not hold the poll: do not spin.
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            _ = shared.refetch.notified() => { have = None; }
+                        }
+                    }
                     continue;
                 }
                 Err(e) => {
@@ -136,10 +145,15 @@ async fn agent(shared: Arc<Shared>, url: String, token: Option<String>) {
     }
 }
 
+/// Follows a routes file: re-read every 50 ms (or on a HUP), applied when
+/// its bytes change. A file that does not read must read the same at two
+/// polls in a row before it is rejected, so a writer caught mid-write (one
+/// not renaming into place) costs 50 ms, not a rejection.
 async fn file(shared: Arc<Shared>, path: std::path::PathBuf) {
     let mut last: Option<Vec<u8>> = None;
     let mut counter: u64 = 0;
     let mut missing_logged = false;
+    let mut unreadable: Option<Vec<u8>> = None;
     loop {
         let forced = tokio::select! {
             _ = tokio::time::sleep(FILE_POLL) => false,
@@ -160,8 +174,16 @@ async fn file(shared: Arc<Shared>, path: std::path::PathBuf) {
         if !forced && last.as_deref() == Some(bytes.as_slice()) {
             continue;
         }
-        last = Some(bytes.clone());
-        match parse(&bytes) {
+        let parsed = parse(&bytes);
+        if parsed.is_err() && !forced && unreadable.as_deref() != Some(bytes.as_slice()) {
+            // Perhaps caught half written: rejected only if it reads the
+            // same at the next poll.
+            unreadable = Some(bytes);
+            continue;
+        }
+        unreadable = None;
+        last = Some(bytes);
+        match parsed {
             Ok((version, routes)) => {
                 counter += 1;
                 let version = version.unwrap_or(counter);

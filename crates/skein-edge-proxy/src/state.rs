@@ -124,6 +124,8 @@ pub(crate) struct ServerRt {
     /// The state the routes last gave it (ServerState as u8), and when it
     /// changed (Unix seconds), for the stats page.
     state: AtomicU8,
+    /// The registry generation that last saw it in the routes.
+    seen: AtomicU64,
     pub lastchg: AtomicU64,
     pub pool: Pool,
 }
@@ -151,6 +153,7 @@ impl ServerRt {
             drain_gen: AtomicU64::new(0),
             close: watch::channel(false).0,
             state: AtomicU8::new(state_code(s.state)),
+            seen: AtomicU64::new(0),
             lastchg: AtomicU64::new(unix_now()),
             pool: Pool::default(),
         }
@@ -240,11 +243,20 @@ pub(crate) struct BackendRt {
     pub rr: AtomicU64,
 }
 
-/// Runtime state by name, shared by every table.
+/// Runtime state by name, shared by every table: backend name → its
+/// state and its servers' by address.
 #[derive(Default)]
 pub(crate) struct Registry {
-    pub servers: Mutex<HashMap<(String, SocketAddr), Arc<ServerRt>>>,
-    pub backends: Mutex<HashMap<String, Arc<BackendRt>>>,
+    pub backends: Mutex<HashMap<String, BackendSlot>>,
+    /// Bumped by every compile; a server not marked with the current one
+    /// has left the routes.
+    generation: AtomicU64,
+}
+
+#[derive(Default)]
+pub(crate) struct BackendSlot {
+    pub rt: Arc<BackendRt>,
+    pub servers: HashMap<SocketAddr, Arc<ServerRt>>,
 }
 
 /// One server of a backend as a table sees it.
@@ -270,8 +282,8 @@ pub(crate) struct RouteEntry {
 #[derive(Default)]
 pub(crate) struct Table {
     pub version: u64,
-    /// The routes it was built from (after the group filter).
-    pub routes: Routes,
+    /// The route set's own problems.
+    pub problems: Vec<skein_edge::Problem>,
     pub backends: BTreeMap<String, Arc<BackendEntry>>,
     pub http_routes: Vec<RouteEntry>,
     /// Bind port → backend (only ports this edge binds).
@@ -339,35 +351,62 @@ pub(crate) fn bind_decision(b: &Backend, limits: &Limits<'_>) -> Result<Option<u
     Ok(Some(port))
 }
 
-/// Builds the table for `routes`, creating runtime state for new servers
-/// and backends and starting the drain of servers that left. Returns the
+/// Builds the table for `routes` (already filtered by group), creating
+/// runtime state for new servers and backends and marking servers that
+/// left. A backend identical to its entry in `prev` keeps that entry, so
+/// a change costs little more than what changed. Returns the table and the
 /// servers that left (to drain).
 pub(crate) fn compile(
     registry: &Registry,
+    prev: &Table,
     version: u64,
     routes: Routes,
     limits: &Limits<'_>,
     base: Instant,
 ) -> (Table, Vec<Arc<ServerRt>>) {
-    let mut servers = registry.servers.lock().unwrap_or_else(|e| e.into_inner());
-    let mut backend_rts = registry.backends.lock().unwrap_or_else(|e| e.into_inner());
-    let mut seen: std::collections::HashSet<(String, SocketAddr)> = Default::default();
+    let gen = registry.generation.fetch_add(1, Ordering::Relaxed) + 1;
+    let mut slots = registry.backends.lock().unwrap_or_else(|e| e.into_inner());
     let mut local_problems = Vec::new();
     let mut backends = BTreeMap::new();
     let mut by_port = HashMap::new();
     let now = unix_now();
-    for b in &routes.backends {
-        let rt = backend_rts.entry(b.name.clone()).or_default().clone();
-        let entries = b
-            .servers
-            .iter()
+    let Routes {
+        backends: specs,
+        http_routes: route_specs,
+        problems,
+    } = routes;
+    for mut b in specs {
+        let servers = std::mem::take(&mut b.servers);
+        if let Some(old) = prev.backends.get(b.name.as_str()) {
+            if old.spec == b && old.servers.iter().map(|e| &e.spec).eq(servers.iter()) {
+                for e in &old.servers {
+                    e.rt.seen.store(gen, Ordering::Relaxed);
+                }
+                let entry = old.clone();
+                match bind_decision(&b, limits) {
+                    Ok(Some(port)) => {
+                        by_port.insert(port, entry.clone());
+                    }
+                    Ok(None) => {}
+                    Err(e) => local_problems.push(e),
+                }
+                backends.insert(b.name, entry);
+                continue;
+            }
+        }
+        let slot = match slots.get_mut(b.name.as_str()) {
+            Some(slot) => slot,
+            None => slots.entry(b.name.clone()).or_default(),
+        };
+        let entries = servers
+            .into_iter()
             .map(|s| {
-                let key = (b.name.clone(), s.addr);
-                seen.insert(key.clone());
-                let rt = servers
-                    .entry(key)
-                    .or_insert_with(|| Arc::new(ServerRt::new(&b.name, s, base)))
+                let rt = slot
+                    .servers
+                    .entry(s.addr)
+                    .or_insert_with(|| Arc::new(ServerRt::new(&b.name, &s, base)))
                     .clone();
+                rt.seen.store(gen, Ordering::Relaxed);
                 if rt.removed.swap(false, Ordering::Relaxed) {
                     // Back before its drain ended: cancel the drain.
                     rt.drain_gen.fetch_add(1, Ordering::Relaxed);
@@ -378,58 +417,56 @@ pub(crate) fn compile(
                 if rt.state.swap(code, Ordering::Relaxed) != code {
                     rt.lastchg.store(now, Ordering::Relaxed);
                 }
-                ServerEntry {
-                    spec: s.clone(),
-                    rt,
-                }
+                ServerEntry { spec: s, rt }
             })
             .collect();
+        let decision = bind_decision(&b, limits);
         let entry = Arc::new(BackendEntry {
-            spec: b.clone(),
-            rt,
+            rt: slot.rt.clone(),
             servers: entries,
+            spec: b,
         });
-        match bind_decision(b, limits) {
+        match decision {
             Ok(Some(port)) => {
                 by_port.insert(port, entry.clone());
             }
             Ok(None) => {}
             Err(e) => local_problems.push(e),
         }
-        backends.insert(b.name.clone(), entry);
+        backends.insert(entry.spec.name.clone(), entry);
     }
-    let http_routes = routes
-        .http_routes
-        .iter()
+    let http_routes = route_specs
+        .into_iter()
         .filter_map(|r| {
             let backend = backends.get(&r.backend)?.clone();
             Some(RouteEntry {
-                host: r.host.clone(),
-                path: r.path.clone(),
+                host: r.host,
+                path: r.path,
                 backend,
             })
         })
         .collect();
     let mut left = Vec::new();
-    for (key, rt) in servers.iter() {
-        if !seen.contains(key) && !rt.removed.swap(true, Ordering::Relaxed) {
-            rt.lastchg.store(now, Ordering::Relaxed);
-            rt.pool.clear();
-            left.push(rt.clone());
-        }
+    for slot in slots.values_mut() {
+        slot.servers.retain(|_, rt| {
+            if rt.seen.load(Ordering::Relaxed) == gen {
+                return true;
+            }
+            if !rt.removed.swap(true, Ordering::Relaxed) {
+                rt.lastchg.store(now, Ordering::Relaxed);
+                rt.pool.clear();
+                left.push(rt.clone());
+            }
+            // Servers that left and hold nothing open are forgotten.
+            rt.c.scur() > 0
+        });
     }
-    // Servers that left and hold nothing open are forgotten.
-    servers.retain(|key, rt| seen.contains(key) || rt.c.scur() > 0);
-    let names: std::collections::HashSet<&str> =
-        routes.backends.iter().map(|b| b.name.as_str()).collect();
-    backend_rts
-        .retain(|name, _| names.contains(name.as_str()) || servers.keys().any(|(b, _)| b == name));
-    drop(servers);
-    drop(backend_rts);
+    slots.retain(|name, slot| backends.contains_key(name) || !slot.servers.is_empty());
+    drop(slots);
     (
         Table {
             version,
-            routes,
+            problems,
             backends,
             http_routes,
             by_port,
@@ -442,15 +479,29 @@ pub(crate) fn compile(
 impl Registry {
     /// Forgets removed servers that hold nothing open.
     pub(crate) fn gc(&self) {
-        let mut servers = self.servers.lock().unwrap_or_else(|e| e.into_inner());
-        servers.retain(|_, rt| !rt.removed.load(Ordering::Relaxed) || rt.c.scur() > 0);
+        let mut slots = self.backends.lock().unwrap_or_else(|e| e.into_inner());
+        for slot in slots.values_mut() {
+            slot.servers
+                .retain(|_, rt| !rt.removed.load(Ordering::Relaxed) || rt.c.scur() > 0);
+        }
+    }
+
+    /// Requests in flight, tunnels and TCP connections, over all servers.
+    pub(crate) fn busy(&self) -> i64 {
+        let slots = self.backends.lock().unwrap_or_else(|e| e.into_inner());
+        slots
+            .values()
+            .flat_map(|s| s.servers.values())
+            .map(|rt| rt.c.scur())
+            .sum()
     }
 
     /// Removed servers still holding connections (the DRAIN rows).
     pub(crate) fn draining(&self) -> Vec<Arc<ServerRt>> {
-        let servers = self.servers.lock().unwrap_or_else(|e| e.into_inner());
-        let mut out: Vec<Arc<ServerRt>> = servers
+        let slots = self.backends.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<Arc<ServerRt>> = slots
             .values()
+            .flat_map(|s| s.servers.values())
             .filter(|rt| rt.removed.load(Ordering::Relaxed))
             .cloned()
             .collect();

@@ -798,12 +798,7 @@ pub(crate) fn status(shared: &Shared) -> StatusDoc {
             }
         })
         .collect();
-    let mut problems: Vec<String> = table
-        .routes
-        .problems
-        .iter()
-        .map(|p| p.to_string())
-        .collect();
+    let mut problems: Vec<String> = table.problems.iter().map(|p| p.to_string()).collect();
     problems.extend(table.local_problems.iter().cloned());
     problems.extend(
         shared

@@ -576,3 +576,87 @@ async fn a_backend_with_no_up_server_answers_503() {
     assert_eq!(r.status.as_u16(), 503);
     assert_eq!(a.hits(), 0);
 }
+
+#[tokio::test]
+async fn a_slow_server_gets_504_after_the_server_timeout() {
+    let a = http_server("a").await;
+    let edge = edge_with(|c| c.timeouts.server = Duration::from_millis(200)).await;
+    let mut l = labels(Mode::Http);
+    l.vhosts = vec!["a.example.com".into()];
+    edge.apply(
+        1,
+        routes(
+            vec![backend("a_1", l, None, vec![server(&a, ServerState::Up)])],
+            vec![route(Some("a.example.com"), None, "a_1")],
+        ),
+    )
+    .await;
+    let r = fetch(edge.addrs().http, "a.example.com", "/?sleep_ms=2000").await;
+    assert_eq!(r.status.as_u16(), 504);
+    assert_eq!(a.hits(), 1, "a request the server saw is never retried");
+}
+
+#[tokio::test]
+async fn websockets_and_keep_alive_connections_survive_route_changes_that_keep_their_server() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let a = http_server("a").await;
+    let b = http_server("b").await;
+    let edge = edge().await;
+    let apply = |v: u64, with_b: bool| {
+        let mut l = labels(Mode::Http);
+        l.vhosts = vec!["ws.example.com".into()];
+        let mut servers = vec![server(&a, ServerState::Up)];
+        let mut backends = vec![];
+        if with_b {
+            let mut lb = labels(Mode::Http);
+            lb.vhosts = vec![format!("b{v}.example.com")];
+            backends.push(backend("b_2", lb, None, vec![server(&b, ServerState::Up)]));
+            servers.push(server(&b, ServerState::Unhealthy));
+        }
+        backends.push(backend("ws_1", l, None, servers));
+        let mut rs = vec![route(Some("ws.example.com"), None, "ws_1")];
+        if with_b {
+            rs.push(route(Some(&format!("b{v}.example.com")), None, "b_2"));
+        }
+        edge.apply(v, routes(backends, rs))
+    };
+    apply(1, false).await;
+    let http = edge.addrs().http;
+    // A WebSocket...
+    let mut ws = tokio::net::TcpStream::connect(http).await.unwrap();
+    ws.write_all(b"GET / HTTP/1.1\r\nHost: ws.example.com\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let mut head = Vec::new();
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = ws.read(&mut buf).await.unwrap();
+        assert!(n > 0);
+        head.extend_from_slice(&buf[..n]);
+    }
+    // ...and a keep-alive HTTP connection.
+    let (mut keep, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(
+        tokio::net::TcpStream::connect(http).await.unwrap(),
+    ))
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    for v in 2..30u64 {
+        apply(v, v.is_multiple_of(2)).await;
+        ws.write_all(format!("m{v}").as_bytes()).await.unwrap();
+        let n = ws.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], format!("a:m{v}").as_bytes());
+        keep.ready().await.unwrap();
+        let resp = keep
+            .send_request(
+                get("ws.example.com", "/")
+                    .body(http_body_util::Empty::<bytes::Bytes>::new())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        use http_body_util::BodyExt;
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"a");
+    }
+}

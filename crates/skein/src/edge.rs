@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use skein_edge_proxy::{Config, Edge, RouteSource, StatusDoc, Timeouts};
+use skein_edge_proxy::handover::{self, Inherited};
+use skein_edge_proxy::{Config, Edge, PidLock, RouteSource, StatusDoc, Timeouts};
 
 #[derive(Debug, Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -85,9 +86,15 @@ pub(crate) struct EdgeRunArgs {
     /// backend's certificate; without it they get a handshake failure.
     #[arg(long)]
     default_cert: Option<PathBuf>,
-    /// Holds the pid/lock file: one edge per state dir.
+    /// Holds the pid/lock file (one edge per state dir) and the handover
+    /// socket.
     #[arg(long, default_value = "/run/skein-edge")]
     state_dir: PathBuf,
+    /// If an edge runs with this state dir, take its listening sockets
+    /// over (an upgrade: no port is ever closed); it stops accepting,
+    /// finishes its open connections (up to the drain time) and exits.
+    #[arg(long)]
+    take_over: bool,
     /// Seconds to connect to a server.
     #[arg(long, default_value_t = 3.0)]
     timeout_connect_s: f64,
@@ -184,19 +191,53 @@ fn status(stats_url: &str, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The state dir's lock, waiting up to `limit` for a previous edge to
+/// release it.
+fn wait_for_lock(dir: &std::path::Path, limit: Duration) -> anyhow::Result<PidLock> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        match skein_edge_proxy::lock_state_dir(dir) {
+            Ok(lock) => return Ok(lock),
+            Err(e) if std::time::Instant::now() >= deadline => {
+                return Err(e.context("the previous edge handed its sockets over but kept its lock"))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
 fn serve(args: EdgeRunArgs) -> anyhow::Result<()> {
     crate::init_logs();
     let cfg = args.config()?;
-    let _lock = skein_edge_proxy::lock_state_dir(&args.state_dir)?;
+    let drain = cfg.drain_timeout;
+    let (lock, inherited) = match skein_edge_proxy::lock_state_dir(&args.state_dir) {
+        Ok(lock) => (lock, Inherited::default()),
+        Err(e) if args.take_over => {
+            tracing::info!(reason = %format!("{e:#}"), "taking the running edge's sockets over");
+            let inherited = handover::receive(&args.state_dir)?;
+            tracing::info!(sockets = inherited.len(), "sockets taken over");
+            (
+                wait_for_lock(&args.state_dir, Duration::from_secs(10))?,
+                inherited,
+            )
+        }
+        Err(e) => return Err(e),
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let edge = Edge::start(cfg).await?;
+        let edge = Edge::start_inheriting(cfg, inherited).await?;
+        edge.serve_handover(&args.state_dir, lock)?;
         tracing::info!(pid = std::process::id(), "skein edge running");
-        crate::shutdown_signal().await;
-        tracing::info!("shutting down");
+        tokio::select! {
+            _ = crate::shutdown_signal() => tracing::info!("shutting down"),
+            _ = edge.handed_over() => {
+                let idle = edge.wait_idle(drain).await;
+                tracing::info!(idle, "handed over; exiting");
+            }
+        }
         drop(edge);
         anyhow::Ok(())
     })

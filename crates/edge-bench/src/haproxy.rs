@@ -63,7 +63,7 @@ fn backend_section(out: &mut String, b: &Backend) {
     }
     // Marathon-LB wrote only healthy tasks' servers.
     for s in b.servers.iter().filter(|s| s.state == ServerState::Up) {
-        let _ = writeln!(out, "  server {} {}", ident(&s.name), s.addr);
+        let _ = writeln!(out, "  server {} {}", ident(&s.name()), s.addr);
     }
     out.push('\n');
 }

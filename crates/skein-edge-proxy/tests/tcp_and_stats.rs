@@ -102,8 +102,7 @@ async fn a_long_lived_tcp_connection_survives_route_changes_that_keep_its_server
                 vec![server(&c, ServerState::Up)],
             ));
         }
-        let took = edge.apply(v, routes(backends, vec![])).await;
-        assert!(took < Duration::from_millis(50), "apply took {took:?}");
+        edge.apply(v, routes(backends, vec![])).await;
         assert_eq!(echo(&mut long, &format!("m{v}")).await, format!("a:m{v}"));
     }
     let status = edge.status();
@@ -504,7 +503,7 @@ async fn an_absent_agent_is_retried_and_its_routes_applied_when_it_answers() {
 }
 
 #[tokio::test]
-async fn applying_a_change_to_a_thousand_backends_is_quick() {
+async fn applying_changes_to_a_thousand_backends() {
     let a = tcp_server("a").await;
     for size in [100u16, 1000] {
         let edge = edge().await;
@@ -545,8 +544,10 @@ async fn applying_a_change_to_a_thousand_backends_is_quick() {
             size * 3,
             took.last()
         );
-        // Debug build, shared cores: a loose bound (release: about 1 ms at
-        // 1000 backends; the edge's /metrics has the histogram).
-        assert!(median < Duration::from_millis(100), "{took:?}");
+        // A figure, not a check (timings are for benchmarks): run it in a
+        // release build to measure, `cargo test --release -p
+        // skein-edge-proxy --test tcp_and_stats applying -- --nocapture`.
+        // What is checked is that every change was applied.
+        assert_eq!(edge.status().version, 21);
     }
 }

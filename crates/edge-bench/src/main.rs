@@ -214,8 +214,22 @@ fn ports(c: &Common, kind: Kind) -> Ports {
     }
 }
 
-/// Fails early, naming the port, if one of an edge's ports is taken.
+/// Fails early, naming the port, if one of an edge's ports is taken (for
+/// 10 s: another test's listener may be on its way out).
 fn ports_free(p: Ports) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match ports_bindable(p) {
+            Err(e) if std::time::Instant::now() < deadline => {
+                say!("waiting for a port: {e:#}");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            r => return r,
+        }
+    }
+}
+
+fn ports_bindable(p: Ports) -> anyhow::Result<()> {
     for port in [
         p.http,
         p.stats,

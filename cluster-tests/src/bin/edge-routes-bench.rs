@@ -142,7 +142,12 @@ fn main() {
     let tasks = arg("--tasks", 5);
     let runs = arg("--runs", 20).max(1);
     println!("edge-routes-bench: {apps} apps x {tasks} tasks, median of {runs} runs");
-    for shape in [Shape::Vhosts, Shape::PathsContended, Shape::TcpPorts] {
+    // EDGE_BENCH_SHAPE=vhosts runs the first shape alone (for profiling).
+    let shapes: Vec<Shape> = match std::env::var("EDGE_BENCH_SHAPE").ok().as_deref() {
+        Some("vhosts") => vec![Shape::Vhosts],
+        _ => vec![Shape::Vhosts, Shape::PathsContended, Shape::TcpPorts],
+    };
+    for shape in shapes {
         let (tasks, ports) = cluster(apps, tasks, shape);
         let input = skein_edge::Input {
             tasks: &tasks,

@@ -89,7 +89,7 @@ pub struct Backend {
     /// What the app's labels say about this port (shared with the label
     /// cache: unchanged apps are not parsed again).
     pub labels: Arc<PortLabels>,
-    /// Sorted by name.
+    /// In (node, task id) order.
     pub servers: Vec<Server>,
 }
 
@@ -135,7 +135,8 @@ impl fmt::Display for Problem {
 /// Everything an edge serves, the same on every node with the same view.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Routes {
-    /// Sorted by name.
+    /// Oldest first (the order conflicts are decided in): the same order
+    /// on every node, without sorting 10,000 names per view.
     pub backends: Vec<Backend>,
     /// In match order: the first route whose host and path match a request
     /// takes it (higher `HAPROXY_{n}_BACKEND_WEIGHT` first, then exact
@@ -217,6 +218,30 @@ impl Hasher for Fnv {
     }
 }
 
+fn fnv(bytes: &[u8]) -> u64 {
+    let mut h = Fnv::default();
+    h.write(bytes);
+    h.finish()
+}
+
+/// Appends `n` in decimal.
+fn push_number(s: &mut String, n: usize) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for d in &digits[i..] {
+        s.push(char::from(*d));
+    }
+}
+
 /// An exposed app port on its way to a backend.
 struct Candidate<'a> {
     app: &'a str,
@@ -230,10 +255,11 @@ struct Candidate<'a> {
 impl Candidate<'_> {
     /// Older first: settled claims, then the oldest; app ports without a
     /// claim yet after every one with, by name.
-    fn age(&self) -> (bool, bool, u64, &str, usize) {
+    /// Ties broken by `(app, index)`.
+    fn rank(&self) -> (bool, bool, u64) {
         match self.service {
-            Some(s) => (false, !s.settled, s.since, self.app, self.index),
-            None => (true, true, 0, self.app, self.index),
+            Some(s) => (false, !s.settled, s.since),
+            None => (true, true, 0),
         }
     }
 }
@@ -322,10 +348,15 @@ pub fn compute_cached(input: &Input<'_>, cache: &mut LabelCache) -> Routes {
     // Tasks by app, each app's in (node, id) order: the first task's labels
     // are the app's (tasks of one app normally carry the same).
     // Hashed, not ordered: what comes out is sorted (by age, by name).
-    let mut by_app: FastMap<&str, Vec<&TaskView>> = FastMap::default();
+    // Sized up front: growing these maps rehashes every entry.
+    let mut by_app: FastMap<&str, Vec<&TaskView>> =
+        FastMap::with_capacity_and_hasher(input.tasks.len() / 2 + 1, Default::default());
     for t in input.tasks {
         if !t.spec.labels.is_empty() || by_app.contains_key(t.spec.app.as_str()) {
-            by_app.entry(t.spec.app.as_str()).or_default().push(t);
+            by_app
+                .entry(t.spec.app.as_str())
+                .or_insert_with(|| Vec::with_capacity(8))
+                .push(t);
         }
     }
     let service_ports: FastMap<(&str, usize), ServicePort> = input
@@ -333,15 +364,22 @@ pub fn compute_cached(input: &Input<'_>, cache: &mut LabelCache) -> Routes {
         .iter()
         .map(|((app, n), p)| ((app.as_str(), *n), *p))
         .collect();
-    let mut candidates: Vec<Candidate<'_>> = Vec::new();
+    let mut candidates: Vec<Candidate<'_>> = Vec::with_capacity(by_app.len());
     let by_app: Vec<(&str, Vec<&TaskView>)> = by_app
         .into_iter()
         .map(|(app, mut tasks)| {
-            tasks.sort_by(|a, b| (&a.node_id, &a.id).cmp(&(&b.node_id, &b.id)));
+            // An agent's tasks come in (node, id) order already: check
+            // before sorting.
+            fn key<'t>(t: &&'t TaskView) -> (&'t str, &'t str) {
+                (t.node_id.as_str(), t.id.as_str())
+            }
+            if !tasks.is_sorted_by(|a, b| key(a) <= key(b)) {
+                tasks.sort_by(|a, b| key(a).cmp(&key(b)));
+            }
             (app, tasks)
         })
         .collect();
-    let mut fresh = FastMap::default();
+    let mut fresh = FastMap::with_capacity_and_hasher(by_app.len(), Default::default());
     for (app, tasks) in &by_app {
         let first = tasks[0];
         if first.spec.labels.is_empty() {
@@ -387,7 +425,16 @@ pub fn compute_cached(input: &Input<'_>, cache: &mut LabelCache) -> Routes {
     }
     // Indices sorted, not candidates: a candidate is large.
     let mut by_age: Vec<usize> = (0..candidates.len()).collect();
-    by_age.sort_by(|&a, &b| candidates[a].age().cmp(&candidates[b].age()));
+    {
+        // Keys computed once, not per comparison.
+        let keys: Vec<(bool, bool, u64)> = candidates.iter().map(Candidate::rank).collect();
+        by_age.sort_by(|&a, &b| {
+            keys[a].cmp(&keys[b]).then_with(|| {
+                (candidates[a].app, candidates[a].index)
+                    .cmp(&(candidates[b].app, candidates[b].index))
+            })
+        });
+    }
 
     // First pass, oldest first, by reference: names, bind ports and HTTP
     // routes, each contested one kept by the older app port.
@@ -396,23 +443,40 @@ pub fn compute_cached(input: &Input<'_>, cache: &mut LabelCache) -> Routes {
         bind_port: Option<u16>,
     }
     let mut decided: Vec<Decided> = Vec::with_capacity(candidates.len());
-    let mut http_routes: Vec<(i32, u8, usize, usize, usize)> = Vec::new();
-    let mut route_keys: Vec<(Option<&str>, Option<&str>)> = Vec::new();
+    let n = candidates.len();
+    let mut http_routes: Vec<(i32, u8, usize, usize, usize)> = Vec::with_capacity(n);
+    let mut route_keys: Vec<(Option<&str>, Option<&str>)> = Vec::with_capacity(n);
     // Bind port → the index of the backend holding it; likewise routes.
-    let mut bound: FastMap<u16, usize> = FastMap::default();
-    let mut routed: FastMap<(Option<&str>, Option<&str>), usize> = FastMap::default();
-    let mut names: FastSet<String> = FastSet::default();
+    let mut bound: FastMap<u16, usize> = FastMap::with_capacity_and_hasher(n, Default::default());
+    let mut routed: FastMap<(Option<&str>, Option<&str>), usize> =
+        FastMap::with_capacity_and_hasher(n, Default::default());
+    let mut names: FastSet<u64> = FastSet::with_capacity_and_hasher(n, Default::default());
     for (order, &i) in by_age.iter().enumerate() {
         let c = &candidates[i];
         let wanted_port = c.labels.bind_port.or(c.service.map(|s| s.port));
+        // `<app>_<port>`, or `<app>_p<index>` while it has no port; built
+        // by hand: this runs for every app port of every view.
         let app_name = &c.parsed.app_name;
-        let mut name = match wanted_port {
-            Some(p) => format!("{app_name}_{p}"),
-            None => format!("{app_name}_p{}", c.index),
-        };
-        if !names.insert(name.clone()) {
-            name = format!("{name}_{}", c.index);
-            names.insert(name.clone());
+        let mut name = String::with_capacity(app_name.len() + 8);
+        name.push_str(app_name);
+        match wanted_port {
+            Some(p) => {
+                name.push('_');
+                push_number(&mut name, p.into());
+            }
+            None => {
+                name.push_str("_p");
+                push_number(&mut name, c.index);
+            }
+        }
+        // Two apps whose ids clean to one name (`/a/b`, `/a_b`) on one port:
+        // the younger gets its port index appended. Names are remembered by
+        // their hash (no copy); a hash shared by two different names only
+        // renames the younger, deterministically.
+        if !names.insert(fnv(name.as_bytes())) {
+            name.push('_');
+            push_number(&mut name, c.index);
+            names.insert(fnv(name.as_bytes()));
         }
         let mut lose = |label: &str, message: String| {
             problems.push(Problem {
@@ -510,7 +574,7 @@ pub fn compute_cached(input: &Input<'_>, cache: &mut LabelCache) -> Routes {
     let mut slots: Vec<Option<Candidate<'_>>> = candidates.into_iter().map(Some).collect();
     // Node names, one allocation each however many servers they run.
     let mut nodes: FastMap<&str, Arc<str>> = FastMap::default();
-    let mut backends: Vec<Backend> = by_age
+    let backends: Vec<Backend> = by_age
         .iter()
         .zip(decided)
         .filter_map(|(&i, d)| Some((slots[i].take()?, d)))
@@ -550,7 +614,6 @@ pub fn compute_cached(input: &Input<'_>, cache: &mut LabelCache) -> Routes {
             }
         })
         .collect();
-    backends.sort_unstable_by(|a, b| a.name.cmp(&b.name));
     cache.apps = fresh;
     problems.sort();
     problems.dedup();

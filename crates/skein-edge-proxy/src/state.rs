@@ -286,6 +286,9 @@ pub(crate) struct Table {
     pub problems: Vec<skein_edge::Problem>,
     pub backends: BTreeMap<String, Arc<BackendEntry>>,
     pub http_routes: Vec<RouteEntry>,
+    /// Where to look in `http_routes` for a host: with 10,000 virtual
+    /// hosts a request must not scan them all.
+    pub route_index: RouteIndex,
     /// Bind port → backend (only ports this edge binds).
     pub by_port: HashMap<u16, Arc<BackendEntry>>,
     /// Things this edge does not serve, beyond the routes' own problems.
@@ -304,19 +307,79 @@ pub(crate) fn host_matches(pattern: &str, host: &str) -> bool {
     }
 }
 
+/// The positions in `http_routes` of each exact host's routes, and of the
+/// rest (wildcards and host-less routes), each list in match order.
+#[derive(Default)]
+pub(crate) struct RouteIndex {
+    exact: HashMap<String, Vec<usize>>,
+    rest: Vec<usize>,
+}
+
+impl RouteIndex {
+    fn of(routes: &[RouteEntry]) -> RouteIndex {
+        let mut index = RouteIndex::default();
+        for (i, r) in routes.iter().enumerate() {
+            match &r.host {
+                Some(h) if !h.starts_with("*.") => {
+                    index.exact.entry(h.clone()).or_default().push(i)
+                }
+                _ => index.rest.push(i),
+            }
+        }
+        index
+    }
+}
+
+fn route_matches(r: &RouteEntry, host: Option<&str>, path: &str) -> bool {
+    let host_ok = match (&r.host, host) {
+        (None, _) => true,
+        (Some(p), Some(h)) => host_matches(p, h),
+        (Some(_), None) => false,
+    };
+    host_ok && r.path.as_deref().is_none_or(|p| path.starts_with(p))
+}
+
 impl Table {
-    /// The backend for a request on the HTTP or HTTPS port.
+    /// The backend for a request on the HTTP or HTTPS port: the first
+    /// route, in match order, whose host and path match. Only the host's
+    /// own routes and the wildcard and host-less ones are looked at,
+    /// merged in match order.
     pub(crate) fn route(&self, host: Option<&str>, path: &str) -> Option<&Arc<BackendEntry>> {
+        let exact: &[usize] = host
+            .and_then(|h| self.route_index.exact.get(h))
+            .map_or(&[], Vec::as_slice);
+        let rest = &self.route_index.rest;
+        let (mut e, mut r) = (0, 0);
+        loop {
+            let i = match (exact.get(e), rest.get(r)) {
+                (Some(&a), Some(&b)) if a < b => {
+                    e += 1;
+                    a
+                }
+                (_, Some(&b)) => {
+                    r += 1;
+                    b
+                }
+                (Some(&a), None) => {
+                    e += 1;
+                    a
+                }
+                (None, None) => return None,
+            };
+            let route = &self.http_routes[i];
+            if route_matches(route, host, path) {
+                return Some(&route.backend);
+            }
+        }
+    }
+
+    /// [`Table::route`] by scanning every route (what the index must agree
+    /// with).
+    #[cfg(test)]
+    fn route_by_scan(&self, host: Option<&str>, path: &str) -> Option<&Arc<BackendEntry>> {
         self.http_routes
             .iter()
-            .find(|r| {
-                let host_ok = match (&r.host, host) {
-                    (None, _) => true,
-                    (Some(p), Some(h)) => host_matches(p, h),
-                    (Some(_), None) => false,
-                };
-                host_ok && r.path.as_deref().is_none_or(|p| path.starts_with(p))
-            })
+            .find(|r| route_matches(r, host, path))
             .map(|r| &r.backend)
     }
 }
@@ -435,7 +498,7 @@ pub(crate) fn compile(
         }
         backends.insert(entry.spec.name.clone(), entry);
     }
-    let http_routes = route_specs
+    let http_routes: Vec<RouteEntry> = route_specs
         .into_iter()
         .filter_map(|r| {
             let backend = backends.get(&r.backend)?.clone();
@@ -446,6 +509,7 @@ pub(crate) fn compile(
             })
         })
         .collect();
+    let route_index = RouteIndex::of(&http_routes);
     let mut left = Vec::new();
     for slot in slots.values_mut() {
         slot.servers.retain(|_, rt| {
@@ -469,6 +533,7 @@ pub(crate) fn compile(
             problems,
             backends,
             http_routes,
+            route_index,
             by_port,
             local_problems,
         },
@@ -586,4 +651,83 @@ pub(crate) fn pick<'a>(
 
 pub(crate) fn is_http(b: &BackendEntry) -> bool {
     b.spec.labels.mode == Mode::Http
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn entry(name: &str) -> Arc<BackendEntry> {
+        let labels = skein_edge::PortLabels {
+            groups: vec!["external".into()],
+            bind_port: None,
+            bind_addr: None,
+            mode: Mode::Http,
+            vhosts: vec![],
+            path: None,
+            proxypass_path: None,
+            balance: Balance::Roundrobin,
+            sticky: false,
+            redirect_to_https: false,
+            ssl_certs: vec![],
+            backend_weight: 0,
+            auth: None,
+        };
+        Arc::new(BackendEntry {
+            spec: Backend {
+                name: name.into(),
+                app: format!("/{name}"),
+                port_index: 0,
+                service_port: None,
+                bind_port: None,
+                labels: Arc::new(labels),
+                servers: vec![],
+            },
+            rt: Arc::default(),
+            servers: vec![],
+        })
+    }
+
+    const HOSTS: [Option<&str>; 5] = [
+        None,
+        Some("a.example.com"),
+        Some("b.example.com"),
+        Some("*.example.com"),
+        Some("x.a.example.com"),
+    ];
+    const PATHS: [Option<&str>; 3] = [None, Some("/api"), Some("/api/v1")];
+
+    proptest! {
+        /// The host index finds exactly the route a scan of every route
+        /// finds, whatever the routes and the request.
+        #[test]
+        fn the_index_agrees_with_a_scan(
+            routes in prop::collection::vec((0usize..5, 0usize..3), 0..24),
+            queries in prop::collection::vec((0usize..5, 0usize..4), 1..16),
+        ) {
+            let http_routes: Vec<RouteEntry> = routes
+                .iter()
+                .enumerate()
+                .map(|(i, (h, p))| RouteEntry {
+                    host: HOSTS[*h].map(str::to_string),
+                    path: PATHS[*p].map(str::to_string),
+                    backend: entry(&format!("b{i}")),
+                })
+                .collect();
+            let table = Table {
+                route_index: RouteIndex::of(&http_routes),
+                http_routes,
+                ..Table::default()
+            };
+            let request_paths = ["/", "/api", "/api/v1/x", "/other"];
+            for (h, p) in queries {
+                let host = HOSTS[h].filter(|h| !h.starts_with('*'));
+                let path = request_paths[p];
+                let found = table.route(host, path).map(|b| b.spec.name.clone());
+                let scanned = table.route_by_scan(host, path).map(|b| b.spec.name.clone());
+                prop_assert_eq!(found, scanned, "{:?} {}", host, path);
+            }
+        }
+    }
 }

@@ -143,6 +143,16 @@ ex node1 curl -sf 'http://127.0.0.1:62080/v1/edge?groups=external' | grep -q '"h
     || fail "/v1/edge lacks httpi_3141"
 show node1 skein edge status
 
+say "Read-backs: the kernel's VIP table reads back as written (no false drift)"
+for n in $NODES; do
+    drift=$(ex "$n" curl -sf http://127.0.0.1:62080/metrics \
+        | awk '/^skein_realizer_drift_repaired_total\{realizer="nftables"\}/ {print $2}')
+    observes=$(ex "$n" curl -sf http://127.0.0.1:62080/metrics \
+        | awk '/^skein_realizer_observes_total\{realizer="nftables"\}/ {print $2}')
+    say "$n: nftables read back $observes times, drift repaired ${drift:-?} times"
+    [ "${drift:-1}" = 0 ] || fail "$n repaired drift nobody caused (its read-back differs from what it wrote)"
+done
+
 say "Secrets: each node holds its own key and API token, no other node's"
 for n in $NODES; do
     for m in $NODES; do

@@ -171,6 +171,11 @@ pub fn parse_listing(json: &str) -> anyhow::Result<Listing> {
                         ),
                         _ => json_element(e).context("set element")?,
                     };
+                    let text = if name == "hairpin" {
+                        protocol_names(&text)
+                    } else {
+                        text
+                    };
                     out.elements.insert((name.to_string(), text));
                 }
             }
@@ -188,6 +193,23 @@ pub fn parse_listing(json: &str) -> anyhow::Result<Listing> {
         }
     }
     Ok(out)
+}
+
+/// `nft` names an `inet_proto` by number when the host has no
+/// `/etc/protocols` (a minimal image without `netbase`): `… . 6 . …` is
+/// `… . tcp . …`. Without this, a hairpin element read back never equals the
+/// one written, every read-back looks like drift, and each "repair"
+/// rewrites the whole table (a moment without VIPs).
+fn protocol_names(element: &str) -> String {
+    let mut fields: Vec<&str> = element.split(" . ").collect();
+    if let Some(proto) = fields.get_mut(2) {
+        match *proto {
+            "6" => *proto = "tcp",
+            "17" => *proto = "udp",
+            _ => {}
+        }
+    }
+    fields.join(" . ")
 }
 
 fn proto_of(s: &str) -> Option<Protocol> {
@@ -513,6 +535,54 @@ mod tests {
         // A table of ours still reads back.
         let table = Table::with_classes(&[], 2);
         assert_eq!(table_of(&expected_listing(&table)), Some(table));
+    }
+
+    /// On a host without `/etc/protocols` (the compose image has no
+    /// `netbase`), `nft -j` gives a hairpin element's protocol as a number.
+    /// The read-back must still equal what was written, or every resync
+    /// "repairs" the table by rewriting it whole (a moment without VIPs,
+    /// seen as a failed request in faults.sh).
+    #[test]
+    fn hairpin_protocols_read_back_by_number_or_name() {
+        let table = Table::with_classes(
+            &[skein_l4lb::nft::Service {
+                address: "11.0.0.7".parse().expect("ip"),
+                protocol: Protocol::Tcp,
+                port: 80,
+                backends: vec![("10.0.0.1".parse().expect("ip"), 8080)],
+            }],
+            1,
+        );
+        let expected = expected_listing(&table);
+        let mut json: Vec<String> = expected
+            .sets
+            .iter()
+            .map(|set| match set.as_str() {
+                "hairpin" => {
+                    r#"{"set":{"name":"hairpin","elem":[{"concat":["10.0.0.1","11.0.0.7",6,80]}]}}"#
+                        .to_string()
+                }
+                "tcp1" => r#"{"set":{"name":"tcp1","elem":[{"concat":["11.0.0.7",80]}]}}"#.to_string(),
+                "tcp_backends" => r#"{"map":{"name":"tcp_backends","elem":[[{"concat":["11.0.0.7",80,0]},{"concat":["10.0.0.1",8080]}]]}}"#
+                    .to_string(),
+                other => format!(r#"{{"set":{{"name":"{other}"}}}}"#),
+            })
+            .collect();
+        json.sort_by_key(|j| !j.contains("hairpin"));
+        for (chain, rules) in expected.chains {
+            json.push(format!(r#"{{"chain":{{"name":"{chain}"}}}}"#));
+            for _ in 0..rules {
+                json.push(format!(r#"{{"rule":{{"chain":"{chain}"}}}}"#));
+            }
+        }
+        let numeric =
+            parse_listing(&format!(r#"{{"nftables":[{}]}}"#, json.join(","))).expect("listing");
+        assert_eq!(table_of(&numeric), Some(table.clone()), "6 is tcp");
+        let named = json[0].replace(",6,", r#","tcp","#);
+        json[0] = named;
+        let named =
+            parse_listing(&format!(r#"{{"nftables":[{}]}}"#, json.join(","))).expect("listing");
+        assert_eq!(table_of(&named), Some(table));
     }
 
     fn driver(kernel: FakeNft) -> D {

@@ -144,11 +144,14 @@ ex node1 curl -sf 'http://127.0.0.1:62080/v1/edge?groups=external' | grep -q '"h
 show node1 skein edge status
 
 say "Read-backs: the kernel's VIP table reads back as written (no false drift)"
+metric() { # node, name: the nftables realizer's value
+    ex "$1" curl -sf http://127.0.0.1:62080/metrics | awk -v m="$2" '$1 == m "{realizer=\"nftables\"}" {print $2}'
+}
+resynced() { [ "$(metric "$1" skein_realizer_observes_total)" -ge 2 ]; }
+for n in $NODES; do until_ok "$n read its VIP table back at least once since it wrote it" resynced "$n"; done
 for n in $NODES; do
-    drift=$(ex "$n" curl -sf http://127.0.0.1:62080/metrics \
-        | awk '/^skein_realizer_drift_repaired_total\{realizer="nftables"\}/ {print $2}')
-    observes=$(ex "$n" curl -sf http://127.0.0.1:62080/metrics \
-        | awk '/^skein_realizer_observes_total\{realizer="nftables"\}/ {print $2}')
+    drift=$(metric "$n" skein_realizer_drift_repaired_total)
+    observes=$(metric "$n" skein_realizer_observes_total)
     say "$n: nftables read back $observes times, drift repaired ${drift:-?} times"
     [ "${drift:-1}" = 0 ] || fail "$n repaired drift nobody caused (its read-back differs from what it wrote)"
 done

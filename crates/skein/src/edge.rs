@@ -223,10 +223,18 @@ fn serve(args: EdgeRunArgs) -> anyhow::Result<()> {
         }
         Err(e) => return Err(e),
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    // One worker asked for (`TOKIO_WORKER_THREADS=1`, like HAProxy's
+    // `nbthread 1`): a single-threaded runtime, every connection on the one
+    // thread with no wakeups across threads; otherwise one worker per core.
+    let single = std::env::var("TOKIO_WORKER_THREADS").is_ok_and(|v| v.trim() == "1");
+    let runtime = if single {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    }
+    .enable_all()
+    .build()
+    .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let edge = Edge::start_inheriting(cfg, inherited).await?;
         edge.serve_handover(&args.state_dir, lock)?;

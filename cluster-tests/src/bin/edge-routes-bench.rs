@@ -20,16 +20,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cluster_tests::arg;
 use skein_edge::routes::{PortKey, ServicePort};
 use skein_state::{Labels, NodeStatus, PortMapping, Protocol, TaskSpec, TaskView};
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1)?.parse().ok())
-        .unwrap_or(default)
-}
 
 #[derive(Clone, Copy)]
 enum Shape {

@@ -195,41 +195,16 @@ impl EdgePorts {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use skein_state::{Liveness, NodeStatus, Update};
+    use crate::view::test_support::{alive, put};
+    use skein_state::Liveness;
 
     const T0_MS: u64 = 1_700_000_000_000;
-
-    fn put(replica: &mut Replica, node: &str, key: &str, value: &str) {
-        let version = replica.node(node).map_or(0, |k| k.max_version()) + 1;
-        replica.apply(&Update {
-            node: node.into(),
-            generation: 1,
-            key: key.into(),
-            version,
-            value: Some(value.into()),
-        });
-    }
 
     fn task(replica: &mut Replica, node: &str, app: &str, labels: &str) {
         let spec = format!(
             r#"{{"app":"/{app}","ip":"10.0.0.1","ports":[{{"port":80}},{{"port":81}}],"labels":{labels}}}"#
         );
         put(replica, node, &format!("task:{app}.{node}"), &spec);
-    }
-
-    fn alive(nodes: &[&str]) -> BTreeMap<String, Liveness> {
-        nodes
-            .iter()
-            .map(|n| {
-                (
-                    n.to_string(),
-                    Liveness {
-                        status: NodeStatus::Alive,
-                        updated: 1,
-                    },
-                )
-            })
-            .collect()
     }
 
     fn step(

@@ -279,7 +279,35 @@ pub(crate) mod test_support {
     //! Views built from a replica in memory, for the realizers' tests.
 
     use super::*;
-    use skein_state::{health_key, task_key, Update, UNHEALTHY};
+    use skein_state::{health_key, task_key, Liveness, Update, UNHEALTHY};
+
+    /// Writes `key = value` as `node`'s next version (generation 1).
+    pub(crate) fn put(replica: &mut Replica, node: &str, key: &str, value: &str) {
+        let version = replica.node(node).map_or(0, |k| k.max_version()) + 1;
+        replica.apply(&Update {
+            node: node.into(),
+            generation: 1,
+            key: key.into(),
+            version,
+            value: Some(value.into()),
+        });
+    }
+
+    /// Every one of `nodes` alive.
+    pub(crate) fn alive(nodes: &[&str]) -> BTreeMap<String, Liveness> {
+        nodes
+            .iter()
+            .map(|n| {
+                (
+                    n.to_string(),
+                    Liveness {
+                        status: NodeStatus::Alive,
+                        updated: 1,
+                    },
+                )
+            })
+            .collect()
+    }
 
     /// A view of one alive node `n1` running `tasks`: (task id, task ip,
     /// `VIP_0` label, healthy). Each task serves port 8080. Named VIPs get

@@ -297,20 +297,9 @@ impl Allocator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use skein_state::{Liveness, NodeStatus, Update};
+    use crate::view::test_support::{alive, put};
 
     const T0_MS: u64 = 1_700_000_000_000;
-
-    fn put(replica: &mut Replica, node: &str, key: &str, value: &str) {
-        let version = replica.node(node).map_or(0, |k| k.max_version()) + 1;
-        replica.apply(&Update {
-            node: node.into(),
-            generation: 1,
-            key: key.into(),
-            version,
-            value: Some(value.into()),
-        });
-    }
 
     fn task(replica: &mut Replica, node: &str, app: &str) {
         let spec = format!(
@@ -324,21 +313,6 @@ mod tests {
             let json = serde_json::to_string(value).expect("claim encodes");
             put(replica, node, &format!("{CLAIM_PREFIX}{vip}"), &json);
         }
-    }
-
-    fn alive(nodes: &[&str]) -> BTreeMap<String, Liveness> {
-        nodes
-            .iter()
-            .map(|n| {
-                (
-                    n.to_string(),
-                    Liveness {
-                        status: NodeStatus::Alive,
-                        updated: 1,
-                    },
-                )
-            })
-            .collect()
     }
 
     /// Two app names whose VIPs' first probes coincide.

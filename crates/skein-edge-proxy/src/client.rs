@@ -21,8 +21,11 @@ use tokio::net::TcpStream;
 /// The body type sent to servers: a client's body, or none.
 pub(crate) type UpBody = BoxBody<Bytes, hyper::Error>;
 
-/// Idle connections kept per server.
-const IDLE_PER_SERVER: usize = 32;
+/// Idle connections kept per server: enough for every client connection
+/// of a busy edge to find one (a request that finds none opens a new
+/// connection, and one put back over the limit is closed: both cost more
+/// than keeping it, as HAProxy keeps its idle server connections).
+const IDLE_PER_SERVER: usize = 256;
 
 #[derive(Default)]
 pub(crate) struct Pool {
@@ -68,6 +71,8 @@ pub(crate) async fn connect_http(
 ) -> Result<SendRequest<UpBody>, ConnectError> {
     let stream = connect_tcp(addr, timeout).await?;
     let (mut sender, conn) = http1::Builder::new()
+        // One buffer, one `write` (see the server side).
+        .writev(false)
         .handshake(TokioIo::new(stream))
         .await
         .map_err(ConnectError::Handshake)?;
@@ -84,9 +89,18 @@ impl Pool {
     /// An idle connection ready for a request, if one is kept.
     pub(crate) fn take(&self) -> Option<SendRequest<UpBody>> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        idle.retain(|s| !s.is_closed());
-        let i = idle.iter().rposition(|s| s.is_ready())?;
-        Some(idle.swap_remove(i))
+        // Newest first (the one most likely still open and warm); closed
+        // ones met on the way are dropped, the rest not walked.
+        let mut i = idle.len();
+        while i > 0 {
+            i -= 1;
+            if idle[i].is_closed() {
+                idle.swap_remove(i);
+            } else if idle[i].is_ready() {
+                return Some(idle.swap_remove(i));
+            }
+        }
+        None
     }
 
     /// Keeps a connection whose response is under way: it is taken again

@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
 use crate::proxy::{handle, Front, FrontKind};
-use crate::state::{is_http, Counters, Session};
+use crate::state::{is_http, CounterSet, Counters, Session};
 use crate::tunnel::serve_tcp;
 use crate::Shared;
 
@@ -59,7 +59,7 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let front = Arc::new(front);
-    let _session = Session::open(vec![front.counters.clone()]);
+    let _session = Session::open(CounterSet::of(&[&front.counters]));
     let client_timeout = shared.cfg.timeouts.client;
     let svc = {
         let front = front.clone();
@@ -69,6 +69,9 @@ where
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(client_timeout)
+        // One buffer, one `write`: bodies here are small, and a copy
+        // costs less than the kernel's vectored path.
+        .writev(false)
         .keep_alive(true);
     if let Err(e) = builder
         .serve_connection(TokioIo::new(io), svc)
@@ -96,13 +99,7 @@ pub(crate) async fn accept_http(
         };
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().unwrap_or(peer);
-        let front = Front {
-            kind: FrontKind::Http,
-            local,
-            peer,
-            sni: None,
-            counters: counters.clone(),
-        };
+        let front = Front::new(FrontKind::Http, local, peer, None, counters.clone());
         tokio::spawn(serve_http(shared.clone(), front, stream));
     }
 }
@@ -139,13 +136,7 @@ pub(crate) async fn accept_https(
                 Err(_) => return,
             };
             let sni = tls.get_ref().1.server_name().map(str::to_string);
-            let front = Front {
-                kind: FrontKind::Https,
-                local,
-                peer,
-                sni,
-                counters,
-            };
+            let front = Front::new(FrontKind::Https, local, peer, sni, counters);
             serve_http(shared, front, tls).await;
         });
     }
@@ -174,19 +165,13 @@ async fn accept_port(
         let local = stream.local_addr().unwrap_or(peer);
         if is_http(&backend) {
             let _ = stream.set_nodelay(true);
-            let front = Front {
-                kind: FrontKind::Port(port),
-                local,
-                peer,
-                sni: None,
-                counters: counters.clone(),
-            };
+            let front = Front::new(FrontKind::Port(port), local, peer, None, counters.clone());
             tokio::spawn(serve_http(shared.clone(), front, stream));
         } else {
             let shared = shared.clone();
             let counters = counters.clone();
             tokio::spawn(async move {
-                let _session = Session::open(vec![counters.clone()]);
+                let _session = Session::open(CounterSet::of(&[&counters]));
                 serve_tcp(shared, backend, stream, peer, counters).await;
             });
         }

@@ -9,6 +9,7 @@
 //! found closed before the request was written), so retries never repeat a
 //! request a server has seen.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -27,7 +28,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use crate::client::{connect_http, UpBody};
-use crate::state::{is_http, pick, BackendEntry, Counters, Session};
+use crate::state::{is_http, pick, BackendEntry, CounterSet, Counters, Session};
 use crate::tunnel::pipe;
 use crate::Shared;
 
@@ -35,6 +36,15 @@ use crate::Shared;
 pub(crate) const STICKY_COOKIE: &str = "mesosphere_server_id";
 
 pub(crate) type RespBody = BoxBody<Bytes, hyper::Error>;
+
+// Header names as constants: a name given as `&str` is parsed again on
+// every use, and these are used on every request.
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Where a request came in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,23 +57,48 @@ pub(crate) enum FrontKind {
 
 pub(crate) struct Front {
     pub kind: FrontKind,
-    pub local: SocketAddr,
     pub peer: SocketAddr,
     pub sni: Option<String>,
     pub counters: Arc<Counters>,
+    /// `X-Forwarded-For` and `X-Forwarded-Port` as sent on every request
+    /// of the connection: made once, not per request.
+    peer_ip: Option<HeaderValue>,
+    local_port: Option<HeaderValue>,
+}
+
+impl Front {
+    pub(crate) fn new(
+        kind: FrontKind,
+        local: SocketAddr,
+        peer: SocketAddr,
+        sni: Option<String>,
+        counters: Arc<Counters>,
+    ) -> Front {
+        Front {
+            kind,
+            peer,
+            sni,
+            counters,
+            peer_ip: HeaderValue::from_str(&peer.ip().to_string()).ok(),
+            local_port: HeaderValue::from_str(&local.port().to_string()).ok(),
+        }
+    }
 }
 
 /// A body that counts its bytes and, at its end, closes the session it
 /// holds (a request in flight).
-struct Counted {
-    inner: BoxBody<Bytes, hyper::Error>,
-    counters: Vec<Arc<Counters>>,
+struct Counted<B> {
+    inner: B,
+    counters: CounterSet,
     /// Counts bytes out (a response) rather than in (a request).
     out: bool,
     session: Option<Session>,
 }
 
-impl Body for Counted {
+impl<B> Body for Counted<B>
+where
+    B: Body<Data = Bytes, Error = hyper::Error> + Unpin,
+{
     type Data = Bytes;
     type Error = hyper::Error;
 
@@ -77,7 +112,7 @@ impl Body for Counted {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     let n = data.len() as u64;
-                    for c in &this.counters {
+                    for c in this.counters.iter() {
                         if this.out {
                             c.bout.fetch_add(n, Ordering::Relaxed);
                         } else {
@@ -137,22 +172,34 @@ pub(crate) fn no_server() -> Response<RespBody> {
     )
 }
 
-/// The host a request names, lowercase, without port or trailing dot.
-fn request_host(req: &Request<Incoming>, sni: Option<&str>) -> Option<String> {
+/// The host a request names, lowercase, without port or trailing dot
+/// (borrowed from the request when it is already in that form, as it
+/// nearly always is).
+fn request_host<'r>(req: &'r Request<Incoming>, sni: Option<&'r str>) -> Option<Cow<'r, str>> {
     let raw = req
         .headers()
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| req.uri().authority().map(|a| a.as_str().to_string()))
-        .or_else(|| sni.map(str::to_string))?;
-    let host = if raw.starts_with('[') {
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))
+        .or(sni)?;
+    let host: Cow<'r, str> = if raw.starts_with('[') {
         // An IPv6 literal: keep the brackets' content.
-        raw.split(']').next().map(|h| format!("{h}]"))?
+        match raw.find(']') {
+            Some(end) => Cow::Borrowed(&raw[..=end]),
+            None => Cow::Owned(format!("{raw}]")),
+        }
     } else {
-        raw.split(':').next().unwrap_or_default().to_string()
+        Cow::Borrowed(raw.split(':').next().unwrap_or_default())
     };
-    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let host = match host {
+        Cow::Borrowed(h) => Cow::Borrowed(h.trim_end_matches('.')),
+        Cow::Owned(h) => Cow::Owned(h.trim_end_matches('.').to_string()),
+    };
+    let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        host
+    };
     (!host.is_empty()).then_some(host)
 }
 
@@ -177,29 +224,31 @@ pub(crate) fn strip_prefix(path_and_query: &str, prefix: &str) -> String {
     }
 }
 
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 fn strip_hop_by_hop(h: &mut HeaderMap) {
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        h.remove(n);
+    if h.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for n in named {
+            h.remove(n);
+        }
     }
     for n in HOP_BY_HOP {
-        h.remove(*n);
+        h.remove(n);
     }
 }
 
@@ -235,45 +284,57 @@ pub(crate) async fn handle(
     Ok(resp)
 }
 
+/// The redirect `HAPROXY_{n}_REDIRECT_TO_HTTPS` asks for.
+fn redirect_to_https(
+    shared: &Shared,
+    req: &Request<Incoming>,
+    host: Option<&str>,
+) -> Response<RespBody> {
+    let Some(host) = host else {
+        return error_page(StatusCode::BAD_REQUEST, "No host to redirect to.");
+    };
+    let port = match shared.https_port() {
+        443 => String::new(),
+        p => format!(":{p}"),
+    };
+    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let location = format!("https://{host}{port}{pq}");
+    let mut resp = Response::new(full(Bytes::new()));
+    *resp.status_mut() = StatusCode::MOVED_PERMANENTLY;
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp
+}
+
 async fn serve(
     shared: &Arc<Shared>,
     front: &Front,
     mut req: Request<Incoming>,
 ) -> Response<RespBody> {
-    let table = shared.table.load_full();
-    let host = request_host(&req, front.sni.as_deref());
-    let backend: Option<Arc<BackendEntry>> = match front.kind {
-        FrontKind::Port(p) => table.by_port.get(&p).filter(|b| is_http(b)).cloned(),
-        FrontKind::Http | FrontKind::Https => {
-            table.route(host.as_deref(), req.uri().path()).cloned()
+    let backend: Arc<BackendEntry> = {
+        let table = shared.table.load();
+        let host = request_host(&req, front.sni.as_deref());
+        let backend = match front.kind {
+            FrontKind::Port(p) => table.by_port.get(&p).filter(|b| is_http(b)).cloned(),
+            FrontKind::Http | FrontKind::Https => {
+                table.route(host.as_deref(), req.uri().path()).cloned()
+            }
+        };
+        let Some(backend) = backend else {
+            return no_server();
+        };
+        if front.kind == FrontKind::Http && backend.spec.labels.redirect_to_https {
+            backend.rt.c.req_tot.fetch_add(1, Ordering::Relaxed);
+            let resp = redirect_to_https(shared, &req, host.as_deref());
+            backend.rt.c.status(resp.status().as_u16());
+            return resp;
         }
-    };
-    drop(table);
-    let Some(backend) = backend else {
-        return no_server();
+        backend
     };
     let labels = &backend.spec.labels;
     let bc = &backend.rt.c;
     bc.req_tot.fetch_add(1, Ordering::Relaxed);
-
-    if front.kind == FrontKind::Http && labels.redirect_to_https {
-        let Some(host) = host else {
-            return error_page(StatusCode::BAD_REQUEST, "No host to redirect to.");
-        };
-        let port = match shared.https_port() {
-            443 => String::new(),
-            p => format!(":{p}"),
-        };
-        let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
-        let location = format!("https://{host}{port}{pq}");
-        let mut resp = Response::new(full(Bytes::new()));
-        *resp.status_mut() = StatusCode::MOVED_PERMANENTLY;
-        if let Ok(v) = HeaderValue::from_str(&location) {
-            resp.headers_mut().insert(header::LOCATION, v);
-        }
-        bc.status(301);
-        return resp;
-    }
 
     if let Some(auth) = &labels.auth {
         let given = req
@@ -302,14 +363,22 @@ async fn serve(
     };
 
     let (parts, body) = req.into_parts();
-    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let pq = match &labels.proxypass_path {
-        Some(prefix) => strip_prefix(pq, prefix),
-        None => pq.to_string(),
-    };
-    let uri: Uri = match pq.parse() {
-        Ok(u) => u,
-        Err(_) => return error_page(StatusCode::BAD_REQUEST, "Bad request path."),
+    // Servers get the path (and query) alone; one already in that form is
+    // passed on as it came.
+    let origin_form = parts.uri.scheme().is_none() && parts.uri.authority().is_none();
+    let uri: Uri = match &labels.proxypass_path {
+        None if origin_form => parts.uri,
+        prefix => {
+            let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            let pq = match prefix {
+                Some(prefix) => strip_prefix(pq, prefix),
+                None => pq.to_string(),
+            };
+            match pq.parse() {
+                Ok(u) => u,
+                Err(_) => return error_page(StatusCode::BAD_REQUEST, "Bad request path."),
+            }
+        }
     };
     let mut headers = parts.headers;
     let original_host = headers.get(header::HOST).cloned();
@@ -318,42 +387,50 @@ async fn serve(
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, u.clone());
     }
-    let ip = front.peer.ip().to_string();
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip,
+    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) => HeaderValue::from_str(&format!("{prev}, {}", front.peer.ip())).ok(),
+        None => front.peer_ip.clone(),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert("x-forwarded-for", v);
+    if let Some(v) = xff {
+        headers.insert(X_FORWARDED_FOR, v);
     }
     let proto = if front.kind == FrontKind::Https {
         "https"
     } else {
         "http"
     };
-    headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
-    if let Ok(v) = HeaderValue::from_str(&front.local.port().to_string()) {
-        headers.insert("x-forwarded-port", v);
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    if let Some(v) = &front.local_port {
+        headers.insert(X_FORWARDED_PORT, v.clone());
     }
     if let Some(h) = original_host {
-        if !headers.contains_key("x-forwarded-host") {
-            headers.insert("x-forwarded-host", h);
+        if !headers.contains_key(&X_FORWARDED_HOST) {
+            headers.insert(X_FORWARDED_HOST, h);
         }
     }
     let method = parts.method;
     let bodyless = body.is_end_stream();
-    let mut body: Option<UpBody> = Some(
+    // A bodiless request sends an empty body (no allocation, nothing to
+    // count); one with a body counts it as it streams.
+    let mut body: Option<UpBody> = Some(if bodyless {
+        crate::client::empty()
+    } else {
         Counted {
-            inner: body.boxed(),
-            counters: vec![front.counters.clone(), bc.clone()],
+            inner: body,
+            counters: CounterSet::of(&[&front.counters, bc]),
             out: false,
             session: None,
         }
-        .boxed(),
-    );
+        .boxed()
+    });
     let retry_sent_ok = bodyless && idempotent(&method) && upgrade.is_none();
     let t = &shared.cfg.timeouts;
     let mut tried: Vec<SocketAddr> = Vec::new();
+    // The request as it goes to a server; given back by a connection that
+    // did not take it, and rebuilt (bodiless) for a repeat after one that
+    // failed once it had.
+    let mut head: Option<(Method, Uri, HeaderMap)> = Some((method, uri, headers));
+    let mut kept: Option<(Method, Uri, HeaderMap)> = None;
     let max_attempts = backend.servers.len() + 3;
     for attempt in 0..max_attempts {
         let Some(server) = pick(
@@ -392,12 +469,19 @@ async fn serve(
             },
         };
         rt.connected();
-        let Some(b) = body.take() else { break };
+        let (Some(b), Some((m, u, h))) = (body.take(), head.take()) else {
+            break;
+        };
+        if reused && retry_sent_ok {
+            // Kept only where a repeat may follow: a kept connection the
+            // server closes as the request is written.
+            kept = Some((m.clone(), u.clone(), h.clone()));
+        }
         let mut up = Request::new(b);
-        *up.method_mut() = method.clone();
-        *up.uri_mut() = uri.clone();
-        *up.headers_mut() = headers.clone();
-        let session = Session::open(vec![bc.clone(), rt.c.clone()]);
+        *up.method_mut() = m;
+        *up.uri_mut() = u;
+        *up.headers_mut() = h;
+        let session = Session::open(CounterSet::of(&[bc, &rt.c]));
         let sent = tokio::time::timeout(t.server, sender.try_send_request(up)).await;
         let mut resp = match sent {
             Err(_) => {
@@ -413,16 +497,19 @@ async fn serve(
             Ok(Err(mut e)) => {
                 if let Some(back) = e.take_message() {
                     // Never written: a kept connection that had closed.
-                    body = Some(back.into_body());
+                    let (p, b) = back.into_parts();
+                    body = Some(b);
+                    head = Some((p.method, p.uri, p.headers));
                     if !reused {
                         tried.push(rt.addr);
                     }
                     continue;
                 }
-                if reused && retry_sent_ok {
+                if let (true, Some(k)) = (reused && retry_sent_ok, kept.take()) {
                     // A kept connection the server closed as we wrote:
                     // safe to repeat a bodiless idempotent request.
                     body = Some(crate::client::empty());
+                    head = Some(k);
                     continue;
                 }
                 tracing::debug!(backend = %backend.spec.name, server = %rt.name, error = %e.error(), "server failed the request");
@@ -478,8 +565,8 @@ async fn serve(
             }
         }
         let body = Counted {
-            inner: body.boxed(),
-            counters: vec![front.counters.clone(), bc.clone(), rt.c.clone()],
+            inner: body,
+            counters: CounterSet::of(&[&front.counters, bc, &rt.c]),
             out: true,
             session: Some(session),
         };

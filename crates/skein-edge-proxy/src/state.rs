@@ -76,12 +76,33 @@ impl Counters {
     }
 }
 
+/// The counters (front, backend, server: at most three) a connection or a
+/// request counts on: a fixed array, so that a request allocates nothing
+/// for its bookkeeping.
+#[derive(Clone, Default)]
+pub(crate) struct CounterSet([Option<Arc<Counters>>; 3]);
+
+impl CounterSet {
+    /// The first three of `counters`.
+    pub(crate) fn of(counters: &[&Arc<Counters>]) -> CounterSet {
+        let mut set = CounterSet::default();
+        for (slot, c) in set.0.iter_mut().zip(counters) {
+            *slot = Some(Arc::clone(c));
+        }
+        set
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Arc<Counters>> {
+        self.0.iter().flatten()
+    }
+}
+
 /// Holds one session open on a set of counters; closes it when dropped.
-pub(crate) struct Session(Vec<Arc<Counters>>);
+pub(crate) struct Session(CounterSet);
 
 impl Session {
-    pub(crate) fn open(counters: Vec<Arc<Counters>>) -> Session {
-        for c in &counters {
+    pub(crate) fn open(counters: CounterSet) -> Session {
+        for c in counters.iter() {
             c.open();
         }
         Session(counters)
@@ -90,7 +111,7 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        for c in &self.0 {
+        for c in self.0.iter() {
             c.close();
         }
     }
@@ -603,50 +624,50 @@ pub(crate) fn pick<'a>(
     tried: &[SocketAddr],
     now: Instant,
 ) -> Option<&'a ServerEntry> {
-    let up = |s: &&ServerEntry| s.spec.state == ServerState::Up && !tried.contains(&s.spec.addr);
-    let mut candidates: Vec<&ServerEntry> = b
-        .servers
-        .iter()
-        .filter(up)
-        .filter(|s| !s.rt.ejected(now))
-        .collect();
-    if candidates.is_empty() {
-        candidates = b.servers.iter().filter(up).collect();
+    // No list of candidates is built: this runs for every request, and
+    // the servers are walked (a few, in practice) instead.
+    let up = |s: &ServerEntry| s.spec.state == ServerState::Up && !tried.contains(&s.spec.addr);
+    let rested = |s: &ServerEntry| up(s) && !s.rt.ejected(now);
+    let mut n = b.servers.iter().filter(|s| rested(s)).count();
+    // Every server ejected: better one of them than none.
+    let any_up = n == 0;
+    if any_up {
+        n = b.servers.iter().filter(|s| up(s)).count();
     }
-    if candidates.is_empty() {
+    if n == 0 {
         return None;
     }
+    let candidates = || {
+        b.servers
+            .iter()
+            .filter(move |s| if any_up { up(s) } else { rested(s) })
+    };
     if let Some(cookie) = sticky {
-        if let Some(s) = candidates.iter().find(|s| s.rt.cookie == cookie) {
+        if let Some(s) = candidates().find(|s| s.rt.cookie == cookie) {
             return Some(s);
         }
     }
-    let n = candidates.len() as u64;
+    let n = n as u64;
     let i = match b.spec.labels.balance {
         Balance::Roundrobin => b.rt.rr.fetch_add(1, Ordering::Relaxed) % n,
         Balance::Leastconn => {
+            // The least loaded; among equals, the first from a rotating
+            // start, so that idle servers share the work.
             let start = b.rt.rr.fetch_add(1, Ordering::Relaxed) % n;
-            let mut best = start;
-            let mut best_load = i64::MAX;
-            for k in 0..n {
-                let j = (start + k) % n;
-                let load = candidates[j as usize].rt.c.scur();
-                if load < best_load {
-                    best = j;
-                    best_load = load;
-                }
-            }
-            best
+            candidates()
+                .enumerate()
+                .min_by_key(|(j, s)| (s.rt.c.scur(), (*j as u64 + n - start) % n))
+                .map_or(0, |(j, _)| j as u64)
         }
         Balance::Source => {
-            let bytes = match client {
-                IpAddr::V4(a) => a.octets().to_vec(),
-                IpAddr::V6(a) => a.octets().to_vec(),
+            let h = match client {
+                IpAddr::V4(a) => fnv(&a.octets()),
+                IpAddr::V6(a) => fnv(&a.octets()),
             };
-            fnv(&bytes) % n
+            h % n
         }
     };
-    candidates.get(i as usize).copied()
+    candidates().nth(i as usize)
 }
 
 pub(crate) fn is_http(b: &BackendEntry) -> bool {

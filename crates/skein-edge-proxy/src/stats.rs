@@ -1036,7 +1036,8 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener) {
         };
         let shared = shared.clone();
         tokio::spawn(async move {
-            let _session = crate::state::Session::open(vec![shared.stats_fe.clone()]);
+            let _session =
+                crate::state::Session::open(crate::state::CounterSet::of(&[&shared.stats_fe]));
             let svc = {
                 let shared = shared.clone();
                 service_fn(move |req| handle(shared.clone(), req))

@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::client::connect_tcp;
-use crate::state::{pick, BackendEntry, Counters, ServerRt, Session};
+use crate::state::{pick, BackendEntry, CounterSet, Counters, ServerRt, Session};
 use crate::Shared;
 
 /// Which way bytes read from a stream flow, for the counters.
@@ -188,7 +188,7 @@ pub(crate) async fn serve_tcp(
             }
         }
     };
-    let _session = Session::open(vec![backend.rt.c.clone(), rt.c.clone()]);
+    let _session = Session::open(CounterSet::of(&[&backend.rt.c, &rt.c]));
     let end = pipe(
         client,
         server,

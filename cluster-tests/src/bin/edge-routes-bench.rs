@@ -135,16 +135,16 @@ fn ms(d: Duration) -> f64 {
 
 fn main() {
     let apps = arg("--apps", 10_000);
-    let tasks = arg("--tasks", 5);
+    let tasks_per_app = arg("--tasks", 5);
     let runs = arg("--runs", 20).max(1);
-    println!("edge-routes-bench: {apps} apps x {tasks} tasks, median of {runs} runs");
+    println!("edge-routes-bench: {apps} apps x {tasks_per_app} tasks, median of {runs} runs");
     // EDGE_BENCH_SHAPE=vhosts runs the first shape alone (for profiling).
     let shapes: Vec<Shape> = match std::env::var("EDGE_BENCH_SHAPE").ok().as_deref() {
         Some("vhosts") => vec![Shape::Vhosts],
         _ => vec![Shape::Vhosts, Shape::PathsContended, Shape::TcpPorts],
     };
     for shape in shapes {
-        let (tasks, ports) = cluster(apps, tasks, shape);
+        let (tasks, ports) = cluster(apps, tasks_per_app, shape);
         let input = skein_edge::Input {
             tasks: &tasks,
             service_ports: &ports,
@@ -156,6 +156,8 @@ fn main() {
         let mut node_change_cpu = Vec::new();
         let mut flip = Vec::new();
         let mut flip_cpu = Vec::new();
+        let mut added = Vec::new();
+        let mut ports = ports.clone();
         // An agent keeps its route cache between views.
         let mut cache = skein_edge::RouteCache::default();
         let mut changing = tasks.clone();
@@ -212,6 +214,31 @@ fn main() {
             flip.push(t.elapsed());
             flip_cpu.push(cpu_now().saturating_sub(c));
             drop(warm.replace(fresh));
+
+            // A new app (its tasks and its service ports), the newest: the
+            // conflict pass runs again over every app port.
+            let (new_tasks, new_ports) = cluster(1, tasks_per_app, shape);
+            let app = format!("/new/app{run}");
+            for mut t in new_tasks {
+                Arc::make_mut(&mut t.spec).app = app.clone();
+                t.id = format!("new{run}.{}", t.id);
+                changing.push(t);
+            }
+            for ((_, n), mut p) in new_ports {
+                p.port = 20_000 + (run * 2 + n) as u16;
+                p.since = (apps + run) as u64;
+                ports.insert((app.clone(), n), p);
+            }
+            let c = cpu_now();
+            let fresh = skein_edge::compute_cached(
+                &skein_edge::Input {
+                    tasks: &changing,
+                    service_ports: &ports,
+                },
+                &mut cache,
+            );
+            added.push(cpu_now().saturating_sub(c));
+            drop(warm.replace(fresh));
         }
         // The cached computation gave what computing afresh gives.
         let fresh = skein_edge::compute(&skein_edge::Input {
@@ -234,13 +261,14 @@ fn main() {
             json as f64 / 1e6,
         );
         println!(
-            "      cold compute {:>6.2} ms wall {:>6.2} ms CPU; after one node's tasks re-decoded {:>5.2} ms wall {:>5.2} ms CPU, after a health flip {:>5.2} ms wall {:>5.2} ms CPU (target <= 20); long-poll answer {:>6.2} ms",
+            "      cold compute {:>6.2} ms wall {:>6.2} ms CPU; after one node's tasks re-decoded {:>5.2} ms wall {:>5.2} ms CPU, after a health flip {:>5.2} ms wall {:>5.2} ms CPU, after an app added {:>5.2} ms CPU (target <= 20); long-poll answer {:>6.2} ms",
             ms(median(compute)),
             ms(median(compute_cpu)),
             ms(median(node_change)),
             ms(median(node_change_cpu)),
             ms(median(flip)),
             ms(median(flip_cpu)),
+            ms(median(added)),
             ms(median(answer)),
         );
     }

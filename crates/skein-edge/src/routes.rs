@@ -446,10 +446,10 @@ struct Seen {
 struct PortState {
     index: usize,
     labels: Arc<PortLabels>,
+    /// Its servers while it has no backend (then the backend holds them:
+    /// not copied, one allocation fewer per app port).
     servers: Vec<Server>,
     service: Option<ServicePort>,
-    /// This computation's service port, while it is being looked up.
-    next_service: Option<ServicePort>,
     /// `<app>_<port>` (or `_p<index>`) for the port it was built for, and
     /// its FNV hash: formatted again only when that port changes.
     base_name: Option<(Option<u16>, Arc<str>, u64)>,
@@ -459,10 +459,27 @@ struct PortState {
     backend: Option<Arc<Backend>>,
 }
 
+impl PortState {
+    /// Its servers, wherever they are.
+    fn servers(&self) -> &[Server] {
+        match &self.backend {
+            Some(b) => &b.servers,
+            None => &self.servers,
+        }
+    }
+
+    /// Drops its backend (something of it changed), keeping the servers.
+    fn reset_backend(&mut self) {
+        if let Some(b) = self.backend.take() {
+            self.servers = b.servers.clone();
+        }
+    }
+}
+
 /// An app (all tasks with one app id) as last built.
 #[derive(Default)]
 struct AppSlot {
-    app: Box<str>,
+    app: Arc<str>,
     live: bool,
     /// Its tasks' spec addresses (held in [`RouteCache::seen`]): tells a
     /// task that moved in the input from a new one.
@@ -472,8 +489,6 @@ struct AppSlot {
     problems: Vec<Problem>,
     /// Its exposed ports, by index.
     ports: Vec<PortState>,
-    /// Its tasks' positions in this computation's input (while rebuilt).
-    scratch: Vec<u32>,
 }
 
 /// What [`compute_cached`] keeps between computations, so that a change
@@ -495,12 +510,26 @@ struct AppSlot {
 #[derive(Default)]
 pub struct RouteCache {
     seen: Vec<Seen>,
+    /// Counts computations.
+    round: u64,
     slots: Vec<AppSlot>,
+    /// Per slot: bumped when it is given to an app or freed (so that a
+    /// remembered slot is known stale), and the round it was last rebuilt.
+    gens: Vec<u32>,
+    rebuilt: Vec<u64>,
+    /// Whether this round gave a slot to a new app.
+    apps_added: bool,
+    /// The service-port map as last seen.
+    service: ServiceSeq,
     /// Slots to rebuild (a flag per slot, and the list).
     dirty_flags: Vec<bool>,
     dirty: Vec<u32>,
     free: Vec<u32>,
-    by_name: FastMap<Box<str>, u32>,
+    by_name: FastMap<Arc<str>, u32>,
+    /// The rebuilt apps' tasks' positions in the input, app after app, and
+    /// where each app's start (reused: no allocation per app).
+    flat: Vec<u32>,
+    starts: Vec<u32>,
     /// Node names, one allocation each however many servers they run.
     nodes: FastSet<Arc<str>>,
     nodes_after_purge: usize,
@@ -512,6 +541,26 @@ pub struct RouteCache {
     conflicts: Vec<Problem>,
     /// Every problem, sorted; `None` when something changed.
     problems: Option<Vec<Problem>>,
+}
+
+/// The service-port map as last seen, in its `(app, index)` order: the next
+/// view's map is merged with it, so an unchanged entry costs a comparison
+/// of its key with memory read in order, and no lookup.
+#[derive(Default)]
+struct ServiceSeq {
+    /// The entries' app ids, one after another.
+    names: String,
+    entries: Vec<ServiceEntry>,
+}
+
+struct ServiceEntry {
+    /// Where its app id ends in `names` (it starts where the previous
+    /// entry's ends).
+    name_end: usize,
+    index: usize,
+    port: ServicePort,
+    /// The app's slot and its generation then; `None`: no such app then.
+    slot: Option<(u32, u32)>,
 }
 
 /// The label cache of earlier versions: the route cache keeps the labels.
@@ -563,13 +612,19 @@ impl RouteCache {
             None => {
                 self.slots.push(AppSlot::default());
                 self.dirty_flags.push(false);
+                self.gens.push(0);
+                self.rebuilt.push(0);
+                self.starts.push(0);
                 (self.slots.len() - 1) as u32
             }
         };
+        self.gens[s as usize] += 1;
+        self.apps_added = true;
         let slot = &mut self.slots[s as usize];
-        slot.app = app.into();
+        let name: Arc<str> = app.into();
+        slot.app = name.clone();
         slot.live = true;
-        self.by_name.insert(app.into(), s);
+        self.by_name.insert(name, s);
         s
     }
 
@@ -649,20 +704,19 @@ impl RouteCache {
         }
     }
 
-    /// Builds app `s` again from its tasks (`slot.scratch`). Returns
-    /// whether the conflict pass's input changed, and whether its problems.
-    fn rebuild(&mut self, s: u32, tasks: &[TaskView]) -> (bool, bool) {
+    /// Builds app `s` again from its tasks (`idx`: their positions in
+    /// `tasks`, in input order). Returns whether the conflict pass's input
+    /// changed, and whether its problems.
+    fn rebuild(&mut self, s: u32, idx: &mut [u32], tasks: &[TaskView]) -> (bool, bool) {
+        self.rebuilt[s as usize] = self.round;
         let slot = &mut self.slots[s as usize];
-        let mut idx = std::mem::take(&mut slot.scratch);
         if idx.is_empty() {
             // No task left: the app is gone.
             let had_ports = !slot.ports.is_empty();
             let had_problems = !slot.problems.is_empty();
             self.by_name.remove(&slot.app);
-            *slot = AppSlot {
-                scratch: idx,
-                ..AppSlot::default()
-            };
+            self.gens[s as usize] += 1;
+            *slot = AppSlot::default();
             self.free.push(s);
             return (had_ports, had_problems);
         }
@@ -741,17 +795,17 @@ impl RouteCache {
                         // The same labels: what the conflict pass decided
                         // stands; the backend too if its servers do.
                         carried += 1;
-                        let backend = if o.servers == servers {
-                            o.backend.take()
-                        } else {
-                            None
+                        let same = o.servers() == servers.as_slice();
+                        let (servers, backend) = match o.backend.take() {
+                            // The backend keeps them.
+                            Some(b) if same => (Vec::new(), Some(b)),
+                            _ => (servers, None),
                         };
                         PortState {
                             index,
                             labels: labels.clone(),
                             servers,
                             service: o.service,
-                            next_service: None,
                             base_name: o.base_name.take(),
                             decided: o.decided.take(),
                             backend,
@@ -762,7 +816,6 @@ impl RouteCache {
                         labels: labels.clone(),
                         servers,
                         service: None,
-                        next_service: None,
                         base_name: None,
                         decided: None,
                         backend: None,
@@ -776,46 +829,109 @@ impl RouteCache {
         slot.parsed = parsed;
         slot.ports = ports;
         slot.problems = problems;
-        idx.clear();
-        slot.scratch = idx;
         (conflicts_changed, problems_changed)
     }
 
-    /// Looks up every exposed app port's service port; returns whether any
-    /// changed.
+    /// Sets the service port of app port `index` of `slot` (if the slot is
+    /// still that app's and the port exposed); returns whether it changed.
+    fn set_service(
+        &mut self,
+        slot: Option<(u32, u32)>,
+        index: usize,
+        value: Option<ServicePort>,
+    ) -> bool {
+        let Some((s, g)) = slot else { return false };
+        if self.gens[s as usize] != g {
+            return false;
+        }
+        match self.slots[s as usize]
+            .ports
+            .iter_mut()
+            .find(|p| p.index == index)
+        {
+            Some(p) if p.service != value => {
+                p.service = value;
+                p.reset_backend();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Gives the exposed app ports their service ports, merging the map
+    /// with the last one seen; returns whether any changed.
     fn service_ports(&mut self, service_ports: &BTreeMap<PortKey, ServicePort>) -> bool {
-        for slot in &mut self.slots {
-            for p in &mut slot.ports {
-                p.next_service = None;
-            }
-        }
-        // The map is in app order: one lookup per app, not per port.
-        let mut last: Option<(&str, u32)> = None;
-        for ((app, n), sp) in service_ports {
-            let s = match last {
-                Some((a, s)) if a == app.as_str() => Some(s),
-                _ => self.by_name.get(app.as_str()).copied(),
-            };
-            let Some(s) = s else { continue };
-            last = Some((app.as_str(), s));
-            if let Some(p) = self.slots[s as usize]
-                .ports
-                .iter_mut()
-                .find(|p| p.index == *n)
-            {
-                p.next_service = Some(*sp);
-            }
-        }
+        let old = std::mem::take(&mut self.service);
+        let mut new = ServiceSeq {
+            names: String::with_capacity(old.names.len()),
+            entries: Vec::with_capacity(service_ports.len()),
+        };
         let mut changed = false;
-        for slot in &mut self.slots {
-            for p in &mut slot.ports {
-                if p.service != p.next_service {
-                    p.service = p.next_service;
-                    p.backend = None;
-                    changed = true;
+        // The next old entry, and where its app id starts.
+        let (mut k, mut start) = (0, 0);
+        // The last app resolved by name (the map is in app order).
+        let mut last: Option<(&str, Option<(u32, u32)>)> = None;
+        for ((app, n), sp) in service_ports {
+            let key = (app.as_str(), *n);
+            let mut matched = None;
+            while let Some(e) = old.entries.get(k) {
+                let old_key = (&old.names[start..e.name_end], e.index);
+                match old_key.cmp(&key) {
+                    std::cmp::Ordering::Less => {
+                        // Gone from the map.
+                        changed |= self.set_service(e.slot, e.index, None);
+                    }
+                    std::cmp::Ordering::Equal => matched = Some(e),
+                    std::cmp::Ordering::Greater => break,
+                }
+                k += 1;
+                start = e.name_end;
+                if matched.is_some() {
+                    break;
                 }
             }
+            let valid =
+                |slot: Option<(u32, u32)>| slot.is_some_and(|(s, g)| self.gens[s as usize] == g);
+            let slot = match matched {
+                Some(e) if valid(e.slot) => e.slot,
+                Some(e) if e.slot.is_none() && !self.apps_added => None,
+                _ => match last {
+                    Some((a, slot)) if a == app.as_str() => slot,
+                    _ => {
+                        let slot = self
+                            .by_name
+                            .get(app.as_str())
+                            .map(|&s| (s, self.gens[s as usize]));
+                        last = Some((app.as_str(), slot));
+                        slot
+                    }
+                },
+            };
+            // Set where the entry is new or changed, or the app's ports
+            // were built anew this round.
+            let apply = match matched {
+                Some(e) => {
+                    e.port != *sp
+                        || e.slot != slot
+                        || slot.is_some_and(|(s, _)| self.rebuilt[s as usize] == self.round)
+                }
+                None => true,
+            };
+            if apply {
+                changed |= self.set_service(slot, *n, Some(*sp));
+            }
+            new.names.push_str(app);
+            new.entries.push(ServiceEntry {
+                name_end: new.names.len(),
+                index: *n,
+                port: *sp,
+                slot,
+            });
         }
+        for e in &old.entries[k..] {
+            changed |= self.set_service(e.slot, e.index, None);
+        }
+        self.service = new;
         changed
     }
 
@@ -848,6 +964,7 @@ impl RouteCache {
             });
         }
         // Base names, formatted only for a port not seen before.
+        let mut name = String::new();
         for &(s, p) in &order {
             let slot = &mut self.slots[s as usize];
             let Some(parsed) = slot.parsed.as_ref() else {
@@ -859,7 +976,7 @@ impl RouteCache {
                 continue;
             }
             // `<app>_<port>`, or `<app>_p<index>` while it has no port.
-            let mut name = String::with_capacity(parsed.app_name.len() + 8);
+            name.clear();
             name.push_str(&parsed.app_name);
             match wanted {
                 Some(w) => {
@@ -872,7 +989,7 @@ impl RouteCache {
                 }
             }
             let hash = fnv(name.as_bytes());
-            port.base_name = Some((wanted, name.into(), hash));
+            port.base_name = Some((wanted, name.as_str().into(), hash));
         }
 
         /// A contested host and path, hashed once when its labels were read.
@@ -1010,7 +1127,7 @@ impl RouteCache {
         for (&(s, p), d) in order.iter().zip(decided) {
             let port = &mut self.slots[s as usize].ports[p as usize];
             if port.decided.as_ref() != Some(&d) {
-                port.backend = None;
+                port.reset_backend();
             }
             port.decided = Some(d);
         }
@@ -1039,23 +1156,50 @@ pub fn compute(input: &Input<'_>) -> Routes {
 /// remembers (the result is the same).
 pub fn compute_cached(input: &Input<'_>, cache: &mut RouteCache) -> Routes {
     let tasks = input.tasks;
+    cache.round += 1;
+    cache.apps_added = false;
     let prev = cache.match_tasks(tasks);
     let mut conflicts_changed = !cache.decided;
     let mut problems_changed = cache.problems.is_none();
     if !cache.dirty.is_empty() {
-        // The changed apps' tasks, in input order.
-        for (i, e) in cache.seen.iter().enumerate() {
+        // The changed apps' tasks, in input order, app after app: counted,
+        // then placed.
+        let dirty = std::mem::take(&mut cache.dirty);
+        let mut flat = std::mem::take(&mut cache.flat);
+        for &s in &dirty {
+            cache.starts[s as usize] = 0;
+        }
+        for e in &cache.seen {
             if cache.dirty_flags[e.slot as usize] {
-                cache.slots[e.slot as usize].scratch.push(i as u32);
+                cache.starts[e.slot as usize] += 1;
             }
         }
-        let dirty = std::mem::take(&mut cache.dirty);
+        let mut at = 0;
         for &s in &dirty {
+            let count = cache.starts[s as usize];
+            cache.starts[s as usize] = at;
+            at += count;
+        }
+        flat.clear();
+        flat.resize(at as usize, 0);
+        for (i, e) in cache.seen.iter().enumerate() {
+            if cache.dirty_flags[e.slot as usize] {
+                let next = &mut cache.starts[e.slot as usize];
+                flat[*next as usize] = i as u32;
+                *next += 1;
+            }
+        }
+        // Each start has moved to its app's end.
+        let mut begin = 0;
+        for &s in &dirty {
+            let end = cache.starts[s as usize] as usize;
             cache.dirty_flags[s as usize] = false;
-            let (c, p) = cache.rebuild(s, tasks);
+            let (c, p) = cache.rebuild(s, &mut flat[begin..end], tasks);
             conflicts_changed |= c;
             problems_changed |= p;
+            begin = end;
         }
+        cache.flat = flat;
         cache.dirty = dirty;
         cache.dirty.clear();
         cache.purge_nodes();
@@ -1097,7 +1241,7 @@ pub fn compute_cached(input: &Input<'_>, cache: &mut RouteCache) -> Routes {
                             service_port: port.service.map(|s| s.port),
                             bind_port: *bind_port,
                             labels: port.labels.clone(),
-                            servers: port.servers.clone(),
+                            servers: std::mem::take(&mut port.servers),
                         })
                     })
                     .clone(),

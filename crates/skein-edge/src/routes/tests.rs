@@ -741,7 +741,10 @@ enum Change {
     /// (`/x/y`, `/x_y`), or without labels; `Same` joins an app's id with
     /// other labels (its tasks then disagree).
     AddApp(App, Naming),
-    RemoveApp(usize),
+    /// An app removed; its service ports kept (the agent's claims lag).
+    RemoveApp(usize, bool),
+    /// A service port claimed for the app the next `AddApp` adds.
+    ServicePortAhead(u64),
     /// Every task of one node decoded anew (new specs, same content), as
     /// the agent's task cache does when that node's keyspace changed.
     Redecode(u8),
@@ -791,7 +794,8 @@ fn change_strategy() -> impl Strategy<Value = Change> {
     ];
     prop_oneof![
         (app_strategy(0), naming).prop_map(|(a, n)| Change::AddApp(a, n)),
-        any::<usize>().prop_map(Change::RemoveApp),
+        (any::<usize>(), any::<bool>()).prop_map(|(i, keep)| Change::RemoveApp(i, keep)),
+        (0u64..20).prop_map(Change::ServicePortAhead),
         (0u8..4).prop_map(Change::Redecode),
         any::<usize>().prop_map(Change::HealthFlip),
         (0u8..4, 0u8..3).prop_map(|(n, s)| Change::NodeStatus(n, s)),
@@ -870,6 +874,9 @@ impl Changing {
                 }
                 if let Some(since) = app.since {
                     for n in 0..app.ports {
+                        if self.ports.contains_key(&(app.name.clone(), n)) {
+                            continue;
+                        }
                         self.ports.insert(
                             (app.name.clone(), n),
                             ServicePort {
@@ -881,11 +888,24 @@ impl Changing {
                     }
                 }
             }
-            Change::RemoveApp(i) => {
+            Change::RemoveApp(i, keep_ports) => {
                 if let Some(app) = self.app_at(*i) {
                     self.tasks.retain(|t| t.spec.app != app);
-                    self.ports.retain(|(a, _), _| *a != app);
+                    if !keep_ports {
+                        self.ports.retain(|(a, _), _| *a != app);
+                    }
                 }
+            }
+            Change::ServicePortAhead(since) => {
+                let app = format!("/new{}", self.counter + 1);
+                self.ports.insert(
+                    (app, 0),
+                    ServicePort {
+                        port: 10000 + (*since % 24) as u16,
+                        since: *since,
+                        settled: true,
+                    },
+                );
             }
             Change::Redecode(n) => {
                 let node = format!("n{n}");

@@ -5,16 +5,19 @@
 //!   target/release/edge-routes-bench [--apps 10000] [--tasks 5] [--runs 20]
 //!
 //! Builds the tasks an agent's view holds (each app `--tasks` tasks on as
-//! many nodes, Marathon-LB labels), then times `skein_edge::compute` cold
-//! (an agent's first view) and after one task changed (every later view:
-//! the agent keeps a label cache, so only the changed app's labels are
-//! read again; what an agent does once per view when an edge asks), `Routes::for_groups`
-//! plus the version digest (what each long-poll answer costs) and the JSON
-//! an edge downloads, over three shapes: every app on its own virtual host;
-//! two ports per app with paths, a tenth of the apps contending for the
-//! same hosts; TCP service ports only. There is no peer here to compare
-//! with: Marathon-LB regenerated and reloaded a whole HAProxy config per
-//! change (seconds at this size; its issues #563, #544).
+//! many of 1,000 nodes, Marathon-LB labels), then times
+//! `skein_edge::compute` cold (an agent's first view, no route cache), and
+//! `compute_cached` with the route cache an agent keeps between views
+//! after the two changes a later view typically brings: one node's tasks
+//! decoded anew (the agent's task cache gives every task of a node whose
+//! keyspace changed a new spec, ~50 here, same content) and one task's
+//! health flipped. Also `Routes::for_groups` plus the version digest (what
+//! each long-poll answer costs) and the JSON an edge downloads, over three
+//! shapes: every app on its own virtual host; two ports per app with
+//! paths, a tenth of the apps contending for the same hosts; TCP service
+//! ports only. There is no peer here to compare with: Marathon-LB
+//! regenerated and reloaded a whole HAProxy config per change (seconds at
+//! this size; its issues #563, #544).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -132,16 +135,16 @@ fn ms(d: Duration) -> f64 {
 
 fn main() {
     let apps = arg("--apps", 10_000);
-    let tasks = arg("--tasks", 5);
+    let tasks_per_app = arg("--tasks", 5);
     let runs = arg("--runs", 20).max(1);
-    println!("edge-routes-bench: {apps} apps x {tasks} tasks, median of {runs} runs");
+    println!("edge-routes-bench: {apps} apps x {tasks_per_app} tasks, median of {runs} runs");
     // EDGE_BENCH_SHAPE=vhosts runs the first shape alone (for profiling).
     let shapes: Vec<Shape> = match std::env::var("EDGE_BENCH_SHAPE").ok().as_deref() {
         Some("vhosts") => vec![Shape::Vhosts],
         _ => vec![Shape::Vhosts, Shape::PathsContended, Shape::TcpPorts],
     };
     for shape in shapes {
-        let (tasks, ports) = cluster(apps, tasks, shape);
+        let (tasks, ports) = cluster(apps, tasks_per_app, shape);
         let input = skein_edge::Input {
             tasks: &tasks,
             service_ports: &ports,
@@ -149,20 +152,24 @@ fn main() {
         let mut compute = Vec::new();
         let mut compute_cpu = Vec::new();
         let mut answer = Vec::new();
-        let mut warm = Vec::new();
-        // An agent keeps its label cache between views: after one app's
-        // task changes, only that app's labels are read again.
-        let mut cache = skein_edge::LabelCache::default();
+        let mut node_change = Vec::new();
+        let mut node_change_cpu = Vec::new();
+        let mut flip = Vec::new();
+        let mut flip_cpu = Vec::new();
+        let mut added = Vec::new();
+        let mut ports = ports.clone();
+        // An agent keeps its route cache between views.
+        let mut cache = skein_edge::RouteCache::default();
         let mut changing = tasks.clone();
-        skein_edge::compute_cached(
+        let mut warm = Some(skein_edge::compute_cached(
             &skein_edge::Input {
                 tasks: &changing,
                 service_ports: &ports,
             },
             &mut cache,
-        );
+        ));
         let mut routes = skein_edge::compute(&input);
-        for _ in 0..runs {
+        for run in 0..runs {
             let (t, c) = (Instant::now(), cpu_now());
             let fresh = skein_edge::compute(&input);
             compute.push(t.elapsed());
@@ -174,10 +181,14 @@ fn main() {
             let doc = skein_edge::EdgeDoc::new(routes.for_groups(&["external".to_string()]));
             answer.push(t.elapsed());
             std::hint::black_box(doc);
-            // One task of one app re-decoded (a new spec), as a change does.
-            let i = (warm.len() * 7919) % changing.len();
-            changing[i].spec = Arc::new((*changing[i].spec).clone());
-            let t = Instant::now();
+
+            // Every task of one node decoded anew, as the agent's task
+            // cache does when anything in that node's keyspace changed.
+            let node = format!("node{}", (run * 389) % 1000);
+            for t in changing.iter_mut().filter(|t| t.node_id == node) {
+                t.spec = Arc::new((*t.spec).clone());
+            }
+            let (t, c) = (Instant::now(), cpu_now());
             let fresh = skein_edge::compute_cached(
                 &skein_edge::Input {
                     tasks: &changing,
@@ -185,23 +196,80 @@ fn main() {
                 },
                 &mut cache,
             );
-            warm.push(t.elapsed());
-            std::hint::black_box(fresh);
+            node_change.push(t.elapsed());
+            node_change_cpu.push(cpu_now().saturating_sub(c));
+            drop(warm.replace(fresh));
+
+            // One task's health check flips.
+            let i = (run * 7919) % changing.len();
+            changing[i].healthy = !changing[i].healthy;
+            let (t, c) = (Instant::now(), cpu_now());
+            let fresh = skein_edge::compute_cached(
+                &skein_edge::Input {
+                    tasks: &changing,
+                    service_ports: &ports,
+                },
+                &mut cache,
+            );
+            flip.push(t.elapsed());
+            flip_cpu.push(cpu_now().saturating_sub(c));
+            drop(warm.replace(fresh));
+
+            // A new app (its tasks and its service ports), the newest: the
+            // conflict pass runs again over every app port.
+            let (new_tasks, new_ports) = cluster(1, tasks_per_app, shape);
+            let app = format!("/new/app{run}");
+            for mut t in new_tasks {
+                Arc::make_mut(&mut t.spec).app = app.clone();
+                t.id = format!("new{run}.{}", t.id);
+                changing.push(t);
+            }
+            for ((_, n), mut p) in new_ports {
+                p.port = 20_000 + (run * 2 + n) as u16;
+                p.since = (apps + run) as u64;
+                ports.insert((app.clone(), n), p);
+            }
+            let c = cpu_now();
+            let fresh = skein_edge::compute_cached(
+                &skein_edge::Input {
+                    tasks: &changing,
+                    service_ports: &ports,
+                },
+                &mut cache,
+            );
+            added.push(cpu_now().saturating_sub(c));
+            drop(warm.replace(fresh));
         }
+        // The cached computation gave what computing afresh gives.
+        let fresh = skein_edge::compute(&skein_edge::Input {
+            tasks: &changing,
+            service_ports: &ports,
+        });
+        assert!(
+            warm.as_ref() == Some(&fresh),
+            "the route cache changed the routes"
+        );
         let servers: usize = routes.backends.iter().map(|b| b.servers.len()).sum();
         let json = serde_json::to_vec(&routes).map(|j| j.len()).unwrap_or(0);
         println!(
-            "  {:<38} {:>6} backends {:>6} servers {:>6} routes {:>5} problems: cold compute {:>6.2} ms wall {:>6.2} ms CPU, after a change {:>6.2} ms (target <= 20), long-poll answer {:>7.2} ms, JSON {:.1} MB",
+            "  {:<38} {:>6} backends {:>6} servers {:>6} routes {:>5} problems, JSON {:.1} MB",
             shape.name(),
             routes.backends.len(),
             servers,
             routes.http_routes.len(),
             routes.problems.len(),
+            json as f64 / 1e6,
+        );
+        println!(
+            "      cold compute {:>6.2} ms wall {:>6.2} ms CPU; after one node's tasks re-decoded {:>5.2} ms wall {:>5.2} ms CPU, after a health flip {:>5.2} ms wall {:>5.2} ms CPU, after an app added {:>5.2} ms CPU (target <= 20); long-poll answer {:>6.2} ms",
             ms(median(compute)),
             ms(median(compute_cpu)),
-            ms(median(warm)),
+            ms(median(node_change)),
+            ms(median(node_change_cpu)),
+            ms(median(flip)),
+            ms(median(flip_cpu)),
+            ms(median(added)),
             ms(median(answer)),
-            json as f64 / 1e6,
         );
     }
 }

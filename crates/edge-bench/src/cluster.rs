@@ -145,7 +145,11 @@ impl Cluster {
 /// backend: used to check rendered configurations in tests.
 #[cfg(test)]
 pub(crate) fn backend_for_port(routes: &Routes, port: u16) -> Option<&skein_edge::Backend> {
-    routes.backends.iter().find(|b| b.bind_port == Some(port))
+    routes
+        .backends
+        .iter()
+        .find(|b| b.bind_port == Some(port))
+        .map(|b| &**b)
 }
 
 #[cfg(test)]
@@ -182,7 +186,7 @@ mod tests {
             Mode::Tcp
         );
         let hosts: Vec<_> = r.http_routes.iter().map(|h| h.host.clone()).collect();
-        assert!(hosts.contains(&Some(WEB_VHOST.to_string())));
-        assert!(hosts.contains(&Some(STREAM_VHOST.to_string())));
+        assert!(hosts.contains(&Some(WEB_VHOST.into())));
+        assert!(hosts.contains(&Some(STREAM_VHOST.into())));
     }
 }

@@ -113,8 +113,9 @@ pub struct Agent {
     vip_allocator: std::sync::Mutex<vips::Allocator>,
     /// This node's service-port claims for the edge.
     edge_ports: std::sync::Mutex<edge::EdgePorts>,
-    /// Apps' edge labels as read for earlier views.
-    edge_labels: Arc<std::sync::Mutex<skein_edge::LabelCache>>,
+    /// What computing the edge's routes for earlier views built (so a
+    /// view costs what changed since).
+    edge_cache: Arc<std::sync::Mutex<skein_edge::RouteCache>>,
     /// Whether a service port waits to settle (as `waits_on_time`).
     edge_waits_on_time: std::sync::atomic::AtomicBool,
     /// Tasks decoded per node keyspace, reused while the keyspace is.
@@ -325,7 +326,7 @@ impl Agent {
             vip_allocator: Default::default(),
             edge_ports: std::sync::Mutex::new(edge::EdgePorts::new(edge_service_ports)),
             edge_waits_on_time: std::sync::atomic::AtomicBool::new(false),
-            edge_labels: Default::default(),
+            edge_cache: Default::default(),
             task_cache: Default::default(),
             logged_problems: Default::default(),
             overlay,
@@ -460,7 +461,7 @@ impl Agent {
         );
         view.covers_request = covers;
         view.edge_ports = edge_ports;
-        view.edge_labels = self.edge_labels.clone();
+        view.edge_cache = self.edge_cache.clone();
         view
     }
 

@@ -74,8 +74,9 @@ pub struct View {
     pub edge_ports: BTreeMap<skein_edge::routes::PortKey, skein_edge::routes::ServicePort>,
     /// What every edge serves, computed on first use.
     edge_routes: OnceLock<Arc<skein_edge::Routes>>,
-    /// Apps' labels as read for earlier views (shared by the agent's views).
-    pub edge_labels: Arc<std::sync::Mutex<skein_edge::LabelCache>>,
+    /// The edge routes' cache, shared by the agent's views: computing a
+    /// view's routes redoes only what changed since the last one computed.
+    pub edge_cache: Arc<std::sync::Mutex<skein_edge::RouteCache>>,
 }
 
 impl View {
@@ -123,7 +124,7 @@ impl View {
             overlay_state: OnceLock::new(),
             edge_ports: BTreeMap::new(),
             edge_routes: OnceLock::new(),
-            edge_labels: Default::default(),
+            edge_cache: Default::default(),
         }
     }
 
@@ -135,7 +136,7 @@ impl View {
                 tasks: &self.tasks,
                 service_ports: &self.edge_ports,
             };
-            Arc::new(match self.edge_labels.lock() {
+            Arc::new(match self.edge_cache.lock() {
                 Ok(mut cache) => skein_edge::compute_cached(&input, &mut cache),
                 Err(_) => skein_edge::compute(&input),
             })

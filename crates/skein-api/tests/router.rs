@@ -667,7 +667,7 @@ async fn edge_routes_are_agreed_and_long_polled() {
         .routes
         .http_routes
         .iter()
-        .map(|r| r.backend.as_str())
+        .map(|r| &*r.backend)
         .collect();
     assert_eq!(
         routes,

@@ -294,7 +294,7 @@ fn for_groups(mut routes: Routes, groups: &[String]) -> Routes {
         routes.backends.iter().map(|b| b.name.as_str()).collect();
     let http_routes = std::mem::take(&mut routes.http_routes)
         .into_iter()
-        .filter(|r| names.contains(r.backend.as_str()))
+        .filter(|r| names.contains(&*r.backend))
         .collect();
     drop(names);
     routes.http_routes = http_routes;

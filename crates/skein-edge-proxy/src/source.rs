@@ -38,7 +38,7 @@ pub(crate) fn parse(bytes: &[u8]) -> Result<(Option<u64>, Routes), String> {
         }
     }
     for r in &routes.http_routes {
-        if !names.contains(r.backend.as_str()) {
+        if !names.contains(&*r.backend) {
             return Err(format!(
                 "an HTTP route names {}, which is no backend",
                 r.backend

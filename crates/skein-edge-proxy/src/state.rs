@@ -294,8 +294,9 @@ pub(crate) struct BackendEntry {
 
 /// An HTTP route, ready to match.
 pub(crate) struct RouteEntry {
-    pub host: Option<String>,
-    pub path: Option<String>,
+    /// Shared with the route set it came from.
+    pub host: Option<Arc<str>>,
+    pub path: Option<Arc<str>>,
     pub backend: Arc<BackendEntry>,
 }
 
@@ -332,7 +333,7 @@ pub(crate) fn host_matches(pattern: &str, host: &str) -> bool {
 /// rest (wildcards and host-less routes), each list in match order.
 #[derive(Default)]
 pub(crate) struct RouteIndex {
-    exact: HashMap<String, Vec<usize>>,
+    exact: HashMap<Arc<str>, Vec<usize>>,
     rest: Vec<usize>,
 }
 
@@ -459,7 +460,9 @@ pub(crate) fn compile(
         http_routes: route_specs,
         problems,
     } = routes;
-    for mut b in specs {
+    for b in specs {
+        // Deserialized, each backend is held only here: no copy.
+        let mut b = Arc::unwrap_or_clone(b);
         let servers = std::mem::take(&mut b.servers);
         if let Some(old) = prev.backends.get(b.name.as_str()) {
             if old.spec == b && old.servers.iter().map(|e| &e.spec).eq(servers.iter()) {
@@ -522,7 +525,7 @@ pub(crate) fn compile(
     let http_routes: Vec<RouteEntry> = route_specs
         .into_iter()
         .filter_map(|r| {
-            let backend = backends.get(&r.backend)?.clone();
+            let backend = backends.get(&*r.backend)?.clone();
             Some(RouteEntry {
                 host: r.host,
                 path: r.path,
@@ -731,8 +734,8 @@ mod tests {
                 .iter()
                 .enumerate()
                 .map(|(i, (h, p))| RouteEntry {
-                    host: HOSTS[*h].map(str::to_string),
-                    path: PATHS[*p].map(str::to_string),
+                    host: HOSTS[*h].map(Arc::from),
+                    path: PATHS[*p].map(Arc::from),
                     backend: entry(&format!("b{i}")),
                 })
                 .collect();

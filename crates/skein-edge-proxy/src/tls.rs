@@ -153,7 +153,7 @@ impl CertStore {
                     map.wildcard.entry(domain.to_string()).or_insert(key);
                 }
                 None => {
-                    map.exact.entry(host.clone()).or_insert(key);
+                    map.exact.entry(host.to_string()).or_insert(key);
                 }
             }
         }

@@ -488,7 +488,8 @@ pub fn app_problems(app: &Labels, port_count: usize) -> Vec<LabelProblem> {
         let Some(rest) = key.strip_prefix("HAPROXY_") else {
             continue;
         };
-        let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+        // A slice, not a copy: this runs for every label of every app read.
+        let digits = &rest[..rest.bytes().take_while(u8::is_ascii_digit).count()];
         if !digits.is_empty() && rest[digits.len()..].starts_with('_') {
             if digits.parse::<usize>().map_or(true, |n| n >= port_count) {
                 out.push(LabelProblem {

@@ -16,6 +16,6 @@ pub mod routes;
 
 pub use labels::{Balance, Mode, PortLabels};
 pub use routes::{
-    compute, compute_cached, Backend, EdgeDoc, HttpRoute, Input, LabelCache, Problem, Routes,
-    Server, ServerState,
+    compute, compute_cached, Backend, EdgeDoc, HttpRoute, Input, LabelCache, Problem, RouteCache,
+    Routes, Server, ServerState,
 };

@@ -247,15 +247,15 @@ pub fn backend(
 
 pub fn route(host: Option<&str>, path: Option<&str>, backend: &str) -> HttpRoute {
     HttpRoute {
-        host: host.map(str::to_string),
-        path: path.map(str::to_string),
+        host: host.map(Into::into),
+        path: path.map(Into::into),
         backend: backend.into(),
     }
 }
 
 pub fn routes(backends: Vec<Backend>, http_routes: Vec<HttpRoute>) -> Routes {
     Routes {
-        backends,
+        backends: backends.into_iter().map(Arc::new).collect(),
         http_routes,
         problems: vec![],
     }

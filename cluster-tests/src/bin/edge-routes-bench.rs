@@ -24,6 +24,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cluster_tests::arg;
+
+/// The skein binary's allocator, so that the figures are the agent's.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use skein_edge::routes::{PortKey, ServicePort};
 use skein_state::{Labels, NodeStatus, PortMapping, Protocol, TaskSpec, TaskView};
 
@@ -170,10 +174,14 @@ fn main() {
         ));
         let mut routes = skein_edge::compute(&input);
         for run in 0..runs {
+            // An agent's first view: the routes and the route cache it
+            // keeps (dropped here outside the timing).
+            let mut first = skein_edge::RouteCache::default();
             let (t, c) = (Instant::now(), cpu_now());
-            let fresh = skein_edge::compute(&input);
+            let fresh = skein_edge::compute_cached(&input, &mut first);
             compute.push(t.elapsed());
             compute_cpu.push(cpu_now().saturating_sub(c));
+            drop(first);
             // The previous routes are dropped outside the timing, as an
             // agent drops an old view's after the new one is published.
             routes = fresh;

@@ -14,6 +14,12 @@ use clap::{Parser, Subcommand};
 use crate::client::{ApiArgs, Client, TaskAddArgs};
 use crate::config::AgentArgs;
 
+/// mimalloc rather than glibc's malloc: the agent's views and the edge's
+/// requests allocate and free many small objects, where glibc spent up to
+/// a third of the time (see docs/BENCHMARKS.md, edge routes).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "skein",

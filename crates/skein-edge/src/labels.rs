@@ -175,11 +175,14 @@ const TEMPLATE_LABELS: &[&str] = &[
 
 /// The groups an app (or one of its ports) names, split and cleaned.
 fn groups(value: &str) -> Vec<String> {
-    let mut out: Vec<String> = value
-        .split(',')
-        .map(|g| g.trim().to_string())
-        .filter(|g| !g.is_empty())
-        .collect();
+    // Sized to the commas (mostly one group: room for one, not four).
+    let mut out: Vec<String> = Vec::with_capacity(value.split(',').count());
+    out.extend(
+        value
+            .split(',')
+            .map(|g| g.trim().to_string())
+            .filter(|g| !g.is_empty()),
+    );
     out.sort();
     out.dedup();
     out
@@ -252,13 +255,13 @@ pub fn parse_port(app: &Labels, index: usize) -> PortOutcome {
     // This port's labels, found in one pass (an app has a few dozen), and
     // without formatting its prefix: this runs for every app port on every
     // view an edge asks for.
-    let mine: Vec<(&str, &str)> = app
-        .iter()
-        .filter_map(|(k, v)| match port_label(k) {
-            Some((n, name)) if n == index => Some((name, v)),
-            _ => None,
-        })
-        .collect();
+    // Sized to the labels: collecting a filter allocates for four, then
+    // grows.
+    let mut mine: Vec<(&str, &str)> = Vec::with_capacity(app.len());
+    mine.extend(app.iter().filter_map(|(k, v)| match port_label(k) {
+        Some((n, name)) if n == index => Some((name, v)),
+        _ => None,
+    }));
     let own = |name: &str| mine.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
     let mut problems = Vec::new();
     let mut bad = |label: &str, message: String| {
@@ -304,6 +307,8 @@ pub fn parse_port(app: &Labels, index: usize) -> PortOutcome {
     });
     let mut vhosts: Vec<String> = Vec::new();
     if let Some(v) = own("VHOST") {
+        // Room for each named (mostly one), not four.
+        vhosts.reserve_exact(v.split(',').count());
         for raw in v.split(',').filter(|s| !s.trim().is_empty()) {
             match vhost(raw) {
                 Some(h) if !vhosts.contains(&h) => vhosts.push(h),

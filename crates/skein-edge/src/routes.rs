@@ -639,6 +639,16 @@ impl RouteCache {
         // Cleared when a task moved backwards: searching `prev` ahead for
         // every later task could then cost the whole list each.
         let mut resync = true;
+        // The last app looked up by name: an app's tasks mostly come
+        // together (a first view looks up every task), and comparing one
+        // name is cheaper than hashing it.
+        let mut last: Option<(&str, u32)> = None;
+        if self.slots.is_empty() {
+            // A first view: sized once instead of grown (and rehashed).
+            let apps = tasks.len() / 4 + 16;
+            self.by_name.reserve(apps);
+            self.slots.reserve(apps);
+        }
         for t in tasks {
             let p = ptr_of(t);
             let mut found = j < prev.len() && prev[j].ptr == p;
@@ -647,7 +657,15 @@ impl RouteCache {
             } else {
                 // A new spec, or tasks before this one were removed (or
                 // moved): the app by name, then whether it had this spec.
-                let s = self.slot_of(&t.spec.app);
+                let app = t.spec.app.as_str();
+                let s = match last {
+                    Some((a, s)) if a == app => s,
+                    _ => {
+                        let s = self.slot_of(app);
+                        last = Some((app, s));
+                        s
+                    }
+                };
                 if resync && self.slots[s as usize].ptrs.contains(&p) {
                     match prev[j..].iter().position(|e| e.ptr == p) {
                         Some(d) => {
@@ -759,7 +777,15 @@ impl RouteCache {
             })
         };
         let mut old_ports = std::mem::take(&mut slot.ports);
-        let mut ports = Vec::new();
+        // Sized once: a PortState is large, and a Vec grown from empty
+        // takes room for four (memory a first view touches for nothing).
+        let exposed = parsed.as_ref().map_or(0, |p| {
+            p.ports
+                .iter()
+                .filter(|o| matches!(o, Parsed::Exposed { .. }))
+                .count()
+        });
+        let mut ports = Vec::with_capacity(exposed);
         let mut carried = 0;
         if let Some(parsed) = &parsed {
             problems.extend(parsed.app_problems.iter().map(|p| problem(app, None, p)));
@@ -775,18 +801,18 @@ impl RouteCache {
                     } => (labels, problems),
                 };
                 problems.extend(ps.iter().map(|p| problem(app, Some(index), p)));
-                let servers: Vec<Server> = idx
-                    .iter()
-                    .filter_map(|&i| {
-                        let t = &tasks[i as usize];
-                        let port = t.spec.ports.get(index)?.port;
-                        Some(Server {
-                            addr: SocketAddr::new(t.spec.ip, port),
-                            node: Self::node(&mut self.nodes, &t.node_id),
-                            state: state_of(t),
-                        })
+                // At most one per task: sized once (collecting a filter
+                // grows from four to eight for five tasks).
+                let mut servers: Vec<Server> = Vec::with_capacity(idx.len());
+                servers.extend(idx.iter().filter_map(|&i| {
+                    let t = &tasks[i as usize];
+                    let port = t.spec.ports.get(index)?.port;
+                    Some(Server {
+                        addr: SocketAddr::new(t.spec.ip, port),
+                        node: Self::node(&mut self.nodes, &t.node_id),
+                        state: state_of(t),
                     })
-                    .collect();
+                }));
                 let old = old_ports
                     .iter_mut()
                     .find(|o| o.index == index && Arc::ptr_eq(&o.labels, labels));

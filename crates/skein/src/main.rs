@@ -14,11 +14,12 @@ use clap::{Parser, Subcommand};
 use crate::client::{ApiArgs, Client, TaskAddArgs};
 use crate::config::AgentArgs;
 
-/// mimalloc rather than glibc's malloc: the agent's views and the edge's
+/// jemalloc rather than glibc's malloc: the agent's views and the edge's
 /// requests allocate and free many small objects, where glibc spent up to
-/// a third of the time (see docs/BENCHMARKS.md, edge routes).
+/// a third of the time (docs/BENCHMARKS.md, edge routes); mimalloc was as
+/// fast but held about twice the memory.
 #[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[derive(Parser)]
 #[command(

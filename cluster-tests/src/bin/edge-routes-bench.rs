@@ -24,12 +24,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cluster_tests::arg;
+use skein_edge::routes::{PortKey, ServicePort};
+use skein_state::{Labels, NodeStatus, PortMapping, Protocol, TaskSpec, TaskView};
 
 /// The skein binary's allocator, so that the figures are the agent's.
 #[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use skein_edge::routes::{PortKey, ServicePort};
-use skein_state::{Labels, NodeStatus, PortMapping, Protocol, TaskSpec, TaskView};
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// And its settings (see crates/skein/src/main.rs).
+#[allow(non_upper_case_globals)]
+#[export_name = "_rjem_malloc_conf"]
+pub static malloc_conf: &u8 = &JEMALLOC_CONF[0];
+const JEMALLOC_CONF: &[u8] = b"narenas:2,dirty_decay_ms:0,muzzy_decay_ms:0\0";
 
 #[derive(Clone, Copy)]
 enum Shape {

@@ -16,10 +16,18 @@ use crate::config::AgentArgs;
 
 /// jemalloc rather than glibc's malloc: the agent's views and the edge's
 /// requests allocate and free many small objects, where glibc spent up to
-/// a third of the time (docs/BENCHMARKS.md, edge routes); mimalloc was as
-/// fast but held about twice the memory.
+/// a third of the time (docs/BENCHMARKS.md, edge routes).
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's settings, read once at its start: two arenas (one per core
+/// here) and freed pages given back at once. Its defaults (four arenas per
+/// core, pages kept ten seconds) held 120 MB where these hold 37 MB in
+/// replica-mem-bench: an agent frees a whole view (megabytes) per change.
+#[allow(non_upper_case_globals)]
+#[export_name = "_rjem_malloc_conf"]
+pub static malloc_conf: &u8 = &JEMALLOC_CONF[0];
+const JEMALLOC_CONF: &[u8] = b"narenas:2,dirty_decay_ms:0,muzzy_decay_ms:0\0";
 
 #[derive(Parser)]
 #[command(

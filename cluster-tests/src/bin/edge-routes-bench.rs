@@ -31,7 +31,7 @@ use skein_state::{Labels, NodeStatus, PortMapping, Protocol, TaskSpec, TaskView}
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// And its settings (see crates/skein/src/main.rs).
+/// And its settings as an agent runs it (see crates/skein/src/main.rs).
 #[allow(non_upper_case_globals)]
 #[export_name = "_rjem_malloc_conf"]
 pub static malloc_conf: &u8 = &JEMALLOC_CONF[0];

@@ -21,13 +21,61 @@ use crate::config::AgentArgs;
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// jemalloc's settings, read once at its start: two arenas (one per core
-/// here) and freed pages given back at once. Its defaults (four arenas per
-/// core, pages kept ten seconds) held 120 MB where these hold 37 MB in
-/// replica-mem-bench: an agent frees a whole view (megabytes) per change.
+/// here). Its default of four per core held a third more memory.
 #[allow(non_upper_case_globals)]
 #[export_name = "_rjem_malloc_conf"]
 pub static malloc_conf: &u8 = &JEMALLOC_CONF[0];
-const JEMALLOC_CONF: &[u8] = b"narenas:2,dirty_decay_ms:0,muzzy_decay_ms:0\0";
+const JEMALLOC_CONF: &[u8] = b"narenas:2\0";
+
+/// For an agent, freed pages go back to the kernel at once (jemalloc keeps
+/// them ten seconds by default): an agent frees a whole view, megabytes,
+/// per change, and replica-mem-bench held 120 MB with the default where it
+/// holds 37 MB with this. Not for `skein edge`: there the same setting
+/// gave pages back and faulted them in again on every few requests
+/// (HTTP keep-alive through it fell from 1.0 to 0.7 of HAProxy's rate).
+fn return_freed_pages_at_once() {
+    fn set(name: &str, value: isize) {
+        let Ok(name) = std::ffi::CString::new(name) else {
+            return;
+        };
+        let mut value = value;
+        // SAFETY: a documented jemalloc control, written with a value of
+        // its type (ssize_t); nothing is read back.
+        let rc = unsafe {
+            tikv_jemalloc_sys::mallctl(
+                name.as_ptr(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                (&mut value as *mut isize).cast(),
+                std::mem::size_of::<isize>(),
+            )
+        };
+        if rc != 0 {
+            tracing::debug!(control = ?name, rc, "jemalloc setting refused");
+        }
+    }
+    let mut narenas: u32 = 0;
+    let mut len = std::mem::size_of::<u32>();
+    // SAFETY: `arenas.narenas` is an unsigned int, read into one.
+    let rc = unsafe {
+        tikv_jemalloc_sys::mallctl(
+            c"arenas.narenas".as_ptr(),
+            (&mut narenas as *mut u32).cast(),
+            &mut len,
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    if rc != 0 {
+        narenas = 0;
+    }
+    for kind in ["dirty", "muzzy"] {
+        set(&format!("arenas.{kind}_decay_ms"), 0);
+        for i in 0..narenas {
+            set(&format!("arena.{i}.{kind}_decay_ms"), 0);
+        }
+    }
+}
 
 #[derive(Parser)]
 #[command(
@@ -258,6 +306,7 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         resolved.api_token = Some(config::local_token(&resolved.agent.data_dir)?);
     }
     skein_agent::tune_allocator();
+    return_freed_pages_at_once();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

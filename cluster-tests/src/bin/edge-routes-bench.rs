@@ -134,6 +134,24 @@ fn cpu_now() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
+/// One later view's computation with the agent's route cache: wall and
+/// CPU time, and the routes (dropped by the caller, outside the timing).
+fn timed_view(
+    tasks: &[TaskView],
+    ports: &BTreeMap<PortKey, ServicePort>,
+    cache: &mut skein_edge::RouteCache,
+) -> (Duration, Duration, skein_edge::Routes) {
+    let (t, c) = (Instant::now(), cpu_now());
+    let routes = skein_edge::compute_cached(
+        &skein_edge::Input {
+            tasks,
+            service_ports: ports,
+        },
+        cache,
+    );
+    (t.elapsed(), cpu_now().saturating_sub(c), routes)
+}
+
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -202,31 +220,17 @@ fn main() {
             for t in changing.iter_mut().filter(|t| t.node_id == node) {
                 t.spec = Arc::new((*t.spec).clone());
             }
-            let (t, c) = (Instant::now(), cpu_now());
-            let fresh = skein_edge::compute_cached(
-                &skein_edge::Input {
-                    tasks: &changing,
-                    service_ports: &ports,
-                },
-                &mut cache,
-            );
-            node_change.push(t.elapsed());
-            node_change_cpu.push(cpu_now().saturating_sub(c));
+            let (wall, cpu, fresh) = timed_view(&changing, &ports, &mut cache);
+            node_change.push(wall);
+            node_change_cpu.push(cpu);
             drop(warm.replace(fresh));
 
             // One task's health check flips.
             let i = (run * 7919) % changing.len();
             changing[i].healthy = !changing[i].healthy;
-            let (t, c) = (Instant::now(), cpu_now());
-            let fresh = skein_edge::compute_cached(
-                &skein_edge::Input {
-                    tasks: &changing,
-                    service_ports: &ports,
-                },
-                &mut cache,
-            );
-            flip.push(t.elapsed());
-            flip_cpu.push(cpu_now().saturating_sub(c));
+            let (wall, cpu, fresh) = timed_view(&changing, &ports, &mut cache);
+            flip.push(wall);
+            flip_cpu.push(cpu);
             drop(warm.replace(fresh));
 
             // A new app (its tasks and its service ports), the newest: the

@@ -326,6 +326,20 @@ fn push_number(s: &mut String, n: usize) {
     }
 }
 
+/// An app whose tasks carry different labels: the first task's are used.
+pub(crate) fn labels_differ(app: &str, first: &TaskView, odd: &TaskView) -> Problem {
+    Problem {
+        app: app.to_string(),
+        port_index: None,
+        label: None,
+        message: format!(
+            "tasks {} and {} carry different labels; {}'s are used",
+            first.id, odd.id, first.id
+        ),
+        disables: false,
+    }
+}
+
 fn problem(app: &str, index: Option<usize>, p: &LabelProblem) -> Problem {
     Problem {
         app: app.to_string(),
@@ -760,16 +774,7 @@ impl RouteCache {
                 .map(|&i| &tasks[i as usize])
                 .find(|t| t.spec.labels != first.spec.labels)
             {
-                problems.push(Problem {
-                    app: app.to_string(),
-                    port_index: None,
-                    label: None,
-                    message: format!(
-                        "tasks {} and {} carry different labels; {}'s are used",
-                        first.id, odd.id, first.id
-                    ),
-                    disables: false,
-                });
+                problems.push(labels_differ(app, first, odd));
             }
             Some(match &slot.parsed {
                 Some(p) if p.reads_as(&first.spec) => p.clone(),

@@ -84,16 +84,7 @@ fn reference(input: &Input<'_>) -> Routes {
             continue;
         }
         if let Some(odd) = tasks.iter().find(|t| t.spec.labels != first.spec.labels) {
-            problems.push(Problem {
-                app: app.to_string(),
-                port_index: None,
-                label: None,
-                message: format!(
-                    "tasks {} and {} carry different labels; {}'s are used",
-                    first.id, odd.id, first.id
-                ),
-                disables: false,
-            });
+            problems.push(labels_differ(app, first, odd));
         }
         let app_name: Arc<str> = labels::backend_app_name(&first.spec.app).into();
         for p in labels::app_problems(&first.spec.labels, first.spec.ports.len()) {

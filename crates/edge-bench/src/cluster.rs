@@ -177,7 +177,7 @@ mod tests {
         assert!(r.problems.is_empty(), "{:?}", r.problems);
         assert_eq!(r.backends.len(), 3);
         let web = backend_for_port(&r, 10000).expect("web on 10000");
-        assert_eq!(web.name, "web_10000");
+        assert_eq!(&*web.name, "web_10000");
         assert_eq!(web.labels.mode, Mode::Http);
         let states: Vec<ServerState> = web.servers.iter().map(|s| s.state).collect();
         assert_eq!(states, [ServerState::Up, ServerState::Unhealthy]);

@@ -579,7 +579,7 @@ async fn edge_routes_are_agreed_and_long_polled() {
             && d.routes
                 .backends
                 .iter()
-                .find(|b| b.app == "/web")
+                .find(|b| &*b.app == "/web")
                 .is_some_and(|b| b.servers.len() == 2 && b.service_port.is_some())
     };
     let d1: EdgeDoc = wait_for(&app1, "/v1/edge", converged).await;
@@ -589,11 +589,11 @@ async fn edge_routes_are_agreed_and_long_polled() {
         .routes
         .backends
         .iter()
-        .find(|b| b.app == "/web")
+        .find(|b| &*b.app == "/web")
         .expect("web");
     let port = web_backend.service_port.expect("service port");
     assert!((10000..=10100).contains(&port), "{port}");
-    assert_eq!(web_backend.name, format!("web_{port}"));
+    assert_eq!(&*web_backend.name, format!("web_{port}"));
     assert_eq!(web_backend.bind_port, Some(port));
     assert_eq!(d1.routes.http_routes.len(), 1);
     assert_eq!(
@@ -604,20 +604,15 @@ async fn edge_routes_are_agreed_and_long_polled() {
         .routes
         .backends
         .iter()
-        .find(|b| b.app == "/grp/api")
+        .find(|b| &*b.app == "/grp/api")
         .expect("api");
-    assert_eq!(api.name, "grp_api_3141");
+    assert_eq!(&*api.name, "grp_api_3141");
     assert_eq!(api.bind_port, Some(3141));
     assert_ne!(api.service_port, Some(port), "distinct service ports");
 
     // One group only.
     let external: EdgeDoc = get(&app1, "/v1/edge?groups=external").await.ok();
-    let apps: Vec<&str> = external
-        .routes
-        .backends
-        .iter()
-        .map(|b| b.app.as_str())
-        .collect();
+    let apps: Vec<&str> = external.routes.backends.iter().map(|b| &*b.app).collect();
     assert_eq!(apps, vec!["/web"]);
 
     // A long-poll on the current version answers once a task changes it.
@@ -671,7 +666,7 @@ async fn edge_routes_are_agreed_and_long_polled() {
         .collect();
     assert_eq!(
         routes,
-        vec![web_backend.name.as_str()],
+        vec![&*web_backend.name],
         "the older app keeps the vhost"
     );
 }

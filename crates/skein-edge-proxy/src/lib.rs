@@ -237,7 +237,7 @@ impl Shared {
         let mut wanted: BTreeMap<(IpAddr, u16), String> = BTreeMap::new();
         for (port, b) in &table.by_port {
             let ip = b.spec.labels.bind_addr.unwrap_or(self.cfg.bind);
-            wanted.insert((ip, *port), b.spec.name.clone());
+            wanted.insert((ip, *port), b.spec.name.to_string());
         }
         table.local_problems.extend(self.certs.update(&table));
         self.log_new_problems(&table);
@@ -290,8 +290,7 @@ fn for_groups(mut routes: Routes, groups: &[String]) -> Routes {
     routes
         .backends
         .retain(|b| b.labels.groups.iter().any(|g| groups.contains(g)));
-    let names: std::collections::HashSet<&str> =
-        routes.backends.iter().map(|b| b.name.as_str()).collect();
+    let names: std::collections::HashSet<&str> = routes.backends.iter().map(|b| &*b.name).collect();
     let http_routes = std::mem::take(&mut routes.http_routes)
         .into_iter()
         .filter(|r| names.contains(&*r.backend))

@@ -33,7 +33,7 @@ pub(crate) fn parse(bytes: &[u8]) -> Result<(Option<u64>, Routes), String> {
     };
     let mut names = std::collections::HashSet::new();
     for b in &routes.backends {
-        if !names.insert(b.name.as_str()) {
+        if !names.insert(&*b.name) {
             return Err(format!("backend {} appears twice", b.name));
         }
     }

@@ -464,7 +464,7 @@ pub(crate) fn compile(
         // Deserialized, each backend is held only here: no copy.
         let mut b = Arc::unwrap_or_clone(b);
         let servers = std::mem::take(&mut b.servers);
-        if let Some(old) = prev.backends.get(b.name.as_str()) {
+        if let Some(old) = prev.backends.get(&*b.name) {
             if old.spec == b && old.servers.iter().map(|e| &e.spec).eq(servers.iter()) {
                 for e in &old.servers {
                     e.rt.seen.store(gen, Ordering::Relaxed);
@@ -477,13 +477,13 @@ pub(crate) fn compile(
                     Ok(None) => {}
                     Err(e) => local_problems.push(e),
                 }
-                backends.insert(b.name, entry);
+                backends.insert(b.name.to_string(), entry);
                 continue;
             }
         }
-        let slot = match slots.get_mut(b.name.as_str()) {
+        let slot = match slots.get_mut(&*b.name) {
             Some(slot) => slot,
-            None => slots.entry(b.name.clone()).or_default(),
+            None => slots.entry(b.name.to_string()).or_default(),
         };
         let entries = servers
             .into_iter()
@@ -520,7 +520,7 @@ pub(crate) fn compile(
             Ok(None) => {}
             Err(e) => local_problems.push(e),
         }
-        backends.insert(entry.spec.name.clone(), entry);
+        backends.insert(entry.spec.name.to_string(), entry);
     }
     let http_routes: Vec<RouteEntry> = route_specs
         .into_iter()
@@ -701,7 +701,7 @@ mod tests {
         Arc::new(BackendEntry {
             spec: Backend {
                 name: name.into(),
-                app: format!("/{name}"),
+                app: format!("/{name}").into(),
                 port_index: 0,
                 service_port: None,
                 bind_port: None,

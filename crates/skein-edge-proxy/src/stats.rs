@@ -117,7 +117,7 @@ fn frontends(shared: &Shared, table: &Table) -> Vec<Frontend> {
     let listeners = shared.listeners.lock().unwrap_or_else(|e| e.into_inner());
     for ((_, port), l) in &listeners.ports {
         let (name, mode) = match table.by_port.get(port) {
-            Some(b) => (b.spec.name.clone(), b.spec.labels.mode),
+            Some(b) => (b.spec.name.to_string(), b.spec.labels.mode),
             None => (format!("port_{port}"), Mode::Tcp),
         };
         out.push(Frontend {
@@ -794,12 +794,12 @@ pub(crate) fn status(shared: &Shared) -> StatusDoc {
             servers.extend(
                 draining
                     .iter()
-                    .filter(|rt| rt.backend == b.spec.name)
+                    .filter(|rt| *rt.backend == *b.spec.name)
                     .map(|rt| server(rt)),
             );
             BackendStatus {
-                name: b.spec.name.clone(),
-                app: b.spec.app.clone(),
+                name: b.spec.name.to_string(),
+                app: b.spec.app.to_string(),
                 mode: b.spec.labels.mode.to_string(),
                 balance: b.spec.labels.balance.to_string(),
                 bind_port: table

@@ -260,7 +260,7 @@ async fn basic_auth_with_a_sha512_crypt_hash() {
     let edge = edge().await;
     let mut l = labels(Mode::Http);
     l.vhosts = vec!["a.example.com".into()];
-    l.auth = Some(auth("Private", "alice", "s3cret"));
+    l.auth = Some(Box::new(auth("Private", "alice", "s3cret")));
     edge.apply(
         1,
         routes(
@@ -609,7 +609,7 @@ async fn websockets_and_keep_alive_connections_survive_route_changes_that_keep_t
         let mut backends = vec![];
         if with_b {
             let mut lb = labels(Mode::Http);
-            lb.vhosts = vec![format!("b{v}.example.com")];
+            lb.vhosts = vec![format!("b{v}.example.com").into()];
             backends.push(backend("b_2", lb, None, vec![server(&b, ServerState::Up)]));
             servers.push(server(&b, ServerState::Unhealthy));
         }

@@ -94,7 +94,7 @@ async fn a_long_lived_tcp_connection_survives_route_changes_that_keep_its_server
         })];
         if v.is_multiple_of(3) {
             let mut l = labels(Mode::Http);
-            l.vhosts = vec![format!("v{v}.example.com")];
+            l.vhosts = vec![format!("v{v}.example.com").into()];
             backends.push(backend(
                 "web_2",
                 l,
@@ -511,7 +511,7 @@ async fn applying_changes_to_a_thousand_backends() {
             let backends = (0..size)
                 .map(|i| {
                     let mut l = labels(Mode::Http);
-                    l.vhosts = vec![format!("app{i}.example.com")];
+                    l.vhosts = vec![format!("app{i}.example.com").into()];
                     let mut servers: Vec<_> = (0..3u16)
                         .map(|k| dead_server(SocketAddr::new(LOOPBACK, 20000 + i * 3 + k)))
                         .collect();

@@ -8,6 +8,7 @@
 
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use skein_state::Labels;
@@ -76,10 +77,11 @@ pub struct PortLabels {
     pub bind_addr: Option<IpAddr>,
     pub mode: Mode,
     /// Lowercase host names, in label order, each once.
-    pub vhosts: Vec<String>,
+    /// (Shared: the computed routes hold them too.)
+    pub vhosts: Vec<Arc<str>>,
     /// A path prefix (`/api`), matched on the virtual hosts or, without
     /// one, on the HTTP port.
-    pub path: Option<String>,
+    pub path: Option<Arc<str>>,
     /// Stripped from the request path before it is forwarded.
     pub proxypass_path: Option<String>,
     pub balance: Balance,
@@ -90,7 +92,8 @@ pub struct PortLabels {
     pub ssl_certs: Vec<String>,
     /// Orders HTTP routes (higher first), as Marathon-LB ordered its ACLs.
     pub backend_weight: i32,
-    pub auth: Option<BasicAuth>,
+    /// Boxed: rare, and three strings wide in every app port's labels.
+    pub auth: Option<Box<BasicAuth>>,
 }
 
 /// One thing wrong with an app's labels.
@@ -253,16 +256,33 @@ fn port_label(key: &str) -> Option<(usize, &str)> {
 /// Reads port `index`'s labels out of the app's.
 pub fn parse_port(app: &Labels, index: usize) -> PortOutcome {
     // This port's labels, found in one pass (an app has a few dozen), and
-    // without formatting its prefix: this runs for every app port on every
-    // view an edge asks for.
-    // Sized to the labels: collecting a filter allocates for four, then
-    // grows.
-    let mut mine: Vec<(&str, &str)> = Vec::with_capacity(app.len());
-    mine.extend(app.iter().filter_map(|(k, v)| match port_label(k) {
-        Some((n, name)) if n == index => Some((name, v)),
-        _ => None,
-    }));
-    let own = |name: &str| mine.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
+    // without formatting its prefix: this runs for every app port of a
+    // view. On the stack up to a port's usual few (an allocation per app
+    // port showed in a first view of 10,000 apps).
+    const ON_STACK: usize = 16;
+    let mut near: [(&str, &str); ON_STACK] = [("", ""); ON_STACK];
+    let mut count = 0;
+    let mut more: Vec<(&str, &str)> = Vec::new();
+    for (k, v) in app.iter() {
+        match port_label(k) {
+            Some((n, name)) if n == index => {
+                if count < ON_STACK {
+                    near[count] = (name, v);
+                    count += 1;
+                } else {
+                    more.push((name, v));
+                }
+            }
+            _ => {}
+        }
+    }
+    let own = |name: &str| {
+        near[..count]
+            .iter()
+            .chain(more.iter())
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| *v)
+    };
     let mut problems = Vec::new();
     let mut bad = |label: &str, message: String| {
         problems.push(LabelProblem {
@@ -305,13 +325,13 @@ pub fn parse_port(app: &Labels, index: usize) -> PortOutcome {
             None
         }
     });
-    let mut vhosts: Vec<String> = Vec::new();
+    let mut vhosts: Vec<Arc<str>> = Vec::new();
     if let Some(v) = own("VHOST") {
         // Room for each named (mostly one), not four.
         vhosts.reserve_exact(v.split(',').count());
         for raw in v.split(',').filter(|s| !s.trim().is_empty()) {
             match vhost(raw) {
-                Some(h) if !vhosts.contains(&h) => vhosts.push(h),
+                Some(h) if !vhosts.iter().any(|v| **v == *h) => vhosts.push(h.into()),
                 Some(_) => {}
                 None => bad("VHOST", format!("{raw:?} is not a host name")),
             }
@@ -404,7 +424,7 @@ pub fn parse_port(app: &Labels, index: usize) -> PortOutcome {
         })
     });
     let auth = own("AUTH").and_then(|v| match auth(v) {
-        Ok(a) => Some(a),
+        Ok(a) => Some(Box::new(a)),
         Err(e) => {
             bad("AUTH", e.to_string());
             None
@@ -445,7 +465,7 @@ pub fn parse_port(app: &Labels, index: usize) -> PortOutcome {
         "AUTH",
     ];
     let mut ignored = Vec::new();
-    for &(name, _) in &mine {
+    for &(name, _) in near[..count].iter().chain(more.iter()) {
         if KNOWN.contains(&name) {
             continue;
         }
@@ -472,7 +492,7 @@ pub fn parse_port(app: &Labels, index: usize) -> PortOutcome {
             bind_addr,
             mode,
             vhosts,
-            path: path_label,
+            path: path_label.map(Arc::from),
             proxypass_path,
             balance,
             sticky,
@@ -577,7 +597,10 @@ mod tests {
         ]);
         let p = exposed(parse_port(&app, 0));
         assert_eq!(p.mode, Mode::Http);
-        assert_eq!(p.vhosts, vec!["web.example.com", "api.example.com"]);
+        assert_eq!(
+            p.vhosts,
+            vec![Arc::from("web.example.com"), Arc::from("api.example.com")]
+        );
         let app = labels(&[
             ("HAPROXY_GROUP", "external"),
             ("HAPROXY_0_VHOST", "web.example.com"),
@@ -620,7 +643,7 @@ mod tests {
         }
         match parse_port(&app, 1) {
             PortOutcome::Exposed { labels, problems } => {
-                assert_eq!(labels.vhosts, vec!["ok.example.com"]);
+                assert_eq!(labels.vhosts, vec![Arc::from("ok.example.com")]);
                 assert_eq!(problems.len(), 1);
                 assert!(!problems[0].disables);
                 assert!(problems[0].message.contains("unsupported"));

@@ -79,8 +79,9 @@ impl Server {
 pub struct Backend {
     /// `<app>_<port>` (the bind port, else the service port), as
     /// Marathon-LB named backends: `/accedge` on 10042 → `accedge_10042`.
-    pub name: String,
-    pub app: String,
+    /// (Shared strings, as the routes': built once per app, not per view.)
+    pub name: Arc<str>,
+    pub app: Arc<str>,
     pub port_index: usize,
     /// The agreed service port, if the app port has one yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -192,7 +193,7 @@ impl Routes {
         } else {
             let mut names: FastSet<&str> =
                 FastSet::with_capacity_and_hasher(backends.len(), Default::default());
-            names.extend(backends.iter().map(|b| b.name.as_str()));
+            names.extend(backends.iter().map(|b| &*b.name));
             self.http_routes
                 .iter()
                 .filter(|r| names.contains(&*r.backend))
@@ -418,7 +419,7 @@ fn route_keys(labels: &PortLabels) -> Vec<RouteKey> {
     if labels.mode != Mode::Http {
         return Vec::new();
     }
-    let path: Option<Arc<str>> = labels.path.as_deref().map(Arc::from);
+    let path: Option<Arc<str>> = labels.path.clone();
     let key = |host: Option<Arc<str>>| RouteKey {
         hash: quick_hash(&(host.as_deref(), path.as_deref())),
         specificity: match host.as_deref() {
@@ -436,11 +437,7 @@ fn route_keys(labels: &PortLabels) -> Vec<RouteKey> {
             Vec::new()
         }
     } else {
-        labels
-            .vhosts
-            .iter()
-            .map(|h| key(Some(Arc::from(h.as_str()))))
-            .collect()
+        labels.vhosts.iter().map(|h| key(Some(h.clone()))).collect()
     }
 }
 
@@ -577,6 +574,106 @@ struct ServiceEntry {
     slot: Option<(u32, u32)>,
 }
 
+/// What the service-port map asks of the app ports: the map as seen now,
+/// and the service ports to set (`None`: gone from the map).
+struct ServiceChanges {
+    seq: ServiceSeq,
+    set: Vec<(SlotRef, usize, Option<ServicePort>)>,
+}
+
+/// An app's slot and its generation then; `None`: no such app then.
+type SlotRef = Option<(u32, u32)>;
+
+/// The apps as [`resolve_service`] reads them: by name, their slots'
+/// generations, and which were rebuilt this round.
+struct AppIndex<'a> {
+    by_name: &'a FastMap<Arc<str>, u32>,
+    gens: &'a [u32],
+    rebuilt: &'a [u64],
+    round: u64,
+    apps_added: bool,
+}
+
+/// Merges the service-port map with the one last seen (`old`): only new
+/// or changed entries, and those of apps rebuilt this round, are to be
+/// set. Reads the apps and nothing else, so that it runs while they are
+/// rebuilt (a first view's 10,000 lookups).
+fn resolve_service(
+    old: &ServiceSeq,
+    service_ports: &BTreeMap<PortKey, ServicePort>,
+    apps: &AppIndex<'_>,
+) -> ServiceChanges {
+    let mut new = ServiceSeq {
+        names: String::with_capacity(old.names.len()),
+        entries: Vec::with_capacity(service_ports.len()),
+    };
+    let mut set = Vec::new();
+    // The next old entry, and where its app id starts.
+    let (mut k, mut start) = (0, 0);
+    // The last app resolved by name (the map is in app order).
+    let mut last: Option<(&str, Option<(u32, u32)>)> = None;
+    let valid = |slot: Option<(u32, u32)>| slot.is_some_and(|(s, g)| apps.gens[s as usize] == g);
+    for ((app, n), sp) in service_ports {
+        let key = (app.as_str(), *n);
+        let mut matched = None;
+        while let Some(e) = old.entries.get(k) {
+            let old_key = (&old.names[start..e.name_end], e.index);
+            match old_key.cmp(&key) {
+                std::cmp::Ordering::Less => {
+                    // Gone from the map.
+                    set.push((e.slot, e.index, None));
+                }
+                std::cmp::Ordering::Equal => matched = Some(e),
+                std::cmp::Ordering::Greater => break,
+            }
+            k += 1;
+            start = e.name_end;
+            if matched.is_some() {
+                break;
+            }
+        }
+        let slot = match matched {
+            Some(e) if valid(e.slot) => e.slot,
+            Some(e) if e.slot.is_none() && !apps.apps_added => None,
+            _ => match last {
+                Some((a, slot)) if a == app.as_str() => slot,
+                _ => {
+                    let slot = apps
+                        .by_name
+                        .get(app.as_str())
+                        .map(|&s| (s, apps.gens[s as usize]));
+                    last = Some((app.as_str(), slot));
+                    slot
+                }
+            },
+        };
+        // Set where the entry is new or changed, or the app's ports were
+        // built anew this round.
+        let apply = match matched {
+            Some(e) => {
+                e.port != *sp
+                    || e.slot != slot
+                    || slot.is_some_and(|(s, _)| apps.rebuilt[s as usize] == apps.round)
+            }
+            None => true,
+        };
+        if apply {
+            set.push((slot, *n, Some(*sp)));
+        }
+        new.names.push_str(app);
+        new.entries.push(ServiceEntry {
+            name_end: new.names.len(),
+            index: *n,
+            port: *sp,
+            slot,
+        });
+    }
+    for e in &old.entries[k..] {
+        set.push((e.slot, e.index, None));
+    }
+    ServiceChanges { seq: new, set }
+}
+
 /// The label cache of earlier versions: the route cache keeps the labels.
 pub type LabelCache = RouteCache;
 
@@ -590,6 +687,14 @@ impl fmt::Debug for RouteCache {
         )
     }
 }
+
+/// Apps per thread below which a view's apps are built on one thread (a
+/// thread costs tens of microseconds; an app about one). Tests' clusters
+/// are small: two apps per thread there, so that the property tests check
+/// the parallel build against the reference too.
+const PARALLEL_APPS: usize = if cfg!(test) { 2 } else { 1024 };
+/// At most this many threads build one view's apps.
+const MAX_THREADS: usize = 4;
 
 /// A server's state as the task's health and node say.
 fn state_of(t: &TaskView) -> ServerState {
@@ -736,22 +841,31 @@ impl RouteCache {
         }
     }
 
-    /// Builds app `s` again from its tasks (`idx`: their positions in
-    /// `tasks`, in input order). Returns whether the conflict pass's input
-    /// changed, and whether its problems.
-    fn rebuild(&mut self, s: u32, idx: &mut [u32], tasks: &[TaskView]) -> (bool, bool) {
+    /// Frees app `s`'s slot: no task left, the app is gone. Returns
+    /// whether the conflict pass's input changed, and whether its problems.
+    fn remove_app(&mut self, s: u32) -> (bool, bool) {
         self.rebuilt[s as usize] = self.round;
         let slot = &mut self.slots[s as usize];
-        if idx.is_empty() {
-            // No task left: the app is gone.
-            let had_ports = !slot.ports.is_empty();
-            let had_problems = !slot.problems.is_empty();
-            self.by_name.remove(&slot.app);
-            self.gens[s as usize] += 1;
-            *slot = AppSlot::default();
-            self.free.push(s);
-            return (had_ports, had_problems);
-        }
+        let had_ports = !slot.ports.is_empty();
+        let had_problems = !slot.problems.is_empty();
+        self.by_name.remove(&slot.app);
+        self.gens[s as usize] += 1;
+        *slot = AppSlot::default();
+        self.free.push(s);
+        (had_ports, had_problems)
+    }
+
+    /// Builds an app again from its tasks (`idx`: their positions in
+    /// `tasks`, in input order, at least one), with node names shared
+    /// through `nodes`. Touches nothing but the app's slot: apps are built
+    /// in parallel in a first view. Returns whether the conflict pass's
+    /// input changed, and whether its problems.
+    fn rebuild(
+        slot: &mut AppSlot,
+        idx: &mut [u32],
+        tasks: &[TaskView],
+        nodes: &mut FastSet<Arc<str>>,
+    ) -> (bool, bool) {
         slot.ptrs.clear();
         slot.ptrs
             .extend(idx.iter().map(|&i| ptr_of(&tasks[i as usize])));
@@ -814,7 +928,7 @@ impl RouteCache {
                     let port = t.spec.ports.get(index)?.port;
                     Some(Server {
                         addr: SocketAddr::new(t.spec.ip, port),
-                        node: Self::node(&mut self.nodes, &t.node_id),
+                        node: Self::node(nodes, &t.node_id),
                         state: state_of(t),
                     })
                 }));
@@ -854,7 +968,6 @@ impl RouteCache {
                 });
             }
         }
-        let slot = &mut self.slots[s as usize];
         let conflicts_changed = carried != old_ports.len() || carried != ports.len();
         let problems_changed = problems != slot.problems;
         slot.parsed = parsed;
@@ -889,83 +1002,16 @@ impl RouteCache {
         }
     }
 
-    /// Gives the exposed app ports their service ports, merging the map
-    /// with the last one seen; returns whether any changed.
-    fn service_ports(&mut self, service_ports: &BTreeMap<PortKey, ServicePort>) -> bool {
-        let old = std::mem::take(&mut self.service);
-        let mut new = ServiceSeq {
-            names: String::with_capacity(old.names.len()),
-            entries: Vec::with_capacity(service_ports.len()),
-        };
+    /// Gives the exposed app ports the service ports `changes` resolved;
+    /// returns whether any changed.
+    fn apply_service(&mut self, changes: ServiceChanges) -> bool {
         let mut changed = false;
-        // The next old entry, and where its app id starts.
-        let (mut k, mut start) = (0, 0);
-        // The last app resolved by name (the map is in app order).
-        let mut last: Option<(&str, Option<(u32, u32)>)> = None;
-        for ((app, n), sp) in service_ports {
-            let key = (app.as_str(), *n);
-            let mut matched = None;
-            while let Some(e) = old.entries.get(k) {
-                let old_key = (&old.names[start..e.name_end], e.index);
-                match old_key.cmp(&key) {
-                    std::cmp::Ordering::Less => {
-                        // Gone from the map.
-                        changed |= self.set_service(e.slot, e.index, None);
-                    }
-                    std::cmp::Ordering::Equal => matched = Some(e),
-                    std::cmp::Ordering::Greater => break,
-                }
-                k += 1;
-                start = e.name_end;
-                if matched.is_some() {
-                    break;
-                }
-            }
-            let valid =
-                |slot: Option<(u32, u32)>| slot.is_some_and(|(s, g)| self.gens[s as usize] == g);
-            let slot = match matched {
-                Some(e) if valid(e.slot) => e.slot,
-                Some(e) if e.slot.is_none() && !self.apps_added => None,
-                _ => match last {
-                    Some((a, slot)) if a == app.as_str() => slot,
-                    _ => {
-                        let slot = self
-                            .by_name
-                            .get(app.as_str())
-                            .map(|&s| (s, self.gens[s as usize]));
-                        last = Some((app.as_str(), slot));
-                        slot
-                    }
-                },
-            };
-            // Set where the entry is new or changed, or the app's ports
-            // were built anew this round.
-            let apply = match matched {
-                Some(e) => {
-                    e.port != *sp
-                        || e.slot != slot
-                        || slot.is_some_and(|(s, _)| self.rebuilt[s as usize] == self.round)
-                }
-                None => true,
-            };
-            if apply {
-                changed |= self.set_service(slot, *n, Some(*sp));
-            }
-            new.names.push_str(app);
-            new.entries.push(ServiceEntry {
-                name_end: new.names.len(),
-                index: *n,
-                port: *sp,
-                slot,
-            });
+        for (slot, index, value) in changes.set {
+            changed |= self.set_service(slot, index, value);
         }
-        for e in &old.entries[k..] {
-            changed |= self.set_service(e.slot, e.index, None);
-        }
-        self.service = new;
+        self.service = changes.seq;
         changed
     }
-
     /// The conflict pass: every exposed app port oldest first; names, bind
     /// ports and HTTP routes, each contested one kept by the older.
     fn decide(&mut self) {
@@ -1175,6 +1221,144 @@ impl RouteCache {
         self.decided = true;
     }
 
+    /// The apps as [`resolve_service`] reads them.
+    fn app_index(&self) -> AppIndex<'_> {
+        AppIndex {
+            by_name: &self.by_name,
+            gens: &self.gens,
+            rebuilt: &self.rebuilt,
+            round: self.round,
+            apps_added: self.apps_added,
+        }
+    }
+
+    /// Builds the apps of `dirty` again (their tasks' positions are in
+    /// `flat`, app after app, each ending at its `starts`), or frees those
+    /// left without tasks, and resolves the service-port map against them.
+    /// Returns whether the conflict pass's input changed, whether its
+    /// problems, and the service ports to set.
+    fn rebuild_dirty(
+        &mut self,
+        dirty: &[u32],
+        flat: &mut [u32],
+        tasks: &[TaskView],
+        service_ports: &BTreeMap<PortKey, ServicePort>,
+    ) -> (bool, bool, ServiceChanges) {
+        let (mut conflicts, mut problems) = (false, false);
+        // Each app's tasks, and the apps left without any.
+        let mut jobs: Vec<(u32, &mut [u32])> = Vec::with_capacity(dirty.len());
+        let mut gone = Vec::new();
+        let mut rest = flat;
+        let mut begin = 0;
+        for &s in dirty {
+            let end = self.starts[s as usize] as usize;
+            let (mine, tail) = std::mem::take(&mut rest).split_at_mut(end - begin);
+            rest = tail;
+            begin = end;
+            self.dirty_flags[s as usize] = false;
+            self.rebuilt[s as usize] = self.round;
+            if mine.is_empty() {
+                gone.push(s);
+            } else {
+                jobs.push((s, mine));
+            }
+        }
+        for s in gone {
+            let (c, p) = self.remove_app(s);
+            conflicts |= c;
+            problems |= p;
+        }
+        let threads = if jobs.len() >= 2 * PARALLEL_APPS {
+            std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(jobs.len() / PARALLEL_APPS)
+                .min(MAX_THREADS)
+        } else {
+            1
+        };
+        if threads <= 1 {
+            for (s, idx) in jobs {
+                let (c, p) =
+                    Self::rebuild(&mut self.slots[s as usize], idx, tasks, &mut self.nodes);
+                conflicts |= c;
+                problems |= p;
+            }
+            let changes = resolve_service(&self.service, service_ports, &self.app_index());
+            return (conflicts, problems, changes);
+        }
+        // A first view (or a view after a long absence): thousands of apps,
+        // each built from its own tasks into its own slot, split between
+        // threads. Each thread shares node names through its own copy of
+        // the set; the copies' new names are merged after (a name added by
+        // two threads is two allocations, equal by content).
+        let mut slots: Vec<Option<&mut AppSlot>> = self.slots.iter_mut().map(Some).collect();
+        let mut work: Vec<(&mut AppSlot, &mut [u32])> = Vec::with_capacity(jobs.len());
+        for (s, idx) in jobs {
+            if let Some(slot) = slots[s as usize].take() {
+                work.push((slot, idx));
+            }
+        }
+        drop(slots);
+        // This thread first resolves the service ports (reading the apps'
+        // names and generations, which building them does not touch), so
+        // it takes fewer apps: an entry costs about a fifth of an app.
+        let entries = service_ports.len() / 5;
+        let per = (work.len() + entries).div_ceil(threads);
+        let own = per.saturating_sub(entries).min(work.len());
+        let (mine, theirs) = work.split_at_mut(own);
+        let per = theirs.len().div_ceil(threads - 1).max(1);
+        let apps = AppIndex {
+            by_name: &self.by_name,
+            gens: &self.gens,
+            rebuilt: &self.rebuilt,
+            round: self.round,
+            apps_added: self.apps_added,
+        };
+        let old_service = &self.service;
+        let mut changes = None;
+        let nodes = &mut self.nodes;
+        let mut copies: Vec<FastSet<Arc<str>>> = (1..threads).map(|_| nodes.clone()).collect();
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = theirs
+                .chunks_mut(per)
+                .zip(copies.iter_mut())
+                .map(|(chunk, nodes)| {
+                    scope.spawn(move || {
+                        let (mut c, mut p) = (false, false);
+                        for (slot, idx) in chunk {
+                            let r = Self::rebuild(slot, idx, tasks, nodes);
+                            c |= r.0;
+                            p |= r.1;
+                        }
+                        (c, p)
+                    })
+                })
+                .collect();
+            changes = Some(resolve_service(old_service, service_ports, &apps));
+            for (slot, idx) in mine {
+                let r = Self::rebuild(slot, idx, tasks, nodes);
+                conflicts |= r.0;
+                problems |= r.1;
+            }
+            for h in handles {
+                // A panic in a thread is a bug here: passed on as is.
+                let (c, p) = h.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
+                conflicts |= c;
+                problems |= p;
+            }
+        });
+        for copy in copies {
+            for n in copy {
+                if !nodes.contains(&n) {
+                    nodes.insert(n);
+                }
+            }
+        }
+        let changes = changes
+            .unwrap_or_else(|| resolve_service(&self.service, service_ports, &self.app_index()));
+        (conflicts, problems, changes)
+    }
+
     /// Forgets node names no server holds any more, now and then.
     fn purge_nodes(&mut self) {
         if self.nodes.len() > 2 * self.nodes_after_purge + 64 {
@@ -1199,6 +1383,7 @@ pub fn compute_cached(input: &Input<'_>, cache: &mut RouteCache) -> Routes {
     let prev = cache.match_tasks(tasks);
     let mut conflicts_changed = !cache.decided;
     let mut problems_changed = cache.problems.is_none();
+    let mut changes = None;
     if !cache.dirty.is_empty() {
         // The changed apps' tasks, in input order, app after app: counted,
         // then placed.
@@ -1228,15 +1413,10 @@ pub fn compute_cached(input: &Input<'_>, cache: &mut RouteCache) -> Routes {
             }
         }
         // Each start has moved to its app's end.
-        let mut begin = 0;
-        for &s in &dirty {
-            let end = cache.starts[s as usize] as usize;
-            cache.dirty_flags[s as usize] = false;
-            let (c, p) = cache.rebuild(s, &mut flat[begin..end], tasks);
-            conflicts_changed |= c;
-            problems_changed |= p;
-            begin = end;
-        }
+        let (c, p, ch) = cache.rebuild_dirty(&dirty, &mut flat, tasks, input.service_ports);
+        conflicts_changed |= c;
+        problems_changed |= p;
+        changes = Some(ch);
         cache.flat = flat;
         cache.dirty = dirty;
         cache.dirty.clear();
@@ -1244,7 +1424,10 @@ pub fn compute_cached(input: &Input<'_>, cache: &mut RouteCache) -> Routes {
     }
     // The specs the last input held are compared with no more.
     drop(prev);
-    conflicts_changed |= cache.service_ports(input.service_ports);
+    let changes = changes.unwrap_or_else(|| {
+        resolve_service(&cache.service, input.service_ports, &cache.app_index())
+    });
+    conflicts_changed |= cache.apply_service(changes);
     if conflicts_changed {
         cache.decide();
         problems_changed = true;
@@ -1273,8 +1456,8 @@ pub fn compute_cached(input: &Input<'_>, cache: &mut RouteCache) -> Routes {
                 port.backend
                     .get_or_insert_with(|| {
                         Arc::new(Backend {
-                            name: name.to_string(),
-                            app: app.to_string(),
+                            name: name.clone(),
+                            app: app.clone(),
                             port_index: port.index,
                             service_port: port.service.map(|s| s.port),
                             bind_port: *bind_port,

@@ -236,7 +236,7 @@ pub fn backend(
 ) -> Backend {
     Backend {
         name: name.into(),
-        app: format!("/{name}"),
+        app: format!("/{name}").into(),
         port_index: 0,
         service_port: bind_port,
         bind_port,

@@ -206,7 +206,7 @@ fn reference(input: &Input<'_>) -> Routes {
                     Vec::new()
                 }
             } else {
-                c.labels.vhosts.iter().map(|h| Some(h.as_str())).collect()
+                c.labels.vhosts.iter().map(|h| Some(&**h)).collect()
             };
             for host in hosts {
                 let key = (host, path);
@@ -296,8 +296,8 @@ fn reference(input: &Input<'_>) -> Routes {
                 })
                 .collect();
             Arc::new(Backend {
-                name: d.name,
-                app: c.app.to_string(),
+                name: d.name.into(),
+                app: Arc::from(c.app),
                 port_index: c.index,
                 service_port: c.service.map(|s| s.port),
                 bind_port: d.bind_port,
@@ -385,7 +385,7 @@ fn the_seed_articles_app_and_a_vhost() {
     assert_eq!(r.backends.len(), 1, "{r:?}");
     let b = &r.backends[0];
     // The bind port names the backend, as in Marathon-LB.
-    assert_eq!(b.name, "httpi_3141");
+    assert_eq!(&*b.name, "httpi_3141");
     assert_eq!((b.bind_port, b.service_port), (Some(3141), Some(10042)));
     assert_eq!(b.servers.len(), 2);
     assert_eq!(b.servers[0].name(), "n2_10.0.0.9_9896");
@@ -422,7 +422,7 @@ fn unhealthy_and_down_servers_are_marked() {
         ]
     );
     // No service port agreed yet: no port to bind, named by the port index.
-    assert_eq!(r.backends[0].name, "a_p0");
+    assert_eq!(&*r.backends[0].name, "a_p0");
     assert_eq!(r.backends[0].bind_port, None);
 }
 
@@ -580,7 +580,7 @@ proptest! {
         }
         let mut keys = BTreeSet::new();
         let by_name: BTreeMap<&str, &Backend> =
-            r.backends.iter().map(|b| (b.name.as_str(), &**b)).collect();
+            r.backends.iter().map(|b| (&*b.name, &**b)).collect();
         for route in &r.http_routes {
             prop_assert!(keys.insert((route.host.clone(), route.path.clone())));
             let b = by_name.get(&*route.backend);
@@ -606,7 +606,7 @@ proptest! {
             });
             let route = route.expect("a wanted route is served");
             let winner = by_name[&*route.backend];
-            prop_assert_eq!(&winner.app, &claimants[0].1, "{:?}", key);
+            prop_assert_eq!(&*winner.app, claimants[0].1.as_str(), "{:?}", key);
             for (_, loser) in &claimants[1..] {
                 prop_assert!(
                     r.problems.iter().any(|p| &p.app == loser && p.message.contains("already routed")),
@@ -638,7 +638,7 @@ proptest! {
             .flat_map(|a| (0..a.ports).filter(|n| a.port_labels[*n].4).map(|n| (a.name.clone(), n)))
             .collect();
         let c = routes_of(&clean);
-        let keep = |b: &&Arc<Backend>| !bad.contains(&(b.app.clone(), b.port_index));
+        let keep = |b: &&Arc<Backend>| !bad.contains(&(b.app.to_string(), b.port_index));
         let before: Vec<&Arc<Backend>> = r.backends.iter().filter(keep).collect();
         let after: Vec<&Arc<Backend>> = c.backends.iter().filter(keep).collect();
         // The formerly bad ports are plain TCP ports on their own service
@@ -646,7 +646,7 @@ proptest! {
         prop_assert_eq!(before, after);
         prop_assert_eq!(&r.http_routes, &c.http_routes);
         for b in &r.backends {
-            prop_assert!(!bad.contains(&(b.app.clone(), b.port_index)), "bad port served: {}", b.name);
+            prop_assert!(!bad.contains(&(b.app.to_string(), b.port_index)), "bad port served: {}", b.name);
         }
         for p in bad {
             prop_assert!(r.problems.iter().any(|x| x.app == p.0 && x.port_index == Some(p.1) && x.disables));

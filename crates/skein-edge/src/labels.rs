@@ -178,7 +178,16 @@ const TEMPLATE_LABELS: &[&str] = &[
 
 /// The groups an app (or one of its ports) names, split and cleaned.
 fn groups(value: &str) -> Vec<String> {
-    // Sized to the commas (mostly one group: room for one, not four).
+    if !value.contains(',') {
+        // One group, as nearly every app names.
+        let g = value.trim();
+        return if g.is_empty() {
+            Vec::new()
+        } else {
+            vec![g.to_string()]
+        };
+    }
+    // Sized to the commas (room for each, not four).
     let mut out: Vec<String> = Vec::with_capacity(value.split(',').count());
     out.extend(
         value
@@ -201,9 +210,17 @@ fn boolean(value: &str) -> Option<bool> {
 
 /// A host name as a `Host` header or SNI carries it: DNS labels of
 /// `[a-z0-9-]`, or a leading `*.` for every name under a domain.
-fn vhost(raw: &str) -> Option<String> {
-    let host = raw.trim().to_ascii_lowercase();
-    let rest = host.strip_prefix("*.").unwrap_or(&host);
+fn vhost(raw: &str) -> Option<Arc<str>> {
+    let raw = raw.trim();
+    // Lowercased only when it is not already (one allocation, not two).
+    let lower;
+    let host = if raw.bytes().any(|b| b.is_ascii_uppercase()) {
+        lower = raw.to_ascii_lowercase();
+        lower.as_str()
+    } else {
+        raw
+    };
+    let rest = host.strip_prefix("*.").unwrap_or(host);
     let ok = !rest.is_empty()
         && host.len() <= 253
         && rest.split('.').all(|l| {
@@ -213,7 +230,7 @@ fn vhost(raw: &str) -> Option<String> {
                 && !l.starts_with('-')
                 && !l.ends_with('-')
         });
-    ok.then_some(host)
+    ok.then(|| Arc::from(host))
 }
 
 /// A path prefix: starts with `/`, no spaces, no query.
@@ -331,7 +348,7 @@ pub fn parse_port(app: &Labels, index: usize) -> PortOutcome {
         vhosts.reserve_exact(v.split(',').count());
         for raw in v.split(',').filter(|s| !s.trim().is_empty()) {
             match vhost(raw) {
-                Some(h) if !vhosts.iter().any(|v| **v == *h) => vhosts.push(h.into()),
+                Some(h) if !vhosts.contains(&h) => vhosts.push(h),
                 Some(_) => {}
                 None => bad("VHOST", format!("{raw:?} is not a host name")),
             }
@@ -542,16 +559,18 @@ pub fn app_problems(app: &Labels, port_count: usize) -> Vec<LabelProblem> {
 /// `/grp/web` → `grp_web`); anything outside `[A-Za-z0-9._-]` becomes `_`
 /// so the name is safe in the CSV and the config dump.
 pub fn backend_app_name(app: &str) -> String {
-    app.trim_start_matches('/')
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
+    let app = app.trim_start_matches('/');
+    // Sized once (every character becomes at most itself): collecting
+    // characters grows the string several times, for every app of a view.
+    let mut out = String::with_capacity(app.len());
+    out.extend(app.chars().map(|c| {
+        if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+            c
+        } else {
+            '_'
+        }
+    }));
+    out
 }
 
 #[cfg(test)]

@@ -706,6 +706,17 @@ const PARALLEL_APPS: usize = if cfg!(test) { 2 } else { 1024 };
 /// At most this many threads build one view's apps.
 const MAX_THREADS: usize = 4;
 
+/// How many threads share `units` of work, at least `per` each.
+fn threads_for(units: usize, per: usize) -> usize {
+    if units < 2 * per {
+        return 1;
+    }
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(units / per)
+        .min(MAX_THREADS)
+}
+
 /// A server's state as the task's health and node say.
 fn state_of(t: &TaskView) -> ServerState {
     if t.node_status != NodeStatus::Alive {
@@ -1300,14 +1311,7 @@ impl RouteCache {
             conflicts |= c;
             problems |= p;
         }
-        let threads = if jobs.len() >= 2 * PARALLEL_APPS {
-            std::thread::available_parallelism()
-                .map_or(1, |n| n.get())
-                .min(jobs.len() / PARALLEL_APPS)
-                .min(MAX_THREADS)
-        } else {
-            1
-        };
+        let threads = threads_for(jobs.len(), PARALLEL_APPS);
         if threads <= 1 {
             for (s, idx) in jobs {
                 let (c, p) =

@@ -232,7 +232,7 @@ impl Shared {
             reserved: &reserved,
         };
         let prev = self.table.load_full();
-        let (mut table, left) =
+        let (mut table, left, known) =
             state::compile(&self.registry, &prev, version, routes, &limits, self.base);
         let mut wanted: BTreeMap<(IpAddr, u16), String> = BTreeMap::new();
         for (port, b) in &table.by_port {
@@ -263,7 +263,7 @@ impl Shared {
         // Serving the new routes from here; freeing the old table is not
         // part of the change's latency.
         let took = started.elapsed();
-        drop(prev);
+        drop((prev, known));
         let micros = took.as_micros() as u64;
         let a = &self.apply;
         a.count.fetch_add(1, Ordering::Relaxed);
@@ -287,6 +287,12 @@ impl Shared {
 
 /// `Routes::for_groups`, consuming (no copy of what is kept).
 fn for_groups(mut routes: Routes, groups: &[String]) -> Routes {
+    let ours = |b: &skein_edge::Backend| b.labels.groups.iter().any(|g| groups.contains(g));
+    if routes.backends.iter().all(|b| ours(b)) {
+        // Every backend is this edge's (one group, as usual): nothing to
+        // filter, no set of names to build.
+        return routes;
+    }
     routes
         .backends
         .retain(|b| b.labels.groups.iter().any(|g| groups.contains(g)));

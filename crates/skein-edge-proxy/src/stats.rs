@@ -263,12 +263,12 @@ pub(crate) fn csv(shared: &Shared) -> String {
             }
             emit(&row);
         }
-        for rt in draining.iter().filter(|rt| &rt.backend == name) {
+        for rt in draining.iter().filter(|rt| *rt.backend == **name) {
             sid += 1;
             emit(&server_row(rt, mode, b.spec.labels.sticky, now, iid, sid));
         }
         let mut row = Row::new();
-        row.insert("pxname", name.clone());
+        row.insert("pxname", name.to_string());
         row.insert("svname", "BACKEND".into());
         counters_into(&mut row, &b.rt.c, mode == Mode::Http, true);
         let g = Counters::get;
@@ -296,7 +296,7 @@ pub(crate) fn csv(shared: &Shared) -> String {
     // Servers draining from backends that are gone altogether.
     for rt in draining
         .iter()
-        .filter(|rt| !table.backends.contains_key(&rt.backend))
+        .filter(|rt| !table.backends.contains_key(rt.backend.as_str()))
     {
         iid += 1;
         emit(&server_row(rt, Mode::Tcp, false, now, iid, 1));

@@ -355,15 +355,25 @@ fn main() {
             "the route cache changed the routes"
         );
         let servers: usize = routes.backends.iter().map(|b| b.servers.len()).sum();
-        let json = serde_json::to_vec(&routes).map(|j| j.len()).unwrap_or(0);
+        let doc = serde_json::to_vec(&routes).unwrap_or_default();
+        // What an edge pays to read a whole route document (each change,
+        // while the documents are whole).
+        let mut parse = Vec::new();
+        for _ in 0..runs.min(5) {
+            let t = Instant::now();
+            let read: Result<skein_edge::Routes, _> = serde_json::from_slice(&doc);
+            parse.push(t.elapsed());
+            assert!(read.is_ok_and(|r| r == routes), "the JSON reads back as the routes");
+        }
         println!(
-            "  {:<38} {:>6} backends {:>6} servers {:>6} routes {:>5} problems, JSON {:.1} MB",
+            "  {:<38} {:>6} backends {:>6} servers {:>6} routes {:>5} problems, JSON {:.1} MB (read by an edge in {:.1} ms)",
             shape.name(),
             routes.backends.len(),
             servers,
             routes.http_routes.len(),
             routes.problems.len(),
-            json as f64 / 1e6,
+            doc.len() as f64 / 1e6,
+            ms(median(parse)),
         );
         println!(
             "      cold compute {:>6.2} ms wall {:>6.2} ms CPU; after one node's tasks re-decoded {:>5.2} ms wall {:>5.2} ms CPU, after a health flip {:>5.2} ms wall {:>5.2} ms CPU, after an app added {:>5.2} ms CPU (target <= 20); long-poll answer {:>6.2} ms",

@@ -363,7 +363,10 @@ fn main() {
             let t = Instant::now();
             let read: Result<skein_edge::Routes, _> = serde_json::from_slice(&doc);
             parse.push(t.elapsed());
-            assert!(read.is_ok_and(|r| r == routes), "the JSON reads back as the routes");
+            assert!(
+                read.is_ok_and(|r| r == routes),
+                "the JSON reads back as the routes"
+            );
         }
         println!(
             "  {:<38} {:>6} backends {:>6} servers {:>6} routes {:>5} problems, JSON {:.1} MB (read by an edge in {:.1} ms)",

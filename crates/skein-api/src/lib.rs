@@ -37,6 +37,41 @@ pub struct ApiAuth {
 struct Ctx {
     agent: Arc<Agent>,
     auth: ApiAuth,
+    edge_sent: Arc<std::sync::Mutex<EdgeSent>>,
+}
+
+/// The route sets last answered to edges (by the groups asked and their
+/// version), so that an edge saying which version it has is answered
+/// with the difference ([`skein_edge::EdgeDelta`]).
+#[derive(Default)]
+struct EdgeSent(std::collections::VecDeque<(Option<Vec<String>>, u64, Arc<skein_edge::Routes>)>);
+
+impl EdgeSent {
+    /// A few per group set an edge asks for: an edge a change or two
+    /// behind still gets a delta, and each is only pointers to the
+    /// view's backends.
+    const KEEP: usize = 8;
+
+    fn get(&self, groups: &Option<Vec<String>>, version: u64) -> Option<Arc<skein_edge::Routes>> {
+        self.0
+            .iter()
+            .find(|(g, v, _)| g == groups && *v == version)
+            .map(|(_, _, r)| r.clone())
+    }
+
+    fn remember(
+        &mut self,
+        groups: &Option<Vec<String>>,
+        version: u64,
+        routes: &Arc<skein_edge::Routes>,
+    ) {
+        if self.get(groups, version).is_none() {
+            if self.0.len() >= Self::KEEP {
+                self.0.pop_front();
+            }
+            self.0.push_back((groups.clone(), version, routes.clone()));
+        }
+    }
 }
 
 pub fn router(agent: Arc<Agent>, auth: ApiAuth) -> Router {
@@ -67,7 +102,11 @@ pub fn router(agent: Arc<Agent>, auth: ApiAuth) -> Router {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(Ctx { agent, auth })
+        .with_state(Ctx {
+            agent,
+            auth,
+            edge_sent: Default::default(),
+        })
 }
 
 /// What one client may hold of the API's HTTP server.
@@ -676,12 +715,26 @@ struct EdgeQuery {
     wait_version: Option<u64>,
     /// How long a long-poll waits at most (default 25 s, at most 50 s).
     timeout_s: Option<u64>,
+    /// The version the edge has: answered with what changed since (an
+    /// [`skein_edge::EdgeDelta`]) when this agent answered it recently,
+    /// else with the whole route set.
+    base: Option<u64>,
 }
 
-/// `GET /v1/edge[?groups=a,b][&wait_version=V[&timeout_s=S]]`: what an edge
-/// of those groups serves. With `wait_version`, answers when the routes
-/// differ from that version, or when the wait ends, whichever is first: an
-/// edge learns of a change as soon as this node's view has it.
+/// [`skein_edge::EdgeDoc`], serialized from the routes in place.
+#[derive(serde::Serialize)]
+struct WholeDoc<'a> {
+    version: u64,
+    routes: &'a skein_edge::Routes,
+}
+
+/// `GET /v1/edge[?groups=a,b][&wait_version=V[&timeout_s=S]][&base=B]`:
+/// what an edge of those groups serves. With `wait_version`, answers when
+/// the routes differ from that version, or when the wait ends, whichever
+/// is first: an edge learns of a change as soon as this node's view has
+/// it. With `base`, the answer is the change since that version when this
+/// agent still has it (`{"version", "base", "upsert", ...}`), else the
+/// whole document (`{"version", "routes"}`).
 async fn edge(State(ctx): State<Ctx>, Query(q): Query<EdgeQuery>) -> Response {
     let groups: Option<Vec<String>> = q.groups.as_deref().map(|g| {
         g.split(',')
@@ -697,6 +750,28 @@ async fn edge(State(ctx): State<Ctx>, Query(q): Query<EdgeQuery>) -> Response {
             None => (**routes).clone(),
         })
     };
+    let answer = |doc: skein_edge::EdgeDoc| -> Response {
+        let routes = Arc::new(doc.routes);
+        let old = {
+            let mut sent = ctx.edge_sent.lock().unwrap_or_else(|e| e.into_inner());
+            sent.remember(&groups, doc.version, &routes);
+            q.base.and_then(|b| sent.get(&groups, b).map(|r| (b, r)))
+        };
+        match old {
+            Some((base, old)) => Json(skein_edge::EdgeDelta::between(
+                &old,
+                base,
+                &routes,
+                doc.version,
+            ))
+            .into_response(),
+            None => Json(WholeDoc {
+                version: doc.version,
+                routes: &routes,
+            })
+            .into_response(),
+        }
+    };
     let wait = Duration::from_secs(q.timeout_s.unwrap_or(25).min(50));
     let deadline = tokio::time::Instant::now() + wait;
     let mut views = ctx.agent.subscribe_view();
@@ -704,11 +779,11 @@ async fn edge(State(ctx): State<Ctx>, Query(q): Query<EdgeQuery>) -> Response {
         let view = views.borrow_and_update().clone();
         let doc = doc_of(&view);
         if q.wait_version != Some(doc.version) {
-            return Json(doc).into_response();
+            return answer(doc);
         }
         match tokio::time::timeout_at(deadline, views.changed()).await {
             Ok(Ok(())) => continue,
-            _ => return Json(doc).into_response(),
+            _ => return answer(doc),
         }
     }
 }

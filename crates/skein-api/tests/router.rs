@@ -669,4 +669,25 @@ async fn edge_routes_are_agreed_and_long_polled() {
         vec![&*web_backend.name],
         "the older app keeps the vhost"
     );
+
+    // An edge that has a version this agent answered is sent what changed
+    // since: applied to what it has, exactly the whole document.
+    let now: EdgeDoc = get(&app1, "/v1/edge?groups=external").await.ok();
+    let delta: skein_edge::EdgeDelta =
+        get(&app1, &format!("/v1/edge?groups=external&base={version}"))
+            .await
+            .ok();
+    assert_eq!((delta.base, delta.version), (version, now.version));
+    assert!(
+        delta.upsert.iter().any(|b| &*b.app == "/copy"),
+        "the new app is sent: {delta:?}"
+    );
+    assert!(
+        delta.upsert.len() < now.routes.backends.len() || external.routes.backends.is_empty(),
+        "unchanged backends are not sent again: {delta:?}"
+    );
+    assert_eq!(delta.apply(&external.routes), Ok(now.routes.clone()));
+    // A version it never answered (or has forgotten): the whole document.
+    let whole: EdgeDoc = get(&app1, "/v1/edge?groups=external&base=12345").await.ok();
+    assert_eq!(whole, now);
 }

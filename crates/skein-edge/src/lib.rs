@@ -11,9 +11,11 @@
 //! the loser. Every agent computes the same [`routes::Routes`] from the same
 //! tasks; `skein edge` serves them.
 
+pub mod delta;
 pub mod labels;
 pub mod routes;
 
+pub use delta::EdgeDelta;
 pub use labels::{Balance, Mode, PortLabels};
 pub use routes::{
     compute, compute_cached, Backend, EdgeDoc, HttpRoute, Input, LabelCache, Problem, RouteCache,

@@ -31,6 +31,12 @@ pub(crate) fn parse(bytes: &[u8]) -> Result<(Option<u64>, Routes), String> {
             serde_json::from_value(value).map_err(|e| format!("not a route set: {e}"))?;
         (None, routes)
     };
+    check(&routes)?;
+    Ok((version, routes))
+}
+
+/// Every backend named once, and every HTTP route naming one of them.
+fn check(routes: &Routes) -> Result<(), String> {
     let mut names = std::collections::HashSet::new();
     for b in &routes.backends {
         if !names.insert(&*b.name) {
@@ -45,6 +51,44 @@ pub(crate) fn parse(bytes: &[u8]) -> Result<(Option<u64>, Routes), String> {
             ));
         }
     }
+    Ok(())
+}
+
+/// Reads the agent's answer: a whole document, or what changed since the
+/// version this edge has (`last`), applied to it. The whole document is
+/// read straight into routes (no intermediate JSON tree: 7 MB at 10,000
+/// apps).
+pub(crate) fn parse_answer(
+    bytes: &[u8],
+    last: Option<&(u64, Routes)>,
+) -> Result<(u64, Routes), String> {
+    // The agent writes `version` then `base` for a delta, `version` then
+    // `routes` for a whole document.
+    let head = &bytes[..bytes.len().min(64)];
+    let is_delta = head.windows(7).any(|w| w == b"\"base\":");
+    let (version, routes) = if is_delta {
+        let delta: skein_edge::EdgeDelta =
+            serde_json::from_slice(bytes).map_err(|e| format!("not an edge delta: {e}"))?;
+        let Some((have, old)) = last.filter(|(v, _)| *v == delta.base) else {
+            return Err(format!(
+                "a delta from version {}, which this edge does not have",
+                delta.base
+            ));
+        };
+        tracing::debug!(
+            base = have,
+            version = delta.version,
+            upsert = delta.upsert.len(),
+            remove = delta.remove.len(),
+            "route delta"
+        );
+        (delta.version, delta.apply(old)?)
+    } else {
+        let doc: EdgeDoc =
+            serde_json::from_slice(bytes).map_err(|e| format!("not an edge document: {e}"))?;
+        (doc.version, doc.routes)
+    };
+    check(&routes)?;
     Ok((version, routes))
 }
 
@@ -77,12 +121,22 @@ fn encode(s: &str) -> String {
 async fn agent(shared: Arc<Shared>, url: String, token: Option<String>) {
     let groups = encode(&shared.cfg.groups.join(","));
     let mut have: Option<u64> = None;
+    // The routes of `have`, to apply the agent's deltas to.
+    let mut last: Option<(u64, Routes)> = None;
     let mut backoff = Duration::from_millis(250);
     let mut failing: Option<String> = None;
     loop {
         let path = match have {
             Some(v) => {
-                format!("/v1/edge?groups={groups}&wait_version={v}&timeout_s={POLL_TIMEOUT_S}")
+                // `base`: answered with what changed since, when the agent
+                // still has it (an agent without deltas ignores it).
+                let base = match &last {
+                    Some((l, _)) if *l == v => format!("&base={v}"),
+                    _ => String::new(),
+                };
+                format!(
+                    "/v1/edge?groups={groups}&wait_version={v}&timeout_s={POLL_TIMEOUT_S}{base}"
+                )
             }
             None => format!("/v1/edge?groups={groups}"),
         };
@@ -96,9 +150,11 @@ async fn agent(shared: Arc<Shared>, url: String, token: Option<String>) {
             }
         };
         let problem = match got {
-            Ok((status, body)) if status.is_success() => match parse(&body) {
+            Ok((status, body)) if status.is_success() => match parse_answer(&body, last.as_ref()) {
                 Ok((version, routes)) => {
-                    let version = version.unwrap_or(0);
+                    // Kept (pointers: the backends are shared with the
+                    // table) for the next delta.
+                    last = Some((version, routes.clone()));
                     if failing.take().is_some() {
                         tracing::info!(%url, "agent reachable again");
                     }
@@ -116,6 +172,14 @@ async fn agent(shared: Arc<Shared>, url: String, token: Option<String>) {
                             _ = shared.refetch.notified() => { have = None; }
                         }
                     }
+                    continue;
+                }
+                Err(e) if have.is_some() && e.contains("delta") => {
+                    // A delta that does not fit what this edge has: ask for
+                    // the whole document at once.
+                    tracing::warn!(%url, error = %e, "route delta not applicable; fetching the whole route set");
+                    have = None;
+                    last = None;
                     continue;
                 }
                 Err(e) => {

@@ -289,7 +289,9 @@ pub(crate) struct ServerEntry {
 }
 
 pub(crate) struct BackendEntry {
-    pub spec: Backend,
+    /// As the route set has it (servers included), shared with it: a
+    /// backend the next route set shares is unchanged without comparing.
+    pub spec: Arc<Backend>,
     pub rt: Arc<BackendRt>,
     pub servers: Vec<ServerEntry>,
 }
@@ -455,7 +457,7 @@ pub(crate) fn compile(
     routes: Routes,
     limits: &Limits<'_>,
     base: Instant,
-) -> (Table, Vec<Arc<ServerRt>>, Vec<Backend>) {
+) -> (Table, Vec<Arc<ServerRt>>, Vec<Arc<Backend>>) {
     let gen = registry.generation.fetch_add(1, Ordering::Relaxed) + 1;
     let mut slots = registry.backends.lock().unwrap_or_else(|e| e.into_inner());
     let mut local_problems = Vec::new();
@@ -471,11 +473,10 @@ pub(crate) fn compile(
     let mut touched: Vec<Arc<str>> = Vec::new();
     let mut known = Vec::with_capacity(specs.len());
     for b in specs {
-        // Deserialized, each backend is held only here: no copy.
-        let mut b = Arc::unwrap_or_clone(b);
-        let servers = std::mem::take(&mut b.servers);
         if let Some(old) = prev.backends.get(&*b.name) {
-            if old.spec == b && old.servers.iter().map(|e| &e.spec).eq(servers.iter()) {
+            // The same backend as the last route set's (a route set patched
+            // by a delta shares it), or an equal one (one read whole).
+            if Arc::ptr_eq(&old.spec, &b) || *old.spec == *b {
                 old.rt.seen.store(gen, Ordering::Relaxed);
                 let entry = old.clone();
                 match bind_decision(&b, limits) {
@@ -486,7 +487,6 @@ pub(crate) fn compile(
                     Err(e) => local_problems.push(e),
                 }
                 backends.insert(b.name.clone(), entry);
-                b.servers = servers;
                 known.push(b);
                 continue;
             }
@@ -497,13 +497,14 @@ pub(crate) fn compile(
             None => slots.entry(b.name.to_string()).or_default(),
         };
         slot.rt.seen.store(gen, Ordering::Relaxed);
-        let entries = servers
-            .into_iter()
+        let entries = b
+            .servers
+            .iter()
             .map(|s| {
                 let rt = slot
                     .servers
                     .entry(s.addr)
-                    .or_insert_with(|| Arc::new(ServerRt::new(&b.name, &s, base)))
+                    .or_insert_with(|| Arc::new(ServerRt::new(&b.name, s, base)))
                     .clone();
                 rt.seen.store(gen, Ordering::Relaxed);
                 if rt.removed.swap(false, Ordering::Relaxed) {
@@ -516,7 +517,10 @@ pub(crate) fn compile(
                 if rt.state.swap(code, Ordering::Relaxed) != code {
                     rt.lastchg.store(now, Ordering::Relaxed);
                 }
-                ServerEntry { spec: s, rt }
+                ServerEntry {
+                    spec: s.clone(),
+                    rt,
+                }
             })
             .collect();
         let decision = bind_decision(&b, limits);
@@ -738,7 +742,7 @@ mod tests {
             auth: None,
         };
         Arc::new(BackendEntry {
-            spec: Backend {
+            spec: Arc::new(Backend {
                 name: name.into(),
                 app: format!("/{name}").into(),
                 port_index: 0,
@@ -746,7 +750,7 @@ mod tests {
                 bind_port: None,
                 labels: Arc::new(labels),
                 servers: vec![],
-            },
+            }),
             rt: Arc::default(),
             servers: vec![],
         })

@@ -508,6 +508,134 @@ async fn an_absent_agent_is_retried_and_its_routes_applied_when_it_answers() {
 }
 
 #[tokio::test]
+async fn the_agents_deltas_are_applied_and_one_that_does_not_fit_fetches_the_whole() {
+    use std::sync::Arc;
+    // A fake agent: whole documents (version 1, later 3), a delta from 1
+    // to 2 (app_1 moves from server a to b), then a delta from a version
+    // this edge never had, then nothing new.
+    let (a, b, c) = (
+        http_server("a").await,
+        http_server("b").await,
+        http_server("c").await,
+    );
+    let set = |servers: Vec<skein_edge::Server>, extra: bool| {
+        let mut l = labels(Mode::Http);
+        l.vhosts = vec!["app.example.com".into()];
+        let mut backends = vec![backend("app_1", l, None, servers)];
+        let mut http_routes = vec![route(Some("app.example.com"), None, "app_1")];
+        if extra {
+            let mut l = labels(Mode::Http);
+            l.vhosts = vec!["two.example.com".into()];
+            backends.push(backend("app_2", l, None, vec![server(&c, ServerState::Up)]));
+            http_routes.push(route(Some("two.example.com"), None, "app_2"));
+        }
+        routes(backends, http_routes)
+    };
+    let v1 = set(vec![server(&a, ServerState::Up)], false);
+    let v2 = set(vec![server(&b, ServerState::Up)], false);
+    let v3 = set(vec![server(&b, ServerState::Up)], true);
+    let whole = |version: u64, routes: &skein_edge::Routes| {
+        serde_json::to_string(&EdgeDoc {
+            version,
+            routes: routes.clone(),
+        })
+        .unwrap()
+    };
+    let answers = Arc::new((
+        whole(1, &v1),
+        whole(3, &v3),
+        serde_json::to_string(&skein_edge::EdgeDelta::between(&v1, 1, &v2, 2)).unwrap(),
+        serde_json::to_string(&skein_edge::EdgeDelta::between(&v1, 99, &v3, 4)).unwrap(),
+        serde_json::to_string(&skein_edge::EdgeDelta::between(&v3, 3, &v3, 3)).unwrap(),
+    ));
+    let listener = tokio::net::TcpListener::bind((LOOPBACK, 0)).await.unwrap();
+    let agent = listener.local_addr().unwrap();
+    let seen_paths = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    {
+        let seen_paths = seen_paths.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (seen_paths, answers) = (seen_paths.clone(), answers.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
+                            let q = req.uri().query().unwrap_or("").to_string();
+                            let wholes = {
+                                let mut paths = seen_paths.lock().unwrap();
+                                paths.push(req.uri().to_string());
+                                paths.iter().filter(|p| !p.contains("wait_version")).count()
+                            };
+                            let answers = answers.clone();
+                            async move {
+                                let body = if !q.contains("wait_version") {
+                                    if wholes == 1 {
+                                        answers.0.clone()
+                                    } else {
+                                        answers.1.clone()
+                                    }
+                                } else if q.contains("base=1") {
+                                    answers.2.clone()
+                                } else if q.contains("base=2") {
+                                    answers.3.clone()
+                                } else {
+                                    tokio::time::sleep(Duration::from_millis(200)).await;
+                                    answers.4.clone()
+                                };
+                                Ok::<_, std::convert::Infallible>(http::Response::new(
+                                    http_body_util::Full::new(bytes::Bytes::from(body)),
+                                ))
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+    }
+    let edge = skein_edge_proxy::Edge::start(config(RouteSource::Agent {
+        url: format!("http://{agent}"),
+        token: None,
+    }))
+    .await
+    .unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "version 3 after the misfit",
+        || async { edge.version() == 3 },
+    )
+    .await;
+    let paths = seen_paths.lock().unwrap().clone();
+    assert!(
+        paths
+            .iter()
+            .any(|p| p.contains("wait_version=1") && p.contains("&base=1")),
+        "the edge says what it has: {paths:?}"
+    );
+    assert!(
+        paths.iter().any(|p| p.contains("base=2")),
+        "version 2 came as a delta and was applied: {paths:?}"
+    );
+    assert_eq!(
+        paths.iter().filter(|p| !p.contains("wait_version")).count(),
+        2,
+        "the delta that did not fit fetched the whole document once: {paths:?}"
+    );
+    assert_eq!(
+        fetch(edge.addrs().http, "app.example.com", "/").await.body,
+        "b"
+    );
+    assert_eq!(
+        fetch(edge.addrs().http, "two.example.com", "/").await.body,
+        "c"
+    );
+}
+
+#[tokio::test]
 async fn applying_changes_to_ten_thousand_backends() {
     let a = tcp_server("a").await;
     for size in [100u16, 1000, 10000] {

@@ -222,9 +222,26 @@ impl Shared {
     /// Applies a route set: compile, swap, reconcile bind ports and
     /// certificates, start drains. Returns how long it took.
     pub(crate) async fn apply(self: &Arc<Self>, version: u64, routes: Routes) -> Duration {
+        self.apply_changes(version, routes, None).await
+    }
+
+    /// [`Shared::apply`], for a route set the agent sent as a delta from
+    /// the table's version (`changes`): then only what changed is
+    /// compiled, and listeners and certificates are looked at only if
+    /// what changed touches them.
+    pub(crate) async fn apply_changes(
+        self: &Arc<Self>,
+        version: u64,
+        routes: Routes,
+        changes: Option<state::Changes>,
+    ) -> Duration {
         let _one = self.apply_lock.lock().await;
         let started = Instant::now();
-        let routes = for_groups(routes, &self.cfg.groups);
+        let groups = &self.cfg.groups;
+        let ours = |b: &skein_edge::Backend| b.labels.groups.iter().any(|g| groups.contains(g));
+        // A delta's backends are this edge's groups' (the agent filtered
+        // them); one that is not makes it a whole compilation.
+        let changes = changes.filter(|c| c.upsert.iter().all(|b| ours(b)));
         let addrs = *self.addrs.lock().unwrap_or_else(|e| e.into_inner());
         let reserved = [addrs.http.port(), addrs.https.port(), addrs.stats.port()];
         let limits = Limits {
@@ -232,23 +249,66 @@ impl Shared {
             reserved: &reserved,
         };
         let prev = self.table.load_full();
-        let (mut table, left, known) =
-            state::compile(&self.registry, &prev, version, routes, &limits, self.base);
-        let mut wanted: BTreeMap<(IpAddr, u16), String> = BTreeMap::new();
-        for (port, b) in &table.by_port {
-            let ip = b.spec.labels.bind_addr.unwrap_or(self.cfg.bind);
-            wanted.insert((ip, *port), b.spec.name.to_string());
+        let patched = changes.as_ref().and_then(|c| {
+            let (table, left, ports) = state::compile_delta(
+                &self.registry,
+                &prev,
+                version,
+                &routes,
+                c,
+                &limits,
+                self.base,
+            )?;
+            // Certificates follow the routes and the backends' labels.
+            let certs = c.routes_changed
+                || c.upsert.iter().any(|b| !b.labels.ssl_certs.is_empty())
+                || c.remove.iter().any(|n| {
+                    prev.backends
+                        .get(&**n)
+                        .is_some_and(|e| !e.spec.labels.ssl_certs.is_empty())
+                });
+            Some((table, left, ports, certs))
+        });
+        let (mut table, left, known, ports_changed, certs_changed) = match patched {
+            Some((table, left, ports, certs)) => (table, left, routes.backends, ports, certs),
+            None => {
+                let routes = for_groups(routes, groups);
+                let (table, left, known) =
+                    state::compile(&self.registry, &prev, version, routes, &limits, self.base);
+                (table, left, known, true, true)
+            }
+        };
+        let wanted = ports_changed.then(|| {
+            let mut wanted: BTreeMap<(IpAddr, u16), String> = BTreeMap::new();
+            for (port, b) in &table.by_port {
+                let ip = b.spec.labels.bind_addr.unwrap_or(self.cfg.bind);
+                wanted.insert((ip, *port), b.spec.name.to_string());
+            }
+            wanted
+        });
+        if certs_changed {
+            table.local_problems.extend(self.certs.update(&table));
+        } else {
+            // The certificates' problems stay what they were.
+            table.local_problems.extend(
+                prev.local_problems
+                    .get(prev.bind_problems.len()..)
+                    .unwrap_or_default()
+                    .iter()
+                    .cloned(),
+            );
         }
-        table.local_problems.extend(self.certs.update(&table));
         self.log_new_problems(&table);
         // The table goes live before new ports accept, so their first
         // connection finds its backend. Ports that cannot be bound are
         // kept by the listeners (and shown in the status).
         self.table.store(Arc::new(table));
-        self.listeners
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .reconcile(self, &wanted);
+        if let Some(wanted) = wanted {
+            self.listeners
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .reconcile(self, &wanted);
+        }
         // Sockets taken over but no longer routed close now.
         self.inherited
             .lock()
@@ -524,6 +584,29 @@ impl Edge {
     /// Applies a route set directly (as the source would).
     pub async fn apply(&self, version: u64, routes: Routes) -> Duration {
         self.shared.apply(version, routes).await
+    }
+
+    /// Applies the agent's delta from `last` (the routes this edge has),
+    /// as the source does; returns the routes it made and how long
+    /// applying them took.
+    pub async fn apply_delta(
+        &self,
+        last: &Routes,
+        delta: skein_edge::EdgeDelta,
+    ) -> Result<(Routes, Duration), String> {
+        let changes = state::Changes {
+            base: delta.base,
+            upsert: delta.upsert.clone(),
+            remove: delta.remove.clone(),
+            routes_changed: delta.http_routes.is_some(),
+        };
+        let version = delta.version;
+        let routes = delta.apply(last)?;
+        let took = self
+            .shared
+            .apply_changes(version, routes.clone(), Some(changes))
+            .await;
+        Ok((routes, took))
     }
 
     /// The status document `/_skein/status` serves.

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use skein_edge::Routes;
 
+use crate::state::Changes;
 use crate::{client, EdgeDoc, RouteSource, Shared};
 
 /// The agent answers a long poll within 25 s; give it some slack.
@@ -61,12 +62,12 @@ fn check(routes: &Routes) -> Result<(), String> {
 pub(crate) fn parse_answer(
     bytes: &[u8],
     last: Option<&(u64, Routes)>,
-) -> Result<(u64, Routes), String> {
+) -> Result<(u64, Routes, Option<Changes>), String> {
     // The agent writes `version` then `base` for a delta, `version` then
     // `routes` for a whole document.
     let head = &bytes[..bytes.len().min(64)];
     let is_delta = head.windows(7).any(|w| w == b"\"base\":");
-    let (version, routes) = if is_delta {
+    let (version, routes, changes) = if is_delta {
         let delta: skein_edge::EdgeDelta =
             serde_json::from_slice(bytes).map_err(|e| format!("not an edge delta: {e}"))?;
         let Some((have, old)) = last.filter(|(v, _)| *v == delta.base) else {
@@ -82,14 +83,20 @@ pub(crate) fn parse_answer(
             remove = delta.remove.len(),
             "route delta"
         );
-        (delta.version, delta.apply(old)?)
+        let changes = Changes {
+            base: delta.base,
+            upsert: delta.upsert.clone(),
+            remove: delta.remove.clone(),
+            routes_changed: delta.http_routes.is_some(),
+        };
+        (delta.version, delta.apply(old)?, Some(changes))
     } else {
         let doc: EdgeDoc =
             serde_json::from_slice(bytes).map_err(|e| format!("not an edge document: {e}"))?;
-        (doc.version, doc.routes)
+        (doc.version, doc.routes, None)
     };
     check(&routes)?;
-    Ok((version, routes))
+    Ok((version, routes, changes))
 }
 
 pub(crate) async fn run(shared: Arc<Shared>) {
@@ -151,7 +158,7 @@ async fn agent(shared: Arc<Shared>, url: String, token: Option<String>) {
         };
         let problem = match got {
             Ok((status, body)) if status.is_success() => match parse_answer(&body, last.as_ref()) {
-                Ok((version, routes)) => {
+                Ok((version, routes, changes)) => {
                     // Kept (pointers: the backends are shared with the
                     // table) for the next delta.
                     last = Some((version, routes.clone()));
@@ -162,7 +169,7 @@ async fn agent(shared: Arc<Shared>, url: String, token: Option<String>) {
                     set_state(&shared, format!("agent {url}: version {version}"));
                     let unchanged = have == Some(version);
                     if !unchanged || shared.table.load().version != version {
-                        shared.apply(version, routes).await;
+                        shared.apply_changes(version, routes, changes).await;
                     }
                     have = Some(version);
                     if unchanged && asked.elapsed() < Duration::from_millis(50) {

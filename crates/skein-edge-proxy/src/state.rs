@@ -320,6 +320,9 @@ pub(crate) struct Table {
     pub by_port: HashMap<u16, Arc<BackendEntry>>,
     /// Things this edge does not serve, beyond the routes' own problems.
     pub local_problems: Vec<String>,
+    /// Of those, the backends' bind ports this edge does not bind (each
+    /// starting with the backend's name).
+    pub bind_problems: Vec<String>,
 }
 
 /// Whether `host` (lowercase, no port) matches a route's host.
@@ -492,43 +495,8 @@ pub(crate) fn compile(
             }
         }
         touched.push(b.name.clone());
-        let slot = match slots.get_mut(&*b.name) {
-            Some(slot) => slot,
-            None => slots.entry(b.name.to_string()).or_default(),
-        };
-        slot.rt.seen.store(gen, Ordering::Relaxed);
-        let entries = b
-            .servers
-            .iter()
-            .map(|s| {
-                let rt = slot
-                    .servers
-                    .entry(s.addr)
-                    .or_insert_with(|| Arc::new(ServerRt::new(&b.name, s, base)))
-                    .clone();
-                rt.seen.store(gen, Ordering::Relaxed);
-                if rt.removed.swap(false, Ordering::Relaxed) {
-                    // Back before its drain ended: cancel the drain.
-                    rt.drain_gen.fetch_add(1, Ordering::Relaxed);
-                    rt.close.send_replace(false);
-                    rt.lastchg.store(now, Ordering::Relaxed);
-                }
-                let code = state_code(s.state);
-                if rt.state.swap(code, Ordering::Relaxed) != code {
-                    rt.lastchg.store(now, Ordering::Relaxed);
-                }
-                ServerEntry {
-                    spec: s.clone(),
-                    rt,
-                }
-            })
-            .collect();
         let decision = bind_decision(&b, limits);
-        let entry = Arc::new(BackendEntry {
-            rt: slot.rt.clone(),
-            servers: entries,
-            spec: b,
-        });
+        let entry = new_entry(&mut slots, b, gen, now, base);
         match decision {
             Ok(Some(port)) => {
                 by_port.insert(port, entry.clone());
@@ -568,8 +536,84 @@ pub(crate) fn compile(
     } else {
         Arc::new(RouteIndex::of(&http_routes))
     };
+    let left = servers_left(&mut slots, &touched, &backends, gen, now);
+    drop(slots);
+    (
+        Table {
+            version,
+            problems,
+            backends,
+            http_routes,
+            route_index,
+            by_port,
+            bind_problems: local_problems.clone(),
+            local_problems,
+        },
+        left,
+        known,
+    )
+}
+
+/// A backend's entry for a new table: its runtime state from the registry
+/// (created for new servers, a drain cancelled for servers back), its
+/// servers marked as seen in generation `gen`.
+fn new_entry(
+    slots: &mut HashMap<String, BackendSlot>,
+    b: Arc<Backend>,
+    gen: u64,
+    now: u64,
+    base: Instant,
+) -> Arc<BackendEntry> {
+    let slot = match slots.get_mut(&*b.name) {
+        Some(slot) => slot,
+        None => slots.entry(b.name.to_string()).or_default(),
+    };
+    slot.rt.seen.store(gen, Ordering::Relaxed);
+    let entries = b
+        .servers
+        .iter()
+        .map(|s| {
+            let rt = slot
+                .servers
+                .entry(s.addr)
+                .or_insert_with(|| Arc::new(ServerRt::new(&b.name, s, base)))
+                .clone();
+            rt.seen.store(gen, Ordering::Relaxed);
+            if rt.removed.swap(false, Ordering::Relaxed) {
+                // Back before its drain ended: cancel the drain.
+                rt.drain_gen.fetch_add(1, Ordering::Relaxed);
+                rt.close.send_replace(false);
+                rt.lastchg.store(now, Ordering::Relaxed);
+            }
+            let code = state_code(s.state);
+            if rt.state.swap(code, Ordering::Relaxed) != code {
+                rt.lastchg.store(now, Ordering::Relaxed);
+            }
+            ServerEntry {
+                spec: s.clone(),
+                rt,
+            }
+        })
+        .collect();
+    Arc::new(BackendEntry {
+        rt: slot.rt.clone(),
+        servers: entries,
+        spec: b,
+    })
+}
+
+/// Marks the servers of the `touched` backends' slots that generation
+/// `gen` did not see as left (no new requests, drained), and forgets the
+/// slots of backends gone whose servers are all gone. Returns those left.
+fn servers_left(
+    slots: &mut HashMap<String, BackendSlot>,
+    touched: &[Arc<str>],
+    backends: &BTreeMap<Arc<str>, Arc<BackendEntry>>,
+    gen: u64,
+    now: u64,
+) -> Vec<Arc<ServerRt>> {
     let mut left = Vec::new();
-    for name in &touched {
+    for name in touched {
         let Some(slot) = slots.get_mut(&**name) else {
             continue;
         };
@@ -589,20 +633,164 @@ pub(crate) fn compile(
             slots.remove(&**name);
         }
     }
+    left
+}
+
+/// What a delta from the agent changed (the routes passed to
+/// [`compile_delta`] are the table's with it applied).
+pub(crate) struct Changes {
+    /// The version the delta applies to: the previous table's, or the
+    /// delta is not used.
+    pub base: u64,
+    /// Backends new or changed, and names gone.
+    pub upsert: Vec<Arc<Backend>>,
+    pub remove: Vec<Arc<str>>,
+    /// Whether the HTTP routes changed (else they are the last table's).
+    pub routes_changed: bool,
+}
+
+/// [`compile`] for a change the agent sent as a delta: the last table's
+/// maps copied (pointers) and patched for the backends that changed, the
+/// HTTP routes and their index kept unless they changed. What it costs
+/// grows with the change, not with the route set, but for copying two
+/// maps of pointers. Returns `None` (compile whole) when `prev` is not the
+/// delta's base, or the delta does not fit it.
+pub(crate) fn compile_delta(
+    registry: &Registry,
+    prev: &Table,
+    version: u64,
+    routes: &Routes,
+    changes: &Changes,
+    limits: &Limits<'_>,
+    base: Instant,
+) -> Option<(Table, Vec<Arc<ServerRt>>, bool)> {
+    if prev.version != changes.base {
+        return None;
+    }
+    let gen = registry.generation.fetch_add(1, Ordering::Relaxed) + 1;
+    let mut slots = registry.backends.lock().unwrap_or_else(|e| e.into_inner());
+    let now = unix_now();
+    let mut backends = prev.backends.clone();
+    let mut by_port = prev.by_port.clone();
+    let mut touched: Vec<Arc<str>> = Vec::new();
+    // Old entry → its replacement (`None`: gone), for the routes.
+    let mut replaced: HashMap<*const BackendEntry, Option<Arc<BackendEntry>>> = HashMap::new();
+    // Whether a bound port (or its address) changes: the listeners then
+    // need reconciling.
+    let mut ports_changed = false;
+    let bound = |b: &Backend| match bind_decision(b, limits) {
+        Ok(Some(port)) => Some((port, b.labels.bind_addr)),
+        _ => None,
+    };
+    let unbind = |by_port: &mut HashMap<u16, Arc<BackendEntry>>, old: &Arc<BackendEntry>| {
+        if let Ok(Some(port)) = bind_decision(&old.spec, limits) {
+            if by_port.get(&port).is_some_and(|e| Arc::ptr_eq(e, old)) {
+                by_port.remove(&port);
+            }
+        }
+    };
+    for name in &changes.remove {
+        if let Some(old) = backends.remove(&**name) {
+            ports_changed |= bound(&old.spec).is_some();
+            unbind(&mut by_port, &old);
+            replaced.insert(Arc::as_ptr(&old), None);
+            touched.push(name.clone());
+        }
+    }
+    for b in &changes.upsert {
+        let old = backends.get(&*b.name).cloned();
+        if let Some(old) = &old {
+            if Arc::ptr_eq(&old.spec, b) || *old.spec == **b {
+                continue;
+            }
+            ports_changed |= bound(&old.spec) != bound(b);
+            unbind(&mut by_port, old);
+        } else {
+            ports_changed |= bound(b).is_some();
+        }
+        touched.push(b.name.clone());
+        let entry = new_entry(&mut slots, b.clone(), gen, now, base);
+        if let Ok(Some(port)) = bind_decision(b, limits) {
+            by_port.insert(port, entry.clone());
+        }
+        if let Some(old) = old {
+            replaced.insert(Arc::as_ptr(&old), Some(entry.clone()));
+        }
+        backends.insert(b.name.clone(), entry);
+    }
+    let (http_routes, route_index) = if changes.routes_changed {
+        let http_routes: Vec<RouteEntry> = routes
+            .http_routes
+            .iter()
+            .filter_map(|r| {
+                Some(RouteEntry {
+                    host: r.host.clone(),
+                    path: r.path.clone(),
+                    backend: backends.get(&*r.backend)?.clone(),
+                })
+            })
+            .collect();
+        let index = Arc::new(RouteIndex::of(&http_routes));
+        (http_routes, index)
+    } else {
+        let mut dropped = false;
+        let http_routes: Vec<RouteEntry> = prev
+            .http_routes
+            .iter()
+            .filter_map(|r| {
+                let backend = match replaced.get(&Arc::as_ptr(&r.backend)) {
+                    None => r.backend.clone(),
+                    Some(Some(new)) => new.clone(),
+                    Some(None) => {
+                        dropped = true;
+                        return None;
+                    }
+                };
+                Some(RouteEntry {
+                    host: r.host.clone(),
+                    path: r.path.clone(),
+                    backend,
+                })
+            })
+            .collect();
+        let index = if dropped {
+            Arc::new(RouteIndex::of(&http_routes))
+        } else {
+            prev.route_index.clone()
+        };
+        (http_routes, index)
+    };
+    // Bind problems: the unchanged backends' as they were, the changed
+    // ones' anew.
+    let mut local_problems: Vec<String> = prev
+        .bind_problems
+        .iter()
+        .filter(|p| !touched.iter().any(|n| p.starts_with(&format!("{n}: "))))
+        .cloned()
+        .collect();
+    for b in &changes.upsert {
+        if let Err(e) = bind_decision(b, limits) {
+            if !local_problems.contains(&e) {
+                local_problems.push(e);
+            }
+        }
+    }
+    let left = servers_left(&mut slots, &touched, &backends, gen, now);
     drop(slots);
-    (
+    Some((
         Table {
             version,
-            problems,
+            problems: routes.problems.clone(),
             backends,
             http_routes,
             route_index,
             by_port,
+            bind_problems: local_problems.clone(),
             local_problems,
         },
         left,
-        known,
-    )
+        ports_changed,
+    ))
 }
 
 impl Registry {
@@ -795,6 +983,151 @@ mod tests {
                 let scanned = table.route_by_scan(host, path).map(|b| b.spec.name.clone());
                 prop_assert_eq!(found, scanned, "{:?} {}", host, path);
             }
+        }
+    }
+
+    /// A drawn backend: its index (name, host, port), servers, health,
+    /// whether it binds a port and has a virtual host.
+    type Draw = (u8, u8, bool, bool, bool);
+
+    fn spec_of(d: &Draw) -> Arc<Backend> {
+        let (i, servers, up, port, vhost) = *d;
+        let labels = skein_edge::PortLabels {
+            groups: vec!["external".into()],
+            mode: Mode::Http,
+            vhosts: if vhost {
+                vec![format!("h{i}.example.com").into()]
+            } else {
+                vec![]
+            },
+            ..Default::default()
+        };
+        let port = port.then_some(10_000 + u16::from(i));
+        Arc::new(Backend {
+            name: format!("b{i}").into(),
+            app: format!("/b{i}").into(),
+            port_index: 0,
+            service_port: port,
+            bind_port: port,
+            labels: Arc::new(labels),
+            servers: (0..servers)
+                .map(|k| Server {
+                    addr: SocketAddr::from(([10, 0, i, k], 80)),
+                    node: "n1".into(),
+                    state: if up || k > 0 {
+                        ServerState::Up
+                    } else {
+                        ServerState::Unhealthy
+                    },
+                })
+                .collect(),
+        })
+    }
+
+    /// Route sets as an agent's views give them: equal backends shared.
+    fn route_set(draws: &[Draw], shared: &mut HashMap<Draw, Arc<Backend>>) -> Routes {
+        let mut seen = std::collections::BTreeSet::new();
+        let backends: Vec<Arc<Backend>> = draws
+            .iter()
+            .filter(|d| seen.insert(d.0))
+            .map(|d| shared.entry(*d).or_insert_with(|| spec_of(d)).clone())
+            .collect();
+        let http_routes = backends
+            .iter()
+            .filter_map(|b| {
+                Some(skein_edge::HttpRoute {
+                    host: Some(b.labels.vhosts.first()?.clone()),
+                    path: None,
+                    backend: Arc::from(&*b.name),
+                })
+            })
+            .collect();
+        Routes {
+            backends,
+            http_routes,
+            problems: Vec::new(),
+        }
+    }
+
+    /// What a table serves, comparable.
+    type Served = (
+        Vec<(String, Vec<(SocketAddr, ServerState)>)>,
+        BTreeMap<u16, String>,
+        Vec<(Option<String>, String)>,
+        Vec<Option<String>>,
+        Vec<String>,
+    );
+
+    fn served(t: &Table) -> Served {
+        // A backend entry by its name and its servers' addresses (a route
+        // left on a replaced entry shows its old servers).
+        let name = |b: &Arc<BackendEntry>| {
+            let addrs: Vec<String> = b.servers.iter().map(|s| s.rt.addr.to_string()).collect();
+            format!("{} {}", b.spec.name, addrs.join(","))
+        };
+        (
+            t.backends
+                .values()
+                .map(|b| {
+                    let servers = b
+                        .servers
+                        .iter()
+                        .map(|s| (s.rt.addr, s.rt.route_state()))
+                        .collect();
+                    (name(b), servers)
+                })
+                .collect(),
+            t.by_port.iter().map(|(p, b)| (*p, name(b))).collect(),
+            t.http_routes
+                .iter()
+                .map(|r| (r.host.as_deref().map(str::to_string), name(&r.backend)))
+                .collect(),
+            (0..12)
+                .map(|i| t.route(Some(&format!("h{i}.example.com")), "/").map(name))
+                .collect(),
+            t.bind_problems.clone(),
+        )
+    }
+
+    proptest! {
+        /// A route set sent as a delta compiles to what it compiles to
+        /// sent whole: the same backends, servers, ports, routes and route
+        /// lookups, and the same servers left to drain.
+        #[test]
+        fn a_delta_compiles_to_what_the_whole_route_set_does(
+            a in prop::collection::vec((0u8..10, 0u8..3, any::<bool>(), any::<bool>(), any::<bool>()), 0..10),
+            b in prop::collection::vec((0u8..10, 0u8..3, any::<bool>(), any::<bool>(), any::<bool>()), 0..10),
+        ) {
+            let mut shared = HashMap::new();
+            let (old, new) = (route_set(&a, &mut shared), route_set(&b, &mut shared));
+            // Port 10005 is the edge's own: a bind problem for b5.
+            let limits = Limits { service_ports: &(10_000..=10_100), reserved: &[10_005] };
+            let base = Instant::now();
+            let (whole, delta) = (Registry::default(), Registry::default());
+            let (t_whole, _, _) = compile(&whole, &Table::default(), 1, old.clone(), &limits, base);
+            let (t_delta, _, _) = compile(&delta, &Table::default(), 1, old.clone(), &limits, base);
+            let d = skein_edge::EdgeDelta::between(&old, 1, &new, 2);
+            let changes = Changes {
+                base: 1,
+                upsert: d.upsert.clone(),
+                remove: d.remove.clone(),
+                routes_changed: d.http_routes.is_some(),
+            };
+            let patched = d.apply(&old).map_err(TestCaseError::fail)?;
+            let Some((by_delta, left_delta, _)) =
+                compile_delta(&delta, &t_delta, 2, &patched, &changes, &limits, base)
+            else {
+                return Err(TestCaseError::fail("the delta did not fit its base"));
+            };
+            let (by_whole, left_whole, _) = compile(&whole, &t_whole, 2, new.clone(), &limits, base);
+            prop_assert_eq!(served(&by_delta), served(&by_whole));
+            let names = |l: &[Arc<ServerRt>]| {
+                let mut v: Vec<(String, String)> =
+                    l.iter().map(|r| (r.backend.clone(), r.name.clone())).collect();
+                v.sort();
+                v
+            };
+            prop_assert_eq!(names(&left_delta), names(&left_whole));
         }
     }
 }

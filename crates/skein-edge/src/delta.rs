@@ -141,7 +141,7 @@ impl EdgeDelta {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::labels::{Balance, Mode, PortLabels};
+    use crate::labels::{Mode, PortLabels};
     use crate::routes::{Server, ServerState};
     use proptest::prelude::*;
     use std::net::SocketAddr;
@@ -149,18 +149,9 @@ mod tests {
     fn backend(name: &str, servers: u8, up: bool) -> Arc<Backend> {
         let labels = PortLabels {
             groups: vec!["external".into()],
-            bind_port: None,
-            bind_addr: None,
             mode: Mode::Http,
             vhosts: vec![format!("{name}.example.com").into()],
-            path: None,
-            proxypass_path: None,
-            balance: Balance::Roundrobin,
-            sticky: false,
-            redirect_to_https: false,
-            ssl_certs: vec![],
-            backend_weight: 0,
-            auth: None,
+            ..Default::default()
         };
         Arc::new(Backend {
             name: name.into(),

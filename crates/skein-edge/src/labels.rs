@@ -14,9 +14,12 @@ use serde::{Deserialize, Serialize};
 use skein_state::Labels;
 
 /// How a port is proxied.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
+    #[default]
     Tcp,
     Http,
 }
@@ -63,8 +66,9 @@ pub struct BasicAuth {
     pub password_hash: String,
 }
 
-/// What the labels say about one app port that an edge should expose.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// What the labels say about one app port that an edge should expose
+/// (the default: no group, TCP, no routes; for building them in code).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct PortLabels {
     /// The edge groups that serve it (`HAPROXY_{n}_GROUP`, else
     /// `HAPROXY_GROUP`; comma separated), sorted, at least one.

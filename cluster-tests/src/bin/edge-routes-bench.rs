@@ -269,6 +269,9 @@ fn main() {
         let mut answer = Vec::new();
         let mut node_change = Vec::new();
         let mut node_change_cpu = Vec::new();
+        // What an agent sends an edge that has the previous version.
+        let mut delta_answer = Vec::new();
+        let mut delta_bytes = Vec::new();
         let mut flip = Vec::new();
         let mut flip_cpu = Vec::new();
         let mut added = Vec::new();
@@ -316,6 +319,13 @@ fn main() {
             let i = (run * 7919) % changing.len();
             changing[i].healthy = !changing[i].healthy;
             let (wall, cpu, fresh) = timed_view(&changing, &ports, &mut cache);
+            if let Some(before) = &warm {
+                let t = Instant::now();
+                let delta = skein_edge::EdgeDelta::between(before, 1, &fresh, 2);
+                let json = serde_json::to_vec(&delta).unwrap_or_default();
+                delta_answer.push(t.elapsed());
+                delta_bytes.push(json.len());
+            }
             flip.push(wall);
             flip_cpu.push(cpu);
             drop(warm.replace(fresh));
@@ -379,7 +389,7 @@ fn main() {
             ms(median(parse)),
         );
         println!(
-            "      cold compute {:>6.2} ms wall {:>6.2} ms CPU; after one node's tasks re-decoded {:>5.2} ms wall {:>5.2} ms CPU, after a health flip {:>5.2} ms wall {:>5.2} ms CPU, after an app added {:>5.2} ms CPU (target <= 20); long-poll answer {:>6.2} ms",
+            "      cold compute {:>6.2} ms wall {:>6.2} ms CPU; after one node's tasks re-decoded {:>5.2} ms wall {:>5.2} ms CPU, after a health flip {:>5.2} ms wall {:>5.2} ms CPU, after an app added {:>5.2} ms CPU (target <= 20); long-poll answer {:>6.2} ms; its delta (the health flip) {:>5.2} ms to compute and encode, {} bytes",
             ms(median(compute)),
             ms(median(compute_cpu)),
             ms(median(node_change)),
@@ -388,6 +398,11 @@ fn main() {
             ms(median(flip_cpu)),
             ms(median(added)),
             ms(median(answer)),
+            ms(median(delta_answer)),
+            {
+                delta_bytes.sort_unstable();
+                delta_bytes.get(delta_bytes.len() / 2).copied().unwrap_or(0)
+            },
         );
     }
 }

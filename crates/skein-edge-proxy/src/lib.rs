@@ -594,12 +594,7 @@ impl Edge {
         last: &Routes,
         delta: skein_edge::EdgeDelta,
     ) -> Result<(Routes, Duration), String> {
-        let changes = state::Changes {
-            base: delta.base,
-            upsert: delta.upsert.clone(),
-            remove: delta.remove.clone(),
-            routes_changed: delta.http_routes.is_some(),
-        };
+        let changes = state::Changes::of(&delta);
         let version = delta.version;
         let routes = delta.apply(last)?;
         let took = self

@@ -55,6 +55,16 @@ fn check(routes: &Routes) -> Result<(), String> {
     Ok(())
 }
 
+/// Why an answer of the agent was not used.
+#[derive(Debug)]
+pub(crate) enum AnswerError {
+    /// A delta this edge cannot apply (from a version it does not have,
+    /// unreadable, or inconsistent once applied): fetch the whole.
+    Delta(String),
+    /// A whole document that does not read: rejected.
+    Whole(String),
+}
+
 /// Reads the agent's answer: a whole document, or what changed since the
 /// version this edge has (`last`), applied to it. The whole document is
 /// read straight into routes (no intermediate JSON tree: 7 MB at 10,000
@@ -62,41 +72,37 @@ fn check(routes: &Routes) -> Result<(), String> {
 pub(crate) fn parse_answer(
     bytes: &[u8],
     last: Option<&(u64, Routes)>,
-) -> Result<(u64, Routes, Option<Changes>), String> {
+) -> Result<(u64, Routes, Option<Changes>), AnswerError> {
     // The agent writes `version` then `base` for a delta, `version` then
     // `routes` for a whole document.
     let head = &bytes[..bytes.len().min(64)];
     let is_delta = head.windows(7).any(|w| w == b"\"base\":");
-    let (version, routes, changes) = if is_delta {
-        let delta: skein_edge::EdgeDelta =
-            serde_json::from_slice(bytes).map_err(|e| format!("not an edge delta: {e}"))?;
-        let Some((have, old)) = last.filter(|(v, _)| *v == delta.base) else {
-            return Err(format!(
-                "a delta from version {}, which this edge does not have",
-                delta.base
-            ));
-        };
-        tracing::debug!(
-            base = have,
-            version = delta.version,
-            upsert = delta.upsert.len(),
-            remove = delta.remove.len(),
-            "route delta"
-        );
-        let changes = Changes {
-            base: delta.base,
-            upsert: delta.upsert.clone(),
-            remove: delta.remove.clone(),
-            routes_changed: delta.http_routes.is_some(),
-        };
-        (delta.version, delta.apply(old)?, Some(changes))
-    } else {
-        let doc: EdgeDoc =
-            serde_json::from_slice(bytes).map_err(|e| format!("not an edge document: {e}"))?;
-        (doc.version, doc.routes, None)
+    if !is_delta {
+        let doc: EdgeDoc = serde_json::from_slice(bytes)
+            .map_err(|e| AnswerError::Whole(format!("not an edge document: {e}")))?;
+        check(&doc.routes).map_err(AnswerError::Whole)?;
+        return Ok((doc.version, doc.routes, None));
+    }
+    let delta: skein_edge::EdgeDelta = serde_json::from_slice(bytes)
+        .map_err(|e| AnswerError::Delta(format!("not an edge delta: {e}")))?;
+    let Some((have, old)) = last.filter(|(v, _)| *v == delta.base) else {
+        return Err(AnswerError::Delta(format!(
+            "a delta from version {}, which this edge does not have",
+            delta.base
+        )));
     };
-    check(&routes)?;
-    Ok((version, routes, changes))
+    tracing::debug!(
+        base = have,
+        version = delta.version,
+        upsert = delta.upsert.len(),
+        remove = delta.remove.len(),
+        "route delta"
+    );
+    let changes = Changes::of(&delta);
+    let version = delta.version;
+    let routes = delta.apply(old).map_err(AnswerError::Delta)?;
+    check(&routes).map_err(AnswerError::Delta)?;
+    Ok((version, routes, Some(changes)))
 }
 
 pub(crate) async fn run(shared: Arc<Shared>) {
@@ -181,7 +187,7 @@ async fn agent(shared: Arc<Shared>, url: String, token: Option<String>) {
                     }
                     continue;
                 }
-                Err(e) if have.is_some() && e.contains("delta") => {
+                Err(AnswerError::Delta(e)) => {
                     // A delta that does not fit what this edge has: ask for
                     // the whole document at once.
                     tracing::warn!(%url, error = %e, "route delta not applicable; fetching the whole route set");
@@ -189,7 +195,7 @@ async fn agent(shared: Arc<Shared>, url: String, token: Option<String>) {
                     last = None;
                     continue;
                 }
-                Err(e) => {
+                Err(AnswerError::Whole(e)) => {
                     shared.reject(format!("agent {url}: {e}"));
                     format!("bad document: {e}")
                 }

@@ -649,6 +649,17 @@ pub(crate) struct Changes {
     pub routes_changed: bool,
 }
 
+impl Changes {
+    pub(crate) fn of(delta: &skein_edge::EdgeDelta) -> Changes {
+        Changes {
+            base: delta.base,
+            upsert: delta.upsert.clone(),
+            remove: delta.remove.clone(),
+            routes_changed: delta.http_routes.is_some(),
+        }
+    }
+}
+
 /// [`compile`] for a change the agent sent as a delta: the last table's
 /// maps copied (pointers) and patched for the backends that changed, the
 /// HTTP routes and their index kept unless they changed. What it costs
@@ -765,7 +776,12 @@ pub(crate) fn compile_delta(
     let mut local_problems: Vec<String> = prev
         .bind_problems
         .iter()
-        .filter(|p| !touched.iter().any(|n| p.starts_with(&format!("{n}: "))))
+        .filter(|p| {
+            !touched.iter().any(|n| {
+                p.strip_prefix(&**n)
+                    .is_some_and(|rest| rest.starts_with(": "))
+            })
+        })
         .cloned()
         .collect();
     for b in &changes.upsert {
@@ -1107,12 +1123,7 @@ mod tests {
             let (t_whole, _, _) = compile(&whole, &Table::default(), 1, old.clone(), &limits, base);
             let (t_delta, _, _) = compile(&delta, &Table::default(), 1, old.clone(), &limits, base);
             let d = skein_edge::EdgeDelta::between(&old, 1, &new, 2);
-            let changes = Changes {
-                base: 1,
-                upsert: d.upsert.clone(),
-                remove: d.remove.clone(),
-                routes_changed: d.http_routes.is_some(),
-            };
+            let changes = Changes::of(&d);
             let patched = d.apply(&old).map_err(TestCaseError::fail)?;
             let Some((by_delta, left_delta, _)) =
                 compile_delta(&delta, &t_delta, 2, &patched, &changes, &limits, base)

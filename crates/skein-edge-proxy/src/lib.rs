@@ -140,6 +140,7 @@ pub(crate) struct Shared {
     pub cfg: Config,
     pub table: ArcSwap<Table>,
     pub registry: Registry,
+    pub drains: state::Drains,
     pub certs: Arc<tls::CertStore>,
     pub listeners: Mutex<Listeners>,
     pub auth: auth::AuthCache,
@@ -316,8 +317,14 @@ impl Shared {
             .sockets
             .clear();
         for rt in left {
-            tracing::info!(backend = %rt.backend, server = %rt.name, "server left the routes: no new requests, draining");
-            state::start_drain(rt, self.cfg.drain_timeout);
+            // One with nothing open is forgotten already (and one that gets
+            // a tunnel in the meantime queues its own drain).
+            if rt.c.scur() > 0 {
+                tracing::info!(backend = %rt.backend, server = %rt.name, "server left the routes: no new requests, draining");
+                self.drains.start(&rt, self.cfg.drain_timeout);
+            } else {
+                tracing::info!(backend = %rt.backend, server = %rt.name, "server left the routes with nothing open");
+            }
         }
         *self.rejected.lock().unwrap_or_else(|e| e.into_inner()) = None;
         // Serving the new routes from here; freeing the old table is not
@@ -430,6 +437,7 @@ impl Edge {
             cfg,
             table: ArcSwap::from_pointee(Table::default()),
             registry: Registry::default(),
+            drains: state::Drains::default(),
             certs,
             listeners: Mutex::default(),
             auth: auth::AuthCache::default(),
@@ -469,6 +477,8 @@ impl Edge {
             stoppable.iter().map(|t| t.abort_handle()).collect();
         let mut tasks = stoppable;
         tasks.push(tokio::spawn(gc(shared.clone())));
+        let drains = shared.clone();
+        tasks.push(tokio::spawn(async move { drains.drains.run().await }));
         Ok(Edge { shared, tasks })
     }
 

@@ -533,6 +533,11 @@ async fn serve(
                 let counters = vec![front.counters.clone(), bc.clone(), rt.c.clone()];
                 let idle = t.tunnel;
                 let close = rt.close.subscribe();
+                // Picked just as it left the routes (after its drain was
+                // decided): the tunnel still closes at the drain timeout.
+                if rt.removed.load(std::sync::atomic::Ordering::Relaxed) {
+                    shared.drains.start(&rt, shared.cfg.drain_timeout);
+                }
                 let name = backend.spec.name.clone();
                 tokio::spawn(async move {
                     let _session = session;

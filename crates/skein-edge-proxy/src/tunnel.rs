@@ -189,6 +189,11 @@ pub(crate) async fn serve_tcp(
         }
     };
     let _session = Session::open(CounterSet::of(&[&backend.rt.c, &rt.c]));
+    // Picked just as it left the routes (after its drain was decided):
+    // this connection still closes at the drain timeout.
+    if rt.removed.load(std::sync::atomic::Ordering::Relaxed) {
+        shared.drains.start(&rt, shared.cfg.drain_timeout);
+    }
     let end = pipe(
         client,
         server,

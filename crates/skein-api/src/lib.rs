@@ -47,9 +47,10 @@ struct Ctx {
 struct EdgeSent(std::collections::VecDeque<(Option<Vec<String>>, u64, Arc<skein_edge::Routes>)>);
 
 impl EdgeSent {
-    /// A few per group set an edge asks for: an edge a change or two
-    /// behind still gets a delta, and each is only pointers to the
-    /// view's backends.
+    /// A few, over all the group sets edges ask for (not per set: with
+    /// many edges of different groups on one node, deltas fall back to
+    /// whole documents more often): an edge a change or two behind still
+    /// gets a delta, and each is only pointers to the view's backends.
     const KEEP: usize = 8;
 
     fn get(&self, groups: &Option<Vec<String>>, version: u64) -> Option<Arc<skein_edge::Routes>> {

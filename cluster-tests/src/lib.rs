@@ -540,6 +540,21 @@ impl Drop for Cluster {
     }
 }
 
+/// One request's headers and body (`curl -si` with `args`) from `netns`.
+pub fn head_and_body(netns: &str, args: &[&str]) -> anyhow::Result<String> {
+    let mut a = vec!["-si"];
+    a.extend_from_slice(args);
+    Ok(String::from_utf8_lossy(&curl(netns, &a)?).to_string())
+}
+
+/// Header `name`'s value in a `curl -si` answer.
+pub fn header<'a>(response: &'a str, name: &str) -> Option<&'a str> {
+    response.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
 /// Runs curl inside a namespace; returns stdout.
 pub fn curl(netns: &str, args: &[&str]) -> anyhow::Result<Vec<u8>> {
     let mut cmd = vec!["ip", "netns", "exec", netns, "curl", "--max-time", "5"];

@@ -10,7 +10,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use cluster_tests::{curl, sh, spawn_in, spawn_in_logged, wait_for, Background, Cluster};
+use cluster_tests::{
+    curl, head_and_body, header, sh, spawn_in, spawn_in_logged, wait_for, Background, Cluster,
+};
 
 const EDGE_HTTP: u16 = 80;
 const EDGE_HTTPS: u16 = 443;
@@ -53,20 +55,6 @@ fn hits(ns: &str, args: &[&str], n: usize) -> BTreeMap<String, usize> {
         *out.entry(answer).or_insert(0) += 1;
     }
     out
-}
-
-/// One request's headers and body (`curl -si`).
-fn head_and_body(ns: &str, args: &[&str]) -> anyhow::Result<String> {
-    let mut a = vec!["-si"];
-    a.extend_from_slice(args);
-    Ok(String::from_utf8_lossy(&curl(ns, &a)?).to_string())
-}
-
-fn header<'a>(response: &'a str, name: &str) -> Option<&'a str> {
-    response.lines().find_map(|l| {
-        let (k, v) = l.split_once(':')?;
-        k.eq_ignore_ascii_case(name).then(|| v.trim())
-    })
 }
 
 /// The edge's routes as its agent serves them.

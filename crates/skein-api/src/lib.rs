@@ -110,6 +110,11 @@ pub fn router(agent: Arc<Agent>, auth: ApiAuth) -> Router {
         })
 }
 
+/// The address a request came from: every request [`serve_with`] serves
+/// carries it (the entry point asks a token of everyone off loopback).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerAddr(pub std::net::SocketAddr);
+
 /// What one client may hold of the API's HTTP server.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -265,9 +270,9 @@ pub async fn serve_with(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     accept_error(e).await;
                     continue;
@@ -296,6 +301,7 @@ pub async fn serve_with(
         let _ = stream.set_nodelay(true);
         tokio::spawn(connection(
             stream,
+            peer,
             service.clone(),
             limits.clone(),
             counters.clone(),
@@ -315,6 +321,7 @@ pub async fn serve_with(
 /// its lifetime or the server stops.
 async fn connection<S>(
     stream: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
     service: S,
     limits: Limits,
     counters: Arc<ServeCounters>,
@@ -331,7 +338,14 @@ async fn connection<S>(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout);
-    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+        req.extensions_mut().insert(PeerAddr(peer));
+        hyper::service::Service::call(&service, req)
+    });
+    // Upgrades (WebSockets) pass through the entry point's service proxy.
+    let conn = builder
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
     let mut conn = std::pin::pin!(conn);
     let ended = tokio::select! {
         result = conn.as_mut() => Some(result),

@@ -36,6 +36,12 @@ pub(crate) struct AgentArgs {
     /// address, `--api-token-file` is required.
     #[arg(long, env = "SKEIN_API_LISTEN")]
     pub api_listen: Option<SocketAddr>,
+    /// The cluster entry point (DC/OS's Admin Router): `/service/<name>/`,
+    /// `/net/v1/`, `/mesos_dns/v1/`, `/overlay-master/state`, `/metrics`,
+    /// a login form. Off by default; off loopback every request but the
+    /// version file and the login form needs the API token.
+    #[arg(long, env = "SKEIN_ENTRY_LISTEN")]
+    pub entry_listen: Option<SocketAddr>,
     /// Where the agent keeps its state [default: /var/lib/skein].
     #[arg(long, env = "SKEIN_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -99,6 +105,7 @@ struct FileConfig {
     gossip_listen: Option<SocketAddr>,
     seeds: Option<Vec<String>>,
     api_listen: Option<SocketAddr>,
+    entry_listen: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
     tls_dir: Option<PathBuf>,
     cluster_id: Option<String>,
@@ -142,6 +149,7 @@ pub(crate) struct Resolved {
     pub agent: AgentConfig,
     pub api_listen: SocketAddr,
     pub api_token: Option<String>,
+    pub entry_listen: Option<SocketAddr>,
 }
 
 pub(crate) fn hostname() -> String {
@@ -413,6 +421,7 @@ impl AgentArgs {
             },
             api_listen,
             api_token,
+            entry_listen: self.entry_listen.or(file.entry_listen),
         })
     }
 }

@@ -320,6 +320,28 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             api = %resolved.api_listen,
             "API listening"
         );
+        if let Some(entry) = resolved.entry_listen {
+            let listener = tokio::net::TcpListener::bind(entry)
+                .await
+                .with_context(|| format!("cannot listen on {entry} for the entry point"))?;
+            tracing::info!(entry = %entry, "entry point listening");
+            let api = skein_api::router(
+                agent.clone(),
+                skein_api::ApiAuth {
+                    token: resolved.api_token.clone(),
+                },
+            );
+            // The agent's own token when no token file was given.
+            let token = resolved.api_token.clone().unwrap_or_default();
+            let app = skein_entry::router(agent.clone(), api, token, false);
+            tokio::spawn(async move {
+                // Stops with the process (the API's server returning).
+                let run = skein_api::serve(listener, app, std::future::pending());
+                if let Err(e) = run.await {
+                    tracing::error!(error = %e, "entry point stopped");
+                }
+            });
+        }
         let app = skein_api::router(
             agent.clone(),
             skein_api::ApiAuth {

@@ -1,0 +1,212 @@
+//! The entry point (issue 14) on real agents in namespaces: node1 runs
+//! `--entry-listen 0.0.0.0:8080`; requests come from node2's namespace (off
+//! loopback: its own address) and from node1's loopback. Checked: only the
+//! version file and the login form are open off loopback, a wrong or
+//! missing credential gets 401 and no cluster data, the token (both of
+//! DC/OS's header forms) and the login form's session cookie let requests
+//! through, each mapped route answers in its documented shape,
+//! `/service/<name>/` reaches the app's backends with the prefix stripped
+//! and fails over when one dies, and a loop of wrong tokens is refused
+//! (429) after a few.
+
+use std::time::Duration;
+
+use cluster_tests::{curl, head_and_body, header, spawn_in, wait_for, Cluster};
+
+const ENTRY_PORT: u16 = 8080;
+
+/// Status code and body of one request made with curl `args` from `ns`.
+fn request(ns: &str, args: &[&str]) -> anyhow::Result<(u16, String)> {
+    let mut a = vec!["-s", "-w", "\n%{http_code}"];
+    a.extend_from_slice(args);
+    let out = String::from_utf8_lossy(&curl(ns, &a)?).to_string();
+    let (body, code) = out.rsplit_once('\n').unwrap_or(("", "0"));
+    Ok((code.trim().parse().unwrap_or(0), body.to_string()))
+}
+
+#[test]
+fn the_entry_point_guards_routes_and_proxies_services() -> anyhow::Result<()> {
+    let httpi = env!("CARGO_BIN_EXE_skein-httpi");
+    let mut c = Cluster::new(2)?;
+    let listen = format!("0.0.0.0:{ENTRY_PORT}");
+    c.start(1, &[], &["--entry-listen", &listen])?;
+    c.start(2, &[1], &[])?;
+    let (ip1, ip2) = (c.node(1).ip.clone(), c.node(2).ip.clone());
+    let (ns1, ns2) = (c.node(1).netns.clone(), c.node(2).netns.clone());
+    let token = std::fs::read_to_string(c.node(1).data_dir.join("api-token"))?
+        .trim()
+        .to_string();
+    let bearer = format!("Authorization: Bearer {token}");
+    let dcos_token = format!("Authorization: token={token}");
+    let url = |path: &str| format!("http://{ip1}:{ENTRY_PORT}{path}");
+
+    // A service with a backend on each node.
+    let dash1 = spawn_in(&ns1, httpi, &[&format!("{ip1}:9000"), "dash-1"])?;
+    let dash2 = spawn_in(&ns2, httpi, &[&format!("{ip2}:9000"), "dash-2"])?;
+    for (node, id, ip) in [(1, "dash.1", &ip1), (2, "dash.2", &ip2)] {
+        let body = format!(
+            r#"{{"app":"/dash","ip":"{ip}","ports":[{{"port":9000}}],"labels":{{"DCOS_SERVICE_NAME":"dashboard"}}}}"#
+        );
+        assert_eq!(c.put_task(node, id, &body)?.0, 201);
+    }
+
+    // Off loopback without a credential: only the version file.
+    let (code, body) = request(&ns2, &[&url("/dcos-metadata/dcos-version.json")])?;
+    assert_eq!(code, 200, "{body}");
+    let version: serde_json::Value = serde_json::from_str(&body)?;
+    assert!(version["version"].is_string(), "{body}");
+    for path in [
+        "/net/v1/vips",
+        "/net/v1/nodes",
+        "/mesos_dns/v1/enumerate",
+        "/overlay-master/state",
+        "/metrics",
+        "/service/dashboard/",
+        "/",
+    ] {
+        let (code, body) = request(&ns2, &[&url(path)])?;
+        assert_eq!(code, 401, "{path} without a token: {body}");
+        // Nothing of the cluster in a refusal.
+        assert!(
+            !body.contains("node1") && !body.contains("10.77.") && !body.contains("dash"),
+            "{path}: {body}"
+        );
+        let refusal: serde_json::Value = serde_json::from_str(&body)?;
+        assert_eq!(refusal.as_object().map(|o| o.len()), Some(1), "{body}");
+    }
+
+    // With the token, in either form: the routes in their shapes.
+    let nodes = wait_for(
+        "both nodes through the entry point",
+        Duration::from_secs(20),
+        || {
+            let (code, body) = request(&ns2, &["-H", &bearer, &url("/net/v1/nodes")])?;
+            let v: serde_json::Value = serde_json::from_str(&body)?;
+            Ok((code == 200 && v.as_array().is_some_and(|a| a.len() == 2)).then_some(v))
+        },
+    )?;
+    assert!(nodes[0]["node_id"].is_string(), "{nodes}");
+    let (code, body) = request(&ns2, &["-H", &dcos_token, &url("/net/v1/vips")])?;
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        serde_json::from_str::<serde_json::Value>(&body)?.is_array(),
+        "{body}"
+    );
+    for path in ["/overlay-master/state", "/mesos/overlay-master/state"] {
+        let (code, body) = request(&ns2, &["-H", &bearer, &url(path)])?;
+        assert_eq!(code, 200, "{path}: {body}");
+        let state: serde_json::Value = serde_json::from_str(&body)?;
+        assert!(state["agents"].is_array(), "{path}: {body}");
+    }
+    let (code, body) = request(&ns2, &["-H", &bearer, &url("/mesos_dns/v1/enumerate")])?;
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        serde_json::from_str::<serde_json::Value>(&body)?.is_object(),
+        "{body}"
+    );
+    let (code, body) = request(&ns2, &["-H", &bearer, &url("/metrics")])?;
+    assert_eq!(code, 200);
+    assert!(body.contains("# TYPE skein_"), "{body}");
+    let (code, _) = request(&ns2, &["-H", &bearer, &url("/no/such/route")])?;
+    assert_eq!(code, 404);
+    // Writes do not go through the entry point's API routes.
+    let (code, _) = request(&ns2, &["-X", "POST", "-H", &bearer, &url("/net/v1/vips")])?;
+    assert_eq!(code, 405);
+
+    // From loopback, reads need nothing (as the API's).
+    let local = format!("http://127.0.0.1:{ENTRY_PORT}/net/v1/nodes");
+    let (code, body) = request(&ns1, &[&local])?;
+    assert_eq!(code, 200, "{body}");
+
+    // The service: both backends, the prefix stripped, the credential
+    // not handed on.
+    let seen = wait_for("both dashboard backends", Duration::from_secs(20), || {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..10 {
+            let r = head_and_body(&ns2, &["-H", &bearer, &url("/service/dashboard/a/b?x=1")])?;
+            if !r.starts_with("HTTP/1.1 200") {
+                return Ok(None);
+            }
+            assert_eq!(header(&r, "x-path"), Some("/a/b?x=1"), "{r}");
+            seen.insert(r.lines().last().unwrap_or("").trim().to_string());
+        }
+        Ok((seen.len() == 2).then_some(seen))
+    })?;
+    assert!(
+        seen.contains("dash-1") && seen.contains("dash-2"),
+        "{seen:?}"
+    );
+    let r = head_and_body(&ns2, &["-H", &bearer, &url("/service/dashboard")])?;
+    assert!(r.starts_with("HTTP/1.1 307"), "{r}");
+    assert_eq!(header(&r, "location"), Some("/service/dashboard/"));
+    let (code, _) = request(&ns2, &["-H", &bearer, &url("/service/nothing/")])?;
+    assert_eq!(code, 404);
+
+    // A backend dies (its task still registered and healthy: no health
+    // check): every request still answered, by the other.
+    drop(dash2);
+    for i in 0..12 {
+        let (code, body) = request(&ns2, &["-H", &bearer, &url("/service/dashboard/")])?;
+        assert_eq!(
+            (code, body.trim()),
+            (200, "dash-1"),
+            "request {i} after dash-2 died"
+        );
+    }
+
+    // The login form: a session cookie that works in place of the token.
+    let r = head_and_body(
+        &ns2,
+        &[
+            "-X",
+            "POST",
+            "--data-urlencode",
+            &format!("token={token}"),
+            &url("/login"),
+        ],
+    )?;
+    assert!(r.starts_with("HTTP/1.1 303"), "{r}");
+    let cookie = header(&r, "set-cookie").unwrap_or_default().to_string();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    let pair = cookie.split(';').next().unwrap_or_default().to_string();
+    let (code, body) = request(
+        &ns2,
+        &["-H", &format!("Cookie: {pair}"), &url("/net/v1/nodes")],
+    )?;
+    assert_eq!(code, 200, "{body}");
+    let (code, _) = request(
+        &ns2,
+        &[
+            "-H",
+            "Cookie: dcos-acs-auth-cookie=0000",
+            &url("/net/v1/nodes"),
+        ],
+    )?;
+    assert_eq!(code, 401);
+
+    // Brute force: after a few wrong tokens the address is refused, the
+    // right token too while it lasts. (The wrong cookie above was one.)
+    let mut codes = Vec::new();
+    for i in 0..20 {
+        let wrong = format!("Authorization: Bearer wrong-{i}");
+        let r = head_and_body(&ns2, &["-H", &wrong, &url("/net/v1/nodes")])?;
+        let code: u16 = r.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+        if code == 429 {
+            assert!(header(&r, "retry-after").is_some(), "{r}");
+        }
+        codes.push(code);
+    }
+    let first_refusal = codes.iter().position(|c| *c == 429);
+    assert_eq!(first_refusal, Some(5), "wrong tokens answered {codes:?}");
+    assert!(codes[..5].iter().all(|c| *c == 401), "{codes:?}");
+    let (code, _) = request(&ns2, &["-H", &bearer, &url("/net/v1/nodes")])?;
+    assert_eq!(code, 429, "the right token during the lockout");
+    // Another client is not refused.
+    let (code, _) = request(&ns1, &["-H", &bearer, &url("/net/v1/nodes")])?;
+    assert_eq!(code, 200);
+    drop(dash1);
+    Ok(())
+}

@@ -1,0 +1,306 @@
+//! Who may pass the entry point: the pure rules (which routes are open,
+//! what counts as a credential, how failed attempts slow a client down),
+//! with no IO, so that they are tested alone.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+/// The session cookie, named as DC/OS's (its UI and CLI send it).
+pub const COOKIE: &str = "dcos-acs-auth-cookie";
+
+/// What a request needs to pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// Open to anyone: the version file and the login form.
+    Nothing,
+    /// A valid token or session.
+    Credential,
+}
+
+/// What a route needs: only the version file and the login form are open
+/// beyond loopback; from loopback, reads need nothing (as the API's).
+pub fn need(path: &str, read: bool, from_loopback: bool) -> Need {
+    if path == "/dcos-metadata/dcos-version.json" || path == "/login" {
+        return Need::Nothing;
+    }
+    if read && from_loopback {
+        return Need::Nothing;
+    }
+    Need::Credential
+}
+
+/// A credential a request presents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Credential<'a> {
+    /// `Authorization: Bearer <token>` or DC/OS's `Authorization: token=<token>`.
+    Token(&'a str),
+    /// The session cookie's value.
+    Session(&'a str),
+}
+
+/// The credential of an `Authorization` header value.
+pub fn from_authorization(value: &str) -> Option<Credential<'_>> {
+    let value = value.trim();
+    let token = value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("token="))?;
+    Some(Credential::Token(token.trim()))
+}
+
+/// The session cookie's value in a `Cookie` header value.
+pub fn from_cookie(value: &str) -> Option<Credential<'_>> {
+    value.split(';').find_map(|pair| {
+        let (k, v) = pair.trim().split_once('=')?;
+        (k == COOKIE && !v.is_empty()).then_some(Credential::Session(v))
+    })
+}
+
+/// Compares without stopping at the first difference (a token is not
+/// guessed byte by byte from timings).
+pub fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Failed attempts per client address: after [`Gate::FREE`] failures
+/// within [`Gate::WINDOW`], the address is refused (429) for
+/// [`Gate::LOCKOUT`], doubled by every failure after, up to
+/// [`Gate::MAX_LOCKOUT`]; a success forgets it. Bounded: beyond
+/// [`Gate::MAX_TRACKED`] addresses the quietest are forgotten first.
+#[derive(Debug, Default)]
+pub struct Gate {
+    clients: HashMap<IpAddr, Client>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Client {
+    failures: u32,
+    first: Instant,
+    last: Instant,
+    locked_until: Option<Instant>,
+}
+
+impl Gate {
+    pub const FREE: u32 = 5;
+    pub const WINDOW: Duration = Duration::from_secs(60);
+    pub const LOCKOUT: Duration = Duration::from_secs(2);
+    pub const MAX_LOCKOUT: Duration = Duration::from_secs(300);
+    pub const MAX_TRACKED: usize = 10_000;
+
+    /// `Err(wait)`: refused for that long still.
+    pub fn check(&self, ip: IpAddr, now: Instant) -> Result<(), Duration> {
+        match self.clients.get(&ip).and_then(|c| c.locked_until) {
+            Some(until) if until > now => Err(until - now),
+            _ => Ok(()),
+        }
+    }
+
+    /// Counts a wrong credential from `ip`.
+    pub fn failed(&mut self, ip: IpAddr, now: Instant) {
+        if !self.clients.contains_key(&ip) && self.clients.len() >= Self::MAX_TRACKED {
+            self.forget_quietest(now);
+        }
+        let c = self.clients.entry(ip).or_insert(Client {
+            failures: 0,
+            first: now,
+            last: now,
+            locked_until: None,
+        });
+        if now.duration_since(c.first) > Self::WINDOW && c.locked_until.is_none_or(|u| u <= now) {
+            // A new window: old failures are forgiven.
+            c.failures = 0;
+            c.first = now;
+        }
+        c.failures += 1;
+        c.last = now;
+        if c.failures > Self::FREE {
+            let doublings = (c.failures - Self::FREE - 1).min(16);
+            let lockout = Self::LOCKOUT
+                .saturating_mul(1 << doublings)
+                .min(Self::MAX_LOCKOUT);
+            c.locked_until = Some(now + lockout);
+        }
+    }
+
+    /// A valid credential from `ip`: its failures are forgotten.
+    pub fn succeeded(&mut self, ip: IpAddr) {
+        self.clients.remove(&ip);
+    }
+
+    pub fn tracked(&self) -> usize {
+        self.clients.len()
+    }
+
+    fn forget_quietest(&mut self, now: Instant) {
+        // Unlocked ones whose window is over first, then the oldest.
+        self.clients.retain(|_, c| {
+            c.locked_until.is_some_and(|u| u > now) || now.duration_since(c.first) <= Self::WINDOW
+        });
+        while self.clients.len() >= Self::MAX_TRACKED {
+            let Some(oldest) = self
+                .clients
+                .iter()
+                .min_by_key(|(_, c)| c.last)
+                .map(|(ip, _)| *ip)
+            else {
+                break;
+            };
+            self.clients.remove(&oldest);
+        }
+    }
+}
+
+/// Sessions made by the login form: random ids, each valid for
+/// [`Sessions::LIFETIME`]; at most [`Sessions::MAX`] (the oldest go).
+#[derive(Debug, Default)]
+pub struct Sessions {
+    ids: HashMap<String, Instant>,
+}
+
+impl Sessions {
+    pub const LIFETIME: Duration = Duration::from_secs(12 * 3600);
+    pub const MAX: usize = 10_000;
+
+    /// Starts a session with id `id` (32 random bytes, hex).
+    pub fn start(&mut self, id: String, now: Instant) {
+        self.ids.retain(|_, until| *until > now);
+        while self.ids.len() >= Self::MAX {
+            let Some(first) = self
+                .ids
+                .iter()
+                .min_by_key(|(_, u)| **u)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            self.ids.remove(&first);
+        }
+        self.ids.insert(id, now + Self::LIFETIME);
+    }
+
+    pub fn valid(&self, id: &str, now: Instant) -> bool {
+        // Looked up by the whole id: a map lookup compares hashes first,
+        // and an id is 256 random bits.
+        self.ids.get(id).is_some_and(|until| *until > now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn only_the_version_file_and_the_login_form_are_open_beyond_loopback() {
+        assert_eq!(
+            need("/dcos-metadata/dcos-version.json", true, false),
+            Need::Nothing
+        );
+        assert_eq!(need("/login", false, false), Need::Nothing);
+        for path in [
+            "/",
+            "/net/v1/vips",
+            "/service/web/",
+            "/metrics",
+            "/overlay-master/state",
+        ] {
+            assert_eq!(need(path, true, false), Need::Credential, "{path}");
+            assert_eq!(
+                need(path, true, true),
+                Need::Nothing,
+                "{path} from loopback"
+            );
+            assert_eq!(
+                need(path, false, true),
+                Need::Credential,
+                "{path} write from loopback"
+            );
+        }
+    }
+
+    #[test]
+    fn credentials_as_dcos_clients_send_them() {
+        assert_eq!(
+            from_authorization("Bearer abc"),
+            Some(Credential::Token("abc"))
+        );
+        assert_eq!(
+            from_authorization("token=abc"),
+            Some(Credential::Token("abc"))
+        );
+        assert_eq!(from_authorization("Basic YWJj"), None);
+        assert_eq!(
+            from_cookie("a=b; dcos-acs-auth-cookie=s1; c=d"),
+            Some(Credential::Session("s1"))
+        );
+        assert_eq!(from_cookie("dcos-acs-auth-cookie="), None);
+        assert_eq!(from_cookie("other=x"), None);
+        assert!(same(b"abc", b"abc"));
+        assert!(!same(b"abc", b"abd"));
+        assert!(!same(b"abc", b"abcd"));
+    }
+
+    #[test]
+    fn sessions_expire() {
+        let now = Instant::now();
+        let mut s = Sessions::default();
+        s.start("x".into(), now);
+        assert!(s.valid("x", now));
+        assert!(!s.valid("y", now));
+        assert!(!s.valid("x", now + Sessions::LIFETIME + Duration::from_secs(1)));
+    }
+
+    proptest! {
+        /// However failures and successes interleave: never locked with
+        /// at most FREE failures since the last success or window start,
+        /// always locked right after more, and a lockout never exceeds
+        /// the maximum.
+        #[test]
+        fn the_gate_slows_down_only_repeated_failures(
+            steps in proptest::collection::vec((0u8..3, 0u64..20_000), 1..200)
+        ) {
+            let mut gate = Gate::default();
+            let ip: IpAddr = [10, 0, 0, 1].into();
+            let start = Instant::now();
+            let mut now = start;
+            let mut since_success = 0u32;
+            let mut window_start = now;
+            for (kind, ms) in steps {
+                now += Duration::from_millis(ms);
+                if let Err(wait) = gate.check(ip, now) {
+                    prop_assert!(wait <= Gate::MAX_LOCKOUT);
+                    prop_assert!(since_success > Gate::FREE);
+                    continue;
+                }
+                if kind == 0 {
+                    gate.succeeded(ip);
+                    since_success = 0;
+                    window_start = now;
+                } else {
+                    // A window starts at its first failure.
+                    if since_success == 0 || now.duration_since(window_start) > Gate::WINDOW {
+                        since_success = 0;
+                        window_start = now;
+                    }
+                    gate.failed(ip, now);
+                    since_success += 1;
+                    if since_success > Gate::FREE {
+                        prop_assert!(gate.check(ip, now).is_err());
+                    } else {
+                        prop_assert!(gate.check(ip, now).is_ok());
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_gate_is_bounded() {
+        let mut gate = Gate::default();
+        let now = Instant::now();
+        for i in 0..(Gate::MAX_TRACKED as u32 + 50) {
+            gate.failed(IpAddr::from(i.to_be_bytes()), now);
+        }
+        assert!(gate.tracked() <= Gate::MAX_TRACKED);
+    }
+}

@@ -1,0 +1,442 @@
+//! The cluster's entry point on an agent started with `--entry-listen`: the
+//! counterpart of DC/OS's Admin Router, one authenticated door to what the
+//! agent knows (the Mesos-DNS and dcos-net APIs, the overlay state, the
+//! metrics) and to the cluster's services (`/service/<name>/`). There are no
+//! masters: every node is an entry point answering from its own replica.
+//!
+//! Authentication ([`auth`]): off loopback every request but the version
+//! file and the login form needs the agent's API token (`Authorization:
+//! Bearer <token>`, DC/OS's `Authorization: token=<token>`) or the session
+//! cookie the login form sets; wrong credentials get 401 with no cluster
+//! data, and an address that keeps presenting them is refused for a while
+//! (429). From loopback, reads need nothing, as the API's.
+//!
+//! Where to start reading: [`router`], then [`gate`], then [`service`].
+
+pub mod auth;
+pub mod service;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use axum::Router;
+use skein_agent::Agent;
+use skein_api::PeerAddr;
+use tower::ServiceExt;
+
+/// The entry point's shared state.
+pub struct Entry {
+    agent: Arc<Agent>,
+    /// The agent's API, answering the routes mapped onto it.
+    api: Router,
+    token: String,
+    gate: Mutex<auth::Gate>,
+    sessions: Mutex<auth::Sessions>,
+    /// Whether it is served over TLS (the session cookie is then `Secure`).
+    tls: bool,
+    next_backend: AtomicUsize,
+}
+
+/// The entry point's routes. `api` is the agent's API router (the mapped
+/// routes are answered by it), `token` the credential it accepts.
+pub fn router(agent: Arc<Agent>, api: Router, token: String, tls: bool) -> Router {
+    let entry = Arc::new(Entry {
+        agent,
+        api,
+        token,
+        gate: Mutex::default(),
+        sessions: Mutex::default(),
+        tls,
+        next_backend: AtomicUsize::new(0),
+    });
+    Router::new()
+        .route("/dcos-metadata/dcos-version.json", get(version))
+        .route("/login", get(login_form).post(login))
+        .route("/service/{name}", any(service))
+        .route("/service/{name}/", any(service))
+        .route("/service/{name}/{*rest}", any(service))
+        .route("/", get(index))
+        .fallback(mapped)
+        .layer(axum::middleware::from_fn_with_state(entry.clone(), gate))
+        .with_state(entry)
+}
+
+/// The API path a read on the entry point maps to, if any: the Mesos-DNS
+/// API under `/mesos_dns/v1/`, dcos-net's under `/net/v1/`, the overlay
+/// state under both of DC/OS's paths, the metrics.
+pub fn mapped_path(path: &str) -> Option<String> {
+    if let Some(rest) = path.strip_prefix("/mesos_dns/v1/") {
+        let known = ["version", "config", "enumerate", "records"].contains(&rest)
+            || rest.starts_with("hosts/")
+            || rest.starts_with("services/");
+        return known.then(|| format!("/v1/{rest}"));
+    }
+    if let Some(rest) = path.strip_prefix("/net/v1/") {
+        let known = [
+            "version",
+            "config",
+            "enumerate",
+            "records",
+            "vips",
+            "vips/problems",
+            "nodes",
+        ]
+        .contains(&rest)
+            || rest.starts_with("hosts/")
+            || rest.starts_with("services/");
+        return known.then(|| format!("/v1/{rest}"));
+    }
+    match path {
+        "/overlay-master/state" | "/mesos/overlay-master/state" => {
+            Some("/overlay-master/state".into())
+        }
+        "/metrics" => Some("/metrics".into()),
+        _ => None,
+    }
+}
+
+fn json_error(status: StatusCode, message: &str) -> Response {
+    let body = serde_json::json!({ "error": message }).to_string();
+    (
+        status,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response()
+}
+
+/// Lets a request through only with what its route needs ([`auth::need`]).
+pub async fn gate(State(e): State<Arc<Entry>>, req: Request, next: Next) -> Response {
+    let peer = req.extensions().get::<PeerAddr>().map(|p| p.0);
+    let ip = peer.map_or(std::net::IpAddr::from([0, 0, 0, 0]), |p| p.ip());
+    let read = matches!(*req.method(), Method::GET | Method::HEAD);
+    let loopback = peer.is_some_and(|p| p.ip().is_loopback());
+    if auth::need(req.uri().path(), read, loopback) == auth::Need::Nothing {
+        return next.run(req).await;
+    }
+    let now = Instant::now();
+    if let Err(wait) = lock(&e.gate).check(ip, now) {
+        return refused(wait);
+    }
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(auth::from_authorization)
+        .or_else(|| {
+            req.headers()
+                .get_all(header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .find_map(auth::from_cookie)
+        });
+    let valid =
+        match presented {
+            None => return json_error(
+                StatusCode::UNAUTHORIZED,
+                "sign in: Authorization: Bearer <token> (or token=<token>), or the form at /login",
+            ),
+            // An empty token (never configured) matches nothing.
+            Some(auth::Credential::Token(t)) => {
+                !e.token.is_empty() && auth::same(t.as_bytes(), e.token.as_bytes())
+            }
+            Some(auth::Credential::Session(s)) => lock(&e.sessions).valid(s, now),
+        };
+    if valid {
+        lock(&e.gate).succeeded(ip);
+        next.run(req).await
+    } else {
+        lock(&e.gate).failed(ip, now);
+        tracing::info!(client = %ip, path = req.uri().path(), "entry point: wrong credential");
+        json_error(StatusCode::UNAUTHORIZED, "invalid credential")
+    }
+}
+
+fn refused(wait: std::time::Duration) -> Response {
+    let mut r = json_error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "too many wrong credentials from this address: try again later",
+    );
+    let secs = wait.as_secs().max(1).to_string();
+    if let Ok(v) = HeaderValue::from_str(&secs) {
+        r.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    r
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// DC/OS's version file (open to all: clients read it before signing in).
+async fn version() -> Response {
+    axum::Json(serde_json::json!({
+        "version": skein_agent::VERSION,
+        "dcos-variant": "skein",
+    }))
+    .into_response()
+}
+
+const LOGIN_FORM: &str = r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>skein: sign in</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>body{font-family:sans-serif;max-width:28rem;margin:4rem auto;padding:0 1rem}
+label,input,button{display:block;width:100%;margin:.4rem 0;font-size:1rem}
+input{padding:.4rem}p.error{color:#a00}</style></head>
+<body><h1>skein</h1>
+{{error}}<form method="post" action="/login">
+<label for="token">API token (the agent's <code>api-token</code> file)</label>
+<input id="token" name="token" type="password" autocomplete="current-password" required autofocus>
+<button type="submit">Sign in</button></form></body></html>
+"#;
+
+fn login_page(status: StatusCode, error: &str) -> Response {
+    let error = if error.is_empty() {
+        String::new()
+    } else {
+        format!("<p class=\"error\" role=\"alert\">{error}</p>\n")
+    };
+    let page = LOGIN_FORM.replace("{{error}}", &error);
+    (
+        status,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/html; charset=utf-8"),
+        )],
+        page,
+    )
+        .into_response()
+}
+
+async fn login_form() -> Response {
+    login_page(StatusCode::OK, "")
+}
+
+/// Decodes `application/x-www-form-urlencoded` value text.
+fn form_decode(v: &str) -> Option<String> {
+    let bytes = v.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The login form's POST: the token for a session cookie. Wrong tokens
+/// count against the address as any wrong credential does.
+async fn login(State(e): State<Arc<Entry>>, req: Request) -> Response {
+    let ip = req
+        .extensions()
+        .get::<PeerAddr>()
+        .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |p| p.0.ip());
+    let now = Instant::now();
+    if let Err(wait) = lock(&e.gate).check(ip, now) {
+        return refused(wait);
+    }
+    let body: Bytes = match axum::body::to_bytes(req.into_body(), 16 * 1024).await {
+        Ok(b) => b,
+        Err(_) => return login_page(StatusCode::BAD_REQUEST, "the form is too large"),
+    };
+    let text = String::from_utf8_lossy(&body);
+    let token = text
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == "token")
+        .and_then(|(_, v)| form_decode(v));
+    let Some(token) = token else {
+        return login_page(StatusCode::BAD_REQUEST, "no token in the form");
+    };
+    if e.token.is_empty() || !auth::same(token.trim().as_bytes(), e.token.as_bytes()) {
+        lock(&e.gate).failed(ip, now);
+        tracing::info!(client = %ip, "entry point: wrong token at the login form");
+        return login_page(StatusCode::UNAUTHORIZED, "wrong token");
+    }
+    lock(&e.gate).succeeded(ip);
+    let id = match session_id() {
+        Some(id) => id,
+        None => {
+            return json_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "no randomness for a session",
+            )
+        }
+    };
+    lock(&e.sessions).start(id.clone(), now);
+    let secure = if e.tls { "; Secure" } else { "" };
+    let cookie = format!(
+        "{}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{secure}",
+        auth::COOKIE,
+        auth::Sessions::LIFETIME.as_secs()
+    );
+    let mut r = Response::new(Body::empty());
+    *r.status_mut() = StatusCode::SEE_OTHER;
+    r.headers_mut()
+        .insert(header::LOCATION, HeaderValue::from_static("/"));
+    if let Ok(v) = HeaderValue::from_str(&cookie) {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    r
+}
+
+/// 32 random bytes, hex.
+fn session_id() -> Option<String> {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 32];
+    ring::rand::SystemRandom::new().fill(&mut bytes).ok()?;
+    Some(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+const INDEX: &str = r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>skein</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>body{font-family:sans-serif;max-width:40rem;margin:2rem auto;padding:0 1rem}</style></head>
+<body><h1>skein</h1><p>This node's entry point. What it serves:</p><ul>
+<li><a href="/net/v1/vips">/net/v1/vips</a>, <a href="/net/v1/nodes">/net/v1/nodes</a> (dcos-net's API)</li>
+<li><a href="/mesos_dns/v1/enumerate">/mesos_dns/v1/enumerate</a> (the Mesos-DNS API)</li>
+<li><a href="/overlay-master/state">/overlay-master/state</a> (the overlay networks)</li>
+<li><a href="/metrics">/metrics</a> (Prometheus)</li>
+<li>/service/&lt;name&gt;/ (a service's own pages and API)</li>
+<li><a href="/dcos-metadata/dcos-version.json">/dcos-metadata/dcos-version.json</a></li>
+</ul></body></html>
+"#;
+
+async fn index() -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/html; charset=utf-8"),
+        )],
+        INDEX,
+    )
+        .into_response()
+}
+
+/// A read mapped onto the agent's API ([`mapped_path`]).
+async fn mapped(State(e): State<Arc<Entry>>, mut req: Request) -> Response {
+    let Some(target) = mapped_path(req.uri().path()) else {
+        return json_error(
+            StatusCode::NOT_FOUND,
+            &format!("no route {} on the entry point", req.uri().path()),
+        );
+    };
+    if !matches!(*req.method(), Method::GET | Method::HEAD) {
+        return json_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "the entry point's API routes are read-only (change state through the agent's API)",
+        );
+    }
+    let uri = match req.uri().query() {
+        Some(q) => format!("{target}?{q}"),
+        None => target,
+    };
+    match uri.parse::<Uri>() {
+        Ok(u) => *req.uri_mut() = u,
+        Err(e) => return json_error(StatusCode::BAD_REQUEST, &e.to_string()),
+    }
+    match e.api.clone().oneshot(req).await {
+        Ok(r) => r,
+        Err(never) => match never {},
+    }
+}
+
+/// `/service/<name>/...`.
+async fn service(State(e): State<Arc<Entry>>, req: Request) -> Response {
+    let path = req.uri().path().to_string();
+    let name = path
+        .strip_prefix("/service/")
+        .and_then(|p| p.split('/').next())
+        .unwrap_or("")
+        .to_string();
+    if path == format!("/service/{name}") {
+        // As Admin Router: the service's pages are under the slash.
+        let mut r = Response::new(Body::empty());
+        *r.status_mut() = StatusCode::TEMPORARY_REDIRECT;
+        if let Ok(v) = HeaderValue::from_str(&format!("/service/{name}/")) {
+            r.headers_mut().insert(header::LOCATION, v);
+        }
+        return r;
+    }
+    let view = e.agent.view();
+    let target = match service::target(&view.tasks, &name) {
+        Ok(t) => t,
+        Err(service::Unreachable::NoSuchService) => {
+            return json_error(StatusCode::NOT_FOUND, &format!("no service {name}"))
+        }
+        Err(service::Unreachable::Scheme(s)) => {
+            return json_error(
+                StatusCode::BAD_GATEWAY,
+                &format!("service {name} wants scheme {s}; the entry point proxies http"),
+            )
+        }
+        Err(service::Unreachable::NoBackend { app, tasks }) => {
+            return json_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("{app} has {tasks} task(s), none healthy on a live node"),
+            )
+        }
+    };
+    drop(view);
+    let peer = req.extensions().get::<PeerAddr>().map(|p| p.0);
+    let start = e.next_backend.fetch_add(1, Ordering::Relaxed);
+    service::proxy(target, &name, start, peer, req).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dcos_paths_map_onto_the_api() {
+        assert_eq!(
+            mapped_path("/mesos_dns/v1/enumerate").as_deref(),
+            Some("/v1/enumerate")
+        );
+        assert_eq!(
+            mapped_path("/mesos_dns/v1/hosts/web.marathon.mesos").as_deref(),
+            Some("/v1/hosts/web.marathon.mesos")
+        );
+        assert_eq!(mapped_path("/net/v1/vips").as_deref(), Some("/v1/vips"));
+        assert_eq!(mapped_path("/net/v1/nodes").as_deref(), Some("/v1/nodes"));
+        assert_eq!(
+            mapped_path("/mesos/overlay-master/state").as_deref(),
+            Some("/overlay-master/state")
+        );
+        assert_eq!(
+            mapped_path("/overlay-master/state").as_deref(),
+            Some("/overlay-master/state")
+        );
+        assert_eq!(mapped_path("/metrics").as_deref(), Some("/metrics"));
+        // The API's writes and its other reads are not on the entry point.
+        assert_eq!(mapped_path("/net/v1/tasks"), None);
+        assert_eq!(mapped_path("/mesos_dns/v1/vips"), None);
+        assert_eq!(mapped_path("/v1/tasks"), None);
+        assert_eq!(mapped_path("/overlay-master/agents/delete"), None);
+    }
+
+    #[test]
+    fn form_values_decode() {
+        assert_eq!(form_decode("a%2Bb+c").as_deref(), Some("a+b c"));
+        assert_eq!(form_decode("%zz"), None);
+        assert_eq!(form_decode("%4"), None);
+    }
+}

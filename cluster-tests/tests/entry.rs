@@ -6,8 +6,9 @@
 //! DC/OS's header forms) and the login form's session cookie let requests
 //! through, each mapped route answers in its documented shape,
 //! `/service/<name>/` reaches the app's backends with the prefix stripped
-//! and fails over when one dies, and a loop of wrong tokens is refused
-//! (429) after a few.
+//! and fails over when one dies, a loop of wrong tokens is refused (429)
+//! after a few, and `/system/health/v1` lists every node's components and
+//! a node killed.
 
 use std::time::Duration;
 
@@ -207,6 +208,54 @@ fn the_entry_point_guards_routes_and_proxies_services() -> anyhow::Result<()> {
     // Another client is not refused.
     let (code, _) = request(&ns1, &["-H", &bearer, &url("/net/v1/nodes")])?;
     assert_eq!(code, 200);
+
+    // The cluster's health: every node with its components, each saying
+    // why; a node killed shows as such.
+    let health_url = url("/system/health/v1");
+    let health = |want: &dyn Fn(&serde_json::Value) -> bool| {
+        wait_for("the cluster's health", Duration::from_secs(20), || {
+            let (code, body) = request(&ns1, &["-H", &bearer, &health_url])?;
+            let v: serde_json::Value = serde_json::from_str(&body)?;
+            Ok((code == 200 && want(&v)).then_some(v))
+        })
+    };
+    let node = |v: &serde_json::Value, id: &str| {
+        v["nodes"]
+            .as_array()
+            .and_then(|a| a.iter().find(|n| n["node_id"] == id).cloned())
+            .unwrap_or_default()
+    };
+    let both_report = |v: &serde_json::Value| {
+        ["node1", "node2"].iter().all(|id| {
+            node(v, id)["components"].as_array().is_some_and(|c| {
+                c.iter()
+                    .any(|c| c["id"] == "gossip" && c["healthy"] == true)
+            })
+        })
+    };
+    let h = health(&both_report)?;
+    for id in ["node1", "node2"] {
+        assert!(node(&h, id)["version"].is_string(), "{h}");
+        assert!(node(&h, id)["uptime_s"].is_u64(), "{h}");
+        for c in node(&h, id)["components"].as_array().into_iter().flatten() {
+            assert!(c["reason"].as_str().is_some_and(|r| !r.is_empty()), "{c}");
+            assert_eq!(c["health"], if c["healthy"] == true { 0 } else { 1 }, "{c}");
+        }
+    }
+    c.kill(2)?;
+    let h = health(&|v| node(v, "node2")["status"] != "alive")?;
+    let n2 = node(&h, "node2");
+    assert_eq!(
+        (n2["healthy"].clone(), h["healthy"].clone()),
+        (false.into(), false.into()),
+        "{h}"
+    );
+    assert!(
+        n2["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("last reported")),
+        "{n2}"
+    );
     drop(dash1);
     Ok(())
 }

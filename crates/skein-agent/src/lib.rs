@@ -9,6 +9,7 @@ mod health;
 mod ipvs;
 pub mod l4lb;
 pub mod metrics;
+pub mod node_health;
 pub mod overlay;
 mod realize;
 mod store;
@@ -140,6 +141,8 @@ pub struct Agent {
     overlay_status: Mutex<String>,
     /// Pools with no lease left for this node (shown in its status).
     lease_errors: Mutex<Vec<String>>,
+    /// When an edge last asked for its routes (its health component).
+    edge_polled: std::sync::Mutex<Option<Instant>>,
     started: Instant,
     pub counters: Counters,
 }
@@ -339,6 +342,7 @@ impl Agent {
             overlay_counters: Default::default(),
             overlay_status: Mutex::new(String::new()),
             lease_errors: Mutex::new(Vec::new()),
+            edge_polled: std::sync::Mutex::new(None),
             started: Instant::now(),
             counters: Counters::default(),
         });
@@ -348,6 +352,7 @@ impl Agent {
         tokio::spawn(refresh_loop(Arc::downgrade(&agent)));
         tokio::spawn(tls::watch(Arc::downgrade(&agent.transport)));
         tokio::spawn(health::run(Arc::downgrade(&agent)));
+        tokio::spawn(node_health::run(Arc::downgrade(&agent)));
         match agent.config.l4lb_dataplane {
             l4lb::Dataplane::Nftables => {
                 agent.spawn_l4lb(l4lb::NftDataplane::new(l4lb::HostNftables::default()))

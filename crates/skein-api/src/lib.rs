@@ -101,6 +101,7 @@ pub fn router(agent: Arc<Agent>, auth: ApiAuth) -> Router {
         .route("/v1/edge", get(edge))
         .route("/v1/edge/problems", get(edge_problems))
         .route("/metrics", get(metrics))
+        .route("/v1/health", get(system_health))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(Ctx {
@@ -751,6 +752,7 @@ struct WholeDoc<'a> {
 /// agent still has it (`{"version", "base", "upsert", ...}`), else the
 /// whole document (`{"version", "routes"}`).
 async fn edge(State(ctx): State<Ctx>, Query(q): Query<EdgeQuery>) -> Response {
+    ctx.agent.note_edge_poll();
     let groups: Option<Vec<String>> = q.groups.as_deref().map(|g| {
         g.split(',')
             .map(str::trim)
@@ -801,6 +803,11 @@ async fn edge(State(ctx): State<Ctx>, Query(q): Query<EdgeQuery>) -> Response {
             _ => return answer(doc),
         }
     }
+}
+
+/// Every node and its components, from this node's replica.
+async fn system_health(State(ctx): State<Ctx>) -> Response {
+    Json(ctx.agent.system_health()).into_response()
 }
 
 async fn edge_problems(State(ctx): State<Ctx>) -> Response {

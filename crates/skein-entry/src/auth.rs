@@ -62,6 +62,27 @@ pub fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// A value of an `application/x-www-form-urlencoded` body (the login
+/// form's token), decoded; `None` if it is not valid.
+pub fn form_value(v: &str) -> Option<String> {
+    let bytes = v.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).ok()
+}
+
 /// Failed attempts per client address: after [`Gate::FREE`] failures
 /// within [`Gate::WINDOW`], the address is refused (429) for
 /// [`Gate::LOCKOUT`], doubled by every failure after, up to
@@ -238,6 +259,15 @@ mod tests {
         assert!(same(b"abc", b"abc"));
         assert!(!same(b"abc", b"abd"));
         assert!(!same(b"abc", b"abcd"));
+    }
+
+    #[test]
+    fn form_values_decode() {
+        assert_eq!(form_value("a%2Bb+c").as_deref(), Some("a+b c"));
+        assert_eq!(form_value("%zz"), None);
+        assert_eq!(form_value("%4"), None);
+        assert_eq!(form_value("%C3%A9").as_deref(), Some("é"));
+        assert_eq!(form_value("%FF"), None);
     }
 
     #[test]

@@ -70,7 +70,7 @@ pub fn router(agent: Arc<Agent>, api: Router, token: String, tls: bool) -> Route
 
 /// The API path a read on the entry point maps to, if any: the Mesos-DNS
 /// API under `/mesos_dns/v1/`, dcos-net's under `/net/v1/`, the overlay
-/// state under both of DC/OS's paths, the metrics.
+/// state under both of DC/OS's paths, the cluster's health, the metrics.
 pub fn mapped_path(path: &str) -> Option<String> {
     if let Some(rest) = path.strip_prefix("/mesos_dns/v1/") {
         let known = ["version", "config", "enumerate", "records"].contains(&rest)
@@ -98,6 +98,7 @@ pub fn mapped_path(path: &str) -> Option<String> {
             Some("/overlay-master/state".into())
         }
         "/metrics" => Some("/metrics".into()),
+        "/system/health/v1" => Some("/v1/health".into()),
         _ => None,
     }
 }
@@ -222,26 +223,6 @@ async fn login_form() -> Response {
     login_page(StatusCode::OK, "")
 }
 
-/// Decodes `application/x-www-form-urlencoded` value text.
-fn form_decode(v: &str) -> Option<String> {
-    let bytes = v.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' => {
-                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 2;
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8(out).ok()
-}
-
 /// The login form's POST: the token for a session cookie. Wrong tokens
 /// count against the address as any wrong credential does.
 async fn login(State(e): State<Arc<Entry>>, req: Request) -> Response {
@@ -262,7 +243,7 @@ async fn login(State(e): State<Arc<Entry>>, req: Request) -> Response {
         .split('&')
         .filter_map(|kv| kv.split_once('='))
         .find(|(k, _)| *k == "token")
-        .and_then(|(_, v)| form_decode(v));
+        .and_then(|(_, v)| auth::form_value(v));
     let Some(token) = token else {
         return login_page(StatusCode::BAD_REQUEST, "no token in the form");
     };
@@ -314,6 +295,7 @@ const INDEX: &str = r#"<!doctype html>
 <li><a href="/net/v1/vips">/net/v1/vips</a>, <a href="/net/v1/nodes">/net/v1/nodes</a> (dcos-net's API)</li>
 <li><a href="/mesos_dns/v1/enumerate">/mesos_dns/v1/enumerate</a> (the Mesos-DNS API)</li>
 <li><a href="/overlay-master/state">/overlay-master/state</a> (the overlay networks)</li>
+<li><a href="/system/health/v1">/system/health/v1</a> (every node and its components)</li>
 <li><a href="/metrics">/metrics</a> (Prometheus)</li>
 <li>/service/&lt;name&gt;/ (a service's own pages and API)</li>
 <li><a href="/dcos-metadata/dcos-version.json">/dcos-metadata/dcos-version.json</a></li>
@@ -426,17 +408,14 @@ mod tests {
             Some("/overlay-master/state")
         );
         assert_eq!(mapped_path("/metrics").as_deref(), Some("/metrics"));
+        assert_eq!(
+            mapped_path("/system/health/v1").as_deref(),
+            Some("/v1/health")
+        );
         // The API's writes and its other reads are not on the entry point.
         assert_eq!(mapped_path("/net/v1/tasks"), None);
         assert_eq!(mapped_path("/mesos_dns/v1/vips"), None);
         assert_eq!(mapped_path("/v1/tasks"), None);
         assert_eq!(mapped_path("/overlay-master/agents/delete"), None);
-    }
-
-    #[test]
-    fn form_values_decode() {
-        assert_eq!(form_decode("a%2Bb+c").as_deref(), Some("a+b c"));
-        assert_eq!(form_decode("%zz"), None);
-        assert_eq!(form_decode("%4"), None);
     }
 }

@@ -76,6 +76,14 @@ fn the_entry_point_guards_routes_and_proxies_services() -> anyhow::Result<()> {
         assert_eq!(refusal.as_object().map(|o| o.len()), Some(1), "{body}");
     }
 
+    // A browser without a session is sent to the login form.
+    let r = head_and_body(&ns2, &["-H", "Accept: text/html", &url("/")])?;
+    assert!(r.starts_with("HTTP/1.1 303"), "{r}");
+    assert_eq!(header(&r, "location"), Some("/login"));
+    let (code, form) = request(&ns2, &[&url("/login")])?;
+    assert_eq!(code, 200);
+    assert!(form.contains("<form") && !form.contains("node1"), "{form}");
+
     // With the token, in either form: the routes in their shapes.
     let nodes = wait_for(
         "both nodes through the entry point",

@@ -31,6 +31,18 @@ use skein_agent::Agent;
 use skein_api::PeerAddr;
 use tower::ServiceExt;
 
+/// How an entry point is set up.
+#[derive(Debug, Clone)]
+pub struct EntryConfig {
+    /// The credential it accepts (the agent's API token).
+    pub token: String,
+    /// Whether it is served over TLS (the session cookie is then `Secure`).
+    pub tls: bool,
+    /// The stats port of this node's edge (`skein edge --stats-port`),
+    /// whose status the UI's Edge page shows.
+    pub edge_stats: std::net::SocketAddr,
+}
+
 /// The entry point's shared state.
 pub struct Entry {
     agent: Arc<Agent>,
@@ -41,19 +53,21 @@ pub struct Entry {
     sessions: Mutex<auth::Sessions>,
     /// Whether it is served over TLS (the session cookie is then `Secure`).
     tls: bool,
+    edge_stats: std::net::SocketAddr,
     next_backend: AtomicUsize,
 }
 
 /// The entry point's routes. `api` is the agent's API router (the mapped
-/// routes are answered by it), `token` the credential it accepts.
-pub fn router(agent: Arc<Agent>, api: Router, token: String, tls: bool) -> Router {
+/// routes are answered by it).
+pub fn router(agent: Arc<Agent>, api: Router, config: EntryConfig) -> Router {
     let entry = Arc::new(Entry {
         agent,
         api,
-        token,
+        token: config.token,
         gate: Mutex::default(),
         sessions: Mutex::default(),
-        tls,
+        tls: config.tls,
+        edge_stats: config.edge_stats,
         next_backend: AtomicUsize::new(0),
     });
     Router::new()
@@ -62,7 +76,16 @@ pub fn router(agent: Arc<Agent>, api: Router, token: String, tls: bool) -> Route
         .route("/service/{name}", any(service))
         .route("/service/{name}/", any(service))
         .route("/service/{name}/{*rest}", any(service))
-        .route("/", get(index))
+        .route("/", get(|| asset(UI_INDEX, "text/html; charset=utf-8")))
+        .route(
+            "/ui/app.js",
+            get(|| asset(UI_JS, "text/javascript; charset=utf-8")),
+        )
+        .route(
+            "/ui/app.css",
+            get(|| asset(UI_CSS, "text/css; charset=utf-8")),
+        )
+        .route("/skein/v1/edge", get(edge_status))
         .fallback(mapped)
         .layer(axum::middleware::from_fn_with_state(entry.clone(), gate))
         .with_state(entry)
@@ -94,6 +117,8 @@ pub fn mapped_path(path: &str) -> Option<String> {
         return known.then(|| format!("/v1/{rest}"));
     }
     match path {
+        // What the UI reads besides dcos-net's and Mesos-DNS's.
+        "/skein/v1/tasks" => Some("/v1/tasks".into()),
         "/overlay-master/state" | "/mesos/overlay-master/state" => {
             Some("/overlay-master/state".into())
         }
@@ -143,6 +168,14 @@ pub async fn gate(State(e): State<Arc<Entry>>, req: Request, next: Next) -> Resp
         });
     let valid =
         match presented {
+            None if *req.method() == Method::GET && wants_html(&req) => {
+                // A browser: to the login form.
+                let mut r = Response::new(Body::empty());
+                *r.status_mut() = StatusCode::SEE_OTHER;
+                r.headers_mut()
+                    .insert(header::LOCATION, HeaderValue::from_static("/login"));
+                return r;
+            }
             None => return json_error(
                 StatusCode::UNAUTHORIZED,
                 "sign in: Authorization: Bearer <token> (or token=<token>), or the form at /login",
@@ -161,6 +194,14 @@ pub async fn gate(State(e): State<Arc<Entry>>, req: Request, next: Next) -> Resp
         tracing::info!(client = %ip, path = req.uri().path(), "entry point: wrong credential");
         json_error(StatusCode::UNAUTHORIZED, "invalid credential")
     }
+}
+
+/// Whether a request comes from a browser loading a page.
+fn wants_html(req: &Request) -> bool {
+    req.headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/html"))
 }
 
 fn refused(wait: std::time::Duration) -> Response {
@@ -287,30 +328,66 @@ fn session_id() -> Option<String> {
     Some(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-const INDEX: &str = r#"<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>skein</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<style>body{font-family:sans-serif;max-width:40rem;margin:2rem auto;padding:0 1rem}</style></head>
-<body><h1>skein</h1><p>This node's entry point. What it serves:</p><ul>
-<li><a href="/net/v1/vips">/net/v1/vips</a>, <a href="/net/v1/nodes">/net/v1/nodes</a> (dcos-net's API)</li>
-<li><a href="/mesos_dns/v1/enumerate">/mesos_dns/v1/enumerate</a> (the Mesos-DNS API)</li>
-<li><a href="/overlay-master/state">/overlay-master/state</a> (the overlay networks)</li>
-<li><a href="/system/health/v1">/system/health/v1</a> (every node and its components)</li>
-<li><a href="/metrics">/metrics</a> (Prometheus)</li>
-<li>/service/&lt;name&gt;/ (a service's own pages and API)</li>
-<li><a href="/dcos-metadata/dcos-version.json">/dcos-metadata/dcos-version.json</a></li>
-</ul></body></html>
-"#;
+// The UI, embedded: it works with no internet.
+const UI_INDEX: &str = include_str!("../ui/index.html");
+const UI_JS: &str = include_str!("../ui/app.js");
+const UI_CSS: &str = include_str!("../ui/app.css");
 
-async fn index() -> Response {
+async fn asset(body: &'static str, kind: &'static str) -> Response {
     (
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/html; charset=utf-8"),
-        )],
-        INDEX,
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static(kind)),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+        ],
+        body,
     )
         .into_response()
+}
+
+/// The local edge's status (`/_skein/status` on its stats port), for the
+/// UI's Edge page; 503 when no edge answers there.
+async fn edge_status(State(e): State<Arc<Entry>>) -> Response {
+    let addr = e.edge_stats;
+    let fetched = tokio::time::timeout(std::time::Duration::from_secs(2), async move {
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let req = axum::http::Request::get("/_skein/status")
+            .header(header::HOST, addr.to_string())
+            .body(Body::empty())
+            .map_err(|e| e.to_string())?;
+        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        if !resp.status().is_success() {
+            return Err(format!("it answered {}", resp.status()));
+        }
+        axum::body::to_bytes(Body::new(resp.into_body()), 8 << 20)
+            .await
+            .map_err(|e| e.to_string())
+    })
+    .await;
+    match fetched {
+        Ok(Ok(body)) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            body,
+        )
+            .into_response(),
+        Ok(Err(why)) => json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("no edge on this node answers on {addr}: {why}"),
+        ),
+        Err(_) => json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("the edge on {addr} did not answer within 2 s"),
+        ),
+    }
 }
 
 /// A read mapped onto the agent's API ([`mapped_path`]).
@@ -416,6 +493,7 @@ mod tests {
         assert_eq!(mapped_path("/net/v1/tasks"), None);
         assert_eq!(mapped_path("/mesos_dns/v1/vips"), None);
         assert_eq!(mapped_path("/v1/tasks"), None);
+        assert_eq!(mapped_path("/skein/v1/tasks").as_deref(), Some("/v1/tasks"));
         assert_eq!(mapped_path("/overlay-master/agents/delete"), None);
     }
 }

@@ -42,6 +42,10 @@ pub(crate) struct AgentArgs {
     /// version file and the login form needs the API token.
     #[arg(long, env = "SKEIN_ENTRY_LISTEN")]
     pub entry_listen: Option<SocketAddr>,
+    /// The stats port of this node's edge, whose status the entry point's
+    /// UI shows [default: 127.0.0.1:9090].
+    #[arg(long, env = "SKEIN_ENTRY_EDGE_STATS")]
+    pub entry_edge_stats: Option<SocketAddr>,
     /// Where the agent keeps its state [default: /var/lib/skein].
     #[arg(long, env = "SKEIN_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -106,6 +110,7 @@ struct FileConfig {
     seeds: Option<Vec<String>>,
     api_listen: Option<SocketAddr>,
     entry_listen: Option<SocketAddr>,
+    entry_edge_stats: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
     tls_dir: Option<PathBuf>,
     cluster_id: Option<String>,
@@ -150,6 +155,7 @@ pub(crate) struct Resolved {
     pub api_listen: SocketAddr,
     pub api_token: Option<String>,
     pub entry_listen: Option<SocketAddr>,
+    pub entry_edge_stats: SocketAddr,
 }
 
 pub(crate) fn hostname() -> String {
@@ -422,6 +428,10 @@ impl AgentArgs {
             api_listen,
             api_token,
             entry_listen: self.entry_listen.or(file.entry_listen),
+            entry_edge_stats: self
+                .entry_edge_stats
+                .or(file.entry_edge_stats)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9090))),
         })
     }
 }

@@ -333,7 +333,15 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             );
             // The agent's own token when no token file was given.
             let token = resolved.api_token.clone().unwrap_or_default();
-            let app = skein_entry::router(agent.clone(), api, token, false);
+            let app = skein_entry::router(
+                agent.clone(),
+                api,
+                skein_entry::EntryConfig {
+                    token,
+                    tls: false,
+                    edge_stats: resolved.entry_edge_stats,
+                },
+            );
             tokio::spawn(async move {
                 // Stops with the process (the API's server returning).
                 let run = skein_api::serve(listener, app, std::future::pending());

@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use cluster_tests::{curl, head_and_body, header, spawn_in, wait_for, Cluster};
+use cluster_tests::{curl, head_and_body, header, sh, spawn_in, wait_for, Cluster};
 
 const ENTRY_PORT: u16 = 8080;
 
@@ -31,7 +31,42 @@ fn the_entry_point_guards_routes_and_proxies_services() -> anyhow::Result<()> {
     let mut c = Cluster::new(2)?;
     let listen = format!("0.0.0.0:{ENTRY_PORT}");
     c.start(1, &[], &["--entry-listen", &listen])?;
-    c.start(2, &[1], &[])?;
+    // node2's entry point serves HTTPS, with a certificate for entry.test.
+    let pem = c.dir.path().join("entry.pem");
+    let key = c.dir.path().join("entry.key");
+    let (pem_s, key_s) = (pem.display().to_string(), key.display().to_string());
+    sh(&[
+        "openssl",
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=entry.test",
+        "-addext",
+        "subjectAltName=DNS:entry.test",
+        "-keyout",
+        &key_s,
+        "-out",
+        &pem_s,
+    ])?;
+    c.start(
+        2,
+        &[1],
+        &[
+            "--entry-listen",
+            "0.0.0.0:8443",
+            "--entry-tls-cert",
+            &pem_s,
+            "--entry-tls-key",
+            &key_s,
+        ],
+    )?;
     let (ip1, ip2) = (c.node(1).ip.clone(), c.node(2).ip.clone());
     let (ns1, ns2) = (c.node(1).netns.clone(), c.node(2).netns.clone());
     let token = std::fs::read_to_string(c.node(1).data_dir.join("api-token"))?
@@ -75,6 +110,74 @@ fn the_entry_point_guards_routes_and_proxies_services() -> anyhow::Result<()> {
         let refusal: serde_json::Value = serde_json::from_str(&body)?;
         assert_eq!(refusal.as_object().map(|o| o.len()), Some(1), "{body}");
     }
+
+    // HTTPS on node2's entry point: the version file, the token, and a
+    // session cookie marked Secure; plain HTTP on that port gets nothing.
+    let resolve = format!("entry.test:8443:{ip2}");
+    let tls = |path: &str| format!("https://entry.test:8443{path}");
+    let token2 = std::fs::read_to_string(c.node(2).data_dir.join("api-token"))?
+        .trim()
+        .to_string();
+    let (code, body) = request(
+        &ns1,
+        &[
+            "--cacert",
+            &pem_s,
+            "--resolve",
+            &resolve,
+            &tls("/dcos-metadata/dcos-version.json"),
+        ],
+    )?;
+    assert_eq!(code, 200, "{body}");
+    let (code, _) = request(
+        &ns1,
+        &[
+            "--cacert",
+            &pem_s,
+            "--resolve",
+            &resolve,
+            &tls("/net/v1/nodes"),
+        ],
+    )?;
+    assert_eq!(code, 401);
+    let (code, body) = request(
+        &ns1,
+        &[
+            "--cacert",
+            &pem_s,
+            "--resolve",
+            &resolve,
+            "-H",
+            &format!("Authorization: Bearer {token2}"),
+            &tls("/net/v1/nodes"),
+        ],
+    )?;
+    assert_eq!(code, 200, "{body}");
+    let r = head_and_body(
+        &ns1,
+        &[
+            "--cacert",
+            &pem_s,
+            "--resolve",
+            &resolve,
+            "-X",
+            "POST",
+            "--data-urlencode",
+            &format!("token={token2}"),
+            &tls("/login"),
+        ],
+    )?;
+    assert!(
+        header(&r, "set-cookie").is_some_and(|c| c.contains("; Secure")),
+        "{r}"
+    );
+    // curl fails (no HTTP answer) or gets an error status: nothing served.
+    let plain_url = format!("http://{ip2}:8443/dcos-metadata/dcos-version.json");
+    let plain = request(&ns1, &[&plain_url]);
+    assert!(
+        plain.as_ref().map_or(true, |(code, _)| *code != 200),
+        "plain HTTP on the HTTPS port: {plain:?}"
+    );
 
     // A browser without a session is sent to the login form.
     let r = head_and_body(&ns2, &["-H", "Accept: text/html", &url("/")])?;

@@ -244,6 +244,20 @@ pub async fn serve_with(
     counters: Arc<ServeCounters>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_tls_with(listener, app, limits, counters, None, shutdown).await
+}
+
+/// [`serve_with`], over TLS when `tls` is given (the handshake must end
+/// within the header read timeout).
+pub async fn serve_tls_with(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    limits: Limits,
+    counters: Arc<ServeCounters>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let tls = tls.map(tokio_rustls::TlsAcceptor::from);
     let service = ServiceBuilder::new()
         .load_shed()
         .layer(GlobalConcurrencyLimitLayer::new(limits.max_requests.max(1)))
@@ -300,15 +314,34 @@ pub async fn serve_with(
             }
         };
         let _ = stream.set_nodelay(true);
-        tokio::spawn(connection(
-            stream,
-            peer,
+        let (service, limits, counters, stop) = (
             service.clone(),
             limits.clone(),
             counters.clone(),
             stop_rx.clone(),
-            slot,
-        ));
+        );
+        match tls.clone() {
+            None => {
+                tokio::spawn(connection(
+                    stream, peer, service, limits, counters, stop, slot,
+                ));
+            }
+            Some(acceptor) => {
+                tokio::spawn(async move {
+                    let handshake =
+                        tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream));
+                    match handshake.await {
+                        Ok(Ok(stream)) => {
+                            connection(stream, peer, service, limits, counters, stop, slot).await
+                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => {
+                            counters.header_timeouts.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        }
     }
     drop(listener);
     let _ = stop_tx.send(true);
@@ -320,8 +353,8 @@ pub async fn serve_with(
 /// One connection, from its slot to its end: served with a timer (so that
 /// the header read timeout applies) until it closes, times out, reaches
 /// its lifetime or the server stops.
-async fn connection<S>(
-    stream: tokio::net::TcpStream,
+async fn connection<S, I>(
+    stream: I,
     peer: std::net::SocketAddr,
     service: S,
     limits: Limits,
@@ -333,6 +366,7 @@ async fn connection<S>(
         + Send
         + 'static,
     S::Future: Send + 'static,
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     counters.connections_open.fetch_add(1, Ordering::Relaxed);
     let mut builder = hyper::server::conn::http1::Builder::new();

@@ -46,6 +46,13 @@ pub(crate) struct AgentArgs {
     /// UI shows [default: 127.0.0.1:9090].
     #[arg(long, env = "SKEIN_ENTRY_EDGE_STATS")]
     pub entry_edge_stats: Option<SocketAddr>,
+    /// PEM certificate chain: the entry point serves HTTPS (with
+    /// `--entry-tls-key`).
+    #[arg(long, env = "SKEIN_ENTRY_TLS_CERT", requires = "entry_tls_key")]
+    pub entry_tls_cert: Option<PathBuf>,
+    /// PEM key of `--entry-tls-cert`.
+    #[arg(long, env = "SKEIN_ENTRY_TLS_KEY", requires = "entry_tls_cert")]
+    pub entry_tls_key: Option<PathBuf>,
     /// Where the agent keeps its state [default: /var/lib/skein].
     #[arg(long, env = "SKEIN_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -111,6 +118,8 @@ struct FileConfig {
     api_listen: Option<SocketAddr>,
     entry_listen: Option<SocketAddr>,
     entry_edge_stats: Option<SocketAddr>,
+    entry_tls_cert: Option<PathBuf>,
+    entry_tls_key: Option<PathBuf>,
     data_dir: Option<PathBuf>,
     tls_dir: Option<PathBuf>,
     cluster_id: Option<String>,
@@ -156,6 +165,8 @@ pub(crate) struct Resolved {
     pub api_token: Option<String>,
     pub entry_listen: Option<SocketAddr>,
     pub entry_edge_stats: SocketAddr,
+    /// Certificate and key files, when the entry point serves HTTPS.
+    pub entry_tls: Option<(PathBuf, PathBuf)>,
 }
 
 pub(crate) fn hostname() -> String {
@@ -428,6 +439,14 @@ impl AgentArgs {
             api_listen,
             api_token,
             entry_listen: self.entry_listen.or(file.entry_listen),
+            entry_tls: match (
+                self.entry_tls_cert.or(file.entry_tls_cert),
+                self.entry_tls_key.or(file.entry_tls_key),
+            ) {
+                (Some(c), Some(k)) => Some((c, k)),
+                (None, None) => None,
+                _ => bail!("--entry-tls-cert and --entry-tls-key go together"),
+            },
             entry_edge_stats: self
                 .entry_edge_stats
                 .or(file.entry_edge_stats)

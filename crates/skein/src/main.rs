@@ -324,7 +324,7 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(entry)
                 .await
                 .with_context(|| format!("cannot listen on {entry} for the entry point"))?;
-            tracing::info!(entry = %entry, "entry point listening");
+            tracing::info!(entry = %entry, tls = resolved.entry_tls.is_some(), "entry point listening");
             let api = skein_api::router(
                 agent.clone(),
                 skein_api::ApiAuth {
@@ -333,18 +333,32 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             );
             // The agent's own token when no token file was given.
             let token = resolved.api_token.clone().unwrap_or_default();
+            let tls = match &resolved.entry_tls {
+                Some((cert, key)) => Some(
+                    skein_entry::tls_config(cert, key)
+                        .map_err(|e| anyhow::anyhow!("entry point TLS: {e}"))?,
+                ),
+                None => None,
+            };
             let app = skein_entry::router(
                 agent.clone(),
                 api,
                 skein_entry::EntryConfig {
                     token,
-                    tls: false,
+                    tls: tls.is_some(),
                     edge_stats: resolved.entry_edge_stats,
                 },
             );
             tokio::spawn(async move {
                 // Stops with the process (the API's server returning).
-                let run = skein_api::serve(listener, app, std::future::pending());
+                let run = skein_api::serve_tls_with(
+                    listener,
+                    app,
+                    skein_api::Limits::default(),
+                    Default::default(),
+                    tls,
+                    std::future::pending(),
+                );
                 if let Err(e) = run.await {
                     tracing::error!(error = %e, "entry point stopped");
                 }

@@ -540,6 +540,35 @@ impl Drop for Cluster {
     }
 }
 
+/// A self-signed certificate for `host` made with openssl as an operator
+/// would (P-256, two days): `<dir>/<host>.pem` and `<dir>/<host>.key`.
+pub fn self_signed(dir: &Path, host: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let pem = dir.join(format!("{host}.pem"));
+    let key = dir.join(format!("{host}.key"));
+    let (subject, san) = (format!("/CN={host}"), format!("subjectAltName=DNS:{host}"));
+    sh(&[
+        "openssl",
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        &subject,
+        "-addext",
+        &san,
+        "-keyout",
+        path_str(&key)?,
+        "-out",
+        path_str(&pem)?,
+    ])?;
+    Ok((pem, key))
+}
+
 /// One request's headers and body (`curl -si` with `args`) from `netns`.
 pub fn head_and_body(netns: &str, args: &[&str]) -> anyhow::Result<String> {
     let mut a = vec!["-si"];

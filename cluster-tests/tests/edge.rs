@@ -98,28 +98,7 @@ fn the_edge_routes_by_labels_and_follows_the_cluster() -> anyhow::Result<()> {
     backends.push(spawn_in(&ns3, httpi, &[&format!("{ip3}:9300"), "tcp-3"])?);
 
     // TLS for the vhost: a self-signed certificate for web.example.com.
-    let pem = c.dir.path().join("web.pem");
-    let key = c.dir.path().join("web.key");
-    sh(&[
-        "openssl",
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=web.example.com",
-        "-addext",
-        "subjectAltName=DNS:web.example.com",
-        "-keyout",
-        key.to_str().unwrap_or_default(),
-        "-out",
-        pem.to_str().unwrap_or_default(),
-    ])?;
+    let (pem, key) = cluster_tests::self_signed(c.dir.path(), "web.example.com")?;
     let mut both = std::fs::read(&pem)?;
     both.extend(std::fs::read(&key)?);
     std::fs::write(&pem, both)?;

@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use cluster_tests::{curl, head_and_body, header, sh, spawn_in, wait_for, Cluster};
+use cluster_tests::{curl, head_and_body, header, spawn_in, wait_for, Cluster};
 
 const ENTRY_PORT: u16 = 8080;
 
@@ -25,6 +25,11 @@ fn request(ns: &str, args: &[&str]) -> anyhow::Result<(u16, String)> {
     Ok((code.trim().parse().unwrap_or(0), body.to_string()))
 }
 
+/// `args` as curl's argument list.
+fn refs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
 #[test]
 fn the_entry_point_guards_routes_and_proxies_services() -> anyhow::Result<()> {
     let httpi = env!("CARGO_BIN_EXE_skein-httpi");
@@ -32,29 +37,8 @@ fn the_entry_point_guards_routes_and_proxies_services() -> anyhow::Result<()> {
     let listen = format!("0.0.0.0:{ENTRY_PORT}");
     c.start(1, &[], &["--entry-listen", &listen])?;
     // node2's entry point serves HTTPS, with a certificate for entry.test.
-    let pem = c.dir.path().join("entry.pem");
-    let key = c.dir.path().join("entry.key");
+    let (pem, key) = cluster_tests::self_signed(c.dir.path(), "entry.test")?;
     let (pem_s, key_s) = (pem.display().to_string(), key.display().to_string());
-    sh(&[
-        "openssl",
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=entry.test",
-        "-addext",
-        "subjectAltName=DNS:entry.test",
-        "-keyout",
-        &key_s,
-        "-out",
-        &pem_s,
-    ])?;
     c.start(
         2,
         &[1],
@@ -118,55 +102,29 @@ fn the_entry_point_guards_routes_and_proxies_services() -> anyhow::Result<()> {
     let token2 = std::fs::read_to_string(c.node(2).data_dir.join("api-token"))?
         .trim()
         .to_string();
-    let (code, body) = request(
-        &ns1,
-        &[
-            "--cacert",
-            &pem_s,
-            "--resolve",
-            &resolve,
-            &tls("/dcos-metadata/dcos-version.json"),
-        ],
-    )?;
+    // curl trusting the certificate, with entry.test resolving to node2.
+    let over_tls = |extra: &[&str]| -> Vec<String> {
+        let mut a = vec![
+            "--cacert".to_string(),
+            pem_s.clone(),
+            "--resolve".to_string(),
+            resolve.clone(),
+        ];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let a = over_tls(&[&tls("/dcos-metadata/dcos-version.json")]);
+    let (code, body) = request(&ns1, &refs(&a))?;
     assert_eq!(code, 200, "{body}");
-    let (code, _) = request(
-        &ns1,
-        &[
-            "--cacert",
-            &pem_s,
-            "--resolve",
-            &resolve,
-            &tls("/net/v1/nodes"),
-        ],
-    )?;
-    assert_eq!(code, 401);
-    let (code, body) = request(
-        &ns1,
-        &[
-            "--cacert",
-            &pem_s,
-            "--resolve",
-            &resolve,
-            "-H",
-            &format!("Authorization: Bearer {token2}"),
-            &tls("/net/v1/nodes"),
-        ],
-    )?;
+    let a = over_tls(&[&tls("/net/v1/nodes")]);
+    assert_eq!(request(&ns1, &refs(&a))?.0, 401);
+    let bearer2 = format!("Authorization: Bearer {token2}");
+    let a = over_tls(&["-H", &bearer2, &tls("/net/v1/nodes")]);
+    let (code, body) = request(&ns1, &refs(&a))?;
     assert_eq!(code, 200, "{body}");
-    let r = head_and_body(
-        &ns1,
-        &[
-            "--cacert",
-            &pem_s,
-            "--resolve",
-            &resolve,
-            "-X",
-            "POST",
-            "--data-urlencode",
-            &format!("token={token2}"),
-            &tls("/login"),
-        ],
-    )?;
+    let form = format!("token={token2}");
+    let a = over_tls(&["-X", "POST", "--data-urlencode", &form, &tls("/login")]);
+    let r = head_and_body(&ns1, &refs(&a))?;
     assert!(
         header(&r, "set-cookie").is_some_and(|c| c.contains("; Secure")),
         "{r}"

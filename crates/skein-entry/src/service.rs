@@ -157,6 +157,26 @@ pub fn forwarded_headers(headers: &HeaderMap, upgrade: bool) -> HeaderMap {
     out
 }
 
+/// Drops an app's attempts to set the entry point's session cookie (the
+/// app answers on the entry point's origin: it could otherwise replace a
+/// user's session with one of its choosing).
+pub fn drop_our_cookie(headers: &mut HeaderMap) {
+    let keep: Vec<HeaderValue> = headers
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter(|v| {
+            v.to_str().map_or(true, |c| {
+                c.split('=').next().map(str::trim) != Some(auth::COOKIE)
+            })
+        })
+        .cloned()
+        .collect();
+    headers.remove(header::SET_COOKIE);
+    for v in keep {
+        headers.append(header::SET_COOKIE, v);
+    }
+}
+
 fn text(status: StatusCode, message: String) -> Response<Body> {
     let body = serde_json::json!({ "error": message }).to_string();
     let mut r = Response::new(Body::from(body));
@@ -265,6 +285,7 @@ pub async fn proxy(
         }
     }
     let (mut parts, body) = resp.into_parts();
+    drop_our_cookie(&mut parts.headers);
     for h in &HOP_BY_HOP {
         if parts.status != StatusCode::SWITCHING_PROTOCOLS || *h != header::CONNECTION {
             parts.headers.remove(h);
@@ -363,6 +384,27 @@ mod tests {
                 tasks: 1
             })
         );
+    }
+
+    #[test]
+    fn an_app_cannot_set_the_session_cookie() {
+        let mut h = HeaderMap::new();
+        h.append(
+            header::SET_COOKIE,
+            HeaderValue::from_static("app=1; Path=/"),
+        );
+        h.append(
+            header::SET_COOKIE,
+            HeaderValue::from_static("dcos-acs-auth-cookie=forged; Path=/"),
+        );
+        h.append(header::SET_COOKIE, HeaderValue::from_static("other=2"));
+        drop_our_cookie(&mut h);
+        let left: Vec<&str> = h
+            .get_all(header::SET_COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        assert_eq!(left, vec!["app=1; Path=/", "other=2"]);
     }
 
     #[test]

@@ -143,6 +143,25 @@ ex node1 curl -sf 'http://127.0.0.1:62080/v1/edge?groups=external' | grep -q '"h
     || fail "/v1/edge lacks httpi_3141"
 show node1 skein edge status
 
+say "The entry point (Admin Router) on node1, from this host: http://127.0.0.1:10088"
+tok=$(ex node1 cat /etc/skein/api-token)
+entry_up() { curl -sf --max-time 3 http://127.0.0.1:10088/dcos-metadata/dcos-version.json | grep -q '"version"'; }
+until_ok "the entry point's version file (open to all)" entry_up
+code=$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:10088/net/v1/nodes)
+[ "$code" = 401 ] || fail "the entry point answered HTTP $code without a token, want 401"
+say "ok: without the token, 401"
+entry_nodes() {
+    [ "$(curl -s --max-time 3 -H "Authorization: token=$tok" http://127.0.0.1:10088/net/v1/nodes \
+        | grep -o '"node_id"' | wc -l)" -eq 3 ]
+}
+until_ok "the entry point lists the 3 nodes with the token" entry_nodes
+entry_service() {
+    [ "$(curl -s --max-time 3 -H "Authorization: Bearer $tok" http://127.0.0.1:10088/service/httpi/)" = 3.1415926536 ]
+}
+until_ok "/service/httpi/ through the entry point answers pi" entry_service
+hshow curl -s -H 'Authorization: Bearer <node1 token>' http://127.0.0.1:10088/service/httpi/
+curl -s -H "Authorization: Bearer $tok" http://127.0.0.1:10088/service/httpi/
+
 say "Read-backs: the kernel's VIP table reads back as written (no false drift)"
 metric() { # node, name: the nftables realizer's value
     ex "$1" curl -sf http://127.0.0.1:62080/metrics | awk -v m="$2" '$1 == m "{realizer=\"nftables\"}" {print $2}'

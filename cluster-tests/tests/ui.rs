@@ -3,7 +3,9 @@
 //! node1's entry point on its loopback, and the test asserts what a person
 //! would see there: both nodes alive with their components, the VIP and its
 //! backends, the overlay's agents and subnets, the DNS records, the edge's
-//! frontends and servers. Each page is also saved as a screenshot
+//! frontends and servers, and connection counts: N requests through the
+//! VIP with a dead backend among its backends, counted as the client saw
+//! them. Each page is also saved as a screenshot
 //! (`SKEIN_UI_SCREENSHOTS=<dir>`, else the cluster's temporary dir;
 //! docs/ui/ holds the ones this test made).
 
@@ -208,5 +210,96 @@ fn the_ui_shows_the_cluster_in_a_real_browser() -> anyhow::Result<()> {
     assert_eq!(c.delete_task(2, "web.2")?, 204);
     let after = page("#/vips", "service-addresses-after", &[VIP, "1 of 1 in use"])?;
     assert!(!after.contains("2 of 2"), "{after}");
+
+    // Connection counts: a dead backend joins (nothing listens on its
+    // port; no health check, so it stays in use); N requests through the
+    // VIP from node1 are counted by node1's kernel: the successes the
+    // client had and a failure for each refused one, in the API, in
+    // /metrics and on the page.
+    let dead = format!("{ip2}:9002");
+    let body = format!(
+        r#"{{"app":"/web","ip":"{ip2}","ports":[{{"port":9002,"labels":{{"VIP_0":"/web:80"}}}}]}}"#
+    );
+    assert_eq!(c.put_task(2, "web.3", &body)?.0, 201);
+    page(
+        "#/vips",
+        "service-addresses-dead-backend",
+        &[VIP, "2 of 2 in use"],
+    )?;
+    let address = c
+        .vip_address(1, VIP)?
+        .ok_or_else(|| anyhow::anyhow!("no address for {VIP}"))?;
+    const N: usize = 30;
+    let (mut ok, mut failed) = (0u64, 0u64);
+    for _ in 0..N {
+        let got = cluster_tests::curl(
+            &ns1,
+            &[
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                &format!("http://{address}:80/"),
+            ],
+        );
+        match got {
+            Ok(code) if code == b"200" => ok += 1,
+            _ => failed += 1,
+        }
+    }
+    assert!(
+        ok > 0 && failed > 0,
+        "{ok} answered, {failed} failed: both backends should get some"
+    );
+    let stats = wait_for(
+        "the counts of all N requests",
+        Duration::from_secs(10),
+        || {
+            let s = c.get(1, "/v1/vips/stats")?;
+            let v = s
+                .as_array()
+                .and_then(|a| a.iter().find(|v| v["vip"] == VIP).cloned())
+                .unwrap_or_default();
+            let m = &v["last_minute"];
+            Ok((m["successes"] == ok && m["failures"] == failed).then_some(v))
+        },
+    )?;
+    let backend = |addr: &str| {
+        stats["backends"]
+            .as_array()
+            .and_then(|b| b.iter().find(|b| b["backend"] == addr).cloned())
+            .unwrap_or_default()
+    };
+    assert_eq!(backend(&dead)["total"]["failures"], failed, "{stats}");
+    assert_eq!(backend(&dead)["total"]["successes"], 0, "{stats}");
+    assert_eq!(
+        backend(&format!("{ip1}:9000"))["total"]["successes"],
+        ok,
+        "{stats}"
+    );
+    let metrics = cluster_tests::curl(&ns1, &["-s", "http://127.0.0.1:62080/metrics"])?;
+    let metrics = String::from_utf8_lossy(&metrics);
+    let line = format!(
+        "skein_vip_connections_total{{vip=\"{VIP}\",backend=\"{dead}\",outcome=\"failure\"}} {failed}"
+    );
+    assert!(metrics.contains(&line), "{line} not in\n{metrics}");
+    let (oks, fails) = (ok.to_string(), failed.to_string());
+    let shown = page(
+        "#/vips",
+        "service-addresses-counts",
+        &[VIP, "Failure %", &oks, &fails],
+    )?;
+    assert!(shown.contains("for the past minute"), "{shown}");
+    page(
+        "#/vips/web.marathon.l4lb.thisdcos.directory%3A80",
+        "service-address-counts-detail",
+        &[
+            &dead,
+            "Failures (1 min)",
+            "The last hour, per minute",
+            &format!("{failed} failures in the last hour"),
+        ],
+    )?;
     Ok(())
 }

@@ -15,6 +15,7 @@ mod realize;
 mod store;
 pub mod tls;
 pub mod view;
+pub mod vip_stats;
 mod vips;
 pub mod vxlan;
 
@@ -143,6 +144,8 @@ pub struct Agent {
     lease_errors: Mutex<Vec<String>>,
     /// When an edge last asked for its routes (its health component).
     edge_polled: std::sync::Mutex<Option<Instant>>,
+    /// Connections through each VIP, counted from conntrack's events.
+    pub vip_stats: Arc<vip_stats::Shared>,
     started: Instant,
     pub counters: Counters,
 }
@@ -343,6 +346,7 @@ impl Agent {
             overlay_status: Mutex::new(String::new()),
             lease_errors: Mutex::new(Vec::new()),
             edge_polled: std::sync::Mutex::new(None),
+            vip_stats: Arc::default(),
             started: Instant::now(),
             counters: Counters::default(),
         });
@@ -355,7 +359,16 @@ impl Agent {
         tokio::spawn(node_health::run(Arc::downgrade(&agent)));
         match agent.config.l4lb_dataplane {
             l4lb::Dataplane::Nftables => {
-                agent.spawn_l4lb(l4lb::NftDataplane::new(l4lb::HostNftables::default()))
+                agent.spawn_l4lb(l4lb::NftDataplane::new(l4lb::HostNftables::default()));
+                // The DNAT happens in this namespace: its conntrack events
+                // say how each VIP connection went.
+                let (weak, shared) = (Arc::downgrade(&agent), agent.vip_stats.clone());
+                if let Err(e) = std::thread::Builder::new()
+                    .name("vip-stats".into())
+                    .spawn(move || vip_stats::run(weak, shared))
+                {
+                    tracing::warn!(error = %e, "cannot start counting VIP connections");
+                }
             }
             l4lb::Dataplane::Ipvs => {
                 agent.spawn_l4lb(ipvs::IpvsDataplane::new(ipvs::HostIpvs::default()))
@@ -503,6 +516,29 @@ impl Agent {
     pub fn vips(&self) -> (Vec<VipView>, Vec<skein_l4lb::VipProblem>) {
         let view = self.view();
         (view.vips.clone(), view.vip_problems.clone())
+    }
+
+    /// Connections through each VIP and to each backend, as this node's
+    /// kernel saw them (`None`: not counted here).
+    pub fn vip_stats(&self) -> Option<Vec<vip_stats::VipStats>> {
+        if self
+            .vip_stats
+            .running
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 0
+        {
+            return None;
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        Some(
+            self.vip_stats
+                .counts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .report(now),
+        )
     }
 
     /// The cluster's DNS records as this node derives them.

@@ -467,5 +467,37 @@ pub fn render(agent: &Agent) -> String {
         "Seconds since the agent started.",
         &[("", agent.uptime().as_secs())],
     );
+    if let Some(vips) = agent.vip_stats() {
+        let esc = |v: &str| v.replace('\\', "\\\\").replace('"', "\\\"");
+        let mut rows = Vec::new();
+        for v in &vips {
+            for b in &v.backends {
+                let base = format!("vip=\"{}\",backend=\"{}\"", esc(&v.vip), esc(&b.backend));
+                rows.push((format!("{base},outcome=\"success\""), b.total.successes));
+                rows.push((format!("{base},outcome=\"failure\""), b.total.failures));
+            }
+        }
+        let samples: Vec<(&str, u64)> = rows.iter().map(|(l, n)| (l.as_str(), *n)).collect();
+        out.metric(
+            "skein_vip_connections_total",
+            "counter",
+            "TCP connections through a VIP to a backend, from conntrack: success once assured, failure when gone without.",
+            &samples,
+        );
+        let s = &agent.vip_stats;
+        out.metric(
+            "skein_vip_conntrack_events_total",
+            "counter",
+            "Conntrack events read to count VIP connections.",
+            &[("", load(&s.events))],
+        );
+        let lost = s.counts.lock().map(|c| c.lost).unwrap_or(0);
+        out.metric(
+            "skein_vip_conntrack_lost_total",
+            "counter",
+            "Times conntrack events were lost (socket buffer full) or open connections forgotten.",
+            &[("", lost)],
+        );
+    }
     out.0
 }

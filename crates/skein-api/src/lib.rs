@@ -98,6 +98,7 @@ pub fn router(agent: Arc<Agent>, auth: ApiAuth) -> Router {
         .route("/v1/hosts/{host}", get(hosts))
         .route("/v1/services/{service}", get(services))
         .route("/v1/vips/problems", get(vip_problems))
+        .route("/v1/vips/stats", get(vip_stats))
         .route("/v1/edge", get(edge))
         .route("/v1/edge/problems", get(edge_problems))
         .route("/metrics", get(metrics))
@@ -836,6 +837,19 @@ async fn edge(State(ctx): State<Ctx>, Query(q): Query<EdgeQuery>) -> Response {
             Ok(Ok(())) => continue,
             _ => return answer(doc),
         }
+    }
+}
+
+/// Connections through each VIP and to each backend, counted by this
+/// node's kernel (the clients on this node).
+async fn vip_stats(State(ctx): State<Ctx>) -> Response {
+    match ctx.agent.vip_stats() {
+        Some(stats) => Json(stats).into_response(),
+        None => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "VIP connections are not counted on this node (its VIP dataplane is not nftables, \
+             or conntrack's events cannot be read)",
+        ),
     }
 }
 

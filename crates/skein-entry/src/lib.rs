@@ -136,6 +136,7 @@ pub fn mapped_path(path: &str) -> Option<String> {
             "records",
             "vips",
             "vips/problems",
+            "vips/stats",
             "nodes",
         ]
         .contains(&rest)

@@ -32,6 +32,23 @@ function table(caption, heads, rows, empty) {
   return `<table><caption>${esc(caption)}</caption><thead><tr>${th}</tr></thead><tbody>${body}</tbody></table>`;
 }
 
+// Successes and failures per minute over the last hour, as bars.
+function chart(perMinute) {
+  if (!perMinute.length) return `<p class="muted">No connections in the last hour.</p>`;
+  const now = Math.floor(Date.now() / 60000);
+  const max = Math.max(1, ...perMinute.map((m) => m.successes + m.failures));
+  const bars = perMinute.map((m) => {
+    const x = 600 - (now - m.minute + 1) * 10;
+    const hs = (m.successes / max) * 100, hf = (m.failures / max) * 100;
+    return `<rect x="${x}" y="${110 - hs - hf}" width="8" height="${hs}" class="s"><title>${m.successes} successes</title></rect>` +
+      `<rect x="${x}" y="${110 - hf}" width="8" height="${hf}" class="f"><title>${m.failures} failures</title></rect>`;
+  }).join("");
+  const total = perMinute.reduce((a, m) => [a[0] + m.successes, a[1] + m.failures], [0, 0]);
+  return `<h2>The last hour, per minute</h2><figure><svg viewBox="0 0 600 120" role="img" aria-label="${total[0]} successes and ${total[1]} failures in the last hour">` +
+    `<line x1="0" y1="110" x2="600" y2="110" class="axis"/>${bars}</svg>` +
+    `<figcaption>${total[0]} successes, ${total[1]} failures in the last hour (green: successes, red: failures; now at the right)</figcaption></figure>`;
+}
+
 function state(ok, text) {
   return `<span class="${ok ? "ok" : "bad"}">${esc(text)}</span>`;
 }
@@ -61,30 +78,44 @@ const pages = {
   },
 
   async vips(arg) {
-    const vips = await get("/net/v1/vips");
+    const [vips, stats] = await Promise.all([get("/net/v1/vips"), get("/net/v1/vips/stats").catch(() => null)]);
     // dcos-net's name: `<app>.<framework>.l4lb.thisdcos.directory:<port>`.
     const key = (v) => v.vip;
+    const statsOf = (name) => (stats || []).find((s) => s.vip === name);
+    const pct = (o) => (o.successes + o.failures ? ((100 * o.failures) / (o.successes + o.failures)).toFixed(1) + " %" : "–");
+    const note = stats ? "" : `<p class="muted">Connection counts are not measured on this node (its VIP dataplane is not nftables).</p>`;
     if (arg) {
       const v = vips.find((v) => key(v) === arg);
       if (!v) return `<h2>${esc(arg)}</h2><p class="error">No such service address (any more).</p><p><a href="#/vips">All service addresses</a></p>`;
-      const rows = v.backend.map((b) => [
-        esc(`${b.ip}:${b.port}`), esc(b.node_id), esc(b.task_id),
-        state(b.node_status === "alive" && b.healthy, b.node_status !== "alive" ? `node ${b.node_status}` : b.healthy ? "healthy" : "unhealthy"),
-        b.in_use ? "yes" : "no",
-      ]);
+      const st = statsOf(arg);
+      const counted = (b) => st?.backends.find((x) => x.backend === `${b.ip}:${b.port}`);
+      const heads = ["Backend", "Node", "Task", "Status", "In use"].concat(stats ? [{ label: "Successes (1 min)", num: 1 }, { label: "Failures (1 min)", num: 1 }, { label: "Failures (total)", num: 1 }] : []);
+      const rows = v.backend.map((b) => {
+        const c = counted(b);
+        const row = [
+          esc(`${b.ip}:${b.port}`), esc(b.node_id), esc(b.task_id),
+          state(b.node_status === "alive" && b.healthy, b.node_status !== "alive" ? `node ${b.node_status}` : b.healthy ? "healthy" : "unhealthy"),
+          b.in_use ? "yes" : "no",
+        ];
+        return stats ? row.concat([esc(c?.last_minute.successes ?? 0), esc(c?.last_minute.failures ?? 0), esc(c?.total.failures ?? 0)]) : row;
+      });
       return `<h2>${esc(arg)}</h2><p><a href="#/vips">All service addresses</a></p>
-        <p>Address <strong>${esc(v.address ?? "not allocated yet")}</strong>, ${esc(v.protocol)}</p>` +
-        table(`Backends of ${arg}`, ["Backend", "Node", "Task", "Status", "In use"], rows, "No backends.");
+        <p>Address <strong>${esc(v.address ?? "not allocated yet")}</strong>, ${esc(v.protocol)}</p>` + note +
+        table(`Backends of ${arg}`, heads, rows, "No backends.") + (st ? chart(st.per_minute) : "");
     }
+    const heads = ["Name", "Address", "Protocol", "Backends"].concat(stats ? [{ label: "Successes", num: 1 }, { label: "Failures", num: 1 }, { label: "Failure %", num: 1 }] : []);
     const rows = vips.map((v) => {
       const used = v.backend.filter((b) => b.in_use).length;
-      return [
+      const row = [
         `<a href="#/vips/${encodeURIComponent(key(v))}">${esc(key(v))}</a>`,
         esc(v.address ?? "not allocated yet"), esc(v.protocol),
         state(used > 0, `${used} of ${v.backend.length} in use`),
       ];
+      const o = statsOf(key(v))?.last_minute ?? { successes: 0, failures: 0 };
+      return stats ? row.concat([esc(o.successes), esc(o.failures), esc(pct(o))]) : row;
     });
-    return `<h2>Service Addresses</h2>` + table(`${vips.length} VIP(s)`, ["Name", "Address", "Protocol", "Backends"], rows, "No VIPs: give a task's port a VIP_0 label.");
+    return `<h2>Service Addresses</h2>` + note +
+      table(`${vips.length} VIP(s)${stats ? "; connections from this node for the past minute" : ""}`, heads, rows, "No VIPs: give a task's port a VIP_0 label.");
   },
 
   async networks() {

@@ -211,16 +211,22 @@ fn the_ui_shows_the_cluster_in_a_real_browser() -> anyhow::Result<()> {
     let after = page("#/vips", "service-addresses-after", &[VIP, "1 of 1 in use"])?;
     assert!(!after.contains("2 of 2"), "{after}");
 
-    // Connection counts: a dead backend joins (nothing listens on its
-    // port; no health check, so it stays in use); N requests through the
+    // Connection counts: a third backend joins, then its process is
+    // killed (no health check: it stays in use); N requests through the
     // VIP from node1 are counted by node1's kernel: the successes the
     // client had and a failure for each refused one, in the API, in
     // /metrics and on the page.
     let dead = format!("{ip2}:9002");
+    let web3 = spawn_in(&ns2, httpi, &[&dead, "web-3"])?;
     let body = format!(
         r#"{{"app":"/web","ip":"{ip2}","ports":[{{"port":9002,"labels":{{"VIP_0":"/web:80"}}}}]}}"#
     );
     assert_eq!(c.put_task(2, "web.3", &body)?.0, 201);
+    wait_for("web-3 answering", Duration::from_secs(10), || {
+        let r = cluster_tests::curl(&ns1, &["-s", &format!("http://{dead}/")]);
+        Ok(r.is_ok_and(|b| b.starts_with(b"web-3")).then_some(()))
+    })?;
+    drop(web3);
     page(
         "#/vips",
         "service-addresses-dead-backend",

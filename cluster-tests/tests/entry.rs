@@ -183,10 +183,15 @@ fn the_entry_point_guards_routes_and_proxies_services() -> anyhow::Result<()> {
     let (code, _) = request(&ns2, &["-X", "POST", "-H", &bearer, &url("/net/v1/vips")])?;
     assert_eq!(code, 405);
 
-    // From loopback, reads need nothing (as the API's).
+    // From loopback, reads need nothing (as the API's), but only under a
+    // loopback host name (no DNS rebinding) and never for an app's pages.
     let local = format!("http://127.0.0.1:{ENTRY_PORT}/net/v1/nodes");
     let (code, body) = request(&ns1, &[&local])?;
     assert_eq!(code, 200, "{body}");
+    let (code, _) = request(&ns1, &["-H", "Host: evil.example.com", &local])?;
+    assert_eq!(code, 401, "a rebound name on loopback");
+    let local_service = format!("http://127.0.0.1:{ENTRY_PORT}/service/dashboard/");
+    assert_eq!(request(&ns1, &[&local_service])?.0, 401);
 
     // The service: both backends, the prefix stripped, the credential
     // not handed on.
@@ -256,9 +261,38 @@ fn the_entry_point_guards_routes_and_proxies_services() -> anyhow::Result<()> {
         ],
     )?;
     assert_eq!(code, 401);
+    // A browser with a stale session goes to the login form, the cookie
+    // cleared; a valid session passes whatever Authorization an app sends.
+    let r = head_and_body(
+        &ns2,
+        &[
+            "-H",
+            "Accept: text/html",
+            "-H",
+            "Cookie: dcos-acs-auth-cookie=0000",
+            &url("/"),
+        ],
+    )?;
+    assert!(r.starts_with("HTTP/1.1 303"), "{r}");
+    assert!(
+        header(&r, "set-cookie").is_some_and(|c| c.contains("Max-Age=0")),
+        "{r}"
+    );
+    let (code, _) = request(
+        &ns2,
+        &[
+            "-H",
+            &format!("Cookie: {pair}"),
+            "-H",
+            "Authorization: Bearer app-jwt",
+            &url("/net/v1/nodes"),
+        ],
+    )?;
+    assert_eq!(code, 200, "a session with an app's own bearer token");
 
     // Brute force: after a few wrong tokens the address is refused, the
-    // right token too while it lasts. (The wrong cookie above was one.)
+    // right token too while it lasts. (A stale session cookie, as above,
+    // is not a guess: it does not count.)
     let mut codes = Vec::new();
     for i in 0..20 {
         let wrong = format!("Authorization: Bearer wrong-{i}");
@@ -270,8 +304,8 @@ fn the_entry_point_guards_routes_and_proxies_services() -> anyhow::Result<()> {
         codes.push(code);
     }
     let first_refusal = codes.iter().position(|c| *c == 429);
-    assert_eq!(first_refusal, Some(5), "wrong tokens answered {codes:?}");
-    assert!(codes[..5].iter().all(|c| *c == 401), "{codes:?}");
+    assert_eq!(first_refusal, Some(6), "wrong tokens answered {codes:?}");
+    assert!(codes[..6].iter().all(|c| *c == 401), "{codes:?}");
     let (code, _) = request(&ns2, &["-H", &bearer, &url("/net/v1/nodes")])?;
     assert_eq!(code, 429, "the right token during the lockout");
     // Another client is not refused.

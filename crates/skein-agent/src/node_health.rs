@@ -23,8 +23,10 @@ pub const KEY: &str = "node:health";
 const EVERY: Duration = Duration::from_secs(2);
 
 /// An edge that has not asked for its routes for this long is reported
-/// (an edge long-polls every 25 s).
+/// (an edge long-polls every 25 s)...
 const EDGE_SILENT: Duration = Duration::from_secs(60);
+/// ... and after this long no longer counted as running here.
+const EDGE_GONE: Duration = Duration::from_secs(3600);
 
 /// One component as its node sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,7 +103,7 @@ pub fn components(i: &Inputs) -> Vec<Component> {
             why => c("overlay", false, why.to_string()),
         });
     }
-    if let Some(ago) = i.edge_polled {
+    if let Some(ago) = i.edge_polled.filter(|ago| *ago <= EDGE_GONE) {
         out.push(if ago <= EDGE_SILENT {
             c(
                 "edge",
@@ -112,7 +114,9 @@ pub fn components(i: &Inputs) -> Vec<Component> {
             c(
                 "edge",
                 false,
-                format!("no edge has asked for its routes for {} s", ago.as_secs()),
+                // No running count in the text: the report is gossiped
+                // only when it changes.
+                "no edge has asked for its routes for over a minute".into(),
             )
         });
     }
@@ -212,14 +216,21 @@ pub fn system_health<'a>(
 /// when they changed.
 pub(crate) async fn run(agent: Weak<Agent>) {
     let mut last = String::new();
+    let mut overlay = String::new();
     let mut tick = tokio::time::interval(EVERY);
+    let started_ms = match agent.upgrade() {
+        Some(a) => a.started_ms(),
+        None => return,
+    };
     loop {
         tick.tick().await;
         let Some(agent) = agent.upgrade() else { return };
         let report = Report {
             version: crate::VERSION.to_string(),
-            started_ms: agent.started_ms(),
-            components: components(&agent.health_inputs()),
+            // Once: computed again it could move by a millisecond (or a
+            // clock step) and be gossiped for nothing.
+            started_ms,
+            components: components(&agent.health_inputs(&mut overlay)),
         };
         let json = match serde_json::to_string(&report) {
             Ok(j) => j,
@@ -233,7 +244,9 @@ pub(crate) async fn run(agent: Weak<Agent>) {
 }
 
 impl Agent {
-    fn health_inputs(&self) -> Inputs {
+    /// `overlay`: the overlay status last read (kept when the status is
+    /// being written just then).
+    fn health_inputs(&self, overlay: &mut String) -> Inputs {
         let view = self.view();
         let l = &self.l4lb_realizer;
         let l4lb = match self.config.l4lb_dataplane {
@@ -248,13 +261,11 @@ impl Agent {
                 l.errors.load(Ordering::Relaxed),
             )
         });
+        if let Ok(s) = self.overlay_status.try_lock() {
+            overlay.clone_from(&s);
+        }
         let overlay = (self.config.overlay_dataplane == crate::vxlan::OverlayDataplane::Vxlan)
-            .then(|| {
-                self.overlay_status
-                    .try_lock()
-                    .map(|s| s.clone())
-                    .unwrap_or_default()
-            });
+            .then(|| overlay.clone());
         Inputs {
             alive: view
                 .nodes

@@ -787,7 +787,10 @@ struct WholeDoc<'a> {
 /// agent still has it (`{"version", "base", "upsert", ...}`), else the
 /// whole document (`{"version", "routes"}`).
 async fn edge(State(ctx): State<Ctx>, Query(q): Query<EdgeQuery>) -> Response {
-    ctx.agent.note_edge_poll();
+    // An edge long-polls; a one-off read (curl, the CLI) is not an edge.
+    if q.wait_version.is_some() {
+        ctx.agent.note_edge_poll();
+    }
     let groups: Option<Vec<String>> = q.groups.as_deref().map(|g| {
         g.split(',')
             .map(str::trim)

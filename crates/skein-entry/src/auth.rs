@@ -19,15 +19,49 @@ pub enum Need {
 }
 
 /// What a route needs: only the version file and the login form are open
-/// beyond loopback; from loopback, reads need nothing (as the API's).
-pub fn need(path: &str, read: bool, from_loopback: bool) -> Need {
+/// beyond loopback. From loopback, reads need nothing (as the API's), but
+/// only when the request names a loopback host (a page on another site
+/// that a browser on the node loads cannot rebind a name of its own onto
+/// 127.0.0.1 and read through it) and never for `/service/` (an app's
+/// pages, WebSockets included, always need a credential).
+pub fn need(path: &str, read: bool, local: bool) -> Need {
     if path == "/dcos-metadata/dcos-version.json" || path == "/login" {
         return Need::Nothing;
     }
-    if read && from_loopback {
+    if read && local && !path.starts_with("/service/") {
         return Need::Nothing;
     }
     Need::Credential
+}
+
+/// Whether a request comes from loopback *and* names a loopback host
+/// (`Host: localhost`, `127.0.0.1`, `[::1]`, with or without a port).
+pub fn local(peer: Option<IpAddr>, host: Option<&str>) -> bool {
+    let Some(peer) = peer else { return false };
+    if !peer.to_canonical().is_loopback() {
+        return false;
+    }
+    let Some(host) = host else { return false };
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback())
+}
+
+/// The address failures are counted against: IPv4 (mapped or not) as
+/// is, IPv6 by its /64 (one host has a whole /64 to pick from).
+pub fn client_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::from([s[0], s[1], s[2], s[3], 0, 0, 0, 0])
+        }
+        v4 => v4,
+    }
 }
 
 /// A credential a request presents.
@@ -48,11 +82,17 @@ pub fn from_authorization(value: &str) -> Option<Credential<'_>> {
     Some(Credential::Token(token.trim()))
 }
 
-/// The session cookie's value in a `Cookie` header value.
+/// The session cookie's value in a `Cookie` header value (the first).
 pub fn from_cookie(value: &str) -> Option<Credential<'_>> {
-    value.split(';').find_map(|pair| {
+    sessions_in(value).next().map(Credential::Session)
+}
+
+/// Every value of the session cookie in a `Cookie` header value (a page
+/// may have set more than one, for other paths).
+pub fn sessions_in(value: &str) -> impl Iterator<Item = &str> {
+    value.split(';').filter_map(|pair| {
         let (k, v) = pair.trim().split_once('=')?;
-        (k == COOKIE && !v.is_empty()).then_some(Credential::Session(v))
+        (k == COOKIE && !v.is_empty()).then_some(v)
     })
 }
 
@@ -127,8 +167,10 @@ impl Gate {
             last: now,
             locked_until: None,
         });
-        if now.duration_since(c.first) > Self::WINDOW && c.locked_until.is_none_or(|u| u <= now) {
-            // A new window: old failures are forgiven.
+        if now.duration_since(c.last) > Self::WINDOW && c.locked_until.is_none_or(|u| u <= now) {
+            // Quiet for a whole window: old failures are forgiven (a
+            // window counted from the first failure would forgive a
+            // steady guesser every minute).
             c.failures = 0;
             c.first = now;
         }
@@ -214,17 +256,37 @@ mod tests {
     #[test]
     fn only_the_version_file_and_the_login_form_are_open_beyond_loopback() {
         assert_eq!(
+            need("/service/web/", true, true),
+            Need::Credential,
+            "an app's pages"
+        );
+        assert!(local(Some([127, 0, 0, 1].into()), Some("127.0.0.1:8080")));
+        assert!(local(Some([127, 0, 0, 1].into()), Some("localhost")));
+        assert!(local(Some("::1".parse().expect("ip")), Some("[::1]:8080")));
+        assert!(local(
+            Some("::ffff:127.0.0.1".parse().expect("ip")),
+            Some("localhost:1")
+        ));
+        assert!(
+            !local(Some([127, 0, 0, 1].into()), Some("evil.example.com")),
+            "rebinding"
+        );
+        assert!(!local(Some([127, 0, 0, 1].into()), None));
+        assert!(!local(Some([10, 0, 0, 1].into()), Some("localhost")));
+        assert_eq!(
+            client_key("2001:db8:1:2:aaaa::1".parse().expect("ip")),
+            "2001:db8:1:2::".parse::<IpAddr>().expect("ip")
+        );
+        assert_eq!(
+            client_key("::ffff:10.0.0.1".parse().expect("ip")),
+            IpAddr::from([10, 0, 0, 1])
+        );
+        assert_eq!(
             need("/dcos-metadata/dcos-version.json", true, false),
             Need::Nothing
         );
         assert_eq!(need("/login", false, false), Need::Nothing);
-        for path in [
-            "/",
-            "/net/v1/vips",
-            "/service/web/",
-            "/metrics",
-            "/overlay-master/state",
-        ] {
+        for path in ["/", "/net/v1/vips", "/metrics", "/overlay-master/state"] {
             assert_eq!(need(path, true, false), Need::Credential, "{path}");
             assert_eq!(
                 need(path, true, true),
@@ -294,7 +356,7 @@ mod tests {
             let start = Instant::now();
             let mut now = start;
             let mut since_success = 0u32;
-            let mut window_start = now;
+            let mut last_failure = now;
             for (kind, ms) in steps {
                 now += Duration::from_millis(ms);
                 if let Err(wait) = gate.check(ip, now) {
@@ -305,13 +367,12 @@ mod tests {
                 if kind == 0 {
                     gate.succeeded(ip);
                     since_success = 0;
-                    window_start = now;
                 } else {
-                    // A window starts at its first failure.
-                    if since_success == 0 || now.duration_since(window_start) > Gate::WINDOW {
+                    // Failures are forgiven after a window without any.
+                    if now.duration_since(last_failure) > Gate::WINDOW {
                         since_success = 0;
-                        window_start = now;
                     }
+                    last_failure = now;
                     gate.failed(ip, now);
                     since_success += 1;
                     if since_success > Gate::FREE {

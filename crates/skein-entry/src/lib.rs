@@ -55,7 +55,11 @@ pub struct Entry {
     tls: bool,
     edge_stats: std::net::SocketAddr,
     next_backend: AtomicUsize,
+    proxy: service::ProxyContext,
 }
+
+/// Upgraded connections (WebSockets) through `/service/` at once.
+const MAX_TUNNELS: usize = 1024;
 
 /// The entry point's routes. `api` is the agent's API router (the mapped
 /// routes are answered by it).
@@ -63,12 +67,16 @@ pub fn router(agent: Arc<Agent>, api: Router, config: EntryConfig) -> Router {
     let entry = Arc::new(Entry {
         agent,
         api,
-        token: config.token,
+        token: config.token.clone(),
         gate: Mutex::default(),
         sessions: Mutex::default(),
         tls: config.tls,
         edge_stats: config.edge_stats,
         next_backend: AtomicUsize::new(0),
+        proxy: service::ProxyContext {
+            token: config.token.clone(),
+            tunnels: Arc::new(tokio::sync::Semaphore::new(MAX_TUNNELS)),
+        },
     });
     Router::new()
         .route("/dcos-metadata/dcos-version.json", get(version))
@@ -170,58 +178,85 @@ fn json_error(status: StatusCode, message: &str) -> Response {
 }
 
 /// Lets a request through only with what its route needs ([`auth::need`]).
+///
+/// A request passes with the token (`Authorization: Bearer`/`token=`) or
+/// any valid session cookie. Only a wrong *token* counts against the
+/// address ([`auth::Gate`]): a stale session (the agent restarted, another
+/// node's) is sent to the login form, and an app's own `Authorization`
+/// header does not lock out a user whose session cookie is valid.
 pub async fn gate(State(e): State<Arc<Entry>>, req: Request, next: Next) -> Response {
-    let peer = req.extensions().get::<PeerAddr>().map(|p| p.0);
-    let ip = peer.map_or(std::net::IpAddr::from([0, 0, 0, 0]), |p| p.ip());
+    let peer = req.extensions().get::<PeerAddr>().map(|p| p.0.ip());
+    let ip = auth::client_key(peer.unwrap_or(std::net::IpAddr::from([0, 0, 0, 0])));
     let read = matches!(*req.method(), Method::GET | Method::HEAD);
-    let loopback = peer.is_some_and(|p| p.ip().is_loopback());
-    if auth::need(req.uri().path(), read, loopback) == auth::Need::Nothing {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok());
+    let local = auth::local(peer, host);
+    if auth::need(req.uri().path(), read, local) == auth::Need::Nothing {
         return next.run(req).await;
     }
     let now = Instant::now();
     if let Err(wait) = lock(&e.gate).check(ip, now) {
         return refused(wait);
     }
-    let presented = req
+    let tokens: Vec<&str> = req
         .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(auth::from_authorization)
-        .or_else(|| {
-            req.headers()
-                .get_all(header::COOKIE)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .find_map(auth::from_cookie)
-        });
-    let valid =
-        match presented {
-            None if *req.method() == Method::GET && wants_html(&req) => {
-                // A browser: to the login form.
-                let mut r = Response::new(Body::empty());
-                *r.status_mut() = StatusCode::SEE_OTHER;
-                r.headers_mut()
-                    .insert(header::LOCATION, HeaderValue::from_static("/login"));
-                return r;
-            }
-            None => return json_error(
-                StatusCode::UNAUTHORIZED,
-                "sign in: Authorization: Bearer <token> (or token=<token>), or the form at /login",
-            ),
-            // An empty token (never configured) matches nothing.
-            Some(auth::Credential::Token(t)) => {
-                !e.token.is_empty() && auth::same(t.as_bytes(), e.token.as_bytes())
-            }
-            Some(auth::Credential::Session(s)) => lock(&e.sessions).valid(s, now),
-        };
-    if valid {
-        lock(&e.gate).succeeded(ip);
-        next.run(req).await
-    } else {
-        lock(&e.gate).failed(ip, now);
-        tracing::info!(client = %ip, path = req.uri().path(), "entry point: wrong credential");
-        json_error(StatusCode::UNAUTHORIZED, "invalid credential")
+        .get_all(header::AUTHORIZATION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(auth::from_authorization)
+        .filter_map(|c| match c {
+            auth::Credential::Token(t) => Some(t),
+            auth::Credential::Session(_) => None,
+        })
+        .collect();
+    // An empty token (never configured) matches nothing.
+    let token_ok = !e.token.is_empty()
+        && tokens
+            .iter()
+            .any(|t| auth::same(t.as_bytes(), e.token.as_bytes()));
+    let sessions: Vec<&str> = req
+        .headers()
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(auth::sessions_in)
+        .collect();
+    let session_ok = {
+        let known = lock(&e.sessions);
+        sessions.iter().any(|s| known.valid(s, now))
+    };
+    if token_ok || session_ok {
+        if token_ok {
+            lock(&e.gate).succeeded(ip);
+        }
+        return next.run(req).await;
     }
+    if !tokens.is_empty() {
+        lock(&e.gate).failed(ip, now);
+        tracing::info!(client = %ip, path = req.uri().path(), "entry point: wrong token");
+        return json_error(StatusCode::UNAUTHORIZED, "invalid credential");
+    }
+    if *req.method() == Method::GET && wants_html(&req) {
+        // A browser: to the login form (a stale session cookie cleared).
+        let mut r = Response::new(Body::empty());
+        *r.status_mut() = StatusCode::SEE_OTHER;
+        r.headers_mut()
+            .insert(header::LOCATION, HeaderValue::from_static("/login"));
+        if !sessions.is_empty() {
+            if let Ok(v) = HeaderValue::from_str(&format!("{}=; Path=/; Max-Age=0", auth::COOKIE)) {
+                r.headers_mut().insert(header::SET_COOKIE, v);
+            }
+        }
+        return r;
+    }
+    let why = if sessions.is_empty() {
+        "sign in: Authorization: Bearer <token> (or token=<token>), or the form at /login"
+    } else {
+        "the session has ended (or is another node's): sign in again at /login"
+    };
+    json_error(StatusCode::UNAUTHORIZED, why)
 }
 
 /// Whether a request comes from a browser loading a page.
@@ -295,10 +330,11 @@ async fn login_form() -> Response {
 /// The login form's POST: the token for a session cookie. Wrong tokens
 /// count against the address as any wrong credential does.
 async fn login(State(e): State<Arc<Entry>>, req: Request) -> Response {
-    let ip = req
-        .extensions()
-        .get::<PeerAddr>()
-        .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |p| p.0.ip());
+    let ip = auth::client_key(
+        req.extensions()
+            .get::<PeerAddr>()
+            .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |p| p.0.ip()),
+    );
     let now = Instant::now();
     if let Err(wait) = lock(&e.gate).check(ip, now) {
         return refused(wait);
@@ -440,6 +476,10 @@ async fn mapped(State(e): State<Arc<Entry>>, mut req: Request) -> Response {
         Ok(u) => *req.uri_mut() = u,
         Err(e) => return json_error(StatusCode::BAD_REQUEST, &e.to_string()),
     }
+    // The API's `/metrics` would add the entry server's counters under the
+    // API's names.
+    req.extensions_mut()
+        .remove::<Arc<skein_api::ServeCounters>>();
     match e.api.clone().oneshot(req).await {
         Ok(r) => r,
         Err(never) => match never {},
@@ -458,7 +498,12 @@ async fn service(State(e): State<Arc<Entry>>, req: Request) -> Response {
         // As Admin Router: the service's pages are under the slash.
         let mut r = Response::new(Body::empty());
         *r.status_mut() = StatusCode::TEMPORARY_REDIRECT;
-        if let Ok(v) = HeaderValue::from_str(&format!("/service/{name}/")) {
+        let query = req
+            .uri()
+            .query()
+            .map(|q| format!("?{q}"))
+            .unwrap_or_default();
+        if let Ok(v) = HeaderValue::from_str(&format!("/service/{name}/{query}")) {
             r.headers_mut().insert(header::LOCATION, v);
         }
         return r;
@@ -485,7 +530,7 @@ async fn service(State(e): State<Arc<Entry>>, req: Request) -> Response {
     drop(view);
     let peer = req.extensions().get::<PeerAddr>().map(|p| p.0);
     let start = e.next_backend.fetch_add(1, Ordering::Relaxed);
-    service::proxy(target, &name, start, peer, req).await
+    service::proxy(&e.proxy, target, &name, start, peer, req).await
 }
 
 #[cfg(test)]

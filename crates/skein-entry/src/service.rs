@@ -17,6 +17,9 @@ use crate::auth;
 /// How long one backend may take to accept the connection before the next
 /// is tried.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a backend may take to start its answer (Marathon-LB's
+/// `timeout server` was 50 s).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Where a service's requests go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,8 +123,9 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 ];
 
 /// The request's headers as they go on: hop-by-hop ones dropped, and the
-/// cluster's credential (token or session cookie) never handed to an app.
-pub fn forwarded_headers(headers: &HeaderMap, upgrade: bool) -> HeaderMap {
+/// cluster's credential (`token`, or the session cookie) never handed to
+/// an app; an app's own `Authorization` goes on.
+pub fn forwarded_headers(headers: &HeaderMap, upgrade: bool, token: &str) -> HeaderMap {
     let mut out = headers.clone();
     for h in &HOP_BY_HOP {
         out.remove(h);
@@ -131,13 +135,20 @@ pub fn forwarded_headers(headers: &HeaderMap, upgrade: bool) -> HeaderMap {
     } else {
         out.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
-    if out
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(auth::from_authorization)
-        .is_some()
-    {
-        out.remove(header::AUTHORIZATION);
+    let theirs: Vec<HeaderValue> = out
+        .get_all(header::AUTHORIZATION)
+        .iter()
+        .filter(|v| {
+            let ours = v.to_str().ok().and_then(auth::from_authorization).is_some_and(
+                |c| matches!(c, auth::Credential::Token(t) if auth::same(t.as_bytes(), token.as_bytes())),
+            );
+            !ours
+        })
+        .cloned()
+        .collect();
+    out.remove(header::AUTHORIZATION);
+    for v in theirs {
+        out.append(header::AUTHORIZATION, v);
     }
     let cookies: Vec<String> = out
         .get_all(header::COOKIE)
@@ -165,9 +176,13 @@ pub fn drop_our_cookie(headers: &mut HeaderMap) {
         .get_all(header::SET_COOKIE)
         .iter()
         .filter(|v| {
-            v.to_str().map_or(true, |c| {
-                c.split('=').next().map(str::trim) != Some(auth::COOKIE)
-            })
+            // By bytes: a value that is not text must not slip through.
+            let name = v
+                .as_bytes()
+                .split(|b| *b == b'=')
+                .next()
+                .unwrap_or_default();
+            name.trim_ascii() != auth::COOKIE.as_bytes()
         })
         .cloned()
         .collect();
@@ -190,7 +205,17 @@ fn text(status: StatusCode, message: String) -> Response<Body> {
 
 /// Proxies `req` to one of `target`'s backends, starting at `start` (round
 /// robin) and going on to the next while a connection is refused.
+/// What the proxy needs of the entry point: the cluster's token (kept
+/// from apps) and the room for tunnels (upgraded connections outlive
+/// their request: bounded).
+#[derive(Clone)]
+pub struct ProxyContext {
+    pub token: String,
+    pub tunnels: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
 pub async fn proxy(
+    cx: &ProxyContext,
     target: Target,
     name: &str,
     start: usize,
@@ -235,9 +260,22 @@ pub async fn proxy(
         }
     });
     let upgrade = req.headers().contains_key(header::UPGRADE);
+    let permit = if upgrade {
+        match cx.tunnels.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) => {
+                return text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too many upgraded connections through the entry point".into(),
+                )
+            }
+        }
+    } else {
+        None
+    };
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let path = strip(req.uri(), name);
-    let mut headers = forwarded_headers(req.headers(), upgrade);
+    let mut headers = forwarded_headers(req.headers(), upgrade, &cx.token);
     if let Some(peer) = peer {
         // Appended to what the client said, as a proxy chain does.
         let ip = peer.ip().to_string();
@@ -260,12 +298,22 @@ pub async fn proxy(
         Ok(u) => u,
         Err(e) => return text(StatusCode::BAD_REQUEST, format!("{path:?}: {e}")),
     };
-    let mut resp = match sender.send_request(upstream).await {
-        Ok(r) => r,
-        Err(e) => {
+    let mut resp = match tokio::time::timeout(ANSWER_TIMEOUT, sender.send_request(upstream)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
             return text(
                 StatusCode::BAD_GATEWAY,
                 format!("{} ({addr}) did not answer: {e}", target.app),
+            )
+        }
+        Err(_) => {
+            return text(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "{} ({addr}) did not answer within {} s",
+                    target.app,
+                    ANSWER_TIMEOUT.as_secs()
+                ),
             )
         }
     };
@@ -273,6 +321,8 @@ pub async fn proxy(
         if let Some(client_up) = client_upgrade {
             let server_up = hyper::upgrade::on(&mut resp);
             tokio::spawn(async move {
+                // Held while the tunnel lives.
+                let _permit = permit;
                 match tokio::try_join!(client_up, server_up) {
                     Ok((c, s)) => {
                         let mut c = TokioIo::new(c);
@@ -398,6 +448,10 @@ mod tests {
             HeaderValue::from_static("dcos-acs-auth-cookie=forged; Path=/"),
         );
         h.append(header::SET_COOKIE, HeaderValue::from_static("other=2"));
+        h.append(
+            header::SET_COOKIE,
+            HeaderValue::from_bytes(b"dcos-acs-auth-cookie=x; a=\xff").expect("bytes"),
+        );
         drop_our_cookie(&mut h);
         let left: Vec<&str> = h
             .get_all(header::SET_COOKIE)
@@ -429,7 +483,7 @@ mod tests {
             HeaderValue::from_static("a=1; dcos-acs-auth-cookie=s; b=2"),
         );
         h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
-        let out = forwarded_headers(&h, false);
+        let out = forwarded_headers(&h, false, "secret");
         assert!(out.get(header::AUTHORIZATION).is_none());
         assert_eq!(
             out.get(header::COOKIE).and_then(|v| v.to_str().ok()),
@@ -442,7 +496,16 @@ mod tests {
             header::AUTHORIZATION,
             HeaderValue::from_static("Basic YTpi"),
         );
-        assert!(forwarded_headers(&h, false)
+        assert!(forwarded_headers(&h, false, "secret")
+            .get(header::AUTHORIZATION)
+            .is_some());
+        // So is a bearer token that is not the cluster's (an app's JWT).
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer app-jwt"),
+        );
+        assert!(forwarded_headers(&h, false, "secret")
             .get(header::AUTHORIZATION)
             .is_some());
     }

@@ -78,7 +78,13 @@ async fn entry(backends: Vec<SocketAddr>) -> SocketAddr {
                 app: "/dash".into(),
                 backends: backends.clone(),
             };
-            async move { proxy(target, "dashboard", 0, None, req).await }
+            async move {
+                let cx = skein_entry::service::ProxyContext {
+                    token: "secret".into(),
+                    tunnels: std::sync::Arc::new(tokio::sync::Semaphore::new(4)),
+                };
+                proxy(&cx, target, "dashboard", 0, None, req).await
+            }
         }),
     );
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");

@@ -354,7 +354,13 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
                 let run = skein_api::serve_tls_with(
                     listener,
                     app,
-                    skein_api::Limits::default(),
+                    // Proxied downloads, server-sent events and
+                    // long-polls through /service/ run longer than the
+                    // API's minute.
+                    skein_api::Limits {
+                        connection_lifetime: std::time::Duration::from_secs(3600),
+                        ..skein_api::Limits::default()
+                    },
                     Default::default(),
                     tls,
                     std::future::pending(),

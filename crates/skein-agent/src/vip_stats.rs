@@ -75,8 +75,16 @@ fn bump(
 
 impl Counts {
     /// The VIPs to count (their address and name), from the current view.
+    /// Counts of a VIP and backend that neither is a current VIP nor had a
+    /// connection in the last hour are forgotten (tasks come and go: the
+    /// pairs would grow for the agent's whole life).
     pub fn set_vips(&mut self, vips: HashMap<SocketAddrV4, String>) {
         self.vips = vips;
+        let names: std::collections::HashSet<&String> = self.vips.values().collect();
+        let minutes = &self.minutes;
+        self.totals.retain(|key, _| {
+            names.contains(&key.0) && minutes.iter().any(|(_, m)| m.contains_key(key))
+        });
     }
 
     /// One event at `now_s` (Unix seconds).
@@ -101,8 +109,15 @@ impl Counts {
                 } else {
                     if counted.is_none() {
                         if self.open.len() >= MAX_OPEN {
-                            self.lost += self.open.len() as u64;
-                            self.open.clear();
+                            // Undecided ones can go: their destroy still
+                            // counts a failure (or their assured update a
+                            // success). Forgetting counted ones would
+                            // count them again.
+                            self.open.retain(|_, counted| *counted);
+                            if self.open.len() >= MAX_OPEN {
+                                self.lost += self.open.len() as u64;
+                                self.open.clear();
+                            }
                         }
                         self.open.insert(c.id, false);
                     }
@@ -187,7 +202,7 @@ pub struct VipStats {
     pub vip: String,
     /// The last 60 s (six 10 s slots).
     pub last_minute: Outcomes,
-    /// Since the agent started.
+    /// Since the agent started (pairs quiet for an hour are forgotten).
     pub total: Outcomes,
     pub backends: Vec<BackendStats>,
     /// Per minute (Unix minute), the last hour, minutes with none left out.
@@ -395,6 +410,22 @@ mod tests {
                 prop_assert_eq!(per_minute, v.total.successes + v.total.failures);
             }
         }
+    }
+
+    #[test]
+    fn pairs_of_gone_vips_or_quiet_backends_are_forgotten() {
+        let mut c = counts();
+        c.apply(
+            &Event {
+                kind: EventKind::Destroy,
+                conn: conn(1, 1, false),
+            },
+            600,
+        );
+        c.set_vips([(vip_addr(), VIP.to_string())].into());
+        assert_eq!(c.report(610).len(), 1, "active in the hour: kept");
+        c.set_vips(HashMap::new());
+        assert!(c.report(610).is_empty(), "the VIP is gone");
     }
 
     #[test]

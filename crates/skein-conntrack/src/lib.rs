@@ -26,9 +26,10 @@ fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
-/// Every IPv4 connection the kernel tracks in the calling thread's network
-/// namespace.
-pub fn dump() -> io::Result<Vec<Conn>> {
+/// A `NETLINK_NETFILTER` socket bound in the calling thread's network
+/// namespace, subscribed to the multicast `groups` (0: none), and the
+/// kernel's address.
+fn open_socket(groups: u32) -> io::Result<(OwnedFd, libc::sockaddr_nl)> {
     // SAFETY: plain socket(2); the descriptor is owned below.
     let fd = check(unsafe {
         libc::socket(
@@ -42,6 +43,7 @@ pub fn dump() -> io::Result<Vec<Conn>> {
     // SAFETY: sockaddr_nl is plain old data; all-zero is a valid value.
     let mut addr: libc::sockaddr_nl = unsafe { mem::zeroed() };
     addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+    addr.nl_groups = groups;
     // SAFETY: `addr` is a valid sockaddr_nl of the size given.
     check(unsafe {
         libc::bind(
@@ -50,6 +52,15 @@ pub fn dump() -> io::Result<Vec<Conn>> {
             mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
         )
     })?;
+    // The kernel's address: no groups.
+    addr.nl_groups = 0;
+    Ok((fd, addr))
+}
+
+/// Every IPv4 connection the kernel tracks in the calling thread's network
+/// namespace.
+pub fn dump() -> io::Result<Vec<Conn>> {
+    let (fd, addr) = open_socket(0)?;
     let seq = 1;
     let request = wire::dump_request(seq);
     // SAFETY: `request` is valid for its length; `addr` as above.
@@ -109,29 +120,8 @@ impl Events {
     /// Subscribes to new, update and destroy events in the calling
     /// thread's network namespace.
     pub fn open() -> io::Result<Events> {
-        // SAFETY: plain socket(2); the descriptor is owned below.
-        let fd = check(unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_NETFILTER,
-            )
-        })?;
-        // SAFETY: `fd` was just returned by socket(2) and nothing else owns it.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: sockaddr_nl is plain old data; all-zero is a valid value.
-        let mut addr: libc::sockaddr_nl = unsafe { mem::zeroed() };
-        addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
         // NF_NETLINK_CONNTRACK_NEW | _UPDATE | _DESTROY.
-        addr.nl_groups = 0x1 | 0x2 | 0x4;
-        // SAFETY: `addr` is a valid sockaddr_nl of the size given.
-        check(unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&addr as *const libc::sockaddr_nl).cast(),
-                mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            )
-        })?;
+        let (fd, _) = open_socket(0x1 | 0x2 | 0x4)?;
         let events = Events {
             fd,
             buf: vec![0u8; 256 * 1024],

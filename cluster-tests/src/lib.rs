@@ -509,6 +509,16 @@ impl Cluster {
             .and_then(|v| v["address"].as_str().map(str::to_string)))
     }
 
+    /// Node `i`'s connection counts of `vip` (its entry in
+    /// `/v1/vips/stats`; null when it has none).
+    pub fn vip_stats(&self, i: usize, vip: &str) -> anyhow::Result<Value> {
+        let stats = self.get(i, "/v1/vips/stats")?;
+        Ok(stats
+            .as_array()
+            .and_then(|a| a.iter().find(|v| v["vip"] == vip).cloned())
+            .unwrap_or_default())
+    }
+
     /// Prints every agent's log tail; call on failure.
     pub fn dump_logs(&self) {
         for n in &self.nodes {

@@ -44,6 +44,12 @@ impl HostIpvs {
     fn ipvs(&mut self) -> anyhow::Result<&mut Ipvs> {
         if self.ipvs.is_none() {
             self.ipvs = Some(Ipvs::open().context("IPVS unavailable")?);
+            // IPVS's connections in conntrack too (as kube-proxy sets it):
+            // their events carry the backend, and the VIP counts come from
+            // them. The file exists once IPVS is loaded, as it now is.
+            if let Err(e) = std::fs::write("/proc/sys/net/ipv4/vs/conntrack", "1") {
+                tracing::warn!(error = %e, "cannot set net.ipv4.vs.conntrack: VIP connections are not counted");
+            }
         }
         self.ipvs.as_mut().context("IPVS unavailable")
     }

@@ -357,21 +357,26 @@ impl Agent {
         tokio::spawn(tls::watch(Arc::downgrade(&agent.transport)));
         tokio::spawn(health::run(Arc::downgrade(&agent)));
         tokio::spawn(node_health::run(Arc::downgrade(&agent)));
+        // The DNAT (nftables) or masquerading (IPVS, with
+        // net.ipv4.vs.conntrack) happens in this namespace: its conntrack
+        // events say how each VIP connection went.
+        let count_vips = |agent: &Arc<Agent>| {
+            let (weak, shared) = (Arc::downgrade(agent), agent.vip_stats.clone());
+            if let Err(e) = std::thread::Builder::new()
+                .name("vip-stats".into())
+                .spawn(move || vip_stats::run(weak, shared))
+            {
+                tracing::warn!(error = %e, "cannot start counting VIP connections");
+            }
+        };
         match agent.config.l4lb_dataplane {
             l4lb::Dataplane::Nftables => {
                 agent.spawn_l4lb(l4lb::NftDataplane::new(l4lb::HostNftables::default()));
-                // The DNAT happens in this namespace: its conntrack events
-                // say how each VIP connection went.
-                let (weak, shared) = (Arc::downgrade(&agent), agent.vip_stats.clone());
-                if let Err(e) = std::thread::Builder::new()
-                    .name("vip-stats".into())
-                    .spawn(move || vip_stats::run(weak, shared))
-                {
-                    tracing::warn!(error = %e, "cannot start counting VIP connections");
-                }
+                count_vips(&agent);
             }
             l4lb::Dataplane::Ipvs => {
-                agent.spawn_l4lb(ipvs::IpvsDataplane::new(ipvs::HostIpvs::default()))
+                agent.spawn_l4lb(ipvs::IpvsDataplane::new(ipvs::HostIpvs::default()));
+                count_vips(&agent);
             }
             l4lb::Dataplane::None => {
                 tracing::info!("L4LB dataplane: none (VIPs computed, kernel untouched)")

@@ -485,6 +485,22 @@ pub fn render(agent: &Agent) -> String {
             &samples,
         );
         let s = &agent.vip_stats;
+        if let Ok(counts) = s.counts.lock() {
+            let name = "skein_vip_connect_seconds";
+            let _ = writeln!(out.0, "# HELP {name} TCP connect time through a VIP to a backend (New to assured in conntrack, as the agent reads the events).");
+            let _ = writeln!(out.0, "# TYPE {name} histogram");
+            for ((vip, backend), t) in counts.connect_totals() {
+                let base = format!("vip=\"{}\",backend=\"{}\"", esc(vip), backend);
+                let mut cumulative = 0;
+                for (le, n) in crate::vip_stats::CONNECT_LE.iter().zip(t.below) {
+                    cumulative += n;
+                    let _ = writeln!(out.0, "{name}_bucket{{{base},le=\"{le}\"}} {cumulative}");
+                }
+                let _ = writeln!(out.0, "{name}_bucket{{{base},le=\"+Inf\"}} {}", t.count);
+                let _ = writeln!(out.0, "{name}_sum{{{base}}} {}", t.sum_us as f64 / 1e6);
+                let _ = writeln!(out.0, "{name}_count{{{base}}} {}", t.count);
+            }
+        }
         out.metric(
             "skein_vip_conntrack_events_total",
             "counter",

@@ -6,6 +6,15 @@
 //! its handshake timed out) failed, as dcos-net counted them. Kept per
 //! 10 s for the last minute and per minute for the last hour.
 //!
+//! Connect latency: the kernel marks a TCP connection assured when the
+//! client acknowledges the backend's SYN-ACK, so the time from the
+//! connection's New event (its SYN) to its assured event is the handshake
+//! as the client lived it, including SYNs lost and sent again. It is
+//! measured when the agent reads each event (conntrack's events carry no
+//! time), so it is an estimate: both reads wait alike for the thread,
+//! and a connection first seen assured has no figure. The last minute's
+//! p99 is kept per VIP and backend, within a bucket's 12.5 %.
+//!
 //! [`Counts`] is the pure core; [`run`] feeds it from a thread.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -34,6 +43,97 @@ impl Outcomes {
 /// `(VIP name, backend)`.
 type Key = (String, SocketAddrV4);
 
+/// Connect times in log-linear buckets: each power of two (µs) split in
+/// eight, so a bucket is at most 12.5 % wide.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConnectTimes {
+    buckets: BTreeMap<u16, u32>,
+    count: u64,
+}
+
+impl ConnectTimes {
+    fn bucket(us: u64) -> u16 {
+        // The octave, then the three bits after the leading one.
+        let us = us.max(1);
+        let int = 63 - us.leading_zeros() as u64;
+        let frac = if int >= 3 {
+            (us >> (int - 3)) & 7
+        } else {
+            (us << (3 - int)) & 7
+        };
+        (int * 8 + frac) as u16
+    }
+
+    /// The upper edge of bucket `i`, in µs.
+    fn upper_us(i: u16) -> f64 {
+        let (octave, eighth) = (i32::from(i / 8), f64::from(i % 8));
+        2f64.powi(octave) * (1.0 + (eighth + 1.0) / 8.0)
+    }
+
+    pub fn record(&mut self, us: u64) {
+        *self.buckets.entry(Self::bucket(us)).or_default() += 1;
+        self.count += 1;
+    }
+
+    fn merge(&mut self, other: &ConnectTimes) {
+        for (b, n) in &other.buckets {
+            *self.buckets.entry(*b).or_default() += n;
+        }
+        self.count += other.count;
+    }
+
+    /// The `q` quantile in ms (the upper edge of its bucket), if any.
+    pub fn quantile_ms(&self, q: f64) -> Option<f64> {
+        if self.count == 0 {
+            return None;
+        }
+        let rank = ((q * self.count as f64).ceil() as u64).clamp(1, self.count);
+        let mut seen = 0u64;
+        for (b, n) in &self.buckets {
+            seen += u64::from(*n);
+            if seen >= rank {
+                return Some((Self::upper_us(*b) / 10.0).round() / 100.0);
+            }
+        }
+        None
+    }
+}
+
+/// The upper bounds (seconds) of the Prometheus histogram of connect times.
+pub const CONNECT_LE: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// Connect times since the agent started, as Prometheus counts them.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ConnectTotals {
+    /// Per bound of [`CONNECT_LE`], not cumulative.
+    pub below: [u64; CONNECT_LE.len()],
+    pub count: u64,
+    pub sum_us: u64,
+}
+
+impl ConnectTotals {
+    fn record(&mut self, us: u64) {
+        let s = us as f64 / 1e6;
+        if let Some(i) = CONNECT_LE.iter().position(|le| s <= *le) {
+            self.below[i] += 1;
+        }
+        self.count += 1;
+        self.sum_us += us;
+    }
+}
+
+/// A connection seen and not yet destroyed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Open {
+    /// Not assured yet; its New event was read at this time (µs on the
+    /// feed's clock), if it was seen.
+    Pending(Option<u64>),
+    /// Counted a success.
+    Counted,
+}
+
 /// Connections not yet over this many are tracked at once; beyond, the
 /// oldest are forgotten (counted as lost).
 const MAX_OPEN: usize = 1 << 20;
@@ -43,9 +143,12 @@ const MAX_OPEN: usize = 1 << 20;
 pub struct Counts {
     /// VIP address → its name (`<app>.<framework>.l4lb.thisdcos.directory:<port>`).
     vips: HashMap<SocketAddrV4, String>,
-    /// Connections seen and not yet destroyed: whether counted a success.
-    open: HashMap<u32, bool>,
+    /// Connections seen and not yet destroyed.
+    open: HashMap<u32, Open>,
     totals: BTreeMap<Key, Outcomes>,
+    connect_totals: BTreeMap<Key, ConnectTotals>,
+    /// `(10-second slot, connect times)`, the last 6.
+    recent_connect: VecDeque<(u64, BTreeMap<Key, ConnectTimes>)>,
     /// `(10-second slot, counts)`, the last 6.
     recent: VecDeque<(u64, BTreeMap<Key, Outcomes>)>,
     /// `(minute, counts)`, the last 60.
@@ -85,10 +188,14 @@ impl Counts {
         self.totals.retain(|key, _| {
             names.contains(&key.0) && minutes.iter().any(|(_, m)| m.contains_key(key))
         });
+        let totals = &self.totals;
+        self.connect_totals
+            .retain(|key, _| totals.contains_key(key));
     }
 
-    /// One event at `now_s` (Unix seconds).
-    pub fn apply(&mut self, e: &Event, now_s: u64) {
+    /// One event read at `now_s` (Unix seconds) and `at_us` (µs on a
+    /// monotonic clock of the caller's).
+    pub fn apply(&mut self, e: &Event, now_s: u64, at_us: u64) {
         let c = &e.conn;
         if c.proto != 6 {
             return;
@@ -96,36 +203,47 @@ impl Counts {
         let Some(vip) = self.vips.get(&c.orig_dst) else {
             return;
         };
+        if c.reply_src == c.orig_dst {
+            // Not rewritten (the dataplane had not programmed the VIP yet):
+            // no backend had it.
+            return;
+        }
         let key = (vip.clone(), c.reply_src);
         let outcome = match e.kind {
             EventKind::New | EventKind::Update => {
-                let counted = self.open.get(&c.id).copied();
-                if c.assured() && counted != Some(true) {
-                    self.open.insert(c.id, true);
+                let seen = self.open.get(&c.id).copied();
+                if c.assured() && seen != Some(Open::Counted) {
+                    self.open.insert(c.id, Open::Counted);
+                    if let Some(Open::Pending(Some(since))) = seen {
+                        self.connect(&key, now_s, at_us.saturating_sub(since));
+                    }
                     Some(Outcomes {
                         successes: 1,
                         failures: 0,
                     })
                 } else {
-                    if counted.is_none() {
+                    if seen.is_none() {
                         if self.open.len() >= MAX_OPEN {
                             // Undecided ones can go: their destroy still
                             // counts a failure (or their assured update a
                             // success). Forgetting counted ones would
                             // count them again.
-                            self.open.retain(|_, counted| *counted);
+                            self.open.retain(|_, o| *o == Open::Counted);
                             if self.open.len() >= MAX_OPEN {
                                 self.lost += self.open.len() as u64;
                                 self.open.clear();
                             }
                         }
-                        self.open.insert(c.id, false);
+                        // Only a New event starts the clock: an update of
+                        // a connection we never saw begin has no start.
+                        let since = (e.kind == EventKind::New).then_some(at_us);
+                        self.open.insert(c.id, Open::Pending(since));
                     }
                     None
                 }
             }
             EventKind::Destroy => match self.open.remove(&c.id) {
-                Some(true) => None,
+                Some(Open::Counted) => None,
                 // Assured at the end but never seen so (events lost, or
                 // it began before we listened): a success all the same.
                 _ if c.assured() => Some(Outcomes {
@@ -145,6 +263,31 @@ impl Counts {
         }
     }
 
+    fn connect(&mut self, key: &Key, now_s: u64, us: u64) {
+        self.connect_totals
+            .entry(key.clone())
+            .or_default()
+            .record(us);
+        let slot = now_s / 10;
+        let ring = &mut self.recent_connect;
+        if ring.back().is_none_or(|(s, _)| *s < slot) {
+            ring.push_back((slot, BTreeMap::new()));
+            while ring.len() > 6 {
+                ring.pop_front();
+            }
+        }
+        if let Some((s, m)) = ring.back_mut() {
+            if *s == slot {
+                m.entry(key.clone()).or_default().record(us);
+            }
+        }
+    }
+
+    /// Connect times since the start, per VIP and backend, for `/metrics`.
+    pub fn connect_totals(&self) -> &BTreeMap<Key, ConnectTotals> {
+        &self.connect_totals
+    }
+
     /// Every VIP's counts at `now_s`.
     pub fn report(&self, now_s: u64) -> Vec<VipStats> {
         let mut by_vip: BTreeMap<&str, VipStats> = BTreeMap::new();
@@ -160,7 +303,33 @@ impl Counts {
                 backend: backend.to_string(),
                 total: *total,
                 last_minute: Outcomes::default(),
+                connect_p99_ms: None,
             });
+        }
+        // p99 of the last minute's connect times, per VIP and backend.
+        let mut per_vip: BTreeMap<&str, ConnectTimes> = BTreeMap::new();
+        let mut per_backend: BTreeMap<&Key, ConnectTimes> = BTreeMap::new();
+        for (slot, m) in &self.recent_connect {
+            if *slot < first_recent {
+                continue;
+            }
+            for (key, t) in m {
+                per_vip.entry(key.0.as_str()).or_default().merge(t);
+                per_backend.entry(key).or_default().merge(t);
+            }
+        }
+        for ((vip, backend), t) in per_backend {
+            if let Some(v) = by_vip.get_mut(vip.as_str()) {
+                let b = backend.to_string();
+                if let Some(row) = v.backends.iter_mut().find(|r| r.backend == b) {
+                    row.connect_p99_ms = t.quantile_ms(0.99);
+                }
+            }
+        }
+        for (vip, t) in per_vip {
+            if let Some(v) = by_vip.get_mut(vip) {
+                v.connect_p99_ms = t.quantile_ms(0.99);
+            }
         }
         for (slot, m) in &self.recent {
             if *slot < first_recent {
@@ -197,11 +366,14 @@ impl Counts {
 }
 
 /// One VIP's connections.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct VipStats {
     pub vip: String,
     /// The last 60 s (six 10 s slots).
     pub last_minute: Outcomes,
+    /// The 99th percentile of the last minute's connect times (ms), if
+    /// any connection was timed.
+    pub connect_p99_ms: Option<f64>,
     /// Since the agent started (pairs quiet for an hour are forgotten).
     pub total: Outcomes,
     pub backends: Vec<BackendStats>,
@@ -209,11 +381,12 @@ pub struct VipStats {
     pub per_minute: Vec<MinuteStats>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct BackendStats {
     pub backend: String,
     pub last_minute: Outcomes,
     pub total: Outcomes,
+    pub connect_p99_ms: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -251,7 +424,20 @@ pub(crate) fn run(agent: Weak<crate::Agent>, shared: std::sync::Arc<Shared>) {
     };
     shared.running.store(1, Ordering::Relaxed);
     let mut seq = u64::MAX;
+    let clock = std::time::Instant::now();
     loop {
+        let got = match events.recv(Duration::from_millis(500)) {
+            Ok(got) => got,
+            Err(e) => {
+                tracing::warn!(error = %e, "conntrack events failed: VIP connections are no longer counted");
+                shared.running.store(0, Ordering::Relaxed);
+                return;
+            }
+        };
+        let (now, at_us) = (now_s(), clock.elapsed().as_micros() as u64);
+        // The VIPs as of now, after the read: a connection to a VIP exists
+        // only once the view that made it was published, so its events
+        // always find it here.
         let Some(a) = agent.upgrade() else { return };
         let view = a.view();
         if view.seq != seq {
@@ -270,25 +456,15 @@ pub(crate) fn run(agent: Weak<crate::Agent>, shared: std::sync::Arc<Shared>) {
             lock(&shared.counts).set_vips(vips);
         }
         drop((view, a));
-        match events.recv(Duration::from_millis(500)) {
-            Ok(got) => {
-                let now = now_s();
-                let mut c = lock(&shared.counts);
-                if got.lost {
-                    c.lost += 1;
-                }
-                shared
-                    .events
-                    .fetch_add(got.events.len() as u64, Ordering::Relaxed);
-                for e in &got.events {
-                    c.apply(e, now);
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "conntrack events failed: VIP connections are no longer counted");
-                shared.running.store(0, Ordering::Relaxed);
-                return;
-            }
+        let mut c = lock(&shared.counts);
+        if got.lost {
+            c.lost += 1;
+        }
+        shared
+            .events
+            .fetch_add(got.events.len() as u64, Ordering::Relaxed);
+        for e in &got.events {
+            c.apply(e, now, at_us);
         }
     }
 }
@@ -381,7 +557,7 @@ mod tests {
                 let live: Vec<usize> = (0..queues.len()).filter(|&i| !queues[i].is_empty()).collect();
                 let i = live[(x as usize) % live.len()];
                 if let Some(e) = queues[i].pop() {
-                    c.apply(&e, 1_000_000);
+                    c.apply(&e, 1_000_000, 0);
                 }
             }
             let mut want: BTreeMap<u8, Outcomes> = BTreeMap::new();
@@ -412,6 +588,84 @@ mod tests {
         }
     }
 
+    proptest! {
+        /// The quantile is the upper edge of the bucket holding the true
+        /// one: never below it, at most a bucket (12.5 %, and the 10 µs
+        /// rounding) above.
+        #[test]
+        fn connect_quantiles_bound_the_true_ones(
+            mut times in proptest::collection::vec(1u64..20_000_000, 1..300),
+            q in 0.5f64..1.0,
+        ) {
+            let mut t = ConnectTimes::default();
+            for us in &times {
+                t.record(*us);
+            }
+            times.sort_unstable();
+            let rank = ((q * times.len() as f64).ceil() as usize).clamp(1, times.len());
+            let truth_ms = times[rank - 1] as f64 / 1000.0;
+            let got = t.quantile_ms(q).expect("some");
+            prop_assert!(got + 0.005 >= truth_ms, "{got} below {truth_ms}");
+            prop_assert!(got <= truth_ms * 1.125 + 0.01, "{got} too far above {truth_ms}");
+        }
+    }
+
+    #[test]
+    fn connect_time_is_new_to_assured_and_p99_follows_the_slow_backend() {
+        let mut c = counts();
+        // 98 connections to backend 1 in 200 µs, two to backend 2 in 1 s.
+        for id in 1..=100u32 {
+            let backend = if id <= 98 { 1 } else { 2 };
+            let start = u64::from(id) * 10_000_000;
+            let took = if backend == 1 { 200 } else { 1_000_000 };
+            c.apply(
+                &Event {
+                    kind: EventKind::New,
+                    conn: conn(id, backend, false),
+                },
+                1000,
+                start,
+            );
+            c.apply(
+                &Event {
+                    kind: EventKind::Update,
+                    conn: conn(id, backend, true),
+                },
+                1000,
+                start + took,
+            );
+        }
+        // Seen first assured (began before we listened): counted, not timed.
+        c.apply(
+            &Event {
+                kind: EventKind::Update,
+                conn: conn(500, 1, true),
+            },
+            1000,
+            5,
+        );
+        let r = c.report(1001);
+        let p99 = |addr: u8| {
+            r[0].backends
+                .iter()
+                .find(|b| b.backend == format!("10.0.1.{addr}:8080"))
+                .and_then(|b| b.connect_p99_ms)
+        };
+        let fast = p99(1).expect("timed");
+        assert!((0.2..=0.23).contains(&fast), "{fast}");
+        let slow = p99(2).expect("timed");
+        assert!((1000.0..=1125.0).contains(&slow), "{slow}");
+        let vip = r[0].connect_p99_ms.expect("timed");
+        assert!((1000.0..=1125.0).contains(&vip), "2 % were slow: {vip}");
+        let totals = c.connect_totals();
+        let all: u64 = totals.values().map(|t| t.count).sum();
+        assert_eq!(all, 100, "the untimed one is not in the histogram");
+        // A minute later the p99 is gone, the totals stay.
+        let later = c.report(1070);
+        assert_eq!(later[0].connect_p99_ms, None);
+        assert_eq!(later[0].total.successes, 101);
+    }
+
     #[test]
     fn pairs_of_gone_vips_or_quiet_backends_are_forgotten() {
         let mut c = counts();
@@ -421,6 +675,7 @@ mod tests {
                 conn: conn(1, 1, false),
             },
             600,
+            0,
         );
         c.set_vips([(vip_addr(), VIP.to_string())].into());
         assert_eq!(c.report(610).len(), 1, "active in the hour: kept");
@@ -439,6 +694,7 @@ mod tests {
                 conn: other,
             },
             10,
+            0,
         );
         let mut udp = conn(2, 1, false);
         udp.proto = 17;
@@ -448,6 +704,7 @@ mod tests {
                 conn: udp,
             },
             10,
+            0,
         );
         assert!(c.report(10).is_empty());
     }
@@ -461,6 +718,7 @@ mod tests {
                 conn: conn(1, 1, false),
             },
             600,
+            0,
         );
         c.apply(
             &Event {
@@ -468,6 +726,7 @@ mod tests {
                 conn: conn(2, 1, true),
             },
             660,
+            0,
         );
         let r = c.report(700);
         assert_eq!(

@@ -83,13 +83,14 @@ const pages = {
     const key = (v) => v.vip;
     const statsOf = (name) => (stats || []).find((s) => s.vip === name);
     const pct = (o) => (o.successes + o.failures ? ((100 * o.failures) / (o.successes + o.failures)).toFixed(1) + " %" : "–");
-    const note = stats ? "" : `<p class="muted">Connection counts are not measured on this node (its VIP dataplane is not nftables).</p>`;
+    const ms = (v) => (v == null ? "–" : v >= 100 ? `${Math.round(v)} ms` : `${v} ms`);
+    const note = stats ? "" : `<p class="muted">Connection counts are not measured on this node (no VIP dataplane, or conntrack cannot be read).</p>`;
     if (arg) {
       const v = vips.find((v) => key(v) === arg);
       if (!v) return `<h2>${esc(arg)}</h2><p class="error">No such service address (any more).</p><p><a href="#/vips">All service addresses</a></p>`;
       const st = statsOf(arg);
       const counted = (b) => st?.backends.find((x) => x.backend === `${b.ip}:${b.port}`);
-      const heads = ["Backend", "Node", "Task", "Status", "In use"].concat(stats ? [{ label: "Successes (1 min)", num: 1 }, { label: "Failures (1 min)", num: 1 }, { label: "Failures (total)", num: 1 }] : []);
+      const heads = ["Backend", "Node", "Task", "Status", "In use"].concat(stats ? [{ label: "Successes (1 min)", num: 1 }, { label: "Failures (1 min)", num: 1 }, { label: "p99 connect (1 min)", num: 1 }, { label: "Failures (total)", num: 1 }] : []);
       const rows = v.backend.map((b) => {
         const c = counted(b);
         const row = [
@@ -97,13 +98,13 @@ const pages = {
           state(b.node_status === "alive" && b.healthy, b.node_status !== "alive" ? `node ${b.node_status}` : b.healthy ? "healthy" : "unhealthy"),
           b.in_use ? "yes" : "no",
         ];
-        return stats ? row.concat([esc(c?.last_minute.successes ?? 0), esc(c?.last_minute.failures ?? 0), esc(c?.total.failures ?? 0)]) : row;
+        return stats ? row.concat([esc(c?.last_minute.successes ?? 0), esc(c?.last_minute.failures ?? 0), esc(ms(c?.connect_p99_ms)), esc(c?.total.failures ?? 0)]) : row;
       });
       return `<h2>${esc(arg)}</h2><p><a href="#/vips">All service addresses</a></p>
         <p>Address <strong>${esc(v.address ?? "not allocated yet")}</strong>, ${esc(v.protocol)}</p>` + note +
         table(`Backends of ${arg}`, heads, rows, "No backends.") + (st ? chart(st.per_minute) : "");
     }
-    const heads = ["Name", "Address", "Protocol", "Backends"].concat(stats ? [{ label: "Successes", num: 1 }, { label: "Failures", num: 1 }, { label: "Failure %", num: 1 }] : []);
+    const heads = ["Name", "Address", "Protocol", "Backends"].concat(stats ? [{ label: "Successes", num: 1 }, { label: "Failures", num: 1 }, { label: "Failure %", num: 1 }, { label: "p99 connect", num: 1 }] : []);
     const rows = vips.map((v) => {
       const used = v.backend.filter((b) => b.in_use).length;
       const row = [
@@ -111,8 +112,9 @@ const pages = {
         esc(v.address ?? "not allocated yet"), esc(v.protocol),
         state(used > 0, `${used} of ${v.backend.length} in use`),
       ];
-      const o = statsOf(key(v))?.last_minute ?? { successes: 0, failures: 0 };
-      return stats ? row.concat([esc(o.successes), esc(o.failures), esc(pct(o))]) : row;
+      const st = statsOf(key(v));
+      const o = st?.last_minute ?? { successes: 0, failures: 0 };
+      return stats ? row.concat([esc(o.successes), esc(o.failures), esc(pct(o)), esc(ms(st?.connect_p99_ms))]) : row;
     });
     return `<h2>Service Addresses</h2>` + note +
       table(`${vips.length} VIP(s)${stats ? "; connections from this node for the past minute" : ""}`, heads, rows, "No VIPs: give a task's port a VIP_0 label.");

@@ -762,3 +762,18 @@ pub fn rss_kb(pid: u32) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
 }
+
+/// Debian's Chromium for the UI tests, or a failure: a test that cannot
+/// look must not pass.
+pub fn chromium() -> &'static str {
+    for name in ["chromium", "chromium-browser"] {
+        if Command::new(name)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            return name;
+        }
+    }
+    panic!("chromium is missing (apt-get install chromium; scripts/test installs it)");
+}

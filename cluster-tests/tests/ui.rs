@@ -19,20 +19,6 @@ const ENTRY: &str = "http://127.0.0.1:8080";
 /// `/web:80` as dcos-net names it.
 const VIP: &str = "web.marathon.l4lb.thisdcos.directory:80";
 
-/// The browser, or a failure: a test that cannot look must not pass.
-fn chromium() -> &'static str {
-    for name in ["chromium", "chromium-browser"] {
-        if Command::new(name)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-        {
-            return name;
-        }
-    }
-    panic!("chromium is missing (apt-get install chromium; scripts/test installs it)");
-}
-
 /// Page `hash` as the browser renders it (scripts run, data fetched),
 /// from inside `ns`; with `shot`, a screenshot of it too.
 fn render(ns: &str, profile: &Path, hash: &str, shot: Option<&Path>) -> anyhow::Result<String> {
@@ -41,7 +27,7 @@ fn render(ns: &str, profile: &Path, hash: &str, shot: Option<&Path>) -> anyhow::
         "netns".to_string(),
         "exec".into(),
         ns.into(),
-        chromium().into(),
+        cluster_tests::chromium().into(),
         "--headless".into(),
         "--no-sandbox".into(),
         "--disable-gpu".into(),

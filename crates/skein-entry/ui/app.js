@@ -183,6 +183,25 @@ const pages = {
 
 let edgeSeen = null;
 let timer = null;
+// The page as last drawn: a refresh that changes nothing leaves the DOM
+// (and a keyboard user's focus, and a screen reader) alone.
+let drawn = null;
+
+// Replaces the page; the element that had focus in it (a link, by its
+// href; a field, by its id) gets it back in the new one.
+function show(html) {
+  if (html === drawn) return;
+  const page = $("#page");
+  const f = document.activeElement;
+  const mark = (el) => el.getAttribute("href") || el.id || null;
+  const had = f && page.contains(f) ? mark(f) : null;
+  page.innerHTML = html;
+  drawn = html;
+  if (had) {
+    const again = [...page.querySelectorAll("a[href], [id]")].find((el) => mark(el) === had);
+    if (again) again.focus();
+  }
+}
 
 function route() {
   const [, page = "nodes", ...rest] = location.hash.split("/");
@@ -199,10 +218,10 @@ async function draw() {
   $("#search").hidden = page !== "dns";
   try {
     const html = await pages[page](arg);
-    if (route().page === page) $("#page").innerHTML = html;
+    if (route().page === page) show(html);
     $("#updated").textContent = `Updated ${new Date().toLocaleTimeString()}; refreshes every ${REFRESH_MS / 1000} s.`;
   } catch (e) {
-    $("#page").innerHTML = `<p class="error">Could not load this page: ${esc(e.message)}</p>`;
+    show(`<p class="error">Could not load this page: ${esc(e.message)}</p>`);
   }
   timer = setTimeout(draw, REFRESH_MS);
 }

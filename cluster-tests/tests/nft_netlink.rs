@@ -259,3 +259,50 @@ fn skeleton_and_elements_or_a_refill_equal_a_full_rewrite() -> anyhow::Result<()
     assert_eq!(elements(&two_steps)?, before);
     Ok(())
 }
+
+/// The kernel tracks connections in a namespace only while something needs
+/// it; `track_connections` (for the IPVS dataplane's counts) makes it so,
+/// is idempotent, and lays out what `nft` would show.
+#[test]
+fn track_connections_turns_conntrack_on_in_the_namespace() -> anyhow::Result<()> {
+    require_root();
+    let ns = ScratchNetns::new("ct")?;
+    let tracked = |ns: &ScratchNetns| -> anyhow::Result<u64> {
+        let name = ns.0.clone();
+        std::thread::spawn(move || -> anyhow::Result<u64> {
+            cluster_tests::enter_netns(&name)?;
+            let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+            let _c = std::net::TcpStream::connect(listener.local_addr()?)?;
+            let n = std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_count")?;
+            Ok(n.trim().parse()?)
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the connecting thread panicked"))?
+    };
+    assert_eq!(tracked(&ns)?, 0, "nothing needs conntrack yet");
+    let mut nft = client(&ns)?;
+    nft.track_connections("skein_ct")?;
+    nft.track_connections("skein_ct")?;
+    assert!(tracked(&ns)? >= 1, "a connection is tracked now");
+    // A `ct` load with no match after it: nft prints it only as netlink.
+    let listed = sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &ns.0,
+        "nft",
+        "--debug=netlink",
+        "list",
+        "table",
+        "inet",
+        "skein_ct",
+    ])?;
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert_eq!(
+        listed.matches("[ ct load state => reg 1 ]").count(),
+        1,
+        "one rule after two calls:\n{listed}"
+    );
+    assert!(listed.contains("chain track"), "{listed}");
+    Ok(())
+}

@@ -16,6 +16,8 @@ use crate::realize::Dataplane;
 use crate::view::View;
 
 pub(crate) const LINK: &str = "minuteman";
+/// `table inet skein_conntrack`: only there so that conntrack runs.
+const CONNTRACK_TABLE: &str = "skein_conntrack";
 
 /// What the IPVS realizer reads and writes.
 pub(crate) trait IpvsKernel: Send + 'static {
@@ -46,9 +48,16 @@ impl HostIpvs {
             self.ipvs = Some(Ipvs::open().context("IPVS unavailable")?);
             // IPVS's connections in conntrack too (as kube-proxy sets it):
             // their events carry the backend, and the VIP counts come from
-            // them. The file exists once IPVS is loaded, as it now is.
+            // them. The file exists once IPVS is loaded, as it now is. The
+            // kernel tracks connections only while something needs it (no
+            // NAT rule may exist here): a `ct` rule that never runs does.
             if let Err(e) = std::fs::write("/proc/sys/net/ipv4/vs/conntrack", "1") {
                 tracing::warn!(error = %e, "cannot set net.ipv4.vs.conntrack: VIP connections are not counted");
+            }
+            if let Err(e) = skein_nftables::Nftables::open()
+                .and_then(|mut n| n.track_connections(CONNTRACK_TABLE))
+            {
+                tracing::warn!(error = %e, "cannot turn connection tracking on: VIP connections may not be counted");
             }
         }
         self.ipvs.as_mut().context("IPVS unavailable")

@@ -141,6 +141,16 @@ impl Nftables {
         wire::judge(table, ops, &batch, &replies)
     }
 
+    /// Makes the kernel track connections in this namespace (see
+    /// [`wire::encode_track_connections`]), with `table inet <table>`.
+    pub fn track_connections(&mut self, table: &str) -> Result<()> {
+        let batch = wire::encode_track_connections(table, self.seq)?;
+        self.seq = batch.end_seq.wrapping_add(1);
+        self.send(&batch.bytes)?;
+        let replies = self.answers(&batch)?;
+        wire::judge(table, &[], &batch, &replies)
+    }
+
     fn send(&self, bytes: &[u8]) -> Result<()> {
         let addr = kernel();
         // SAFETY: `bytes` and `addr` are valid for the lengths given.

@@ -299,6 +299,109 @@ pub fn encode_batch(table: &str, ops: &[ElementOp], first_seq: u32) -> Result<Ba
     })
 }
 
+pub const NFPROTO_INET: u8 = 1;
+pub const NFT_MSG_NEWTABLE: u16 = 0;
+pub const NFT_MSG_DELTABLE: u16 = 2;
+pub const NFT_MSG_NEWCHAIN: u16 = 3;
+pub const NFT_MSG_NEWRULE: u16 = 6;
+pub const NFTA_TABLE_NAME: u16 = 1;
+pub const NFTA_CHAIN_TABLE: u16 = 1;
+pub const NFTA_CHAIN_NAME: u16 = 3;
+pub const NFTA_RULE_TABLE: u16 = 1;
+pub const NFTA_RULE_CHAIN: u16 = 2;
+pub const NFTA_RULE_EXPRESSIONS: u16 = 4;
+pub const NFTA_EXPR_NAME: u16 = 1;
+pub const NFTA_EXPR_DATA: u16 = 2;
+pub const NFTA_CT_DREG: u16 = 1;
+pub const NFTA_CT_KEY: u16 = 2;
+pub const NFT_CT_STATE: u32 = 0;
+pub const NFT_REG_1: u32 = 1;
+
+/// `table inet <table> { chain track { ct state } }`, made afresh (add,
+/// delete, add: one atomic batch whether or not it was there) and
+/// acknowledged message by message. The chain hooks nothing, so the rule
+/// never runs: its `ct` expression exists so that the kernel tracks
+/// connections in this namespace at all (it does so only while something
+/// needs it: NAT, a `ct` match), which IPVS's connections need to show in
+/// conntrack's events. As `nft` sends `ct state` (checked by hand with
+/// `nft --debug=netlink`).
+pub fn encode_track_connections(table: &str, first_seq: u32) -> Result<Batch> {
+    let mut buf = Vec::with_capacity(512);
+    let mut seq = first_seq;
+    start_message(
+        &mut buf,
+        NFNL_MSG_BATCH_BEGIN,
+        NLM_F_REQUEST,
+        seq,
+        AF_UNSPEC,
+        NFNL_SUBSYS_NFTABLES,
+    );
+    end_message(&mut buf, 0)?;
+    let mut messages = Vec::new();
+    let steps: [(u16, u16); 5] = [
+        (NFT_MSG_NEWTABLE, NLM_F_CREATE),
+        (NFT_MSG_DELTABLE, 0),
+        (NFT_MSG_NEWTABLE, NLM_F_CREATE),
+        (NFT_MSG_NEWCHAIN, NLM_F_CREATE),
+        (NFT_MSG_NEWRULE, NLM_F_CREATE | 0x800), // NLM_F_APPEND
+    ];
+    for (kind, flags) in steps {
+        seq = seq.wrapping_add(1);
+        let at = buf.len();
+        start_message(
+            &mut buf,
+            NFNL_SUBSYS_NFTABLES << 8 | kind,
+            NLM_F_REQUEST | NLM_F_ACK | flags,
+            seq,
+            NFPROTO_INET,
+            0,
+        );
+        match kind {
+            NFT_MSG_NEWTABLE | NFT_MSG_DELTABLE => put_name(&mut buf, NFTA_TABLE_NAME, table)?,
+            NFT_MSG_NEWCHAIN => {
+                put_name(&mut buf, NFTA_CHAIN_TABLE, table)?;
+                put_name(&mut buf, NFTA_CHAIN_NAME, "track")?;
+            }
+            _ => {
+                put_name(&mut buf, NFTA_RULE_TABLE, table)?;
+                put_name(&mut buf, NFTA_RULE_CHAIN, "track")?;
+                let exprs = start_attr(&mut buf, NFTA_RULE_EXPRESSIONS | NLA_F_NESTED);
+                let elem = start_attr(&mut buf, NFTA_LIST_ELEM | NLA_F_NESTED);
+                put_name(&mut buf, NFTA_EXPR_NAME, "ct")?;
+                let data = start_attr(&mut buf, NFTA_EXPR_DATA | NLA_F_NESTED);
+                put_attr(&mut buf, NFTA_CT_DREG, &NFT_REG_1.to_be_bytes())?;
+                put_attr(&mut buf, NFTA_CT_KEY, &NFT_CT_STATE.to_be_bytes())?;
+                end_attr(&mut buf, data)?;
+                end_attr(&mut buf, elem)?;
+                end_attr(&mut buf, exprs)?;
+            }
+        }
+        end_message(&mut buf, at)?;
+        messages.push(Message {
+            seq,
+            ops: 0..0,
+            element_offsets: Vec::new(),
+        });
+    }
+    seq = seq.wrapping_add(1);
+    let at = buf.len();
+    start_message(
+        &mut buf,
+        NFNL_MSG_BATCH_END,
+        NLM_F_REQUEST,
+        seq,
+        AF_UNSPEC,
+        NFNL_SUBSYS_NFTABLES,
+    );
+    end_message(&mut buf, at)?;
+    Ok(Batch {
+        bytes: buf,
+        begin_seq: first_seq,
+        end_seq: seq,
+        messages,
+    })
+}
+
 /// One message of the kernel's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {

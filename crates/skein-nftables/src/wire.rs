@@ -177,6 +177,20 @@ fn end_message(buf: &mut [u8], at: usize) -> Result<()> {
     Ok(())
 }
 
+/// A `BATCH_BEGIN` or `BATCH_END` message.
+fn batch_mark(buf: &mut Vec<u8>, kind: u16, seq: u32) -> Result<()> {
+    let at = buf.len();
+    start_message(
+        buf,
+        kind,
+        NLM_F_REQUEST,
+        seq,
+        AF_UNSPEC,
+        NFNL_SUBSYS_NFTABLES,
+    );
+    end_message(buf, at)
+}
+
 /// One element (`NFTA_LIST_ELEM` with its key and, to add a map element,
 /// its data) as bytes.
 fn element(op: &ElementOp) -> Result<Vec<u8>> {
@@ -217,15 +231,7 @@ pub fn encode_batch(table: &str, ops: &[ElementOp], first_seq: u32) -> Result<Ba
     let mut buf = Vec::with_capacity(64 + ops.len() * 64);
     let begin_seq = first_seq;
     let mut seq = first_seq;
-    start_message(
-        &mut buf,
-        NFNL_MSG_BATCH_BEGIN,
-        NLM_F_REQUEST,
-        seq,
-        AF_UNSPEC,
-        NFNL_SUBSYS_NFTABLES,
-    );
-    end_message(&mut buf, 0)?;
+    batch_mark(&mut buf, NFNL_MSG_BATCH_BEGIN, seq)?;
     let mut messages = Vec::new();
     let mut i = 0;
     while i < ops.len() {
@@ -281,16 +287,7 @@ pub fn encode_batch(table: &str, ops: &[ElementOp], first_seq: u32) -> Result<Ba
         });
     }
     seq = seq.wrapping_add(1);
-    let at = buf.len();
-    start_message(
-        &mut buf,
-        NFNL_MSG_BATCH_END,
-        NLM_F_REQUEST,
-        seq,
-        AF_UNSPEC,
-        NFNL_SUBSYS_NFTABLES,
-    );
-    end_message(&mut buf, at)?;
+    batch_mark(&mut buf, NFNL_MSG_BATCH_END, seq)?;
     Ok(Batch {
         bytes: buf,
         begin_seq,
@@ -328,15 +325,7 @@ pub const NFT_REG_1: u32 = 1;
 pub fn encode_track_connections(table: &str, first_seq: u32) -> Result<Batch> {
     let mut buf = Vec::with_capacity(512);
     let mut seq = first_seq;
-    start_message(
-        &mut buf,
-        NFNL_MSG_BATCH_BEGIN,
-        NLM_F_REQUEST,
-        seq,
-        AF_UNSPEC,
-        NFNL_SUBSYS_NFTABLES,
-    );
-    end_message(&mut buf, 0)?;
+    batch_mark(&mut buf, NFNL_MSG_BATCH_BEGIN, seq)?;
     let mut messages = Vec::new();
     let steps: [(u16, u16); 5] = [
         (NFT_MSG_NEWTABLE, NLM_F_CREATE),
@@ -384,16 +373,7 @@ pub fn encode_track_connections(table: &str, first_seq: u32) -> Result<Batch> {
         });
     }
     seq = seq.wrapping_add(1);
-    let at = buf.len();
-    start_message(
-        &mut buf,
-        NFNL_MSG_BATCH_END,
-        NLM_F_REQUEST,
-        seq,
-        AF_UNSPEC,
-        NFNL_SUBSYS_NFTABLES,
-    );
-    end_message(&mut buf, at)?;
+    batch_mark(&mut buf, NFNL_MSG_BATCH_END, seq)?;
     Ok(Batch {
         bytes: buf,
         begin_seq: first_seq,

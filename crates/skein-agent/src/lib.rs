@@ -821,6 +821,26 @@ impl Agent {
         Ok(created)
     }
 
+    /// The address peers reach this node on (a provider's tasks published
+    /// on the host use it).
+    pub fn advertise(&self) -> std::net::IpAddr {
+        self.config.advertise
+    }
+
+    /// A task's health as something outside the agent judged it (Docker's
+    /// health check): published like the agent's own checks' verdicts, an
+    /// unhealthy task's ports getting no new VIP connections; `None`
+    /// withdraws it. For tasks without a `health_check` of their own.
+    pub async fn set_task_health(&self, id: &str, healthy: Option<bool>) {
+        let key = skein_state::health_key(id);
+        match healthy {
+            Some(true) => self.gossip.set(&key, "healthy").await,
+            Some(false) => self.gossip.set(&key, skein_state::UNHEALTHY).await,
+            None => self.gossip.delete(&key).await,
+        }
+        self.fresh_view().await;
+    }
+
     /// Removes a task of this node. Tasks of other nodes are theirs to remove.
     pub async fn delete_task(&self, id: &str) -> Result<(), AgentError> {
         validate_task_id(id).map_err(|e| AgentError::BadRequest(e.to_string()))?;

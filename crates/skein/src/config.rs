@@ -53,6 +53,18 @@ pub(crate) struct AgentArgs {
     /// PEM key of `--entry-tls-cert`.
     #[arg(long, env = "SKEIN_ENTRY_TLS_KEY", requires = "entry_tls_cert")]
     pub entry_tls_key: Option<PathBuf>,
+    /// Docker's socket: this node's running containers with Marathon-style
+    /// labels (`VIP_0=/web:80`, `HAPROXY_*`, `DCOS_SERVICE_*`, `skein.app`,
+    /// `skein.port`) become this node's tasks. Off by default.
+    #[arg(long, env = "SKEIN_DOCKER_SOCKET")]
+    pub docker_socket: Option<PathBuf>,
+    /// With `--docker-socket`: containers without such labels too.
+    #[arg(long, env = "SKEIN_DOCKER_ALL")]
+    pub docker_all: bool,
+    /// Seconds between full resyncs with Docker (events come in between)
+    /// [default: 30].
+    #[arg(long, env = "SKEIN_DOCKER_RESYNC_S")]
+    pub docker_resync_s: Option<u64>,
     /// Where the agent keeps its state [default: /var/lib/skein].
     #[arg(long, env = "SKEIN_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -120,6 +132,9 @@ struct FileConfig {
     entry_edge_stats: Option<SocketAddr>,
     entry_tls_cert: Option<PathBuf>,
     entry_tls_key: Option<PathBuf>,
+    docker_socket: Option<PathBuf>,
+    docker_all: Option<bool>,
+    docker_resync_s: Option<u64>,
     data_dir: Option<PathBuf>,
     tls_dir: Option<PathBuf>,
     cluster_id: Option<String>,
@@ -167,6 +182,8 @@ pub(crate) struct Resolved {
     pub entry_edge_stats: SocketAddr,
     /// Certificate and key files, when the entry point serves HTTPS.
     pub entry_tls: Option<(PathBuf, PathBuf)>,
+    /// The Docker provider, when given a socket.
+    pub docker: Option<skein_docker::Options>,
 }
 
 pub(crate) fn hostname() -> String {
@@ -439,6 +456,19 @@ impl AgentArgs {
             api_listen,
             api_token,
             entry_listen: self.entry_listen.or(file.entry_listen),
+            docker: self
+                .docker_socket
+                .or(file.docker_socket)
+                .map(|socket| skein_docker::Options {
+                    socket,
+                    all: self.docker_all || file.docker_all.unwrap_or(false),
+                    resync: Duration::from_secs(
+                        self.docker_resync_s
+                            .or(file.docker_resync_s)
+                            .unwrap_or(30)
+                            .max(1),
+                    ),
+                }),
             entry_tls: match (
                 self.entry_tls_cert.or(file.entry_tls_cert),
                 self.entry_tls_key.or(file.entry_tls_key),

@@ -313,6 +313,9 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let agent = skein_agent::Agent::start(resolved.agent).await?;
+        if let Some(docker) = resolved.docker.clone() {
+            tokio::spawn(skein_docker::run(std::sync::Arc::downgrade(&agent), docker));
+        }
         let listener = tokio::net::TcpListener::bind(resolved.api_listen)
             .await
             .with_context(|| format!("cannot listen on {} for the API", resolved.api_listen))?;

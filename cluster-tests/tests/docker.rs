@@ -1,0 +1,297 @@
+//! The Docker provider (issue 15) against this machine's Docker engine: an
+//! agent in a namespace of the test's, given the engine's socket, turns
+//! the containers the test runs (an image built here FROM scratch around a
+//! static busybox; nothing is pulled) into its tasks. Labelled containers
+//! appear in `/v1/tasks`, in DNS and behind their VIP; `docker stop`
+//! takes them out; an agent restart (with containers stopped and started
+//! while it was down) and a `docker restart` end with the same set and no
+//! duplicates; Docker's health check reaches the VIP's backends; an
+//! unlabelled container is left alone. The times from each docker command
+//! to the agent's answer are printed.
+
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use cluster_tests::{sh, wait_for, Cluster};
+
+const SOCKET: &str = "/var/run/docker.sock";
+const IMAGE: &str = "skein-test-busybox:1";
+
+fn docker(args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new("docker").args(args).output()?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "docker {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// The engine, or a failure: this test must not pass without one.
+fn require_docker() {
+    let ok = Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ok,
+        "the Docker engine is not reachable (docker info failed)"
+    );
+}
+
+/// `IMAGE`, built from /bin/busybox (Debian's busybox-static).
+fn build_image(dir: &std::path::Path) -> anyhow::Result<()> {
+    let busybox = std::path::Path::new("/bin/busybox");
+    assert!(
+        busybox.exists(),
+        "/bin/busybox is missing (apt-get install busybox-static; scripts/test installs it)"
+    );
+    let ctx = dir.join("image");
+    std::fs::create_dir_all(&ctx)?;
+    std::fs::copy(busybox, ctx.join("busybox"))?;
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM scratch\nCOPY busybox /bin/busybox\nENTRYPOINT [\"/bin/busybox\"]\n",
+    )?;
+    docker(&["build", "-q", "-t", IMAGE, &ctx.display().to_string()])?;
+    Ok(())
+}
+
+/// Containers this test made, removed however it ends.
+struct Containers(Vec<String>);
+
+impl Drop for Containers {
+    fn drop(&mut self) {
+        for name in &self.0 {
+            let _ = Command::new("docker").args(["rm", "-f", name]).output();
+        }
+    }
+}
+
+impl Containers {
+    /// `docker run -d` with `args` (labels, ports) and busybox's httpd.
+    fn run(&mut self, name: &str, args: &[&str]) -> anyhow::Result<String> {
+        self.0.push(name.to_string());
+        let mut all = vec!["run", "-d", "--name", name];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&[IMAGE, "httpd", "-f", "-p", "80", "-h", "/"]);
+        docker(&all)
+    }
+}
+
+/// Node 1's container tasks: `(task id, app, ip)`, sorted.
+fn container_tasks(c: &Cluster) -> anyhow::Result<Vec<(String, String, String)>> {
+    let v = c.get(1, "/v1/tasks")?;
+    let s = |t: &serde_json::Value, k: &str| t[k].as_str().unwrap_or_default().to_string();
+    let mut out: Vec<(String, String, String)> = v["tasks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| (s(t, "id"), s(t, "app"), s(t, "ip")))
+        .filter(|(id, _, _)| id.starts_with("docker-"))
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+fn task_of(container_id: &str) -> String {
+    format!("docker-{}", &container_id[..12])
+}
+
+/// The A records node 1's DNS server answers for `name`.
+fn dig(c: &Cluster, name: &str) -> anyhow::Result<Vec<String>> {
+    let out = sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &c.node(1).netns,
+        "dig",
+        "@127.0.0.1",
+        name,
+        "A",
+        "+short",
+        "+time=2",
+        "+tries=1",
+    ])?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .filter(|l| !l.is_empty())
+        .collect())
+}
+
+#[test]
+fn containers_become_tasks_and_leave_with_them() -> anyhow::Result<()> {
+    require_docker();
+    let mut c = Cluster::new(1)?;
+    build_image(c.dir.path())?;
+    let agent_args = ["--docker-socket", SOCKET];
+    c.start(1, &[], &agent_args)?;
+    let ip = c.node(1).ip.clone();
+    let tag = std::process::id();
+    let mut made = Containers(Vec::new());
+    let mut timings: Vec<(String, Duration)> = Vec::new();
+
+    // A labelled container: a task of node1 within moments, in DNS and
+    // behind its VIP, at the host's address with the published port.
+    let started = Instant::now();
+    let web = made.run(
+        &format!("skt-web-{tag}"),
+        &[
+            "--label",
+            "VIP_0=/web:80",
+            "--label",
+            "skein.app=web",
+            "--label",
+            "HAPROXY_GROUP=external",
+            "-p",
+            "80",
+        ],
+    )?;
+    let tasks = wait_for("the container's task", Duration::from_secs(10), || {
+        let t = container_tasks(&c)?;
+        Ok(t.iter().any(|(id, _, _)| *id == task_of(&web)).then_some(t))
+    })?;
+    timings.push(("docker run → in /v1/tasks".into(), started.elapsed()));
+    assert_eq!(tasks.len(), 1, "{tasks:?}");
+    assert_eq!(tasks[0].1, "/web");
+    assert_eq!(tasks[0].2, ip, "published: the host's address");
+    wait_for("web.marathon.mesos in DNS", Duration::from_secs(10), || {
+        Ok(dig(&c, "web.marathon.mesos")?.contains(&ip).then_some(()))
+    })?;
+    timings.push(("docker run → in DNS".into(), started.elapsed()));
+    let published: u16 = docker(&["port", &web, "80/tcp"])?
+        .lines()
+        .next()
+        .and_then(|l| l.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no published port"))?;
+    let vips = c.get(1, "/v1/vips")?;
+    let backends: Vec<String> = vips
+        .as_array()
+        .and_then(|a| {
+            a.iter()
+                .find(|v| v["vip"] == "web.marathon.l4lb.thisdcos.directory:80")
+        })
+        .and_then(|v| v["backend"].as_array())
+        .map(|b| {
+            b.iter()
+                .map(|b| format!("{}:{}", b["ip"].as_str().unwrap_or(""), b["port"]))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(backends, [format!("{ip}:{published}")], "{vips}");
+
+    // An unlabelled container is left alone.
+    let plain = made.run(&format!("skt-plain-{tag}"), &["-p", "80"])?;
+
+    // docker stop: out of the tasks and DNS as soon as Docker is asked
+    // (busybox as PID 1 ignores SIGTERM: the command itself waits 10 s
+    // for the SIGKILL, and the agent does not wait for it).
+    let started = Instant::now();
+    let mut stop = Command::new("docker")
+        .args(["stop", &web])
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    wait_for(
+        "the stopped container's task gone",
+        Duration::from_secs(20),
+        || Ok(container_tasks(&c)?.is_empty().then_some(())),
+    )?;
+    timings.push(("docker stop → out of /v1/tasks".into(), started.elapsed()));
+    wait_for(
+        "web.marathon.mesos gone from DNS",
+        Duration::from_secs(20),
+        || Ok(dig(&c, "web.marathon.mesos")?.is_empty().then_some(())),
+    )?;
+    timings.push(("docker stop → out of DNS".into(), started.elapsed()));
+    assert!(stop.wait()?.success(), "docker stop failed");
+    println!("docker stop itself took {:?}", started.elapsed());
+
+    // Agent restart: containers stopped and started while it was down.
+    let a = made.run(
+        &format!("skt-a-{tag}"),
+        &["--label", "VIP_0=/a:80", "-p", "80"],
+    )?;
+    let b = made.run(
+        &format!("skt-b-{tag}"),
+        &["--label", "VIP_0=/b:80", "-p", "80"],
+    )?;
+    let ids = |c: &Cluster| -> anyhow::Result<BTreeSet<String>> {
+        Ok(container_tasks(c)?.into_iter().map(|t| t.0).collect())
+    };
+    wait_for("a and b as tasks", Duration::from_secs(10), || {
+        let got = ids(&c)?;
+        Ok((got == BTreeSet::from([task_of(&a), task_of(&b)])).then_some(()))
+    })?;
+    c.kill(1)?;
+    docker(&["stop", "-t", "0", &b])?;
+    let d = made.run(
+        &format!("skt-d-{tag}"),
+        &["--label", "VIP_0=/d:80", "-p", "80"],
+    )?;
+    c.start(1, &[], &agent_args)?;
+    let want = BTreeSet::from([task_of(&a), task_of(&d)]);
+    wait_for(
+        "a and d after the agent's restart, b gone",
+        Duration::from_secs(10),
+        || Ok((ids(&c)? == want).then_some(())),
+    )?;
+    let all = container_tasks(&c)?;
+    assert_eq!(all.len(), 2, "no duplicates: {all:?}");
+
+    // docker restart: the same task again, once.
+    docker(&["restart", "-t", "0", &a])?;
+    wait_for(
+        "a back after docker restart",
+        Duration::from_secs(10),
+        || Ok((ids(&c)? == want).then_some(())),
+    )?;
+    let all = container_tasks(&c)?;
+    assert_eq!(all.len(), 2, "no duplicates: {all:?}");
+    assert!(
+        !all.iter().any(|t| t.0 == task_of(&plain)),
+        "unlabelled: {all:?}"
+    );
+
+    // Docker's health check reaches the VIP's backends.
+    let sick = made.run(
+        &format!("skt-sick-{tag}"),
+        &[
+            "--label",
+            "VIP_0=/sick:80",
+            "-p",
+            "80",
+            "--health-cmd",
+            "/bin/busybox false",
+            "--health-interval",
+            "1s",
+            "--health-retries",
+            "1",
+        ],
+    )?;
+    wait_for(
+        "the failing health check seen",
+        Duration::from_secs(20),
+        || {
+            let vips = c.get(1, "/v1/vips")?;
+            let healthy = vips
+                .as_array()
+                .and_then(|a| {
+                    a.iter()
+                        .find(|v| v["vip"] == "sick.marathon.l4lb.thisdcos.directory:80")
+                })
+                .and_then(|v| v["backend"].as_array().and_then(|b| b.first().cloned()))
+                .map(|b| b["healthy"].clone());
+            Ok((healthy == Some(serde_json::json!(false))).then_some(()))
+        },
+    )?;
+    assert!(ids(&c)?.contains(&task_of(&sick)));
+
+    for (what, took) in &timings {
+        println!("{what}: {} ms", took.as_millis());
+    }
+    Ok(())
+}

@@ -1,0 +1,261 @@
+//! The Docker provider (`skein agent --docker-socket`): this node's running
+//! containers become this node's tasks, as Registrator or Traefik's Docker
+//! provider did. Events first (so nothing between the list and the stream
+//! is missed), then a full resync, then every event as it comes and a
+//! resync every `--docker-resync-s`. A container is dropped from DNS and
+//! every VIP when Docker is asked to stop it (the `kill` event with a
+//! terminating signal), before it dies, as Marathon took a task out of its
+//! load balancers when it began killing it. Tasks are named by container
+//! id (`docker-<12 hex>`), so a restart of the agent, of the container or
+//! of Docker finds the same ones: nothing is lost or duplicated. While
+//! Docker cannot be reached the tasks stay as they were (no news is not
+//! news of death); the next resync settles them.
+//!
+//! [`mapping`] is the pure part (a container → a task); [`client`] speaks
+//! the Engine API over its unix socket.
+
+pub mod client;
+pub mod mapping;
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Weak;
+use std::time::Duration;
+
+use skein_agent::Agent;
+
+pub use mapping::{map, task_id, Mapped, TASK_PREFIX};
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub socket: PathBuf,
+    /// Containers without Marathon-style labels too.
+    pub all: bool,
+    pub resync: Duration,
+}
+
+/// Signals whose `kill` event means the container is being stopped.
+fn terminates(signal: &str) -> bool {
+    matches!(
+        signal.trim_start_matches("SIG"),
+        "15" | "9" | "2" | "3" | "TERM" | "KILL" | "INT" | "QUIT"
+    )
+}
+
+/// The provider's memory between events.
+#[derive(Default)]
+struct Provider {
+    /// Containers Docker was asked to stop: not re-added by a resync
+    /// while they still run.
+    stopping: HashSet<String>,
+    /// Health last published per task.
+    health: HashMap<String, Option<bool>>,
+}
+
+impl Provider {
+    async fn upsert(&mut self, agent: &Agent, m: Mapped) {
+        let own = agent.own_tasks_snapshot().await;
+        let same = own.iter().any(|(id, spec)| *id == m.id && *spec == m.spec);
+        if !same {
+            if let Err(e) = agent.put_task(&m.id, m.spec.clone()).await {
+                tracing::warn!(task = %m.id, app = %m.spec.app, error = %e, "container not registered");
+                return;
+            }
+        }
+        if self.health.get(&m.id) != Some(&m.healthy) {
+            agent.set_task_health(&m.id, m.healthy).await;
+            self.health.insert(m.id.clone(), m.healthy);
+        }
+    }
+
+    async fn remove(&mut self, agent: &Agent, task: &str) {
+        let own = agent.own_tasks_snapshot().await;
+        if own.iter().any(|(id, _)| id == task) {
+            if let Err(e) = agent.delete_task(task).await {
+                tracing::warn!(task, error = %e, "container's task not removed");
+                return;
+            }
+        }
+        if self.health.remove(task).is_some_and(|h| h.is_some()) {
+            agent.set_task_health(task, None).await;
+        }
+    }
+
+    /// One container, as Docker describes it now.
+    async fn refresh(
+        &mut self,
+        agent: &Agent,
+        docker: &client::Docker,
+        opts: &Options,
+        id: &str,
+    ) -> anyhow::Result<()> {
+        let task = task_id(id);
+        let mapped = match docker.inspect(id).await? {
+            Some(c) if !self.stopping.contains(&c.id) => {
+                match map(&c, agent.advertise(), opts.all) {
+                    Ok(m) => m,
+                    Err(reason) => {
+                        tracing::warn!(container = %c.name, %reason, "container's labels refused");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        match mapped {
+            Some(m) => self.upsert(agent, m).await,
+            None => self.remove(agent, &task).await,
+        }
+        Ok(())
+    }
+
+    /// Every running container against this node's container tasks.
+    async fn resync(
+        &mut self,
+        agent: &Agent,
+        docker: &client::Docker,
+        opts: &Options,
+    ) -> anyhow::Result<()> {
+        let running = docker.running().await?;
+        self.stopping.retain(|id| running.contains(id));
+        let mut wanted = HashSet::new();
+        for id in &running {
+            if self.stopping.contains(id) {
+                continue;
+            }
+            let Some(c) = docker.inspect(id).await? else {
+                continue;
+            };
+            match map(&c, agent.advertise(), opts.all) {
+                Ok(Some(m)) => {
+                    wanted.insert(m.id.clone());
+                    self.upsert(agent, m).await;
+                }
+                Ok(None) => {}
+                Err(reason) => {
+                    tracing::warn!(container = %c.name, %reason, "container's labels refused")
+                }
+            }
+        }
+        for (task, _) in agent.own_tasks_snapshot().await {
+            if task.starts_with(TASK_PREFIX) && !wanted.contains(&task) {
+                self.remove(agent, &task).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn event(
+        &mut self,
+        agent: &Agent,
+        docker: &client::Docker,
+        opts: &Options,
+        e: client::Event,
+    ) -> anyhow::Result<()> {
+        let id = e.actor.id.as_str();
+        if e.kind != "container" || id.is_empty() {
+            return Ok(());
+        }
+        // `health_status: healthy` and the like carry their status.
+        let action = e.action.split(':').next().unwrap_or_default();
+        tracing::debug!(container = id, action = %e.action, "Docker event");
+        match action {
+            "kill" => {
+                let signal = e.actor.attributes.get("signal").map_or("", String::as_str);
+                if terminates(signal) {
+                    self.stopping.insert(id.to_string());
+                    self.remove(agent, &task_id(id)).await;
+                }
+            }
+            "die" | "stop" | "destroy" | "pause" | "oom" => {
+                self.stopping.remove(id);
+                self.remove(agent, &task_id(id)).await;
+            }
+            "start" | "restart" | "unpause" => {
+                self.stopping.remove(id);
+                self.refresh(agent, docker, opts, id).await?;
+            }
+            "health_status" | "rename" | "update" => {
+                self.refresh(agent, docker, opts, id).await?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Runs the provider until the agent is gone.
+pub async fn run(agent: Weak<Agent>, opts: Options) {
+    let docker = client::Docker::new(&opts.socket);
+    let mut provider = Provider::default();
+    let mut backoff = Duration::from_millis(500);
+    let mut reported = false;
+    loop {
+        let outcome = async {
+            let mut events = docker.events().await?;
+            {
+                let Some(a) = agent.upgrade() else {
+                    return Ok(());
+                };
+                provider.resync(&a, &docker, &opts).await?;
+            }
+            if reported {
+                tracing::info!(socket = %opts.socket.display(), "Docker reachable again");
+                reported = false;
+            } else {
+                tracing::info!(socket = %opts.socket.display(), "following Docker's containers");
+            }
+            let mut resync = tokio::time::interval(opts.resync);
+            resync.tick().await;
+            loop {
+                tokio::select! {
+                    e = events.next() => {
+                        let Some(e) = e? else {
+                            anyhow::bail!("Docker ended its event stream");
+                        };
+                        let Some(a) = agent.upgrade() else { return Ok(()) };
+                        provider.event(&a, &docker, &opts, e).await?;
+                    }
+                    _ = resync.tick() => {
+                        let Some(a) = agent.upgrade() else { return Ok(()) };
+                        provider.resync(&a, &docker, &opts).await?;
+                    }
+                }
+            }
+        }
+        .await;
+        if agent.upgrade().is_none() {
+            return;
+        }
+        match outcome {
+            Ok(()) => return,
+            Err(e) => {
+                if !reported {
+                    tracing::warn!(error = %e, "Docker unreachable: container tasks kept as they are until it answers");
+                    reported = true;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+        // A connection that worked resets the wait.
+        if !reported {
+            backoff = Duration::from_millis(500);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_and_kill_signals_are_told_apart() {
+        for s in ["15", "SIGTERM", "9", "SIGKILL", "2", "3"] {
+            assert!(terminates(s), "{s}");
+        }
+        for s in ["1", "SIGHUP", "10", "SIGUSR1", ""] {
+            assert!(!terminates(s), "{s}");
+        }
+    }
+}

@@ -295,3 +295,134 @@ fn containers_become_tasks_and_leave_with_them() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Docker's socket behind a proxy the test can take away, as a restart of
+/// the engine does to the agent: every connection cut (the event stream
+/// too) and nothing answering until it is back.
+struct SocketProxy {
+    path: std::path::PathBuf,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<std::os::unix::net::UnixStream>>>,
+}
+
+impl SocketProxy {
+    fn new(path: std::path::PathBuf) -> SocketProxy {
+        SocketProxy {
+            path,
+            up: Default::default(),
+            conns: Default::default(),
+        }
+    }
+
+    fn start(&self) -> anyhow::Result<()> {
+        use std::os::unix::net::{UnixListener, UnixStream};
+        let _ = std::fs::remove_file(&self.path);
+        let listener = UnixListener::bind(&self.path)?;
+        listener.set_nonblocking(true)?;
+        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+        let (up, conns) = (self.up.clone(), self.conns.clone());
+        std::thread::spawn(move || {
+            while up.load(std::sync::atomic::Ordering::SeqCst) {
+                let Ok((client, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                let Ok(engine) = UnixStream::connect(SOCKET) else {
+                    continue;
+                };
+                let _ = client.set_nonblocking(false);
+                let mut keep = conns.lock().unwrap_or_else(|e| e.into_inner());
+                for s in [&client, &engine] {
+                    if let Ok(s) = s.try_clone() {
+                        keep.push(s);
+                    }
+                }
+                for (mut from, mut to) in [
+                    (client.try_clone(), engine.try_clone()),
+                    (engine.try_clone(), client.try_clone()),
+                ]
+                .into_iter()
+                .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))
+                {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Cuts every connection and stops answering.
+    fn stop(&self) {
+        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+        let _ = std::fs::remove_file(&self.path);
+        for s in self
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+#[test]
+fn docker_going_away_loses_nothing_and_its_return_settles_the_rest() -> anyhow::Result<()> {
+    require_docker();
+    let mut c = Cluster::new(1)?;
+    build_image(c.dir.path())?;
+    let proxy = SocketProxy::new(c.dir.path().join("docker.sock"));
+    proxy.start()?;
+    let socket = proxy.path.display().to_string();
+    c.start(1, &[], &["--docker-socket", &socket])?;
+    let tag = std::process::id();
+    let mut made = Containers(Vec::new());
+    let ids = |c: &Cluster| -> anyhow::Result<BTreeSet<String>> {
+        Ok(container_tasks(c)?.into_iter().map(|t| t.0).collect())
+    };
+    let a = made.run(
+        &format!("skt-ga-{tag}"),
+        &["--label", "VIP_0=/ga:80", "-p", "80"],
+    )?;
+    let b = made.run(
+        &format!("skt-gb-{tag}"),
+        &["--label", "VIP_0=/gb:80", "-p", "80"],
+    )?;
+    wait_for("a and b as tasks", Duration::from_secs(10), || {
+        Ok((ids(&c)? == BTreeSet::from([task_of(&a), task_of(&b)])).then_some(()))
+    })?;
+
+    // Docker "restarts": the agent notices, and keeps what it had.
+    proxy.stop();
+    wait_for(
+        "the agent noticing Docker gone",
+        Duration::from_secs(10),
+        || {
+            let log = std::fs::read_to_string(&c.node(1).log)?;
+            Ok(log.contains("Docker unreachable").then_some(()))
+        },
+    )?;
+    assert_eq!(
+        ids(&c)?,
+        BTreeSet::from([task_of(&a), task_of(&b)]),
+        "no news is not news of death"
+    );
+    // Meanwhile b goes and d comes.
+    docker(&["rm", "-f", &b])?;
+    let d = made.run(
+        &format!("skt-gd-{tag}"),
+        &["--label", "VIP_0=/gd:80", "-p", "80"],
+    )?;
+    proxy.start()?;
+    wait_for(
+        "a and d once Docker answers again",
+        Duration::from_secs(15),
+        || Ok((ids(&c)? == BTreeSet::from([task_of(&a), task_of(&d)])).then_some(())),
+    )?;
+    assert_eq!(container_tasks(&c)?.len(), 2, "no duplicates");
+    proxy.stop();
+    Ok(())
+}

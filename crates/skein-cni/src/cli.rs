@@ -24,7 +24,16 @@ pub fn cli_main() -> ExitCode {
         }
     }
 
-    let outcome = config::parse_request(&env, &stdin).and_then(|req| crate::run(&req));
+    // VERSION needs no network; everything else may be a static
+    // configuration that the agent's state file completes.
+    let is_version = env("CNI_COMMAND").as_deref() == Some("VERSION");
+    let outcome = if is_version {
+        Ok(stdin.clone())
+    } else {
+        config::fill_from_state(&stdin, &|p| std::fs::read(p))
+    }
+    .and_then(|conf| config::parse_request(&env, &conf))
+    .and_then(|req| crate::run(&req));
     match outcome {
         Ok(outcome) => {
             if let Some(note) = outcome.note {

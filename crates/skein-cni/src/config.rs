@@ -232,6 +232,80 @@ pub fn reply_version(stdin: &[u8]) -> &'static str {
         .as_str()
 }
 
+/// Where the agent writes the network of overlay `name` for this node's
+/// runtime bridge: its data dir's `cni/<name>.conf` (`/var/lib/skein` by
+/// default).
+pub fn default_state_file(name: &str) -> PathBuf {
+    PathBuf::from(format!("/var/lib/skein/cni/{name}.conf"))
+}
+
+/// The keys a static configuration may leave to the agent's state file.
+const FROM_STATE: [&str; 5] = ["bridge", "subnet", "gateway", "mtu", "dataDir"];
+
+/// A static network configuration, installed once (`{"type": "skein-cni",
+/// "name": "dcos"}`, in a `.conflist` with other plugins after it), gets
+/// this node's current bridge, subnet, gateway, MTU and IPAM dir from the
+/// file the agent keeps (`stateFile`, else [`default_state_file`]), as
+/// Flannel's plugin reads its `subnet.env`: the lease may change, the
+/// installed file need not. Keys the configuration sets win. A
+/// configuration with a `bridge` is complete (the agent-written files
+/// are) and is returned as it is; so is anything that is not a JSON
+/// object with a usable name (its decoding reports what is wrong).
+pub fn fill_from_state(
+    stdin: &[u8],
+    read: &dyn Fn(&std::path::Path) -> std::io::Result<Vec<u8>>,
+) -> Result<Vec<u8>, CniError> {
+    let Ok(Value::Object(mut obj)) = serde_json::from_slice::<Value>(stdin) else {
+        return Ok(stdin.to_vec());
+    };
+    if obj.contains_key("bridge") {
+        return Ok(stdin.to_vec());
+    }
+    let path = match obj.get("stateFile") {
+        Some(Value::String(p)) if p.starts_with('/') => PathBuf::from(p),
+        Some(v) => return Err(invalid(format!("stateFile {v} is not an absolute path"))),
+        None => match obj.get("name") {
+            Some(Value::String(n))
+                if !n.is_empty()
+                    && n.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+                    && n != "."
+                    && n != ".." =>
+            {
+                default_state_file(n)
+            }
+            _ => return Ok(stdin.to_vec()),
+        },
+    };
+    let bytes = read(&path).map_err(|e| {
+        CniError::new(
+            code::TRY_AGAIN_LATER,
+            format!(
+                "no network state at {}: is the skein agent running with its overlay on this node?",
+                path.display()
+            ),
+        )
+        .with_details(e.to_string())
+    })?;
+    let Ok(Value::Object(state)) = serde_json::from_slice::<Value>(&bytes) else {
+        return Err(invalid(format!(
+            "{} is not the agent's network file (not a JSON object)",
+            path.display()
+        )));
+    };
+    for key in FROM_STATE {
+        if !obj.contains_key(key) {
+            if let Some(v) = state.get(key) {
+                obj.insert(key.to_string(), v.clone());
+            }
+        }
+    }
+    serde_json::to_vec(&Value::Object(obj)).map_err(|e| {
+        CniError::new(code::DECODE, "re-encoding the network configuration")
+            .with_details(e.to_string())
+    })
+}
+
 /// Decodes and validates the network configuration. Keys we do not use
 /// (`prevResult`, `runtimeConfig`, `args`, `type`, ...) are ignored.
 pub fn parse_netconf(stdin: &[u8]) -> Result<NetConf, CniError> {
@@ -370,6 +444,48 @@ mod tests {
         assert!(validate_container_id("-abc").is_err());
         assert!(validate_container_id("a/b").is_err());
         assert!(validate_container_id("a\nb").is_err());
+    }
+
+    #[test]
+    fn a_static_configuration_is_filled_from_the_agents_file() {
+        let state = br#"{"cniVersion":"1.0.0","name":"dcos","type":"skein-cni","bridge":"m-dcos",
+            "subnet":"9.0.1.0/25","gateway":"9.0.1.1","mtu":1400,"dataDir":"/d/cni-ipam"}"#;
+        let read = |p: &std::path::Path| {
+            if p == std::path::Path::new("/var/lib/skein/cni/dcos.conf") {
+                Ok(state.to_vec())
+            } else {
+                Err(std::io::Error::from(std::io::ErrorKind::NotFound))
+            }
+        };
+        let filled = fill_from_state(
+            br#"{"cniVersion":"0.4.0","name":"dcos","type":"skein-cni","mtu":1300}"#,
+            &read,
+        )
+        .expect("filled");
+        let conf = parse_netconf(&filled).expect("complete");
+        assert_eq!(conf.bridge, "m-dcos");
+        assert_eq!(conf.subnet.to_string(), "9.0.1.0/25");
+        assert_eq!(conf.mtu, 1300, "the configuration's own keys win");
+        assert_eq!(conf.data_dir, PathBuf::from("/d/cni-ipam"));
+        assert_eq!(conf.cni_version.as_str(), "0.4.0");
+
+        let e = fill_from_state(
+            br#"{"cniVersion":"1.0.0","name":"other","type":"skein-cni"}"#,
+            &read,
+        )
+        .expect_err("no file");
+        assert_eq!(e.code, code::TRY_AGAIN_LATER);
+        assert!(e.msg.contains("/var/lib/skein/cni/other.conf"), "{e}");
+        let e = fill_from_state(
+            br#"{"cniVersion":"1.0.0","name":"dcos","stateFile":"rel"}"#,
+            &read,
+        )
+        .expect_err("relative");
+        assert_eq!(e.code, code::INVALID_CONFIG);
+        // Complete or broken configurations pass through untouched.
+        for raw in [&state[..], b"nope", br#"{"name":"../x"}"#] {
+            assert_eq!(fill_from_state(raw, &read).expect("as is"), raw.to_vec());
+        }
     }
 
     #[test]

@@ -317,6 +317,14 @@ impl AgentArgs {
         let advertise = match self.advertise.or(file.advertise) {
             Some(ip) => ip,
             None if !gossip_listen.ip().is_unspecified() => gossip_listen.ip(),
+            // Without seeds (the first node), the address of the default
+            // route: what the next nodes most likely reach it on. Only a
+            // route lookup (UDP connect to a documentation address): no
+            // packet leaves.
+            None if seeds.is_empty() => route_source_to("192.0.2.1:9").context(
+                "cannot work out the address peers reach this node on (no seeds and no \
+                 default route); pass --advertise",
+            )?,
             None => seeds.iter().find_map(|s| route_source_to(s)).context(
                 "cannot work out the address peers reach this node on; pass --advertise",
             )?,

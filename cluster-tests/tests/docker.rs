@@ -59,6 +59,42 @@ fn build_image(dir: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A Docker network removed however the test ends.
+struct NetworkGuard(String);
+
+impl Drop for NetworkGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("docker")
+            .args(["network", "rm", &self.0])
+            .output();
+    }
+}
+
+/// IPv4 CIDR membership, enough for the assertions here.
+mod ipnet_like {
+    pub(crate) struct Net(u32, u32);
+
+    impl std::str::FromStr for Net {
+        type Err = anyhow::Error;
+        fn from_str(s: &str) -> anyhow::Result<Net> {
+            let (ip, len) = s
+                .split_once('/')
+                .ok_or_else(|| anyhow::anyhow!("{s}: no /"))?;
+            let ip: std::net::Ipv4Addr = ip.parse()?;
+            let len: u32 = len.parse()?;
+            let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+            Ok(Net(u32::from(ip) & mask, mask))
+        }
+    }
+
+    impl Net {
+        pub(crate) fn contains(&self, ip: &str) -> bool {
+            ip.parse::<std::net::Ipv4Addr>()
+                .is_ok_and(|ip| u32::from(ip) & self.1 == self.0)
+        }
+    }
+}
+
 /// Containers this test made, removed however it ends.
 struct Containers(Vec<String>);
 
@@ -127,7 +163,11 @@ fn containers_become_tasks_and_leave_with_them() -> anyhow::Result<()> {
     require_docker();
     let mut c = Cluster::new(1)?;
     build_image(c.dir.path())?;
-    let agent_args = ["--docker-socket", SOCKET];
+    // The Docker network on node1's Docker bridge, under a name of this
+    // test's (Docker's networks are the host's; removed at the end).
+    let network = format!("skt-net-{}", std::process::id());
+    let _network = NetworkGuard(network.clone());
+    let agent_args = ["--docker-socket", SOCKET, "--docker-network", &network];
     c.start(1, &[], &agent_args)?;
     let ip = c.node(1).ip.clone();
     let tag = std::process::id();
@@ -183,6 +223,56 @@ fn containers_become_tasks_and_leave_with_them() -> anyhow::Result<()> {
         })
         .unwrap_or_default();
     assert_eq!(backends, [format!("{ip}:{published}")], "{vips}");
+
+    // The Docker network follows node1's lease: the second half of its
+    // overlay subnet, on its Docker bridge; a container on it is reached
+    // at its overlay address.
+    let conf_file = c.node(1).data_dir.join("cni/dcos-docker.conf");
+    let subnet = wait_for(
+        "the Docker network on the overlay",
+        Duration::from_secs(20),
+        || {
+            let Ok(bytes) = std::fs::read(&conf_file) else {
+                return Ok(None);
+            };
+            let conf: serde_json::Value = serde_json::from_slice(&bytes)?;
+            let subnet = conf["subnet"].as_str().unwrap_or_default().to_string();
+            let got = docker(&[
+            "network",
+            "inspect",
+            &network,
+            "--format",
+            "{{(index .IPAM.Config 0).Subnet}} {{index .Options \"com.docker.network.bridge.name\"}}",
+        ]);
+            Ok(got
+                .ok()
+                .filter(|g| *g == format!("{subnet} d-dcos"))
+                .map(|_| subnet))
+        },
+    )?;
+    let on_overlay = made.run(
+        &format!("skt-ov-{tag}"),
+        &["--label", "VIP_0=/ov:80", "--network", &network],
+    )?;
+    let overlay_ip = docker(&[
+        "inspect",
+        "--format",
+        &format!("{{{{(index .NetworkSettings.Networks \"{network}\").IPAddress}}}}"),
+        &on_overlay,
+    ])?;
+    let net: ipnet_like::Net = subnet.parse()?;
+    assert!(net.contains(&overlay_ip), "{overlay_ip} not in {subnet}");
+    wait_for(
+        "the overlay container's task at its own address",
+        Duration::from_secs(10),
+        || {
+            let t = container_tasks(&c)?;
+            Ok(t.iter()
+                .any(|(id, _, ip)| *id == task_of(&on_overlay) && *ip == overlay_ip)
+                .then_some(()))
+        },
+    )?;
+    docker(&["rm", "-f", &on_overlay])?;
 
     // An unlabelled container is left alone.
     let plain = made.run(&format!("skt-plain-{tag}"), &["-p", "80"])?;
@@ -377,7 +467,11 @@ fn docker_going_away_loses_nothing_and_its_return_settles_the_rest() -> anyhow::
     let proxy = SocketProxy::new(c.dir.path().join("docker.sock"));
     proxy.start()?;
     let socket = proxy.path.display().to_string();
-    c.start(1, &[], &["--docker-socket", &socket])?;
+    c.start(
+        1,
+        &[],
+        &["--docker-socket", &socket, "--docker-network", ""],
+    )?;
     let tag = std::process::id();
     let mut made = Containers(Vec::new());
     let ids = |c: &Cluster| -> anyhow::Result<BTreeSet<String>> {

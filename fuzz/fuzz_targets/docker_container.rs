@@ -17,7 +17,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let host = std::net::IpAddr::from([192, 0, 2, 7]);
     for all in [false, true] {
-        if let Ok(Some(m)) = skein_docker::map(&c, host, all) {
+        if let Ok(Some(m)) = skein_docker::map(&c, host, all, "dcos") {
             assert!(m.spec.validate().is_ok(), "an invalid task: {:?}", m.spec);
             assert_eq!(m.id, skein_docker::task_id(&c.id));
         }

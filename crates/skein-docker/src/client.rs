@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
@@ -98,6 +98,15 @@ impl Docker {
     }
 
     async fn request(&self, path: &str) -> anyhow::Result<hyper::Response<Incoming>> {
+        self.send(hyper::Method::GET, path, None).await
+    }
+
+    async fn send(
+        &self,
+        method: hyper::Method,
+        path: &str,
+        json: Option<&serde_json::Value>,
+    ) -> anyhow::Result<hyper::Response<Incoming>> {
         let stream = tokio::net::UnixStream::connect(&self.socket)
             .await
             .with_context(|| format!("cannot reach Docker at {}", self.socket.display()))?;
@@ -109,15 +118,42 @@ impl Docker {
                 tracing::debug!(error = %e, "Docker connection ended");
             }
         });
-        let req = hyper::Request::get(format!("{API}{path}"))
+        let body = match json {
+            Some(v) => Bytes::from(serde_json::to_vec(v).context("Docker request body")?),
+            None => Bytes::new(),
+        };
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(format!("{API}{path}"))
             .header("Host", "docker")
             .header("Accept", "application/json")
-            .body(Empty::<Bytes>::new())
+            .header("Content-Type", "application/json")
+            .body(Full::new(body))
             .context("Docker request")?;
         tokio::time::timeout(ANSWER_TIMEOUT, sender.send_request(req))
             .await
             .context("Docker did not answer in time")?
             .context("Docker request failed")
+    }
+
+    /// `POST` (with a JSON body) or `DELETE`; the answer's status and body.
+    pub async fn call(
+        &self,
+        method: hyper::Method,
+        path: &str,
+        json: Option<&serde_json::Value>,
+    ) -> anyhow::Result<(hyper::StatusCode, String)> {
+        let resp = self.send(method, path, json).await?;
+        let status = resp.status();
+        let body = tokio::time::timeout(
+            ANSWER_TIMEOUT,
+            http_body_util::Limited::new(resp.into_body(), MAX_BODY).collect(),
+        )
+        .await
+        .context("Docker's answer did not arrive in time")?
+        .map_err(|e| anyhow::anyhow!("Docker's answer: {e}"))?
+        .to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).trim().to_string()))
     }
 
     /// `GET <path>` as JSON; `Ok(None)` on 404.

@@ -16,6 +16,7 @@
 
 pub mod client;
 pub mod mapping;
+pub mod network;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -32,6 +33,16 @@ pub struct Options {
     /// Containers without Marathon-style labels too.
     pub all: bool,
     pub resync: Duration,
+    /// The Docker network made on the agent's Docker bridge of overlay
+    /// `dcos` (`None`: none made; containers on a network of this name are
+    /// still reached at their address there).
+    pub network: Option<String>,
+}
+
+impl Options {
+    fn overlay_network(&self) -> &str {
+        self.network.as_deref().unwrap_or(mapping::OVERLAY_NETWORK)
+    }
 }
 
 /// Signals whose `kill` event means the container is being stopped.
@@ -50,6 +61,8 @@ struct Provider {
     stopping: HashSet<String>,
     /// Health last published per task.
     health: HashMap<String, Option<bool>>,
+    /// The last reason the Docker network could not be made (logged once).
+    network_problem: Option<String>,
 }
 
 impl Provider {
@@ -92,7 +105,7 @@ impl Provider {
         let task = task_id(id);
         let mapped = match docker.inspect(id).await? {
             Some(c) if !self.stopping.contains(&c.id) => {
-                match map(&c, agent.advertise(), opts.all) {
+                match map(&c, agent.advertise(), opts.all, opts.overlay_network()) {
                     Ok(m) => m,
                     Err(reason) => {
                         tracing::warn!(container = %c.name, %reason, "container's labels refused");
@@ -107,6 +120,41 @@ impl Provider {
             None => self.remove(agent, &task).await,
         }
         Ok(())
+    }
+
+    /// The Docker network on the overlay, once the agent's lease has
+    /// settled (its file for the Docker bridge exists); whether it is.
+    async fn network(&mut self, agent: &Agent, docker: &client::Docker, opts: &Options) -> bool {
+        let Some(name) = &opts.network else {
+            return true;
+        };
+        let file = agent.config().data_dir.join("cni/dcos-docker.conf");
+        let Ok(bytes) = std::fs::read(&file) else {
+            return false;
+        };
+        let outcome = match network::from_agent_file(name, &bytes) {
+            Ok(want) => network::ensure(docker, &want)
+                .await
+                .map(|done| (done, want)),
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok((done, want)) => {
+                if done != "kept" {
+                    tracing::info!(network = %name, subnet = %want.subnet, bridge = %want.bridge, "Docker network {done}");
+                }
+                self.network_problem = None;
+                true
+            }
+            Err(e) => {
+                let why = format!("{e:#}");
+                if self.network_problem.as_deref() != Some(why.as_str()) {
+                    tracing::warn!(network = %name, error = %why, "Docker network not made");
+                    self.network_problem = Some(why);
+                }
+                false
+            }
+        }
     }
 
     /// Every running container against this node's container tasks.
@@ -126,7 +174,7 @@ impl Provider {
             let Some(c) = docker.inspect(id).await? else {
                 continue;
             };
-            match map(&c, agent.advertise(), opts.all) {
+            match map(&c, agent.advertise(), opts.all, opts.overlay_network()) {
                 Ok(Some(m)) => {
                     wanted.insert(m.id.clone());
                     self.upsert(agent, m).await;
@@ -207,6 +255,10 @@ pub async fn run(agent: Weak<Agent>, opts: Options) {
             }
             let mut resync = tokio::time::interval(opts.resync);
             resync.tick().await;
+            // Until the network is there, looked at every 2 s (the lease
+            // settles a few seconds after the agent starts).
+            let mut network_done = false;
+            let mut network_tick = tokio::time::interval(Duration::from_secs(2));
             loop {
                 tokio::select! {
                     e = events.next() => {
@@ -219,6 +271,11 @@ pub async fn run(agent: Weak<Agent>, opts: Options) {
                     _ = resync.tick() => {
                         let Some(a) = agent.upgrade() else { return Ok(()) };
                         provider.resync(&a, &docker, &opts).await?;
+                        network_done = provider.network(&a, &docker, &opts).await;
+                    }
+                    _ = network_tick.tick(), if !network_done => {
+                        let Some(a) = agent.upgrade() else { return Ok(()) };
+                        network_done = provider.network(&a, &docker, &opts).await;
                     }
                 }
             }

@@ -15,7 +15,7 @@ use skein_state::{Labels, PortMapping, Protocol, TaskSpec};
 
 /// Task ids of containers start so: the provider owns these tasks.
 pub const TASK_PREFIX: &str = "docker-";
-/// The overlay network whose address a container is reached on.
+/// The Docker network on the overlay by default.
 pub const OVERLAY_NETWORK: &str = "dcos";
 
 /// The part of the engine's container description read here.
@@ -122,8 +122,14 @@ fn parse_port(text: &str) -> Option<(u16, Protocol)> {
 
 /// The task of `c` on the host at `host`, `Ok(None)` when it is none of
 /// ours (not running, or unlabelled and `all` is off), or why it cannot be
-/// one (a bad label).
-pub fn map(c: &Container, host: IpAddr, all: bool) -> Result<Option<Mapped>, String> {
+/// one (a bad label). A container on the Docker network `overlay` is
+/// reached at its address there.
+pub fn map(
+    c: &Container,
+    host: IpAddr,
+    all: bool,
+    overlay: &str,
+) -> Result<Option<Mapped>, String> {
     if !c.state.running || c.state.paused || c.state.restarting {
         return Ok(None);
     }
@@ -163,7 +169,7 @@ pub fn map(c: &Container, host: IpAddr, all: bool) -> Result<Option<Mapped>, Str
         .network_settings
         .networks
         .as_ref()
-        .and_then(|n| n.get(OVERLAY_NETWORK))
+        .and_then(|n| n.get(overlay))
         .and_then(|n| n.ip_address.parse::<IpAddr>().ok());
     let published_port = |(port, proto): (u16, Protocol)| -> Option<u16> {
         let key = format!("{port}/{proto}");
@@ -249,7 +255,9 @@ mod tests {
                 "9090/tcp": null},
                 "Networks": {"bridge": {"IPAddress": "172.17.0.2"}}}
         }));
-        let m = map(&c, host(), false).expect("ok").expect("ours");
+        let m = map(&c, host(), false, OVERLAY_NETWORK)
+            .expect("ok")
+            .expect("ours");
         assert_eq!(m.id, "docker-0123456789ab");
         assert_eq!(m.spec.app, "/web1");
         assert_eq!(m.spec.ip, host());
@@ -272,7 +280,9 @@ mod tests {
                 "ExposedPorts": {"9187/tcp": {}, "5432/tcp": {}, "53/udp": {}}},
             "NetworkSettings": {"Networks": {"dcos": {"IPAddress": "9.0.3.4"}}}
         }));
-        let m = map(&c, host(), false).expect("ok").expect("ours");
+        let m = map(&c, host(), false, OVERLAY_NETWORK)
+            .expect("ok")
+            .expect("ours");
         assert_eq!(m.spec.app, "/group/db");
         assert_eq!(m.spec.ip, "9.0.3.4".parse::<IpAddr>().expect("ip"));
         let ports: Vec<(u16, Protocol)> =
@@ -297,9 +307,14 @@ mod tests {
     fn unlabelled_stopped_and_paused_containers_are_none_of_ours() {
         let base = json!({"Id": "aa", "Name": "/x", "State": {"Running": true},
             "Config": {"ExposedPorts": {"80/tcp": {}}}});
-        assert_eq!(map(&container(base.clone()), host(), false), Ok(None));
+        assert_eq!(
+            map(&container(base.clone()), host(), false, OVERLAY_NETWORK),
+            Ok(None)
+        );
         assert!(
-            map(&container(base), host(), true).expect("ok").is_some(),
+            map(&container(base), host(), true, OVERLAY_NETWORK)
+                .expect("ok")
+                .is_some(),
             "--docker-all"
         );
         for state in [
@@ -309,7 +324,7 @@ mod tests {
         ] {
             let c = container(json!({"Id": "aa", "Name": "/x", "State": state,
                 "Config": {"Labels": {"VIP_0": "/x:80"}}}));
-            assert_eq!(map(&c, host(), true), Ok(None));
+            assert_eq!(map(&c, host(), true, OVERLAY_NETWORK), Ok(None));
         }
     }
 
@@ -317,7 +332,7 @@ mod tests {
     fn bad_labels_are_refused_with_the_reason() {
         let c = container(json!({"Id": "aa", "Name": "/x", "State": {"Running": true},
             "Config": {"Labels": {"skein.port": "http"}}}));
-        let e = map(&c, host(), false).expect_err("refused");
+        let e = map(&c, host(), false, OVERLAY_NETWORK).expect_err("refused");
         assert!(e.contains("skein.port"), "{e}");
     }
 
@@ -350,7 +365,7 @@ mod tests {
                 "State": {"Running": true},
                 "Config": {"Labels": labels, "ExposedPorts": exposed},
                 "NetworkSettings": {"Ports": bindings, "Networks": networks}}));
-            if let Ok(Some(m)) = map(&c, host(), all) {
+            if let Ok(Some(m)) = map(&c, host(), all, OVERLAY_NETWORK) {
                 prop_assert_eq!(m.id, "docker-0123456789ab");
                 prop_assert!(m.spec.validate().is_ok());
             }

@@ -61,6 +61,11 @@ pub(crate) struct AgentArgs {
     /// With `--docker-socket`: containers without such labels too.
     #[arg(long, env = "SKEIN_DOCKER_ALL")]
     pub docker_all: bool,
+    /// With `--docker-socket`: the Docker network made on this node's
+    /// Docker bridge of the overlay `dcos` (as Navstar did); empty: none
+    /// [default: dcos].
+    #[arg(long, env = "SKEIN_DOCKER_NETWORK")]
+    pub docker_network: Option<String>,
     /// Seconds between full resyncs with Docker (events come in between)
     /// [default: 30].
     #[arg(long, env = "SKEIN_DOCKER_RESYNC_S")]
@@ -134,6 +139,7 @@ struct FileConfig {
     entry_tls_key: Option<PathBuf>,
     docker_socket: Option<PathBuf>,
     docker_all: Option<bool>,
+    docker_network: Option<String>,
     docker_resync_s: Option<u64>,
     data_dir: Option<PathBuf>,
     tls_dir: Option<PathBuf>,
@@ -470,6 +476,13 @@ impl AgentArgs {
                 .map(|socket| skein_docker::Options {
                     socket,
                     all: self.docker_all || file.docker_all.unwrap_or(false),
+                    network: Some(
+                        self.docker_network
+                            .clone()
+                            .or(file.docker_network.clone())
+                            .unwrap_or_else(|| "dcos".to_string()),
+                    )
+                    .filter(|n| !n.is_empty()),
                     resync: Duration::from_secs(
                         self.docker_resync_s
                             .or(file.docker_resync_s)

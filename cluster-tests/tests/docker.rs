@@ -489,6 +489,28 @@ fn docker_going_away_loses_nothing_and_its_return_settles_the_rest() -> anyhow::
         Ok((ids(&c)? == BTreeSet::from([task_of(&a), task_of(&b)])).then_some(()))
     })?;
 
+    // Node1's view of its Docker provider: `skein_docker_up` in /metrics
+    // and the `docker` component of its health.
+    let docker_state = |c: &Cluster| -> anyhow::Result<(Option<u64>, Option<bool>)> {
+        let metrics =
+            cluster_tests::curl(&c.node(1).netns, &["-s", "http://127.0.0.1:62080/metrics"])?;
+        let up = String::from_utf8_lossy(&metrics).lines().find_map(|l| {
+            l.strip_prefix("skein_docker_up ")
+                .and_then(|v| v.parse().ok())
+        });
+        let health = c.get(1, "/v1/health")?;
+        let component = health["nodes"]
+            .as_array()
+            .and_then(|n| n.first())
+            .and_then(|n| n["components"].as_array())
+            .and_then(|cs| cs.iter().find(|x| x["id"] == "docker"))
+            .and_then(|x| x["healthy"].as_bool());
+        Ok((up, component))
+    };
+    wait_for("the provider reported up", Duration::from_secs(10), || {
+        Ok((docker_state(&c)? == (Some(1), Some(true))).then_some(()))
+    })?;
+
     // Docker "restarts": the agent notices, and keeps what it had.
     proxy.stop();
     wait_for(
@@ -504,6 +526,11 @@ fn docker_going_away_loses_nothing_and_its_return_settles_the_rest() -> anyhow::
         BTreeSet::from([task_of(&a), task_of(&b)]),
         "no news is not news of death"
     );
+    wait_for(
+        "the provider reported down",
+        Duration::from_secs(10),
+        || Ok((docker_state(&c)? == (Some(0), Some(false))).then_some(())),
+    )?;
     // Meanwhile b goes and d comes.
     docker(&["rm", "-f", &b])?;
     let d = made.run(
@@ -517,6 +544,11 @@ fn docker_going_away_loses_nothing_and_its_return_settles_the_rest() -> anyhow::
         || Ok((ids(&c)? == BTreeSet::from([task_of(&a), task_of(&d)])).then_some(())),
     )?;
     assert_eq!(container_tasks(&c)?.len(), 2, "no duplicates");
+    wait_for(
+        "the provider reported up again",
+        Duration::from_secs(10),
+        || Ok((docker_state(&c)? == (Some(1), Some(true))).then_some(())),
+    )?;
     proxy.stop();
     Ok(())
 }

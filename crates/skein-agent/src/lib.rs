@@ -93,6 +93,22 @@ pub struct TasksView {
     pub invalid: Vec<BadEntry>,
 }
 
+/// A task provider's state (the Docker provider's): whether it runs, is
+/// connected, and its counts.
+#[derive(Debug, Default)]
+pub struct ProviderStatus {
+    /// 1 once a provider runs.
+    pub running: AtomicU64,
+    /// 1 while it follows its source (events and resyncs succeed).
+    pub up: AtomicU64,
+    pub events: AtomicU64,
+    pub resyncs: AtomicU64,
+    /// Times it lost its source (each retried).
+    pub failures: AtomicU64,
+    /// Why it is not up (empty when up).
+    pub problem: std::sync::Mutex<String>,
+}
+
 pub struct Agent {
     config: AgentConfig,
     gossip: Gossip,
@@ -146,6 +162,9 @@ pub struct Agent {
     edge_polled: std::sync::Mutex<Option<Instant>>,
     /// Connections through each VIP, counted from conntrack's events.
     pub vip_stats: Arc<vip_stats::Shared>,
+    /// The Docker provider's state, when one runs (it writes, `/metrics`
+    /// and the node's health read).
+    pub docker: ProviderStatus,
     started: Instant,
     pub counters: Counters,
 }
@@ -347,6 +366,7 @@ impl Agent {
             lease_errors: Mutex::new(Vec::new()),
             edge_polled: std::sync::Mutex::new(None),
             vip_stats: Arc::default(),
+            docker: ProviderStatus::default(),
             started: Instant::now(),
             counters: Counters::default(),
         });

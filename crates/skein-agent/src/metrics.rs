@@ -467,6 +467,33 @@ pub fn render(agent: &Agent) -> String {
         "Seconds since the agent started.",
         &[("", agent.uptime().as_secs())],
     );
+    let d = &agent.docker;
+    if load(&d.running) == 1 {
+        out.metric(
+            "skein_docker_up",
+            "gauge",
+            "1 while the Docker provider follows Docker's events and resyncs.",
+            &[("", load(&d.up))],
+        );
+        out.metric(
+            "skein_docker_events_total",
+            "counter",
+            "Docker container events handled.",
+            &[("", load(&d.events))],
+        );
+        out.metric(
+            "skein_docker_resyncs_total",
+            "counter",
+            "Full resyncs with Docker's running containers.",
+            &[("", load(&d.resyncs))],
+        );
+        out.metric(
+            "skein_docker_failures_total",
+            "counter",
+            "Times the Docker provider lost Docker (each retried; tasks kept).",
+            &[("", load(&d.failures))],
+        );
+    }
     if let Some(vips) = agent.vip_stats() {
         let esc = |v: &str| v.replace('\\', "\\\\").replace('"', "\\\"");
         let mut rows = Vec::new();

@@ -59,6 +59,8 @@ pub struct Inputs {
     pub overlay: Option<String>,
     /// Since an edge last asked this agent for its routes.
     pub edge_polled: Option<Duration>,
+    /// The Docker provider: `Ok` while it follows Docker, else why not.
+    pub docker: Option<Result<(), String>>,
 }
 
 /// The components as `i` says. Pure.
@@ -101,6 +103,16 @@ pub fn components(i: &Inputs) -> Vec<Component> {
             ),
             "" => c("overlay", false, "not realized yet".into()),
             why => c("overlay", false, why.to_string()),
+        });
+    }
+    if let Some(docker) = &i.docker {
+        out.push(match docker {
+            Ok(()) => c("docker", true, "following Docker's containers".into()),
+            Err(why) => c(
+                "docker",
+                false,
+                format!("Docker unreachable (tasks kept): {why}"),
+            ),
         });
     }
     if let Some(ago) = i.edge_polled.filter(|ago| *ago <= EDGE_GONE) {
@@ -281,6 +293,23 @@ impl Agent {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .map(|at| at.elapsed()),
+            docker: (self.docker.running.load(Ordering::Relaxed) == 1).then(|| {
+                if self.docker.up.load(Ordering::Relaxed) == 1 {
+                    Ok(())
+                } else {
+                    let why = self
+                        .docker
+                        .problem
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .clone();
+                    Err(if why.is_empty() {
+                        "not connected yet".to_string()
+                    } else {
+                        why
+                    })
+                }
+            }),
         }
     }
 

@@ -20,6 +20,7 @@ pub mod network;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Weak;
 use std::time::Duration;
 
@@ -238,6 +239,9 @@ pub async fn run(agent: Weak<Agent>, opts: Options) {
     let mut provider = Provider::default();
     let mut backoff = Duration::from_millis(500);
     let mut reported = false;
+    if let Some(a) = agent.upgrade() {
+        a.docker.running.store(1, Ordering::Relaxed);
+    }
     loop {
         let outcome = async {
             let mut events = docker.events().await?;
@@ -246,6 +250,9 @@ pub async fn run(agent: Weak<Agent>, opts: Options) {
                     return Ok(());
                 };
                 provider.resync(&a, &docker, &opts).await?;
+                a.docker.resyncs.fetch_add(1, Ordering::Relaxed);
+                a.docker.up.store(1, Ordering::Relaxed);
+                lock(&a.docker.problem).clear();
             }
             if reported {
                 tracing::info!(socket = %opts.socket.display(), "Docker reachable again");
@@ -267,10 +274,12 @@ pub async fn run(agent: Weak<Agent>, opts: Options) {
                         };
                         let Some(a) = agent.upgrade() else { return Ok(()) };
                         provider.event(&a, &docker, &opts, e).await?;
+                        a.docker.events.fetch_add(1, Ordering::Relaxed);
                     }
                     _ = resync.tick() => {
                         let Some(a) = agent.upgrade() else { return Ok(()) };
                         provider.resync(&a, &docker, &opts).await?;
+                        a.docker.resyncs.fetch_add(1, Ordering::Relaxed);
                         network_done = provider.network(&a, &docker, &opts).await;
                     }
                     _ = network_tick.tick(), if !network_done => {
@@ -287,6 +296,16 @@ pub async fn run(agent: Weak<Agent>, opts: Options) {
         match outcome {
             Ok(()) => return,
             Err(e) => {
+                if let Some(a) = agent.upgrade() {
+                    let was_up = a.docker.up.swap(0, Ordering::Relaxed) == 1;
+                    if was_up || !reported {
+                        a.docker.failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                    // The outermost context only: stable while the
+                    // outage lasts (the node's health is gossiped when its
+                    // text changes).
+                    *lock(&a.docker.problem) = e.to_string();
+                }
                 if !reported {
                     tracing::warn!(error = %e, "Docker unreachable: container tasks kept as they are until it answers");
                     reported = true;
@@ -300,6 +319,10 @@ pub async fn run(agent: Weak<Agent>, opts: Options) {
             backoff = Duration::from_millis(500);
         }
     }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

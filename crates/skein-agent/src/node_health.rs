@@ -360,6 +360,7 @@ mod tests {
             l4lb: Some(("nftables", true, 0)),
             overlay: Some("no VTEP lease".into()),
             edge_polled: Some(Duration::from_secs(90)),
+            docker: Some(Err("cannot reach Docker at /run/docker.sock".into())),
         };
         let c = components(&i);
         let by = |id: &str| c.iter().find(|c| c.id == id).cloned();
@@ -371,6 +372,11 @@ mod tests {
             Some("no VTEP lease".into())
         );
         assert_eq!(by("edge").map(|c| c.healthy), Some(false));
+        let docker = by("docker").expect("docker listed");
+        assert!(
+            !docker.healthy && docker.reason.contains("/run/docker.sock"),
+            "{docker:?}"
+        );
         // What does not run here is not listed.
         let c = components(&Inputs {
             alive: 1,

@@ -379,10 +379,41 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
                 token: resolved.api_token,
             },
         );
-        skein_api::serve(listener, app, shutdown_signal()).await?;
+        // Every listener is bound and the agent runs: a service manager
+        // waiting on us (systemd's Type=notify) may start what needs us.
+        sd_notify("READY=1\nSTATUS=agent running, API listening");
+        skein_api::serve(listener, app, async {
+            shutdown_signal().await;
+            sd_notify("STOPPING=1");
+        })
+        .await?;
         tracing::info!("shutting down");
         Ok(())
     })
+}
+
+/// Tells the service manager about our state (`sd_notify(3)`'s protocol:
+/// one datagram to `$NOTIFY_SOCKET`, a path or, with a leading `@`, an
+/// abstract name). Nothing when not run by one.
+fn sd_notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sent = (|| -> std::io::Result<()> {
+        let socket = std::os::unix::net::UnixDatagram::unbound()?;
+        let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+        let addr = match bytes.strip_prefix(b"@") {
+            Some(name) => {
+                <std::os::unix::net::SocketAddr as std::os::linux::net::SocketAddrExt>::from_abstract_name(name)?
+            }
+            None => std::os::unix::net::SocketAddr::from_pathname(&path)?,
+        };
+        socket.send_to_addr(state.as_bytes(), &addr)?;
+        Ok(())
+    })();
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, socket = ?path, "cannot tell the service manager our state");
+    }
 }
 
 async fn shutdown_signal() {

@@ -123,6 +123,11 @@ pub(crate) struct AgentArgs {
     /// on every agent [default: 10000-10100].
     #[arg(long, env = "SKEIN_EDGE_SERVICE_PORTS")]
     pub edge_service_ports: Option<String>,
+    /// Check the configuration (the settings as flags, environment and
+    /// file give them; the TLS material and its node id) and exit: 0 with
+    /// a summary when the agent would start, 1 with the reason when not.
+    #[arg(long)]
+    pub check_config: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]

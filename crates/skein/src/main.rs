@@ -297,7 +297,11 @@ fn init_logs() {
 
 fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     init_logs();
+    let check_only = args.check_config;
     let mut resolved = args.resolve()?;
+    if check_only {
+        return check_config(&resolved);
+    }
     // Every write needs a credential, on every listener: without a token
     // file, the agent's own token in its data dir (mode 0600), which the
     // local CLI reads, so a local process that cannot read the data dir
@@ -390,6 +394,92 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         tracing::info!("shutting down");
         Ok(())
     })
+}
+
+/// `skein agent --check-config`: what the agent would start with, or why
+/// it would not (what `Agent::start` refuses first: the TLS material and
+/// its node id), without starting anything.
+fn check_config(r: &config::Resolved) -> anyhow::Result<()> {
+    let a = &r.agent;
+    let tls = skein_tls::NodeTls::load(&a.tls_dir)
+        .with_context(|| format!("TLS material in {}", a.tls_dir.display()))?;
+    if tls.node_id() != a.node_id {
+        anyhow::bail!(
+            "node id {:?} does not match the certificate in {} (issued for {:?})",
+            a.node_id,
+            a.tls_dir.display(),
+            tls.node_id()
+        );
+    }
+    if tls.cluster_id() != a.cluster_id {
+        anyhow::bail!(
+            "cluster id {:?} does not match the certificate in {} (cluster {:?})",
+            a.cluster_id,
+            a.tls_dir.display(),
+            tls.cluster_id()
+        );
+    }
+    let until = |t: std::time::SystemTime| {
+        t.duration_since(std::time::SystemTime::now())
+            .map_or("EXPIRED".to_string(), |d| {
+                format!("{} days left", d.as_secs() / 86_400)
+            })
+    };
+    let list = |v: &[std::net::SocketAddr]| {
+        if v.is_empty() {
+            "off".to_string()
+        } else {
+            v.iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    };
+    println!("configuration OK");
+    println!("node          {} of cluster {}", a.node_id, a.cluster_id);
+    println!("advertise     {}", a.advertise);
+    println!("gossip        {}", a.gossip_listen);
+    println!(
+        "seeds         {}",
+        if a.seeds.is_empty() {
+            "none (a first node)".to_string()
+        } else {
+            a.seeds.join(", ")
+        }
+    );
+    println!("API           {}", r.api_listen);
+    match r.entry_listen {
+        Some(e) => println!(
+            "entry point   {e}{}",
+            if r.entry_tls.is_some() {
+                " (HTTPS)"
+            } else {
+                ""
+            }
+        ),
+        None => println!("entry point   off"),
+    }
+    println!("DNS           {}", list(&a.dns_listen));
+    println!("data dir      {}", a.data_dir.display());
+    println!(
+        "TLS           {}: certificate {}, CA {}",
+        a.tls_dir.display(),
+        until(tls.not_after()),
+        until(tls.ca_not_after())
+    );
+    println!("L4LB          {:?}", a.l4lb_dataplane);
+    println!("overlay       {:?}", a.overlay_dataplane);
+    match &r.docker {
+        Some(d) => println!(
+            "docker        {} (network {}, resync {} s{})",
+            d.socket.display(),
+            d.network.as_deref().unwrap_or("none"),
+            d.resync.as_secs(),
+            if d.all { ", every container" } else { "" }
+        ),
+        None => println!("docker        off"),
+    }
+    Ok(())
 }
 
 /// Tells the service manager about our state (`sd_notify(3)`'s protocol:

@@ -225,31 +225,39 @@ pub fn tune_allocator() {
     }
 }
 
+/// This node's TLS material from `config.tls_dir`, refused (with what to
+/// do) when the certificate names another node or cluster: what
+/// [`Agent::start`] checks first, and `skein agent --check-config` too.
+pub fn load_tls(config: &AgentConfig) -> anyhow::Result<skein_tls::NodeTls> {
+    let tls = skein_tls::NodeTls::load(&config.tls_dir)
+        .with_context(|| format!("loading TLS material from {}", config.tls_dir.display()))?;
+    if tls.node_id() != config.node_id {
+        anyhow::bail!(
+            "node id {:?} does not match the certificate in {} (issued for {:?}); \
+             issue a certificate for this node with `skein cert issue`",
+            config.node_id,
+            config.tls_dir.display(),
+            tls.node_id()
+        );
+    }
+    // The certificate names the cluster and peers check it at the
+    // handshake; a node configured for another would be refused by all.
+    if tls.cluster_id() != config.cluster_id {
+        anyhow::bail!(
+            "cluster id {:?} does not match the certificate in {} (issued for cluster {:?})",
+            config.cluster_id,
+            config.tls_dir.display(),
+            tls.cluster_id()
+        );
+    }
+    Ok(tls)
+}
+
 impl Agent {
     pub async fn start(config: AgentConfig) -> anyhow::Result<Arc<Agent>> {
         let edge_service_ports = config.edge_service_ports;
         let store = Store::open(&config.data_dir)?;
-        let tls = skein_tls::NodeTls::load(&config.tls_dir)
-            .with_context(|| format!("loading TLS material from {}", config.tls_dir.display()))?;
-        if tls.node_id() != config.node_id {
-            anyhow::bail!(
-                "node id {:?} does not match the certificate in {} (issued for {:?}); \
-                 issue a certificate for this node with `skein cert issue`",
-                config.node_id,
-                config.tls_dir.display(),
-                tls.node_id()
-            );
-        }
-        // The certificate names the cluster and peers check it at the
-        // handshake; a node configured for another would be refused by all.
-        if tls.cluster_id() != config.cluster_id {
-            anyhow::bail!(
-                "cluster id {:?} does not match the certificate in {} (issued for cluster {:?})",
-                config.cluster_id,
-                config.tls_dir.display(),
-                tls.cluster_id()
-            );
-        }
+        let tls = load_tls(&config)?;
         let generation = store.next_generation(unix_ms())?;
         let own_tasks = store.load_tasks()?;
         let own_leases = store.load_leases()?;

@@ -550,5 +550,14 @@ fn docker_going_away_loses_nothing_and_its_return_settles_the_rest() -> anyhow::
         || Ok((docker_state(&c)? == (Some(1), Some(true))).then_some(())),
     )?;
     proxy.stop();
+    // The provider turned off: nobody follows those containers any more,
+    // so their tasks go at the next start.
+    c.kill(1)?;
+    c.start(1, &[], &[])?;
+    wait_for(
+        "no container tasks without --docker-socket",
+        Duration::from_secs(10),
+        || Ok(container_tasks(&c)?.is_empty().then_some(())),
+    )?;
     Ok(())
 }

@@ -26,14 +26,25 @@ pub fn cli_main() -> ExitCode {
 
     // VERSION needs no network; everything else may be a static
     // configuration that the agent's state file completes.
-    let is_version = env("CNI_COMMAND").as_deref() == Some("VERSION");
-    let outcome = if is_version {
+    let command = env("CNI_COMMAND");
+    let filled = if command.as_deref() == Some("VERSION") {
         Ok(stdin.clone())
     } else {
-        config::fill_from_state(&stdin, &|p| std::fs::read(p))
+        config::fill_from_state(&stdin, &config::read_state_file)
+    };
+    // DEL must succeed when there is nothing left to release: without the
+    // agent's file (purged, or never leased) this node has no overlay
+    // addresses to free, and the container's namespace takes its veth
+    // with it. A runtime retrying DEL forever would keep the pod.
+    if let (Some("DEL"), Err(e)) = (command.as_deref(), &filled) {
+        if e.code == code::TRY_AGAIN_LATER {
+            eprintln!("skein-cni: DEL: {}: nothing to release", e.msg);
+            return ExitCode::SUCCESS;
+        }
     }
-    .and_then(|conf| config::parse_request(&env, &conf))
-    .and_then(|req| crate::run(&req));
+    let outcome = filled
+        .and_then(|conf| config::parse_request(&env, &conf))
+        .and_then(|req| crate::run(&req));
     match outcome {
         Ok(outcome) => {
             if let Some(note) = outcome.note {

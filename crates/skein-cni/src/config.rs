@@ -239,6 +239,27 @@ pub fn default_state_file(name: &str) -> PathBuf {
     PathBuf::from(format!("/var/lib/skein/cni/{name}.conf"))
 }
 
+/// The agent's network file, read with care: the path comes from a
+/// network configuration, so it must be a regular file (not a FIFO that
+/// blocks the runtime, nor `/dev/zero`) of at most 64 KiB.
+pub fn read_state_file(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut bytes = Vec::new();
+    file.take(64 * 1024 + 1).read_to_end(&mut bytes)?;
+    if bytes.len() > 64 * 1024 {
+        return Err(std::io::Error::other("larger than 64 KiB"));
+    }
+    Ok(bytes)
+}
+
 /// The keys a static configuration may leave to the agent's state file.
 const FROM_STATE: [&str; 5] = ["bridge", "subnet", "gateway", "mtu", "dataDir"];
 
@@ -486,6 +507,25 @@ mod tests {
         for raw in [&state[..], b"nope", br#"{"name":"../x"}"#] {
             assert_eq!(fill_from_state(raw, &read).expect("as is"), raw.to_vec());
         }
+    }
+
+    #[test]
+    fn the_state_file_must_be_a_small_regular_file() {
+        let dir = std::env::temp_dir().join(format!("skein-cni-state-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let ok = dir.join("dcos.conf");
+        std::fs::write(&ok, b"{}").expect("write");
+        assert_eq!(read_state_file(&ok).expect("read"), b"{}");
+        let big = dir.join("big.conf");
+        std::fs::write(&big, vec![b' '; 70 * 1024]).expect("write");
+        assert!(read_state_file(&big).is_err());
+        assert!(read_state_file(std::path::Path::new("/dev/zero")).is_err());
+        assert!(read_state_file(&dir).is_err(), "a directory");
+        let link = dir.join("link.conf");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&ok, &link).expect("symlink");
+        assert!(read_state_file(&link).is_err(), "a symlink is not followed");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

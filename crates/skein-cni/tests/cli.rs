@@ -155,3 +155,22 @@ fn del_of_unknown_container_succeeds_and_touches_nothing() {
         assert_eq!(store.snapshot().unwrap(), before);
     }
 }
+
+/// A static configuration (`{"type": "skein-cni", "name": "dcos"}`) with no
+/// agent file: ADD is "try again later" naming the file; DEL succeeds
+/// (nothing of the overlay to release: a runtime must not retry forever).
+#[test]
+fn a_static_configuration_without_the_agents_file() {
+    let conf = r#"{"cniVersion":"1.0.0","name":"dcos","type":"skein-cni","stateFile":"/nonexistent/skein/cni/dcos.conf"}"#;
+    let env = add_env("/proc/self/ns/net");
+    let out = run_plugin(plugin(), &borrow(&env), conf);
+    assert_error(&out, 11, "/nonexistent/skein/cni/dcos.conf");
+    let del = [
+        ("CNI_COMMAND", "DEL"),
+        ("CNI_CONTAINERID", "cli-test"),
+        ("CNI_IFNAME", "eth0"),
+    ];
+    let out = run_plugin(plugin(), &del, conf);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(out.stdout.is_empty(), "{}", describe(&out));
+}

@@ -205,9 +205,9 @@ impl Docker {
 
     /// The container events from now on.
     pub async fn events(&self) -> anyhow::Result<Events> {
-        // filters={"type":["container"]}
+        // filters={"type":["container","network"]}
         let resp = self
-            .request("/events?filters=%7B%22type%22%3A%5B%22container%22%5D%7D")
+            .request("/events?filters=%7B%22type%22%3A%5B%22container%22%2C%22network%22%5D%7D")
             .await?;
         if !resp.status().is_success() {
             bail!("Docker answered {} to GET /events", resp.status());

@@ -54,12 +54,20 @@ fn terminates(signal: &str) -> bool {
     )
 }
 
+/// How long a container Docker was asked to stop stays out although it
+/// still runs: `docker stop`'s default grace (10 s) and then some.
+const STOPPING_FOR: Duration = Duration::from_secs(30);
+
 /// The provider's memory between events.
 #[derive(Default)]
 struct Provider {
-    /// Containers Docker was asked to stop: not re-added by a resync
-    /// while they still run.
-    stopping: HashSet<String>,
+    /// Containers Docker was asked to stop, and when: not re-added by a
+    /// resync while they still run, for at most [`STOPPING_FOR`] (a
+    /// SIGTERM the container ignores and nobody follows with a SIGKILL
+    /// leaves it serving; it comes back then).
+    stopping: HashMap<String, std::time::Instant>,
+    /// Refusals already logged (container, reason): once each.
+    refused: HashSet<(String, String)>,
     /// Health last published per task.
     health: HashMap<String, Option<bool>>,
     /// The last reason the Docker network could not be made (logged once).
@@ -67,7 +75,25 @@ struct Provider {
 }
 
 impl Provider {
+    fn is_stopping(&self, id: &str) -> bool {
+        self.stopping
+            .get(id)
+            .is_some_and(|since| since.elapsed() < STOPPING_FOR)
+    }
+
+    fn refuse(&mut self, container: &str, reason: String) {
+        if self.refused.len() > 10_000 {
+            self.refused.clear();
+        }
+        if self.refused.insert((container.to_string(), reason.clone())) {
+            tracing::warn!(container, %reason, "container's labels refused (in part or whole)");
+        }
+    }
+
     async fn upsert(&mut self, agent: &Agent, m: Mapped) {
+        for note in &m.notes {
+            self.refuse(&m.id, note.clone());
+        }
         let own = agent.own_tasks_snapshot().await;
         let same = own.iter().any(|(id, spec)| *id == m.id && *spec == m.spec);
         if !same {
@@ -105,11 +131,11 @@ impl Provider {
     ) -> anyhow::Result<()> {
         let task = task_id(id);
         let mapped = match docker.inspect(id).await? {
-            Some(c) if !self.stopping.contains(&c.id) => {
+            Some(c) if !self.is_stopping(&c.id) => {
                 match map(&c, agent.advertise(), opts.all, opts.overlay_network()) {
                     Ok(m) => m,
                     Err(reason) => {
-                        tracing::warn!(container = %c.name, %reason, "container's labels refused");
+                        self.refuse(&c.name, reason);
                         None
                     }
                 }
@@ -166,10 +192,11 @@ impl Provider {
         opts: &Options,
     ) -> anyhow::Result<()> {
         let running = docker.running().await?;
-        self.stopping.retain(|id| running.contains(id));
+        self.stopping
+            .retain(|id, since| running.contains(id) && since.elapsed() < STOPPING_FOR);
         let mut wanted = HashSet::new();
         for id in &running {
-            if self.stopping.contains(id) {
+            if self.is_stopping(id) {
                 continue;
             }
             let Some(c) = docker.inspect(id).await? else {
@@ -181,9 +208,7 @@ impl Provider {
                     self.upsert(agent, m).await;
                 }
                 Ok(None) => {}
-                Err(reason) => {
-                    tracing::warn!(container = %c.name, %reason, "container's labels refused")
-                }
+                Err(reason) => self.refuse(&c.name, reason),
             }
         }
         for (task, _) in agent.own_tasks_snapshot().await {
@@ -201,6 +226,14 @@ impl Provider {
         opts: &Options,
         e: client::Event,
     ) -> anyhow::Result<()> {
+        // A container attached to or detached from a network (its address
+        // may change): the network's event names the container.
+        if e.kind == "network" && matches!(e.action.as_str(), "connect" | "disconnect") {
+            if let Some(id) = e.actor.attributes.get("container") {
+                self.refresh(agent, docker, opts, id).await?;
+            }
+            return Ok(());
+        }
         let id = e.actor.id.as_str();
         if e.kind != "container" || id.is_empty() {
             return Ok(());
@@ -212,11 +245,14 @@ impl Provider {
             "kill" => {
                 let signal = e.actor.attributes.get("signal").map_or("", String::as_str);
                 if terminates(signal) {
-                    self.stopping.insert(id.to_string());
+                    self.stopping
+                        .insert(id.to_string(), std::time::Instant::now());
                     self.remove(agent, &task_id(id)).await;
                 }
             }
-            "die" | "stop" | "destroy" | "pause" | "oom" => {
+            // Not `oom`: a child of the container killed for memory leaves
+            // the container running (a `die` follows if it was PID 1).
+            "die" | "stop" | "destroy" | "pause" => {
                 self.stopping.remove(id);
                 self.remove(agent, &task_id(id)).await;
             }
@@ -224,7 +260,7 @@ impl Provider {
                 self.stopping.remove(id);
                 self.refresh(agent, docker, opts, id).await?;
             }
-            "health_status" | "rename" | "update" => {
+            "health_status" | "rename" | "update" | "oom" => {
                 self.refresh(agent, docker, opts, id).await?;
             }
             _ => {}
@@ -254,6 +290,8 @@ pub async fn run(agent: Weak<Agent>, opts: Options) {
                 a.docker.up.store(1, Ordering::Relaxed);
                 lock(&a.docker.problem).clear();
             }
+            // A connection that worked resets the wait for the next one.
+            backoff = Duration::from_millis(500);
             if reported {
                 tracing::info!(socket = %opts.socket.display(), "Docker reachable again");
                 reported = false;
@@ -313,10 +351,6 @@ pub async fn run(agent: Weak<Agent>, opts: Options) {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
-        }
-        // A connection that worked resets the wait.
-        if !reported {
-            backoff = Duration::from_millis(500);
         }
     }
 }

@@ -31,6 +31,17 @@ pub struct Container {
     pub config: Config,
     #[serde(default)]
     pub network_settings: NetworkSettings,
+    #[serde(default)]
+    pub host_config: HostConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct HostConfig {
+    /// `host`: the container shares the host's network (its ports are
+    /// the host's).
+    #[serde(default)]
+    pub network_mode: String,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -75,6 +86,9 @@ pub struct NetworkSettings {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct Binding {
+    /// Empty, `0.0.0.0` or `::` for every address of the host.
+    #[serde(default, rename = "HostIp")]
+    pub host_ip: String,
     #[serde(default)]
     pub host_port: String,
 }
@@ -94,6 +108,9 @@ pub struct Mapped {
     /// From Docker's health check: `None` when the container has none.
     /// `starting` counts as not healthy yet (no new connections).
     pub healthy: Option<bool>,
+    /// What could not be kept (a labelled port nothing outside the host
+    /// reaches), for the operator.
+    pub notes: Vec<String>,
 }
 
 /// The task id of container `id`: stable across restarts of the container,
@@ -165,13 +182,17 @@ pub fn map(
         ports.insert(0, p);
     }
 
-    let overlay = c
+    let overlay_ip = c
         .network_settings
         .networks
         .as_ref()
         .and_then(|n| n.get(overlay))
         .and_then(|n| n.ip_address.parse::<IpAddr>().ok());
-    let published_port = |(port, proto): (u16, Protocol)| -> Option<u16> {
+    let host_mode = c.host_config.network_mode == "host";
+    // Where the host publishes a container port: (a specific host
+    // address, if bound to one; the host port). Loopback bindings reach
+    // nobody else.
+    let published = |(port, proto): (u16, Protocol)| -> Option<(Option<IpAddr>, u16)> {
         let key = format!("{port}/{proto}");
         c.network_settings
             .ports
@@ -179,9 +200,24 @@ pub fn map(
             .get(&key)?
             .as_ref()?
             .iter()
-            .find_map(|b| b.host_port.parse().ok())
+            .filter_map(|b| {
+                let hp: u16 = b.host_port.parse().ok()?;
+                match b.host_ip.as_str() {
+                    "" | "0.0.0.0" | "::" => Some((None, hp)),
+                    ip => {
+                        let ip: IpAddr = ip.parse().ok()?;
+                        (!ip.is_loopback()).then_some((Some(ip), hp))
+                    }
+                }
+            })
+            // Every address first.
+            .min_by_key(|(ip, _)| ip.is_some())
     };
     let mut mappings = Vec::new();
+    let mut specific_ip = None;
+    let mut notes = Vec::new();
+    // Container port index → index among the ports kept.
+    let mut index_of: BTreeMap<usize, usize> = BTreeMap::new();
     for (n, &(port, protocol)) in ports.iter().enumerate() {
         // VIP_<n> of Marathon's port n; kept with the port it names.
         let mut port_labels = Labels::default();
@@ -192,29 +228,63 @@ pub fn map(
                 }
             }
         }
-        let reachable = match overlay {
-            Some(_) => Some(port),
-            None => published_port((port, protocol)),
+        let reachable = if overlay_ip.is_some() || host_mode {
+            Some(port)
+        } else {
+            published((port, protocol)).map(|(ip, hp)| {
+                if specific_ip.is_none() {
+                    specific_ip = ip;
+                }
+                hp
+            })
         };
-        if let Some(port) = reachable {
-            mappings.push(PortMapping {
-                name: None,
-                port,
-                protocol,
-                labels: port_labels,
-            });
+        match reachable {
+            Some(port) => {
+                index_of.insert(n, mappings.len());
+                mappings.push(PortMapping {
+                    name: None,
+                    port,
+                    protocol,
+                    labels: port_labels,
+                });
+            }
+            None if !port_labels.is_empty() => notes.push(format!(
+                "port {port}/{protocol} has {} but is neither published (on a non-loopback address) nor on the {overlay} network: left out",
+                port_labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", ")
+            )),
+            None => {}
         }
     }
+    // HAPROXY_{n}_* name ports by index, as on a Marathon app: renumbered
+    // to the ports kept, dropped with a port left out.
     let mut app_labels = Labels::default();
     for (k, v) in &labels {
-        if k.starts_with("HAPROXY_") || k.starts_with("DCOS_SERVICE_") {
+        if let Some(rest) = k.strip_prefix("HAPROXY_") {
+            if let Some((index, key)) = rest
+                .split_once('_')
+                .filter(|(i, _)| i.parse::<usize>().is_ok())
+            {
+                let n: usize = index.parse().unwrap_or(usize::MAX);
+                match index_of.get(&n) {
+                    Some(m) => app_labels.insert(format!("HAPROXY_{m}_{key}"), v.clone()),
+                    None => notes.push(format!("{k} names a port left out: ignored")),
+                }
+                continue;
+            }
+            app_labels.insert(k.clone(), v.clone());
+        } else if k == "DCOS_SERVICE_PORT_INDEX" {
+            match v.parse::<usize>().ok().and_then(|n| index_of.get(&n)) {
+                Some(m) => app_labels.insert(k.clone(), m.to_string()),
+                None => notes.push(format!("{k}={v} names a port left out: ignored")),
+            }
+        } else if k.starts_with("DCOS_SERVICE_") {
             app_labels.insert(k.clone(), v.clone());
         }
     }
     let spec = TaskSpec {
         app,
         framework: "marathon".into(),
-        ip: overlay.unwrap_or(host),
+        ip: overlay_ip.or(specific_ip).unwrap_or(host),
         ports: mappings,
         health_check: None,
         labels: app_labels,
@@ -225,6 +295,7 @@ pub fn map(
         id: task_id(&c.id),
         spec,
         healthy,
+        notes,
     }))
 }
 
@@ -301,6 +372,79 @@ mod tests {
             Some("/db-metrics:9187")
         );
         assert_eq!(m.healthy, Some(false), "starting is not healthy yet");
+    }
+
+    #[test]
+    fn where_a_port_is_published_decides_the_address() {
+        // Loopback only: nobody else reaches it; a specific address: that
+        // one; every address: the host's.
+        let mapped = |bindings: serde_json::Value, mode: &str| {
+            let c = container(json!({"Id": "ab", "Name": "/w", "State": {"Running": true},
+                "Config": {"Labels": {"VIP_0": "/w:80", "HAPROXY_0_VHOST": "w.example.com"},
+                    "ExposedPorts": {"80/tcp": {}}},
+                "HostConfig": {"NetworkMode": mode},
+                "NetworkSettings": {"Ports": {"80/tcp": bindings}}}));
+            map(&c, host(), false, OVERLAY_NETWORK)
+                .expect("ok")
+                .expect("ours")
+        };
+        let loopback = mapped(
+            json!([{"HostIp": "127.0.0.1", "HostPort": "8080"}]),
+            "bridge",
+        );
+        assert!(loopback.spec.ports.is_empty());
+        assert!(
+            loopback.notes[0].contains("VIP_0=/w:80"),
+            "{:?}",
+            loopback.notes
+        );
+        assert!(
+            loopback.spec.labels.get("HAPROXY_0_VHOST").is_none(),
+            "its port is gone"
+        );
+        let specific = mapped(
+            json!([{"HostIp": "10.1.2.3", "HostPort": "8080"}]),
+            "bridge",
+        );
+        assert_eq!(specific.spec.ip, "10.1.2.3".parse::<IpAddr>().expect("ip"));
+        assert_eq!(specific.spec.ports[0].port, 8080);
+        let both = mapped(
+            json!([{"HostIp": "10.1.2.3", "HostPort": "8081"}, {"HostIp": "0.0.0.0", "HostPort": "8080"}]),
+            "bridge",
+        );
+        assert_eq!((both.spec.ip, both.spec.ports[0].port), (host(), 8080));
+        let host_net = mapped(json!(null), "host");
+        assert_eq!(
+            (host_net.spec.ip, host_net.spec.ports[0].port),
+            (host(), 80)
+        );
+        assert!(host_net.notes.is_empty());
+    }
+
+    #[test]
+    fn haproxy_labels_follow_their_port_when_one_is_left_out() {
+        // 80 unpublished, 443 published: 443 becomes port 0.
+        let c = container(json!({"Id": "ab", "Name": "/w", "State": {"Running": true},
+            "Config": {"Labels": {"HAPROXY_0_VHOST": "plain.example.com", "HAPROXY_1_VHOST": "tls.example.com",
+                "HAPROXY_GROUP": "external", "DCOS_SERVICE_PORT_INDEX": "1"},
+                "ExposedPorts": {"80/tcp": {}, "443/tcp": {}}},
+            "NetworkSettings": {"Ports": {"80/tcp": null, "443/tcp": [{"HostIp": "", "HostPort": "30443"}]}}}));
+        let m = map(&c, host(), false, OVERLAY_NETWORK)
+            .expect("ok")
+            .expect("ours");
+        assert_eq!(m.spec.ports.len(), 1);
+        assert_eq!(
+            m.spec.labels.get("HAPROXY_0_VHOST"),
+            Some("tls.example.com")
+        );
+        assert_eq!(m.spec.labels.get("HAPROXY_1_VHOST"), None);
+        assert_eq!(m.spec.labels.get("HAPROXY_GROUP"), Some("external"));
+        assert_eq!(m.spec.labels.get("DCOS_SERVICE_PORT_INDEX"), Some("0"));
+        assert!(
+            m.notes.iter().any(|n| n.contains("HAPROXY_0_VHOST")),
+            "{:?}",
+            m.notes
+        );
     }
 
     #[test]

@@ -66,19 +66,35 @@ pub fn matches(existing: &Value, w: &Want) -> bool {
         && opts["com.docker.network.bridge.name"] == w.bridge.as_str()
 }
 
-/// Whether skein made it.
-pub fn ours(existing: &Value) -> bool {
-    existing["Labels"]["skein.overlay"].is_string()
+/// Whether skein made it, under this name (Docker also resolves a name
+/// as an id or id prefix: the network found must be the one named).
+pub fn ours(existing: &Value, name: &str) -> bool {
+    existing["Name"] == name && existing["Labels"]["skein.overlay"] == name
+}
+
+/// A Docker network name as Docker accepts it, and safe in a URL path.
+pub fn valid_name(name: &str) -> bool {
+    name.len() <= 64
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
 }
 
 /// Makes the network as `w` wants it; what was done.
 pub async fn ensure(docker: &Docker, w: &Want) -> anyhow::Result<&'static str> {
+    if !valid_name(&w.name) {
+        bail!("{:?} is not a Docker network name", w.name);
+    }
     let path = format!("/networks/{}", w.name);
     if let Some(existing) = docker.get::<Value>(&path).await? {
-        if matches(&existing, w) {
+        if existing["Name"] == w.name.as_str() && matches(&existing, w) {
             return Ok("kept");
         }
-        if !ours(&existing) {
+        if !ours(&existing, &w.name) {
             bail!(
                 "a Docker network {:?} exists that skein did not make: left alone (containers on it are not on the overlay)",
                 w.name
@@ -86,7 +102,17 @@ pub async fn ensure(docker: &Docker, w: &Want) -> anyhow::Result<&'static str> {
         }
         // The lease moved (rare): the old network must go first; Docker
         // refuses while containers are attached.
-        let (status, body) = docker.call(hyper::Method::DELETE, &path, None).await?;
+        // By its id: the one just looked at, not whatever the name means now.
+        let id = existing["Id"].as_str().unwrap_or_default();
+        if id.is_empty() || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            bail!(
+                "Docker described the network {:?} without a usable id",
+                w.name
+            );
+        }
+        let (status, body) = docker
+            .call(hyper::Method::DELETE, &format!("/networks/{id}"), None)
+            .await?;
         if !status.is_success() {
             bail!(
                 "the Docker network {:?} has the old subnet and cannot be removed ({status}: {body})",
@@ -128,7 +154,14 @@ mod tests {
         );
         // Docker answers with the same shape it was given.
         assert!(matches(&body, &w));
-        assert!(ours(&body));
+        assert!(ours(&body, "dcos"));
+        assert!(
+            !ours(&body, "other"),
+            "a network found under another name is not ours"
+        );
+        assert!(
+            valid_name("dcos") && valid_name("skt-net-1") && !valid_name("../x") && !valid_name("")
+        );
         let moved = Want {
             subnet: "9.0.2.128/25".into(),
             gateway: "9.0.2.129".into(),

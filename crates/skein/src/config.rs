@@ -23,7 +23,7 @@ pub(crate) struct AgentArgs {
     #[arg(long, env = "SKEIN_NODE_ID")]
     pub node_id: Option<String>,
     /// Underlay address peers use to reach this node [default: the address
-    /// that routes to the first seed].
+    /// that routes to the first seed; without seeds, the default route's].
     #[arg(long, env = "SKEIN_ADVERTISE")]
     pub advertise: Option<IpAddr>,
     /// QUIC/UDP gossip listener [default: 0.0.0.0:62501].

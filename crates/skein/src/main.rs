@@ -299,6 +299,14 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     init_logs();
     let check_only = args.check_config;
     let mut resolved = args.resolve()?;
+    if let Some(name) = resolved.docker.as_ref().and_then(|d| d.network.as_ref()) {
+        if !skein_docker::network::valid_name(name) {
+            anyhow::bail!(
+                "--docker-network {name:?}: a Docker network name is letters, digits, '_', '.' and '-', \
+                 starting with a letter or digit (or empty: none)"
+            );
+        }
+    }
     if check_only {
         return check_config(&resolved);
     }
@@ -317,8 +325,22 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let agent = skein_agent::Agent::start(resolved.agent).await?;
-        if let Some(docker) = resolved.docker.clone() {
-            tokio::spawn(skein_docker::run(std::sync::Arc::downgrade(&agent), docker));
+        match resolved.docker.clone() {
+            Some(docker) => {
+                tokio::spawn(skein_docker::run(std::sync::Arc::downgrade(&agent), docker));
+            }
+            // The provider was turned off: the containers' tasks it left
+            // are no longer followed by anyone, so they go.
+            None => {
+                for (id, _) in agent.own_tasks_snapshot().await {
+                    if id.starts_with(skein_docker::TASK_PREFIX) {
+                        match agent.delete_task(&id).await {
+                            Ok(()) => tracing::info!(task = %id, "container task removed: no --docker-socket"),
+                            Err(e) => tracing::warn!(task = %id, error = %e, "container task not removed"),
+                        }
+                    }
+                }
+            }
         }
         let listener = tokio::net::TcpListener::bind(resolved.api_listen)
             .await

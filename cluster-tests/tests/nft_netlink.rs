@@ -304,5 +304,12 @@ fn track_connections_turns_conntrack_on_in_the_namespace() -> anyhow::Result<()>
         "one rule after two calls:\n{listed}"
     );
     assert!(listed.contains("chain track"), "{listed}");
+    // Undone (the dataplane or --vip-counts changed): the table goes, and
+    // undoing again is no error.
+    nft.untrack_connections("skein_ct")?;
+    nft.untrack_connections("skein_ct")?;
+    let listed = sh(&["ip", "netns", "exec", &ns.0, "nft", "list", "tables"])?;
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(!listed.contains("skein_ct"), "{listed}");
     Ok(())
 }

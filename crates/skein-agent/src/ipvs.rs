@@ -36,6 +36,25 @@ pub(crate) struct HostIpvs {
     /// Opened on first use and again after an error (the socket may be
     /// what broke).
     ipvs: Option<Ipvs>,
+    /// Turn connection tracking on for the VIP counts (`--vip-counts`).
+    track: bool,
+}
+
+impl HostIpvs {
+    pub(crate) fn new(track: bool) -> HostIpvs {
+        HostIpvs { ipvs: None, track }
+    }
+}
+
+/// Removes `table inet skein_conntrack` if an earlier run made it (the
+/// dataplane or `--vip-counts` changed since): connection tracking is then
+/// no longer kept on for our sake. No table is no error.
+pub(crate) fn untrack_connections() {
+    let removed =
+        skein_nftables::Nftables::open().and_then(|mut n| n.untrack_connections(CONNTRACK_TABLE));
+    if let Err(e) = removed {
+        tracing::warn!(error = %e, "cannot remove table inet {CONNTRACK_TABLE}");
+    }
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<String> {
@@ -51,6 +70,9 @@ impl HostIpvs {
             // them. The file exists once IPVS is loaded, as it now is. The
             // kernel tracks connections only while something needs it (no
             // NAT rule may exist here): a `ct` rule that never runs does.
+            if !self.track {
+                return self.ipvs.as_mut().context("IPVS unavailable");
+            }
             if let Err(e) = std::fs::write("/proc/sys/net/ipv4/vs/conntrack", "1") {
                 tracing::warn!(error = %e, "cannot set net.ipv4.vs.conntrack: VIP connections are not counted");
             }

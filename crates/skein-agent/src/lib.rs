@@ -62,6 +62,9 @@ pub struct AgentConfig {
     /// Per-zone forwarders: names under a zone go to its upstreams.
     pub dns_zone_upstreams: Vec<(String, Vec<SocketAddr>)>,
     pub l4lb_dataplane: l4lb::Dataplane,
+    /// Count (and time) VIP connections from conntrack. On the IPVS
+    /// dataplane this turns connection tracking on for the whole host.
+    pub vip_counts: bool,
     /// How often the kernel's VIP rules are checked for drift.
     pub l4lb_resync: Duration,
     /// The overlay networks, identical on every node.
@@ -400,11 +403,20 @@ impl Agent {
         match agent.config.l4lb_dataplane {
             l4lb::Dataplane::Nftables => {
                 agent.spawn_l4lb(l4lb::NftDataplane::new(l4lb::HostNftables::default()));
-                count_vips(&agent);
+                ipvs::untrack_connections();
+                if agent.config.vip_counts {
+                    count_vips(&agent);
+                }
             }
             l4lb::Dataplane::Ipvs => {
-                agent.spawn_l4lb(ipvs::IpvsDataplane::new(ipvs::HostIpvs::default()));
-                count_vips(&agent);
+                agent.spawn_l4lb(ipvs::IpvsDataplane::new(ipvs::HostIpvs::new(
+                    agent.config.vip_counts,
+                )));
+                if agent.config.vip_counts {
+                    count_vips(&agent);
+                } else {
+                    ipvs::untrack_connections();
+                }
             }
             l4lb::Dataplane::None => {
                 tracing::info!("L4LB dataplane: none (VIPs computed, kernel untouched)")

@@ -84,7 +84,7 @@ const pages = {
     const statsOf = (name) => (stats || []).find((s) => s.vip === name);
     const pct = (o) => (o.successes + o.failures ? ((100 * o.failures) / (o.successes + o.failures)).toFixed(1) + " %" : "–");
     const ms = (v) => (v == null ? "–" : v >= 100 ? `${Math.round(v)} ms` : `${v} ms`);
-    const note = stats ? "" : `<p class="muted">Connection counts are not measured on this node (no VIP dataplane, or conntrack cannot be read).</p>`;
+    const note = stats ? "" : `<p class="muted">Connection counts are not measured on this node (no VIP dataplane, --vip-counts off, or conntrack cannot be read).</p>`;
     if (arg) {
       const v = vips.find((v) => key(v) === arg);
       if (!v) return `<h2>${esc(arg)}</h2><p class="error">No such service address (any more).</p><p><a href="#/vips">All service addresses</a></p>`;
@@ -183,6 +183,10 @@ const pages = {
 
 let edgeSeen = null;
 let timer = null;
+// Each draw's number: only the latest one shows its page and schedules the
+// next refresh (typing in the search or changing pages while a fetch is
+// under way would otherwise start a second refresh loop).
+let drawing = 0;
 // The page as last drawn: a refresh that changes nothing leaves the DOM
 // (and a keyboard user's focus, and a screen reader) alone.
 let drawn = null;
@@ -210,6 +214,7 @@ function route() {
 
 async function draw() {
   clearTimeout(timer);
+  const mine = ++drawing;
   const { page, arg } = route();
   for (const a of document.querySelectorAll("nav a")) {
     if (a.dataset.page === page) a.setAttribute("aria-current", "page");
@@ -218,9 +223,11 @@ async function draw() {
   $("#search").hidden = page !== "dns";
   try {
     const html = await pages[page](arg);
+    if (mine !== drawing) return;
     if (route().page === page) show(html);
     $("#updated").textContent = `Updated ${new Date().toLocaleTimeString()}; refreshes every ${REFRESH_MS / 1000} s.`;
   } catch (e) {
+    if (mine !== drawing) return;
     show(`<p class="error">Could not load this page: ${esc(e.message)}</p>`);
   }
   timer = setTimeout(draw, REFRESH_MS);

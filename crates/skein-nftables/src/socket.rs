@@ -145,6 +145,18 @@ impl Nftables {
     /// [`wire::encode_track_connections`]), with `table inet <table>`.
     pub fn track_connections(&mut self, table: &str) -> Result<()> {
         let batch = wire::encode_track_connections(table, self.seq)?;
+        self.table_batch(table, batch)
+    }
+
+    /// Removes the table of [`Nftables::track_connections`] (no table is
+    /// no error).
+    pub fn untrack_connections(&mut self, table: &str) -> Result<()> {
+        let batch = wire::encode_untrack_connections(table, self.seq)?;
+        self.table_batch(table, batch)
+    }
+
+    /// Sends a batch of table-level messages and judges the answers.
+    fn table_batch(&mut self, table: &str, batch: Batch) -> Result<()> {
         self.seq = batch.end_seq.wrapping_add(1);
         self.send(&batch.bytes)?;
         let replies = self.answers(&batch)?;

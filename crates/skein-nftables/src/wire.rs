@@ -323,6 +323,16 @@ pub const NFT_REG_1: u32 = 1;
 /// conntrack's events. As `nft` sends `ct state` (checked by hand with
 /// `nft --debug=netlink`).
 pub fn encode_track_connections(table: &str, first_seq: u32) -> Result<Batch> {
+    encode_conntrack_table(table, first_seq, true)
+}
+
+/// The table of [`encode_track_connections`] gone, whether or not it was
+/// there (add, delete).
+pub fn encode_untrack_connections(table: &str, first_seq: u32) -> Result<Batch> {
+    encode_conntrack_table(table, first_seq, false)
+}
+
+fn encode_conntrack_table(table: &str, first_seq: u32, keep: bool) -> Result<Batch> {
     let mut buf = Vec::with_capacity(512);
     let mut seq = first_seq;
     batch_mark(&mut buf, NFNL_MSG_BATCH_BEGIN, seq)?;
@@ -334,7 +344,8 @@ pub fn encode_track_connections(table: &str, first_seq: u32) -> Result<Batch> {
         (NFT_MSG_NEWCHAIN, NLM_F_CREATE),
         (NFT_MSG_NEWRULE, NLM_F_CREATE | 0x800), // NLM_F_APPEND
     ];
-    for (kind, flags) in steps {
+    let steps = if keep { &steps[..] } else { &steps[..2] };
+    for &(kind, flags) in steps {
         seq = seq.wrapping_add(1);
         let at = buf.len();
         start_message(

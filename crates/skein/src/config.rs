@@ -105,6 +105,12 @@ pub(crate) struct AgentArgs {
     /// VIP dataplane: auto, nftables, ipvs or none [default: auto].
     #[arg(long, env = "SKEIN_L4LB_DATAPLANE")]
     pub l4lb_dataplane: Option<String>,
+    /// Count and time VIP connections from conntrack: on or off
+    /// [default: on]. On the IPVS dataplane, on keeps connection tracking
+    /// on for every connection of the host (net.ipv4.vs.conntrack and a
+    /// `table inet skein_conntrack`).
+    #[arg(long, env = "SKEIN_VIP_COUNTS")]
+    pub vip_counts: Option<String>,
     /// Seconds between checks of the kernel's VIP rules for drift [default: 30].
     #[arg(long, env = "SKEIN_L4LB_RESYNC_S")]
     pub l4lb_resync_s: Option<u64>,
@@ -154,6 +160,7 @@ struct FileConfig {
     suspect_after_ms: Option<u64>,
     dead_node_grace_s: Option<u64>,
     l4lb_dataplane: Option<String>,
+    vip_counts: Option<String>,
     l4lb_resync_s: Option<u64>,
     overlay_config: Option<PathBuf>,
     overlay_dataplane: Option<String>,
@@ -373,6 +380,16 @@ impl AgentArgs {
         if gossip_interval < Duration::from_millis(10) {
             bail!("--gossip-interval-ms must be at least 10");
         }
+        let vip_counts = match self
+            .vip_counts
+            .or(file.vip_counts)
+            .as_deref()
+            .unwrap_or("on")
+        {
+            "on" => true,
+            "off" => false,
+            other => bail!("--vip-counts must be on or off, not {other:?}"),
+        };
         let l4lb_dataplane = skein_agent::l4lb::Dataplane::parse(
             self.l4lb_dataplane
                 .or(file.l4lb_dataplane)
@@ -444,6 +461,7 @@ impl AgentArgs {
                 dns_zone_upstreams,
                 dns_upstreams,
                 l4lb_dataplane,
+                vip_counts,
                 l4lb_resync,
                 overlay,
                 overlay_dataplane,

@@ -481,7 +481,12 @@ fn check_config(r: &config::Resolved) -> anyhow::Result<()> {
         until(tls.not_after()),
         until(tls.ca_not_after())
     );
-    let _ = writeln!(out, "L4LB          {:?}", a.l4lb_dataplane);
+    let _ = writeln!(
+        out,
+        "L4LB          {:?}, VIP connection counts {}",
+        a.l4lb_dataplane,
+        if a.vip_counts { "on" } else { "off" }
+    );
     let _ = writeln!(out, "overlay       {:?}", a.overlay_dataplane);
     let _ = match &r.docker {
         Some(d) => writeln!(

@@ -52,6 +52,7 @@ pub(crate) async fn agent(
         dns_upstreams: vec!["127.0.0.1:9".parse().expect("addr")],
         dns_zone_upstreams: vec![],
         l4lb_dataplane: skein_agent::l4lb::Dataplane::None,
+        vip_counts: false,
         l4lb_resync: Duration::from_secs(30),
         overlay: Default::default(),
         overlay_dataplane: skein_agent::vxlan::OverlayDataplane::None,

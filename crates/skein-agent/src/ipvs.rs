@@ -31,19 +31,12 @@ pub(crate) trait IpvsKernel: Send + 'static {
 }
 
 /// The host's IPVS over generic netlink and the link through `ip`.
-#[derive(Default)]
 pub(crate) struct HostIpvs {
     /// Opened on first use and again after an error (the socket may be
     /// what broke).
     ipvs: Option<Ipvs>,
     /// Turn connection tracking on for the VIP counts (`--vip-counts`).
     track: bool,
-}
-
-impl HostIpvs {
-    pub(crate) fn new(track: bool) -> HostIpvs {
-        HostIpvs { ipvs: None, track }
-    }
 }
 
 /// Removes `table inet skein_conntrack` if an earlier run made it (the
@@ -62,6 +55,10 @@ fn ip(args: &[&str]) -> anyhow::Result<String> {
 }
 
 impl HostIpvs {
+    pub(crate) fn new(track: bool) -> HostIpvs {
+        HostIpvs { ipvs: None, track }
+    }
+
     fn ipvs(&mut self) -> anyhow::Result<&mut Ipvs> {
         if self.ipvs.is_none() {
             self.ipvs = Some(Ipvs::open().context("IPVS unavailable")?);

@@ -136,13 +136,13 @@ impl Docker {
             .context("Docker request failed")
     }
 
-    /// `POST` (with a JSON body) or `DELETE`; the answer's status and body.
-    pub async fn call(
+    /// A request and its whole answer: status and body (bounded, timed).
+    async fn answer(
         &self,
         method: hyper::Method,
         path: &str,
         json: Option<&serde_json::Value>,
-    ) -> anyhow::Result<(hyper::StatusCode, String)> {
+    ) -> anyhow::Result<(hyper::StatusCode, Bytes)> {
         let resp = self.send(method, path, json).await?;
         let status = resp.status();
         let body = tokio::time::timeout(
@@ -153,6 +153,17 @@ impl Docker {
         .context("Docker's answer did not arrive in time")?
         .map_err(|e| anyhow::anyhow!("Docker's answer: {e}"))?
         .to_bytes();
+        Ok((status, body))
+    }
+
+    /// `POST` (with a JSON body) or `DELETE`; the answer's status and body.
+    pub async fn call(
+        &self,
+        method: hyper::Method,
+        path: &str,
+        json: Option<&serde_json::Value>,
+    ) -> anyhow::Result<(hyper::StatusCode, String)> {
+        let (status, body) = self.answer(method, path, json).await?;
         Ok((status, String::from_utf8_lossy(&body).trim().to_string()))
     }
 
@@ -161,16 +172,7 @@ impl Docker {
         &self,
         path: &str,
     ) -> anyhow::Result<Option<T>> {
-        let resp = self.request(path).await?;
-        let status = resp.status();
-        let body = tokio::time::timeout(
-            ANSWER_TIMEOUT,
-            http_body_util::Limited::new(resp.into_body(), MAX_BODY).collect(),
-        )
-        .await
-        .context("Docker's answer did not arrive in time")?
-        .map_err(|e| anyhow::anyhow!("Docker's answer: {e}"))?
-        .to_bytes();
+        let (status, body) = self.answer(hyper::Method::GET, path, None).await?;
         if status == hyper::StatusCode::NOT_FOUND {
             return Ok(None);
         }
